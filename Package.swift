@@ -1,0 +1,30 @@
+// swift-tools-version:6.0
+import PackageDescription
+
+let package = Package(
+    name: "DataPlane",
+    products: [
+        .library(name: "DataPlane", targets: ["DataPlane"]),
+        .executable(name: "dpctl", targets: ["dpctl"]),
+    ],
+    targets: [
+        // The hot path: guest memory, split rings, virtio-blk, io_uring, the IOThread loop.
+        .target(
+            name: "CDataPlane",
+            cSettings: [.define("_GNU_SOURCE")],
+            linkerSettings: [.linkedLibrary("uring"), .linkedLibrary("numa"), .linkedLibrary("pthread")]
+        ),
+        // The guest's side of the ring (tests and the in-process benchmark). Its loop is C for speed.
+        .target(
+            name: "CGuestDriver",
+            dependencies: ["CDataPlane"],
+            cSettings: [.define("_GNU_SOURCE")]
+        ),
+        .target(name: "DataPlane", dependencies: ["CDataPlane"]),
+        .executableTarget(name: "dpctl", dependencies: ["DataPlane"]),
+        .executableTarget(name: "dp-bench", dependencies: ["DataPlane", "CGuestDriver"], path: "bench/dp-bench"),
+        .testTarget(name: "DataPlaneTests", dependencies: ["DataPlane", "CDataPlane", "CGuestDriver"]),
+    ],
+    swiftLanguageModes: [.v6],
+    cLanguageStandard: .c11
+)

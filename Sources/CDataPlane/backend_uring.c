@@ -1,0 +1,137 @@
+/* The io_uring backend: O_DIRECT (or buffered) reads and writes straight into
+ * guest memory, fdatasync for FLUSH, fallocate for DISCARD and WRITE_ZEROES. */
+#include <errno.h>
+#include <linux/falloc.h>
+#include <stdlib.h>
+
+#include "backend.h"
+#include "blk.h"
+
+/* O_DIRECT wants buffer addresses and lengths aligned; OR-ing them all
+ * together tests every one in a single pass. */
+static bool iov_aligned(const struct iovec *iov, uint32_t cnt, uint32_t align)
+{
+    uintptr_t bits = 0;
+    for (uint32_t i = 0; i < cnt; i++)
+        bits |= (uintptr_t)iov[i].iov_base | iov[i].iov_len;
+    return (bits & (align - 1)) == 0;
+}
+
+/* Guest buffers O_DIRECT would refuse go through an aligned copy. This is the
+ * rare path (Linux guests align their buffers), so it may allocate. */
+static int bounce_setup(struct blk_req *req, uint32_t align)
+{
+    void *buf;
+    if (posix_memalign(&buf, align, req->len ? req->len : align))
+        return -ENOMEM;
+    if (req->op == DP_OP_WRITE)
+        iov_to_buf(req->iov, req->iov_cnt, 0, buf, req->len);
+    req->bounce = buf;
+    STAT_ADD(req->queue->stats.bounces, 1);
+    return 0;
+}
+
+int backend_uring_prep(struct io_uring *ring, struct blk_req *req)
+{
+    const struct dp_disk *disk = req->queue->disk;
+    bool rw = req->op == DP_OP_READ || req->op == DP_OP_WRITE;
+
+    if (rw && !req->bounce && req->done == 0 && disk->mem_align &&
+        !iov_aligned(req->iov, req->iov_cnt, disk->mem_align)) {
+        int ret = bounce_setup(req, disk->mem_align);
+        if (ret)
+            return ret;
+    }
+    struct io_uring_sqe *sqe = io_uring_get_sqe(ring);
+    if (!sqe)
+        return -EBUSY;
+
+    uint64_t offset = req->offset + req->done;
+    switch (req->op) {
+    case DP_OP_READ:
+    case DP_OP_WRITE: {
+        bool write = req->op == DP_OP_WRITE;
+        if (req->bounce) {
+            void *buf = (uint8_t *)req->bounce + req->done;
+            unsigned len = (unsigned)(req->len - req->done);
+            if (write)
+                io_uring_prep_write(sqe, disk->fd, buf, len, offset);
+            else
+                io_uring_prep_read(sqe, disk->fd, buf, len, offset);
+        } else if (write) {
+            io_uring_prep_writev(sqe, disk->fd, req->iov, req->iov_cnt, offset);
+        } else {
+            io_uring_prep_readv(sqe, disk->fd, req->iov, req->iov_cnt, offset);
+        }
+        break;
+    }
+    case DP_OP_FLUSH:
+        io_uring_prep_fsync(sqe, disk->fd, IORING_FSYNC_DATASYNC);
+        break;
+    case DP_OP_DISCARD:
+    case DP_OP_WRITE_ZEROES: {
+        int mode = req->falloc_mode;
+        if (req->zero_phase == 1)
+            mode = FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE;
+        else if (req->zero_phase == 2)
+            mode = FALLOC_FL_KEEP_SIZE; /* allocate the zeroed range again */
+        io_uring_prep_fallocate(sqe, disk->fd, mode, req->offset, req->len);
+        break;
+    }
+    default:
+        /* blk_parse never hands other ops to a backend. */
+        io_uring_prep_nop(sqe);
+        break;
+    }
+    io_uring_sqe_set_data64(sqe, (uint64_t)(uintptr_t)req | TAG_REQ);
+    return 0;
+}
+
+int backend_uring_complete(struct blk_req *req, int res)
+{
+    if (res == -EAGAIN || res == -EINTR)
+        return BACKEND_AGAIN;
+
+    switch (req->op) {
+    case DP_OP_READ:
+    case DP_OP_WRITE:
+        /* 0 bytes means EOF: the image shrank under us. Never loop on it. */
+        if (res <= 0)
+            break;
+        req->done += (uint64_t)res;
+        if (req->done < req->len) {
+            if (!req->bounce)
+                req->iov = iov_advance(req->iov, &req->iov_cnt, (size_t)res);
+            return BACKEND_AGAIN;
+        }
+        if (req->op == DP_OP_READ && req->bounce)
+            iov_from_buf(req->iov, req->iov_cnt, req->bounce, req->len);
+        return VIRTIO_BLK_S_OK;
+    case DP_OP_WRITE_ZEROES:
+        /* Filesystems without FALLOC_FL_ZERO_RANGE (tmpfs): punch the range,
+         * then allocate it again, which reads back as zeroes. */
+        if (req->zero_phase == 0 && (res == -EOPNOTSUPP || res == -EINVAL) &&
+            (req->falloc_mode & FALLOC_FL_ZERO_RANGE)) {
+            req->zero_phase = 1;
+            return BACKEND_AGAIN;
+        }
+        if (res >= 0 && req->zero_phase == 1) {
+            req->zero_phase = 2;
+            return BACKEND_AGAIN;
+        }
+        if (res >= 0)
+            return VIRTIO_BLK_S_OK;
+        break;
+    default:
+        if (res >= 0)
+            return VIRTIO_BLK_S_OK;
+        break;
+    }
+    return VIRTIO_BLK_S_IOERR;
+}
+
+void backend_uring_release(struct blk_req *req)
+{
+    free(req->bounce);
+    req->bounce = NULL;
+}

@@ -1,0 +1,149 @@
+/* Internal types shared by the data plane's files. Not part of the API. */
+#ifndef DP_INTERNAL_H
+#define DP_INTERNAL_H
+
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdbool.h>
+#include <stdint.h>
+#include <time.h>
+
+#ifndef _GNU_SOURCE
+#error "CDataPlane needs _GNU_SOURCE (set in Package.swift cSettings)"
+#endif
+
+#include "CDataPlane.h"
+#include "stats.h"
+#include "vring_split.h"
+
+/* A request may carry at most this many data iovecs (header and status
+ * included); we advertise seg_max below it. More fails the request. */
+#define DP_REQ_MAX_IOV 256
+/* In-flight requests per queue at most (slots are preallocated). */
+#define DP_QUEUE_MAX_SLOTS 256
+#define DP_THREAD_MAX_QUEUES 256
+
+#define VIRTIO_BLK_S_OK 0
+#define VIRTIO_BLK_S_IOERR 1
+#define VIRTIO_BLK_S_UNSUPP 2
+
+struct dp_disk {
+    int backend;
+    int fd;
+    uint64_t capacity_sectors;
+    uint32_t logical_block_size;
+    uint32_t mem_align;
+    bool read_only;
+    bool read_zeroes;
+    uint8_t serial[DP_SERIAL_LEN];
+};
+
+/* One virtio-blk request in flight; lives in its queue's slot pool. */
+struct blk_req {
+    struct dp_queue *queue;
+    struct blk_req *next;       /* backlog link: waiting for an SQE or a retry */
+    struct iovec *iov;          /* data iovecs still to transfer */
+    uint32_t iov_cnt;
+    uint16_t head;
+    uint8_t op;                 /* enum dp_op */
+    uint8_t zero_phase;         /* write-zeroes fallback: 0 none, 1 punch, 2 allocate */
+    uint8_t *status;            /* the guest's status byte, NULL when it has none */
+    uint64_t offset;            /* bytes */
+    uint64_t len;               /* bytes to transfer or to discard/zero */
+    uint64_t done;              /* bytes transferred so far (short I/O) */
+    uint32_t data_in_len;       /* bytes written to guest buffers on success */
+    int32_t falloc_mode;
+    void *bounce;               /* aligned copy for buffers O_DIRECT refuses */
+    uint64_t start_ns;
+};
+
+struct ctl_msg;
+
+struct dp_queue {
+    /* --- owned by the IOThread while attached --- */
+    struct vring_split vr;
+    struct dp_iothread *thread;
+    struct dp_disk *disk;
+    struct dp_mem *mem;
+    struct blk_req *reqs;       /* DP_QUEUE slots */
+    struct iovec *iov_pool;     /* slots * DP_REQ_MAX_IOV */
+    uint16_t *free_slots;
+    uint16_t *head_slot;        /* per head: slot + 1, or 0 when not in flight */
+    uint32_t nslots;
+    uint32_t free_count;
+    uint32_t in_flight;
+    bool attached;
+    bool paused;
+    bool stopping;
+    bool broken;
+    bool dirty;                 /* used elements pushed but not yet published */
+    bool kicked;                /* a kick arrived since the last pop */
+    bool kick_armed;            /* a read or poll on the kick fd is outstanding */
+    bool kick_poll;             /* the kick fd is O_NONBLOCK: poll, then read() */
+    bool kick_cancelling;
+    bool kick_failed;
+    uint64_t kick_buf;
+    struct ctl_msg *drain_waiter; /* stop/pause/set-mem waiting for in_flight == 0 */
+    struct dp_queue_config config;
+    /* --- control side --- */
+    size_t alloc_size;
+    int numa_node;
+    /* --- read by anyone --- */
+    struct dp_queue_counters stats;
+};
+
+enum ctl_type {
+    CTL_ADD_QUEUE,
+    CTL_STOP_QUEUE,
+    CTL_PAUSE_QUEUE,
+    CTL_RESUME_QUEUE,
+    CTL_SET_MEM,
+    CTL_STOP_THREAD,
+};
+
+struct ctl_msg {
+    enum ctl_type type;
+    struct dp_queue *queue;
+    struct dp_mem *mem;
+    int result;
+    uint16_t last_avail_idx;
+    bool done;
+    struct ctl_msg *next;
+};
+
+/* user_data tags in the low bits of io_uring user_data (pointers are 8-aligned). */
+enum {
+    TAG_REQ = 0,
+    TAG_KICK = 1,
+    TAG_CTL = 2,
+    TAG_IGNORE = 3, /* notify writes, cancels */
+    TAG_MASK = 7,
+};
+
+static inline uint64_t now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+/* queue.c: the per-queue work of one loop iteration. */
+unsigned queue_pop_batch(struct dp_queue *q, uint64_t now);
+void queue_complete(struct dp_queue *q, struct blk_req *req, uint8_t status, uint64_t now);
+bool queue_can_pop(const struct dp_queue *q);
+void queue_publish_and_notify(struct dp_queue *q);
+void queue_break(struct dp_queue *q, int reason);
+int queue_map_rings(const struct dp_queue_config *cfg, const struct dp_mem *mem, void **desc,
+                    void **avail, void **used);
+
+/* iothread.c: services the queue layer uses. */
+void iothread_submit_req(struct dp_iothread *t, struct blk_req *req);
+void iothread_notify(struct dp_iothread *t, int call_fd);
+/* Sends a control message and waits for the answer; -ESHUTDOWN once the
+ * thread has exited (it detached every queue first). */
+int iothread_call(struct dp_iothread *t, struct ctl_msg *msg);
+/* Zeroed memory on the thread's NUMA node (page aligned). */
+void *iothread_alloc(const struct dp_iothread *t, size_t size, int *node);
+void iothread_free(void *p, size_t size, int node);
+
+#endif

@@ -1,0 +1,25 @@
+/* Guest memory: the region table and address translation. Knows nothing of rings. */
+#ifndef DP_GUEST_MEM_H
+#define DP_GUEST_MEM_H
+
+#include <stdint.h>
+#include <sys/uio.h>
+
+#include "CDataPlane.h"
+
+struct dp_mem {
+    uint32_t count;
+    struct dp_mem_region regions[]; /* sorted by guest_phys_addr */
+};
+
+/* Map the guest range [gpa, gpa + len) to host iovecs, splitting it where it
+ * crosses from one region into a guest-physically adjacent one. Appends at
+ * most max iovecs. Returns the number appended, -EFAULT when a byte lies
+ * outside guest memory or the range wraps, -ENOBUFS when max is too small. */
+int guest_mem_map(const struct dp_mem *mem, uint64_t gpa, uint64_t len, struct iovec *iov,
+                  unsigned max);
+
+/* Host pointer for [gpa, gpa + len) when it lies inside one region, else NULL. */
+void *guest_mem_ptr(const struct dp_mem *mem, uint64_t gpa, uint64_t len);
+
+#endif

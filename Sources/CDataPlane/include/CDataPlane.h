@@ -1,0 +1,214 @@
+/*
+ * CDataPlane: the virtio-blk data plane's hot path.
+ *
+ * The one public header: opaque handles, plain structs, fixed-width types.
+ * liburing.h and numa.h stay inside the .c files (liburing <= 2.7 defines
+ * _GNU_SOURCE in its header, which clashes with Swift's Glibc module).
+ *
+ * Every function returns 0 (or a count) on success and a negative errno on
+ * failure; none sets errno.
+ *
+ * Threads: a dp_iothread owns its queues. All dp_queue_* calls below are made
+ * from the control side; they reach the IOThread as messages handled between
+ * batches and wait for its answer. dp_*_get_stats may be called from any
+ * thread at any time.
+ */
+#ifndef CDATAPLANE_H
+#define CDATAPLANE_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* ---------------------------------------------------------------- guest memory */
+
+/* One region of guest memory as the frontend describes it: guest-physical
+ * address, size, the frontend's own virtual address (vhost-user ring
+ * addresses are given in it), and where we have it mapped. */
+struct dp_mem_region {
+    uint64_t guest_phys_addr;
+    uint64_t size;
+    uint64_t user_addr;
+    void *host_addr;
+};
+
+#define DP_MEM_MAX_REGIONS 64
+
+/* An immutable table of regions. Regions must not overlap in guest-physical
+ * or in user address space, must have non-zero size and must not wrap. */
+struct dp_mem;
+
+int dp_mem_create(const struct dp_mem_region *regions, uint32_t count, struct dp_mem **out);
+void dp_mem_destroy(struct dp_mem *mem);
+
+/* Translate a guest range to a host pointer when it lies inside one region.
+ * Returns -EFAULT otherwise (also on overflow). For the control path. */
+int dp_mem_translate_gpa(const struct dp_mem *mem, uint64_t gpa, uint64_t len, void **host);
+int dp_mem_translate_uva(const struct dp_mem *mem, uint64_t uva, uint64_t len, void **host);
+
+/* ---------------------------------------------------------------- disks */
+
+enum dp_backend_kind {
+    DP_BACKEND_FILE = 0, /* io_uring on a raw file or block device */
+    DP_BACKEND_NULL = 1, /* completes without I/O; reads return zeroes */
+};
+
+#define DP_SERIAL_LEN 20 /* VIRTIO_BLK_ID_BYTES */
+
+struct dp_disk_config {
+    int32_t backend;             /* enum dp_backend_kind */
+    int32_t fd;                  /* file backend: an open fd (dup'ed; caller keeps its own) */
+    uint64_t capacity_sectors;   /* in 512-byte sectors */
+    uint32_t logical_block_size; /* 512 or a larger power of two */
+    uint32_t mem_align;          /* buffer alignment O_DIRECT needs; 0 = no direct I/O */
+    bool read_only;
+    bool null_read_zeroes;       /* null backend: fill read buffers with zeroes */
+    uint8_t serial[DP_SERIAL_LEN];
+};
+
+/* Shared by the queues of many IOThreads; immutable once created. */
+struct dp_disk;
+
+int dp_disk_create(const struct dp_disk_config *config, struct dp_disk **out);
+void dp_disk_destroy(struct dp_disk *disk);
+
+/* Opens an image for the file backend: O_CLOEXEC, read-only or read-write,
+ * with O_DIRECT when direct is set. Returns the fd or a negative errno. */
+int dp_open_image(const char *path, bool read_only, bool direct);
+
+/* Size in bytes of a regular file or block device, and the direct-I/O
+ * alignment its filesystem or device asks for (512 when unknown). */
+int dp_fd_probe(int fd, uint64_t *size_bytes, uint32_t *logical_block_size, uint32_t *dio_align);
+
+/* ---------------------------------------------------------------- statistics */
+
+enum dp_op {
+    DP_OP_READ = 0,
+    DP_OP_WRITE,
+    DP_OP_FLUSH,
+    DP_OP_GET_ID,
+    DP_OP_DISCARD,
+    DP_OP_WRITE_ZEROES,
+    DP_OP_OTHER, /* unsupported request types */
+    DP_OP_COUNT
+};
+
+enum dp_err {
+    DP_ERR_IO = 0,      /* the backend failed (EIO, ENOSPC, ...) */
+    DP_ERR_BAD_REQUEST, /* malformed header, length, layout or descriptor chain */
+    DP_ERR_RANGE,       /* sectors past capacity or overflowing */
+    DP_ERR_READ_ONLY,   /* a write to a read-only disk */
+    DP_ERR_UNSUPP,      /* unsupported type or flags */
+    DP_ERR_COUNT
+};
+
+#define DP_LATENCY_BUCKETS 40 /* bucket i counts latencies in [2^i, 2^(i+1)) ns */
+#define DP_BATCH_BUCKETS 16   /* bucket i counts batches of [2^i, 2^(i+1)) requests */
+
+struct dp_queue_stats {
+    uint64_t ops[DP_OP_COUNT];
+    uint64_t bytes_read;
+    uint64_t bytes_written;
+    uint64_t errors[DP_ERR_COUNT];
+    uint64_t in_flight;
+    uint64_t batches;         /* loop iterations that popped at least one request */
+    uint64_t batch_hist[DP_BATCH_BUCKETS];
+    uint64_t polls;           /* requests found by busy-polling, no kick needed */
+    uint64_t kicks;           /* kick eventfd wake-ups */
+    uint64_t notifies;        /* call eventfd writes */
+    uint64_t notifies_suppressed; /* batches that needed no call (EVENT_IDX, NO_INTERRUPT) */
+    uint64_t bounces;         /* requests that went through a bounce buffer */
+    uint64_t latency_hist[DP_LATENCY_BUCKETS];
+    uint32_t broken;          /* 1 once the ring is corrupt (DEVICE_NEEDS_RESET) */
+    int32_t broken_reason;    /* negative errno naming the corruption */
+    uint16_t last_avail_idx;
+    uint16_t used_idx;
+};
+
+struct dp_iothread_stats {
+    uint64_t iterations;  /* loop iterations */
+    uint64_t waits;       /* times the thread slept in io_uring_enter */
+    uint64_t poll_hits;   /* busy-poll windows that found work */
+    uint64_t poll_misses; /* busy-poll windows that ran out */
+    uint64_t poll_ns;     /* the current adaptive busy-poll window */
+    uint64_t submits;     /* io_uring_enter calls */
+    uint64_t cpu_ns;      /* the thread's CPU time */
+    uint32_t queues;      /* queues attached */
+};
+
+/* ---------------------------------------------------------------- IOThreads */
+
+#define DP_MAX_CPUS 1024
+
+struct dp_iothread_config {
+    const int32_t *cpus;     /* CPUs to pin to; NULL/0 = leave affinity alone */
+    uint32_t cpu_count;
+    uint64_t poll_max_ns;    /* upper bound of the adaptive busy-poll window; 0 = never poll */
+    uint32_t ring_entries;   /* io_uring SQ size; 0 = 256 */
+    char name[16];           /* thread name (pthread_setname_np) */
+};
+
+struct dp_iothread;
+
+/* Starts the thread, pins it, sets up its io_uring on the cpuset's NUMA node.
+ * Returns after the thread is ready, or with the error it hit. */
+int dp_iothread_create(const struct dp_iothread_config *config, struct dp_iothread **out);
+/* Stops every queue (each drains its in-flight requests) and joins the thread. */
+int dp_iothread_stop(struct dp_iothread *thread);
+/* Stops the thread if needed, then frees it. Queues still attached are freed. */
+void dp_iothread_destroy(struct dp_iothread *thread);
+int dp_iothread_get_stats(const struct dp_iothread *thread, struct dp_iothread_stats *out);
+/* The NUMA node the thread's memory comes from (-1 when unknown). */
+int dp_iothread_numa_node(const struct dp_iothread *thread);
+
+/* ---------------------------------------------------------------- virtqueues */
+
+#define DP_QUEUE_MAX_SIZE 32768
+
+struct dp_queue_config {
+    uint32_t size;           /* power of two, 1..32768 */
+    uint64_t desc_addr;      /* ring addresses: guest-physical, or user if addrs_are_user */
+    uint64_t avail_addr;
+    uint64_t used_addr;
+    bool addrs_are_user;
+    bool event_idx;          /* VIRTIO_RING_F_EVENT_IDX negotiated */
+    bool indirect;           /* VIRTIO_RING_F_INDIRECT_DESC negotiated */
+    uint16_t last_avail_idx; /* where to resume popping (vhost-user SET_VRING_BASE) */
+    int32_t kick_fd;         /* eventfd the driver writes; -1 = rely on polling */
+    int32_t call_fd;         /* eventfd we write on completions; -1 = none */
+    int32_t err_fd;          /* eventfd we write when the ring breaks; -1 = none */
+};
+
+struct dp_queue;
+
+/* Creates a queue over a disk and guest memory and attaches it to a thread.
+ * Ring addresses are checked against memory (-EFAULT) and the queue's state is
+ * allocated on the thread's NUMA node. The used index resumes from the ring. */
+int dp_queue_create(struct dp_iothread *thread, const struct dp_queue_config *config,
+                    struct dp_disk *disk, struct dp_mem *mem, struct dp_queue **out);
+/* Stops popping, waits for every in-flight request to complete and be pushed,
+ * detaches the queue and reports where popping stopped. */
+int dp_queue_stop(struct dp_queue *queue, uint16_t *last_avail_idx);
+/* Frees a queue (stopping it first if still attached). */
+void dp_queue_destroy(struct dp_queue *queue);
+/* Stop popping new requests (in-flight ones complete) / start again. */
+int dp_queue_pause(struct dp_queue *queue);
+int dp_queue_resume(struct dp_queue *queue);
+/* Swap the guest memory table; ring addresses are translated again. The old
+ * table is no longer used by the queue when this returns. */
+int dp_queue_set_mem(struct dp_queue *queue, struct dp_mem *mem);
+int dp_queue_get_stats(const struct dp_queue *queue, struct dp_queue_stats *out);
+
+/* A short description of a ring corruption reason (a negative errno from
+ * dp_queue_stats.broken_reason). */
+const char *dp_ring_error_string(int reason);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* CDATAPLANE_H */

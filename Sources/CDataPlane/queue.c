@@ -1,0 +1,305 @@
+/* A virtqueue of a disk: pops chains, hands them to the blk layer and a
+ * backend, pushes completions and notifies the guest once per batch. */
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "backend.h"
+#include "blk.h"
+#include "dp_internal.h"
+
+bool queue_can_pop(const struct dp_queue *q)
+{
+    return q->attached && !q->paused && !q->stopping && !q->broken && q->free_count &&
+           vring_split_has_avail(&q->vr);
+}
+
+void queue_break(struct dp_queue *q, int reason)
+{
+    if (q->broken)
+        return;
+    q->broken = true;
+    STAT_SET(q->stats.broken_reason, reason);
+    STAT_SET(q->stats.broken, 1);
+    if (q->config.err_fd >= 0) {
+        uint64_t one = 1;
+        /* Rare and cold: a plain write is fine. Nothing to do if it fails. */
+        ssize_t r = write(q->config.err_fd, &one, sizeof(one));
+        (void)r;
+    }
+}
+
+void queue_complete(struct dp_queue *q, struct blk_req *req, uint8_t status, uint64_t now)
+{
+    uint32_t used_len = 0;
+    if (req->status) {
+        __atomic_store_n(req->status, status, __ATOMIC_RELAXED);
+        used_len = (status == VIRTIO_BLK_S_OK ? req->data_in_len : 0) + 1;
+    }
+    if (req->bounce)
+        backend_uring_release(req);
+    vring_split_push(&q->vr, req->head, used_len);
+
+    STAT_ADD(q->stats.ops[req->op], 1);
+    if (status == VIRTIO_BLK_S_OK) {
+        if (req->op == DP_OP_READ)
+            STAT_ADD(q->stats.bytes_read, req->len);
+        else if (req->op == DP_OP_WRITE)
+            STAT_ADD(q->stats.bytes_written, req->len);
+    }
+    STAT_ADD(q->stats.latency_hist[stats_log2_bucket(now - req->start_ns, DP_LATENCY_BUCKETS)], 1);
+
+    q->head_slot[req->head] = 0;
+    q->free_slots[q->free_count++] = (uint16_t)(req - q->reqs);
+    q->in_flight--;
+    q->dirty = true;
+}
+
+/* Pops one chain and starts it. Returns false when the ring is corrupt. */
+static bool queue_pop_one(struct dp_queue *q, uint64_t now)
+{
+    uint16_t head;
+    int ret = vring_split_pop_head(&q->vr, &head);
+    if (ret) {
+        queue_break(q, ret);
+        return false;
+    }
+    /* The same head twice in flight would be pushed twice: the guest broke the ring. */
+    if (q->head_slot[head]) {
+        queue_break(q, -EBUSY);
+        return false;
+    }
+    uint16_t slot = q->free_slots[--q->free_count];
+    struct blk_req *req = &q->reqs[slot];
+    q->head_slot[head] = (uint16_t)(slot + 1);
+    q->in_flight++;
+    req->head = head;
+    req->start_ns = now;
+
+    struct vring_chain chain = {
+        .iov = q->iov_pool + (size_t)slot * DP_REQ_MAX_IOV,
+        .iov_max = DP_REQ_MAX_IOV,
+    };
+    ret = vring_split_walk(&q->vr, q->mem, head, &chain);
+    if (ret < 0) {
+        /* A malformed chain fails alone: back to the guest with length 0. */
+        req->status = NULL;
+        req->op = DP_OP_OTHER;
+        req->bounce = NULL;
+        STAT_ADD(q->stats.errors[DP_ERR_BAD_REQUEST], 1);
+        queue_complete(q, req, VIRTIO_BLK_S_IOERR, now);
+        return true;
+    }
+    enum dp_err err;
+    int status = blk_parse(q->disk, &chain, req, &err);
+    if (err != DP_ERR_COUNT)
+        STAT_ADD(q->stats.errors[err], 1);
+    if (status == BLK_NEEDS_IO) {
+        if (q->disk->backend != DP_BACKEND_NULL) {
+            iothread_submit_req(q->thread, req);
+            return true;
+        }
+        status = backend_null_execute(q->disk, req);
+    }
+    queue_complete(q, req, (uint8_t)status, now);
+    return true;
+}
+
+unsigned queue_pop_batch(struct dp_queue *q, uint64_t now)
+{
+    if (!queue_can_pop(q))
+        return 0;
+    int avail = vring_split_avail_count(&q->vr);
+    if (avail < 0) {
+        queue_break(q, avail);
+        return 0;
+    }
+    unsigned n = (unsigned)avail < q->free_count ? (unsigned)avail : q->free_count;
+    unsigned popped = 0;
+    while (popped < n && queue_pop_one(q, now))
+        popped++;
+
+    if (popped) {
+        STAT_ADD(q->stats.batches, 1);
+        STAT_ADD(q->stats.batch_hist[stats_log2_bucket(popped, DP_BATCH_BUCKETS)], 1);
+        if (!q->kicked)
+            STAT_ADD(q->stats.polls, popped);
+        q->kicked = false;
+        STAT_SET(q->stats.last_avail_idx, q->vr.last_avail_idx);
+        STAT_SET(q->stats.in_flight, q->in_flight);
+    }
+    return popped;
+}
+
+void queue_publish_and_notify(struct dp_queue *q)
+{
+    if (!q->dirty)
+        return;
+    q->dirty = false;
+    vring_split_publish(&q->vr);
+    STAT_SET(q->stats.used_idx, q->vr.used_idx);
+    STAT_SET(q->stats.in_flight, q->in_flight);
+    if (q->config.call_fd >= 0 && vring_split_should_notify(&q->vr)) {
+        iothread_notify(q->thread, q->config.call_fd);
+        STAT_ADD(q->stats.notifies, 1);
+    } else {
+        STAT_ADD(q->stats.notifies_suppressed, 1);
+    }
+}
+
+int queue_map_rings(const struct dp_queue_config *cfg, const struct dp_mem *mem, void **desc,
+                    void **avail, void **used)
+{
+    int (*translate)(const struct dp_mem *, uint64_t, uint64_t, void **) =
+        cfg->addrs_are_user ? dp_mem_translate_uva : dp_mem_translate_gpa;
+    int ret = translate(mem, cfg->desc_addr, VRING_DESC_BYTES(cfg->size), desc);
+    if (!ret)
+        ret = translate(mem, cfg->avail_addr, VRING_AVAIL_BYTES(cfg->size), avail);
+    if (!ret)
+        ret = translate(mem, cfg->used_addr, VRING_USED_BYTES(cfg->size), used);
+    return ret;
+}
+
+/* ------------------------------------------------------------ control side */
+
+static int queue_config_check(const struct dp_queue_config *cfg)
+{
+    if (cfg->size == 0 || cfg->size > DP_QUEUE_MAX_SIZE || (cfg->size & (cfg->size - 1)))
+        return -EINVAL;
+    if (cfg->kick_fd < 0)
+        return -EBADF;
+    return 0;
+}
+
+int dp_queue_create(struct dp_iothread *thread, const struct dp_queue_config *config,
+                    struct dp_disk *disk, struct dp_mem *mem, struct dp_queue **out)
+{
+    if (!thread || !config || !disk || !mem || !out)
+        return -EINVAL;
+    int ret = queue_config_check(config);
+    if (ret)
+        return ret;
+    void *desc, *avail, *used;
+    ret = queue_map_rings(config, mem, &desc, &avail, &used);
+    if (ret)
+        return ret;
+
+    uint32_t nslots = config->size < DP_QUEUE_MAX_SLOTS ? config->size : DP_QUEUE_MAX_SLOTS;
+    size_t head_size = sizeof(struct dp_queue);
+    size_t reqs_off = (head_size + 63) & ~(size_t)63;
+    size_t iov_off = reqs_off + nslots * sizeof(struct blk_req);
+    size_t free_off = iov_off + (size_t)nslots * DP_REQ_MAX_IOV * sizeof(struct iovec);
+    size_t heads_off = free_off + nslots * sizeof(uint16_t);
+    size_t total = heads_off + config->size * sizeof(uint16_t);
+
+    int node;
+    uint8_t *base = iothread_alloc(thread, total, &node);
+    if (!base)
+        return -ENOMEM;
+    struct dp_queue *q = (struct dp_queue *)base;
+    q->reqs = (struct blk_req *)(base + reqs_off);
+    q->iov_pool = (struct iovec *)(base + iov_off);
+    q->free_slots = (uint16_t *)(base + free_off);
+    q->head_slot = (uint16_t *)(base + heads_off);
+    q->alloc_size = total;
+    q->numa_node = node;
+    q->nslots = nslots;
+    q->thread = thread;
+    q->disk = disk;
+    q->mem = mem;
+    q->config = *config;
+    for (uint32_t i = 0; i < nslots; i++) {
+        q->reqs[i].queue = q;
+        q->free_slots[i] = (uint16_t)(nslots - 1 - i);
+    }
+    q->free_count = nslots;
+    ret = vring_split_init(&q->vr, (uint16_t)config->size, desc, avail, used,
+                           config->last_avail_idx, config->event_idx, config->indirect);
+    if (ret) {
+        iothread_free(base, total, node);
+        return ret;
+    }
+    STAT_SET(q->stats.last_avail_idx, q->vr.last_avail_idx);
+    STAT_SET(q->stats.used_idx, q->vr.used_idx);
+
+    struct ctl_msg msg = {.type = CTL_ADD_QUEUE, .queue = q};
+    ret = iothread_call(thread, &msg);
+    if (ret) {
+        iothread_free(base, total, node);
+        return ret;
+    }
+    *out = q;
+    return 0;
+}
+
+int dp_queue_stop(struct dp_queue *queue, uint16_t *last_avail_idx)
+{
+    if (!queue)
+        return -EINVAL;
+    struct ctl_msg msg = {.type = CTL_STOP_QUEUE, .queue = queue};
+    int ret = iothread_call(queue->thread, &msg);
+    if (ret == -ESHUTDOWN || ret == -ENOENT) {
+        /* Already detached: the thread exited or the queue was stopped before;
+         * the thread no longer touches it, so its state is ours to read. */
+        msg.last_avail_idx = queue->vr.last_avail_idx;
+        ret = 0;
+    }
+    if (!ret && last_avail_idx)
+        *last_avail_idx = msg.last_avail_idx;
+    return ret;
+}
+
+void dp_queue_destroy(struct dp_queue *queue)
+{
+    if (!queue)
+        return;
+    dp_queue_stop(queue, NULL);
+    iothread_free(queue, queue->alloc_size, queue->numa_node);
+}
+
+int dp_queue_pause(struct dp_queue *queue)
+{
+    struct ctl_msg msg = {.type = CTL_PAUSE_QUEUE, .queue = queue};
+    return queue ? iothread_call(queue->thread, &msg) : -EINVAL;
+}
+
+int dp_queue_resume(struct dp_queue *queue)
+{
+    struct ctl_msg msg = {.type = CTL_RESUME_QUEUE, .queue = queue};
+    return queue ? iothread_call(queue->thread, &msg) : -EINVAL;
+}
+
+int dp_queue_set_mem(struct dp_queue *queue, struct dp_mem *mem)
+{
+    if (!queue || !mem)
+        return -EINVAL;
+    struct ctl_msg msg = {.type = CTL_SET_MEM, .queue = queue, .mem = mem};
+    return iothread_call(queue->thread, &msg);
+}
+
+int dp_queue_get_stats(const struct dp_queue *queue, struct dp_queue_stats *out)
+{
+    if (!queue || !out)
+        return -EINVAL;
+    stats_queue_snapshot(&queue->stats, out);
+    return 0;
+}
+
+const char *dp_ring_error_string(int reason)
+{
+    switch (reason) {
+    case -ERANGE:
+        return "avail index moved more than the queue size ahead";
+    case -EINVAL:
+        return "avail ring names a descriptor outside the table";
+    case -EBUSY:
+        return "avail ring names a descriptor chain that is already in flight";
+    case -EFAULT:
+        return "ring lies outside guest memory";
+    case 0:
+        return "not broken";
+    default:
+        return "ring corrupt";
+    }
+}

@@ -1,0 +1,42 @@
+/* Lock-free snapshots of the counters. */
+#include <string.h>
+
+#include "stats.h"
+
+void stats_queue_snapshot(const struct dp_queue_counters *c, struct dp_queue_stats *out)
+{
+    memset(out, 0, sizeof(*out));
+    for (int i = 0; i < DP_OP_COUNT; i++)
+        out->ops[i] = STAT_LOAD(c->ops[i]);
+    for (int i = 0; i < DP_ERR_COUNT; i++)
+        out->errors[i] = STAT_LOAD(c->errors[i]);
+    for (int i = 0; i < DP_BATCH_BUCKETS; i++)
+        out->batch_hist[i] = STAT_LOAD(c->batch_hist[i]);
+    for (int i = 0; i < DP_LATENCY_BUCKETS; i++)
+        out->latency_hist[i] = STAT_LOAD(c->latency_hist[i]);
+    out->bytes_read = STAT_LOAD(c->bytes_read);
+    out->bytes_written = STAT_LOAD(c->bytes_written);
+    out->in_flight = STAT_LOAD(c->in_flight);
+    out->batches = STAT_LOAD(c->batches);
+    out->polls = STAT_LOAD(c->polls);
+    out->kicks = STAT_LOAD(c->kicks);
+    out->notifies = STAT_LOAD(c->notifies);
+    out->notifies_suppressed = STAT_LOAD(c->notifies_suppressed);
+    out->bounces = STAT_LOAD(c->bounces);
+    out->broken = STAT_LOAD(c->broken);
+    out->broken_reason = STAT_LOAD(c->broken_reason);
+    out->last_avail_idx = STAT_LOAD(c->last_avail_idx);
+    out->used_idx = STAT_LOAD(c->used_idx);
+}
+
+void stats_thread_snapshot(const struct dp_thread_counters *c, struct dp_iothread_stats *out)
+{
+    memset(out, 0, sizeof(*out));
+    out->iterations = STAT_LOAD(c->iterations);
+    out->waits = STAT_LOAD(c->waits);
+    out->poll_hits = STAT_LOAD(c->poll_hits);
+    out->poll_misses = STAT_LOAD(c->poll_misses);
+    out->poll_ns = STAT_LOAD(c->poll_ns);
+    out->submits = STAT_LOAD(c->submits);
+    out->queues = STAT_LOAD(c->queues);
+}

@@ -1,0 +1,56 @@
+/* Per-queue counters: written by the owning IOThread only, read by anyone.
+ * Relaxed atomics, with a load and a store instead of a locked add since
+ * there is one writer; the block sits on its own cache lines. */
+#ifndef DP_STATS_H
+#define DP_STATS_H
+
+#include <stdatomic.h>
+#include <stdint.h>
+
+#include "CDataPlane.h"
+
+struct dp_queue_counters {
+    _Alignas(64) _Atomic uint64_t ops[DP_OP_COUNT];
+    _Atomic uint64_t bytes_read;
+    _Atomic uint64_t bytes_written;
+    _Atomic uint64_t errors[DP_ERR_COUNT];
+    _Atomic uint64_t in_flight;
+    _Atomic uint64_t batches;
+    _Atomic uint64_t polls;
+    _Atomic uint64_t kicks;
+    _Atomic uint64_t notifies;
+    _Atomic uint64_t notifies_suppressed;
+    _Atomic uint64_t bounces;
+    _Atomic uint32_t broken;
+    _Atomic int32_t broken_reason;
+    _Atomic uint16_t last_avail_idx;
+    _Atomic uint16_t used_idx;
+    _Alignas(64) _Atomic uint64_t batch_hist[DP_BATCH_BUCKETS];
+    _Atomic uint64_t latency_hist[DP_LATENCY_BUCKETS];
+};
+
+struct dp_thread_counters {
+    _Alignas(64) _Atomic uint64_t iterations;
+    _Atomic uint64_t waits;
+    _Atomic uint64_t poll_hits;
+    _Atomic uint64_t poll_misses;
+    _Atomic uint64_t poll_ns;
+    _Atomic uint64_t submits;
+    _Atomic uint32_t queues;
+};
+
+#define STAT_LOAD(field) atomic_load_explicit(&(field), memory_order_relaxed)
+#define STAT_SET(field, v) atomic_store_explicit(&(field), (v), memory_order_relaxed)
+#define STAT_ADD(field, n) STAT_SET(field, STAT_LOAD(field) + (n))
+
+/* floor(log2(v)) clamped to [0, buckets - 1]; v == 0 goes to bucket 0. */
+static inline unsigned stats_log2_bucket(uint64_t v, unsigned buckets)
+{
+    unsigned b = v ? 63u - (unsigned)__builtin_clzll(v) : 0u;
+    return b < buckets ? b : buckets - 1;
+}
+
+void stats_queue_snapshot(const struct dp_queue_counters *c, struct dp_queue_stats *out);
+void stats_thread_snapshot(const struct dp_thread_counters *c, struct dp_iothread_stats *out);
+
+#endif

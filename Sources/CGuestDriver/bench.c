@@ -1,0 +1,319 @@
+/*
+ * The benchmark loop: one thread keeps `depth` requests in flight per queue
+ * and records per-request latency. Uses only the public driver API.
+ */
+#ifndef _GNU_SOURCE
+#error "CGuestDriver needs _GNU_SOURCE (pthread_setaffinity_np); set it in the target's cSettings"
+#endif
+
+#include "CGuestDriver.h"
+
+#include <errno.h>
+#include <poll.h>
+#include <pthread.h>
+#include <sched.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#define GD_BENCH_STALL_NS 10000000000ull /* no completion for this long: give up */
+#define GD_BENCH_POLL_MS 100             /* sleep slice, so stalls are noticed */
+
+struct bench_queue {
+    uint32_t qi;
+    uint32_t nfree;
+    uint32_t *free_slots;   /* slots (buffers) not in flight */
+    uint32_t *slot_of_head; /* by head: the slot it carries */
+    uint64_t *t_of_head;    /* by head: submit time */
+    uint64_t *buf;          /* by slot: data buffer GPA */
+};
+
+struct bench {
+    struct gd_driver *d;
+    const struct gd_bench_params *p;
+    struct gd_bench_result *r;
+    struct bench_queue *q;
+    uint32_t nq;
+    bool indirect;
+    uint64_t rng, cursor, nblocks, warm_end, last_done;
+};
+
+static uint64_t mono_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+static uint64_t xorshift64s(uint64_t *x)
+{
+    *x ^= *x >> 12;
+    *x ^= *x << 25;
+    *x ^= *x >> 27;
+    return *x * 0x2545F4914F6CDD1Dull;
+}
+
+static uint64_t bench_next_sector(struct bench *b)
+{
+    uint64_t blk;
+    if (b->p->random) {
+        blk = xorshift64s(&b->rng) % b->nblocks;
+    } else {
+        blk = b->cursor;
+        b->cursor = blk + 1 == b->nblocks ? 0 : blk + 1;
+    }
+    return blk * (b->p->block_size / 512);
+}
+
+/* Submits every free slot, publishes once, kicks at most once. */
+static int bench_fill(struct bench *b, struct bench_queue *bq, uint64_t now)
+{
+    if (!bq->nfree)
+        return 0;
+    while (bq->nfree) {
+        uint32_t slot = bq->free_slots[bq->nfree - 1];
+        struct gd_seg seg = { bq->buf[slot], b->p->block_size };
+        struct gd_req req = { .type = b->p->type, .sector = bench_next_sector(b), .segs = &seg,
+                              .nsegs = 1, .indirect = b->indirect };
+        uint16_t head;
+        int rc = gd_request_add(b->d, bq->qi, &req, &head);
+        if (rc < 0)
+            return rc; /* cannot happen: depth was checked against the ring */
+        bq->nfree--;
+        bq->slot_of_head[head] = slot;
+        bq->t_of_head[head] = now;
+    }
+    gd_avail_publish(b->d, bq->qi);
+    int rc = gd_kick_if_needed(b->d, bq->qi);
+    if (rc < 0)
+        return rc;
+    b->r->kicks += (uint64_t)rc;
+    return 0;
+}
+
+/* Pops everything the device has pushed; returns how many. Nothing is
+ * resubmitted here, so a request cannot complete within its own batch. */
+static int bench_reap(struct bench *b, struct bench_queue *bq, uint32_t qpos)
+{
+    struct gd_bench_result *r = b->r;
+    uint64_t now = 0;
+    int n = 0;
+    for (;;) {
+        uint16_t head;
+        uint8_t status;
+        int rc = gd_complete(b->d, bq->qi, &head, NULL, &status);
+        if (rc <= 0)
+            return rc < 0 ? rc : n;
+        if (!n++)
+            now = mono_ns(); /* after the first pop: never earlier than the completion */
+        if (status != GD_BLK_S_OK)
+            r->errors++;
+        if (now >= b->warm_end) {
+            uint64_t lat = now - bq->t_of_head[head];
+            r->ops++;
+            r->bytes += b->p->block_size;
+            r->hist[gd_hist_bucket(lat)]++;
+            if (qpos < 16)
+                r->per_queue_ops[qpos]++;
+            b->last_done = now;
+        }
+        bq->free_slots[bq->nfree++] = bq->slot_of_head[head];
+    }
+}
+
+/* Enables calls on every queue and sleeps on all call fds, unless something
+ * landed meanwhile (the re-check virtqueue_enable_cb asks for). */
+static int bench_wait(struct bench *b, struct pollfd *pfds)
+{
+    bool pending = false;
+    for (uint32_t i = 0; i < b->nq; i++)
+        pending |= gd_enable_calls(b->d, b->q[i].qi) > 0;
+    if (!pending) {
+        int n = poll(pfds, b->nq, GD_BENCH_POLL_MS);
+        if (n < 0 && errno != EINTR)
+            return -errno;
+        b->r->waits++;
+        for (uint32_t i = 0; n > 0 && i < b->nq; i++) {
+            uint64_t v;
+            if ((pfds[i].revents & POLLIN) && read(pfds[i].fd, &v, sizeof(v)) < 0 && errno != EAGAIN)
+                return -errno;
+        }
+    }
+    for (uint32_t i = 0; i < b->nq; i++)
+        gd_disable_calls(b->d, b->q[i].qi);
+    return 0;
+}
+
+static int bench_loop(struct bench *b, struct pollfd *pfds)
+{
+    const struct gd_bench_params *p = b->p;
+    uint64_t t0 = mono_ns(), stop = t0 + p->duration_ns, last_progress = t0;
+    b->warm_end = t0 + p->warmup_ns;
+    b->last_done = b->warm_end;
+    for (uint32_t i = 0; i < b->nq; i++) {
+        int rc = bench_fill(b, &b->q[i], t0);
+        if (rc < 0)
+            return rc;
+    }
+    for (;;) {
+        int popped = 0;
+        for (uint32_t i = 0; i < b->nq; i++) {
+            int rc = bench_reap(b, &b->q[i], i);
+            if (rc < 0)
+                return rc;
+            popped += rc;
+        }
+        uint64_t now = mono_ns(), in_flight = 0;
+        for (uint32_t i = 0; i < b->nq; i++) {
+            if (now < stop) {
+                int rc = bench_fill(b, &b->q[i], now);
+                if (rc < 0)
+                    return rc;
+            }
+            in_flight += gd_in_flight(b->d, b->q[i].qi);
+        }
+        if (!in_flight)
+            return 0; /* stopped and drained */
+        if (popped) {
+            last_progress = now;
+            continue;
+        }
+        if (now - last_progress > GD_BENCH_STALL_NS)
+            return -ETIMEDOUT;
+        if (!p->busy_poll) {
+            int rc = bench_wait(b, pfds);
+            if (rc < 0)
+                return rc;
+        }
+    }
+}
+
+static int bench_setup(struct bench *b, struct pollfd *pfds)
+{
+    const struct gd_bench_params *p = b->p;
+    struct dp_queue_config qc;
+    gd_queue_config(b->d, p->first_queue, &qc);
+    uint32_t size = qc.size;
+    b->indirect = 3ull * p->depth > size; /* header, data, status per direct chain */
+    for (uint32_t i = 0; i < b->nq; i++) {
+        struct bench_queue *bq = &b->q[i];
+        bq->qi = p->first_queue + i;
+        gd_queue_config(b->d, bq->qi, &qc);
+        if (qc.size != size || gd_in_flight(b->d, bq->qi))
+            return qc.size != size ? -EINVAL : -EBUSY;
+        pfds[i] = (struct pollfd){ .fd = qc.call_fd, .events = POLLIN };
+        bq->free_slots = malloc(p->depth * sizeof(*bq->free_slots));
+        bq->buf = malloc(p->depth * sizeof(*bq->buf));
+        bq->slot_of_head = calloc(size, sizeof(*bq->slot_of_head));
+        bq->t_of_head = calloc(size, sizeof(*bq->t_of_head));
+        if (!bq->free_slots || !bq->buf || !bq->slot_of_head || !bq->t_of_head)
+            return -ENOMEM;
+        for (uint32_t s = 0; s < p->depth; s++) {
+            bq->buf[s] = gd_alloc(b->d, p->block_size, 4096);
+            if (!bq->buf[s])
+                return -ENOMEM;
+            bq->free_slots[bq->nfree++] = p->depth - 1 - s; /* slot 0 goes out first */
+        }
+        gd_disable_calls(b->d, bq->qi); /* busy-poll never wants them; blocking enables before sleeping */
+    }
+    return 0;
+}
+
+int gd_bench_run(struct gd_driver *d, const struct gd_bench_params *p, struct gd_bench_result *r)
+{
+    if (!d || !p || !r || !p->num_queues || !p->depth || p->first_queue > UINT32_MAX - p->num_queues ||
+        (p->type != GD_BLK_T_IN && p->type != GD_BLK_T_OUT) || !p->block_size || p->block_size % 512 ||
+        p->capacity_sectors < p->block_size / 512)
+        return -EINVAL;
+    struct dp_queue_config qc;
+    gd_queue_config(d, p->first_queue + p->num_queues - 1, &qc);
+    if (!qc.size || p->depth > qc.size) /* the last queue exists, and one head per request */
+        return -EINVAL;
+    memset(r, 0, sizeof(*r));
+
+    cpu_set_t old_set;
+    bool pinned = false;
+    if (p->cpu >= 0) {
+        if (p->cpu >= CPU_SETSIZE)
+            return -EINVAL;
+        cpu_set_t set;
+        CPU_ZERO(&set);
+        CPU_SET(p->cpu, &set);
+        int err = pthread_getaffinity_np(pthread_self(), sizeof(old_set), &old_set);
+        if (!err)
+            err = pthread_setaffinity_np(pthread_self(), sizeof(set), &set);
+        if (err)
+            return -err;
+        pinned = true;
+    }
+
+    struct bench b = {
+        .d = d, .p = p, .r = r, .nq = p->num_queues,
+        .rng = p->seed ? p->seed : 0x9E3779B97F4A7C15ull,
+        .nblocks = p->capacity_sectors / (p->block_size / 512),
+    };
+    uint64_t mark = gd_alloc_mark(d);
+    struct pollfd *pfds = calloc(b.nq, sizeof(*pfds));
+    b.q = calloc(b.nq, sizeof(*b.q));
+    int rc = pfds && b.q ? bench_setup(&b, pfds) : -ENOMEM;
+    if (rc == 0)
+        rc = bench_loop(&b, pfds);
+    if (rc == 0)
+        r->elapsed_ns = b.last_done - b.warm_end;
+
+    uint64_t in_flight = 0;
+    for (uint32_t i = 0; b.q && i < b.nq; i++) {
+        struct bench_queue *bq = &b.q[i];
+        gd_enable_calls(d, p->first_queue + i); /* back to the driver's default */
+        in_flight += gd_in_flight(d, p->first_queue + i);
+        free(bq->free_slots);
+        free(bq->buf);
+        free(bq->slot_of_head);
+        free(bq->t_of_head);
+    }
+    free(b.q);
+    free(pfds);
+    /* After an error requests may still be in flight; keep their buffers then. */
+    if (!in_flight)
+        gd_alloc_reset(d, mark);
+    if (pinned)
+        pthread_setaffinity_np(pthread_self(), sizeof(old_set), &old_set);
+    return rc;
+}
+
+uint32_t gd_hist_bucket(uint64_t ns)
+{
+    if (ns < 16)
+        return (uint32_t)ns;
+    uint32_t e = 63 - (uint32_t)__builtin_clzll(ns); /* >= 4 */
+    return (e - 3) * 16 + (uint32_t)((ns >> (e - 4)) & 15);
+}
+
+uint64_t gd_hist_percentile(const uint64_t *hist, double pct)
+{
+    uint64_t total = 0;
+    for (uint32_t i = 0; i < GD_HIST_BUCKETS; i++)
+        total += hist[i];
+    if (!total)
+        return 0;
+    pct = pct < 0 ? 0 : pct > 100 ? 100 : pct;
+    double exact = pct / 100.0 * (double)total;
+    uint64_t want = (uint64_t)exact;
+    if ((double)want < exact || want == 0)
+        want++; /* the smallest count covering pct of the samples */
+    uint64_t seen = 0;
+    uint32_t i = 0;
+    for (; i < GD_HIST_BUCKETS - 1; i++) {
+        seen += hist[i];
+        if (seen >= want)
+            break;
+    }
+    if (i < 16)
+        return i;
+    if (i > gd_hist_bucket(UINT64_MAX))
+        i = gd_hist_bucket(UINT64_MAX); /* no latency lands above it */
+    uint32_t e = i / 16 + 3, sub = i % 16;
+    uint64_t lo = (16ull + sub) << (e - 4), width = 1ull << (e - 4);
+    return lo + width / 2;
+}

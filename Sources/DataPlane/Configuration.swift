@@ -1,0 +1,359 @@
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Musl)
+import Musl
+#elseif canImport(Darwin)
+import Darwin
+#endif
+
+// MARK: - CPUSet
+
+/// A non-empty set of CPU numbers, written like `taskset -c` or a libvirt
+/// cpuset: comma-separated CPU numbers and inclusive ranges, e.g. `"0-3,8"`.
+///
+/// Whitespace around entries and numbers is ignored (`" 1 , 3 "`). CPU numbers
+/// are 0...4095.
+public struct CPUSet: Sendable, Hashable, CustomStringConvertible {
+    /// The highest CPU number accepted.
+    static let maxCPU: Int32 = 4095
+
+    /// The CPUs, sorted ascending, without duplicates; never empty.
+    public let cpus: [Int32]
+
+    /// Builds a set from CPUs that are already known to be valid, sorted and unique.
+    init(sortedUnique cpus: [Int32]) {
+        self.cpus = cpus
+    }
+
+    /// Parses a CPU list such as `"5,6"`, `"0-3,8"` or `" 1 , 3 "`.
+    ///
+    /// - Throws: ``ConfigurationError/invalidCPUSet(input:reason:)`` when the
+    ///   text is empty, an entry is not a CPU number or an ascending range
+    ///   `low-high`, a number is negative, or a CPU is above 4095.
+    public init(parsing text: String) throws(ConfigurationError) {
+        func fail(_ reason: String) -> ConfigurationError {
+            .invalidCPUSet(input: text, reason: reason)
+        }
+        let usage = "expected CPU numbers and ranges such as \"0-3,8\""
+        if Self.trimmed(Substring(text)).isEmpty {
+            throw fail("it is empty; \(usage)")
+        }
+        var seen = Set<Int32>()
+        for rawEntry in text.split(separator: ",", omittingEmptySubsequences: false) {
+            let entry = Self.trimmed(rawEntry)
+            if entry.isEmpty {
+                throw fail("it has an empty entry; \(usage)")
+            }
+            let quoted = String(entry).debugDescription
+            if entry.first == "-" {
+                if Self.isDigits(Self.trimmed(entry.dropFirst())) {
+                    throw fail("CPU numbers cannot be negative (\(quoted)); \(usage)")
+                }
+                throw fail("\(quoted) is not a CPU number or range; \(usage)")
+            }
+            let bounds = entry.split(separator: "-", omittingEmptySubsequences: false)
+            switch bounds.count {
+            case 1:
+                let cpu = try Self.number(bounds[0], entry: quoted, usage: usage, fail: fail)
+                seen.insert(cpu)
+            case 2:
+                let lowText = Self.trimmed(bounds[0])
+                let highText = Self.trimmed(bounds[1])
+                if highText.isEmpty {
+                    throw fail("range \(quoted) has no upper bound; \(usage)")
+                }
+                let low = try Self.number(lowText, entry: quoted, usage: usage, fail: fail)
+                let high = try Self.number(highText, entry: quoted, usage: usage, fail: fail)
+                if low > high {
+                    throw fail("range \(quoted) is reversed; write it as \"\(high)-\(low)\"")
+                }
+                for cpu in low...high {
+                    seen.insert(cpu)
+                }
+            default:
+                throw fail("\(quoted) is not a CPU number or range; \(usage)")
+            }
+        }
+        self.cpus = seen.sorted()
+    }
+
+    /// The compact form in taskset style: runs of three or more CPUs become
+    /// ranges, e.g. `"0-3,8"`; a run of two is written `"5,6"`.
+    public var description: String {
+        var parts: [String] = []
+        var index = 0
+        while index < cpus.count {
+            var end = index
+            while end + 1 < cpus.count, cpus[end + 1] == cpus[end] + 1 {
+                end += 1
+            }
+            switch end - index {
+            case 0: parts.append("\(cpus[index])")
+            case 1: parts.append("\(cpus[index]),\(cpus[end])")
+            default: parts.append("\(cpus[index])-\(cpus[end])")
+            }
+            index = end + 1
+        }
+        return parts.joined(separator: ",")
+    }
+
+    /// Checks that every CPU of this set is online.
+    ///
+    /// - Parameter online: The online CPUs; when `nil`, they are read with ``online(from:)``.
+    /// - Throws: ``ConfigurationError/cpusNotOnline(missing:online:)`` naming
+    ///   exactly the CPUs that are not online, or
+    ///   ``ConfigurationError/unreadableOnlineCPUs(_:)`` if the online CPUs
+    ///   cannot be read.
+    public func validateOnline(_ online: CPUSet? = nil) throws(ConfigurationError) {
+        let onlineSet: CPUSet
+        if let online {
+            onlineSet = online
+        } else {
+            onlineSet = try CPUSet.online()
+        }
+        let available = Set(onlineSet.cpus)
+        let missing = cpus.filter { !available.contains($0) }
+        if !missing.isEmpty {
+            throw .cpusNotOnline(missing: CPUSet(sortedUnique: missing), online: onlineSet)
+        }
+    }
+
+    /// Reads the online CPUs of this machine.
+    ///
+    /// - Parameter path: A file holding a CPU list; by default the kernel's
+    ///   `/sys/devices/system/cpu/online`. A cgroup's `cpuset.cpus.effective`
+    ///   has the same syntax.
+    /// - Throws: ``ConfigurationError/unreadableOnlineCPUs(_:)`` if the file
+    ///   cannot be read or does not hold a valid, non-empty CPU list.
+    public static func online(
+        from path: String = "/sys/devices/system/cpu/online"
+    ) throws(ConfigurationError) -> CPUSet {
+        let text = try readSmallFile(path)
+        do {
+            return try CPUSet(parsing: text)
+        } catch {
+            throw .unreadableOnlineCPUs("\(path): \(error)")
+        }
+    }
+
+    // MARK: Helpers
+
+    private static func trimmed(_ text: Substring) -> Substring {
+        var result = text
+        while let first = result.first, first.isWhitespace { result.removeFirst() }
+        while let last = result.last, last.isWhitespace { result.removeLast() }
+        return result
+    }
+
+    private static func isDigits(_ text: Substring) -> Bool {
+        !text.isEmpty && text.utf8.allSatisfy { $0 >= UInt8(ascii: "0") && $0 <= UInt8(ascii: "9") }
+    }
+
+    private static func number(
+        _ raw: Substring,
+        entry: String,
+        usage: String,
+        fail: (String) -> ConfigurationError
+    ) throws(ConfigurationError) -> Int32 {
+        let text = trimmed(raw)
+        if text.first == "-", isDigits(text.dropFirst()) {
+            throw fail("CPU numbers cannot be negative (\(entry)); \(usage)")
+        }
+        guard isDigits(text) else {
+            throw fail("\(entry) is not a CPU number or range; \(usage)")
+        }
+        var value: Int64 = 0
+        for byte in text.utf8 {
+            value = value * 10 + Int64(byte - UInt8(ascii: "0"))
+            if value > Int64(maxCPU) {
+                throw fail("CPU \(text) is above the maximum CPU number \(maxCPU)")
+            }
+        }
+        return Int32(value)
+    }
+
+    /// Reads a small text file (at most 64 KiB) such as a sysfs attribute.
+    private static func readSmallFile(_ path: String) throws(ConfigurationError) -> String {
+        let fd = open(path, O_RDONLY)
+        if fd < 0 {
+            throw .unreadableOnlineCPUs("cannot open \(path): \(errorText(errno))")
+        }
+        defer { close(fd) }
+        var bytes: [UInt8] = []
+        var chunk = [UInt8](repeating: 0, count: 4096)
+        while bytes.count < 65536 {
+            let count = chunk.withUnsafeMutableBytes { read(fd, $0.baseAddress, $0.count) }
+            if count < 0 {
+                let code = errno
+                if code == EINTR { continue }
+                throw .unreadableOnlineCPUs("cannot read \(path): \(errorText(code))")
+            }
+            if count == 0 { break }
+            bytes.append(contentsOf: chunk[0..<count])
+        }
+        return String(decoding: bytes, as: UTF8.self)
+    }
+
+    private static func errorText(_ code: Int32) -> String {
+        guard let message = strerror(code) else { return "error \(code)" }
+        return String(cString: message)
+    }
+}
+
+// MARK: - Disk
+
+/// Where a disk's data lives.
+public enum BackendKind: String, Sendable {
+    /// An image file or block device, accessed through io_uring.
+    case file
+    /// No storage: reads return zeros and writes are discarded.
+    case null
+}
+
+/// One virtio-blk disk.
+///
+/// Build it with the defaults you need, then call ``validate()`` before use.
+public struct DiskConfiguration: Sendable, Equatable {
+    /// The longest serial, in bytes, that virtio-blk's GET_ID can return.
+    static let maxSerialBytes = 20
+    /// The most virtqueues a disk may have.
+    static let maxQueues = 64
+
+    /// The image file or block device; ignored by the null backend.
+    public var path: String
+    /// Where the data lives.
+    public var backend: BackendKind
+    /// Whether the guest sees a read-only disk.
+    public var readOnly: Bool
+    /// Whether the file is opened with `O_DIRECT`, bypassing the host page cache.
+    public var directIO: Bool
+    /// The serial the guest sees: at most 20 bytes of printable ASCII.
+    public var serial: String
+    /// The logical block size in bytes: a power of two in 512...65536.
+    public var logicalBlockSize: UInt32
+    /// The number of virtqueues: 1...64.
+    public var numQueues: Int
+    /// The number of descriptors per virtqueue: a power of two in 1...32768.
+    public var queueSize: Int
+    /// The capacity of a null-backend disk in bytes: a non-zero multiple of
+    /// ``logicalBlockSize``. Ignored by the file backend.
+    public var nullSizeBytes: UInt64
+
+    /// Creates a disk configuration; nothing is checked until ``validate()``.
+    ///
+    /// - Parameter serial: The serial; when `nil`, it is the path's file name
+    ///   with non-printable and non-ASCII characters removed, cut to 20 bytes.
+    ///   It is not updated if ``path`` changes later.
+    public init(
+        path: String,
+        backend: BackendKind = .file,
+        readOnly: Bool = false,
+        directIO: Bool = true,
+        serial: String? = nil,
+        logicalBlockSize: UInt32 = 512,
+        numQueues: Int = 1,
+        queueSize: Int = 256,
+        nullSizeBytes: UInt64 = 1 << 30
+    ) {
+        self.path = path
+        self.backend = backend
+        self.readOnly = readOnly
+        self.directIO = directIO
+        self.serial = serial ?? Self.defaultSerial(forPath: path)
+        self.logicalBlockSize = logicalBlockSize
+        self.numQueues = numQueues
+        self.queueSize = queueSize
+        self.nullSizeBytes = nullSizeBytes
+    }
+
+    /// Checks every field, in declaration order, and throws the first problem found.
+    ///
+    /// The path must be non-empty for the file backend; ``nullSizeBytes`` is
+    /// checked only for the null backend.
+    public func validate() throws(ConfigurationError) {
+        if backend == .file, path.isEmpty {
+            throw .missingPath
+        }
+        let serialBytes = serial.utf8.count
+        if serialBytes > Self.maxSerialBytes {
+            throw .invalidSerial(serial, reason: "it is \(serialBytes) bytes long")
+        }
+        if !serial.utf8.allSatisfy(Self.isPrintableASCII) {
+            throw .invalidSerial(serial, reason: "it contains a non-printable or non-ASCII character")
+        }
+        if !(512...65536).contains(logicalBlockSize) || logicalBlockSize.nonzeroBitCount != 1 {
+            throw .invalidBlockSize(logicalBlockSize)
+        }
+        if !(1...Self.maxQueues).contains(numQueues) {
+            throw .invalidQueueCount(numQueues)
+        }
+        if !(1...32768).contains(queueSize) || queueSize.nonzeroBitCount != 1 {
+            throw .invalidQueueSize(queueSize)
+        }
+        if backend == .null,
+            nullSizeBytes == 0 || !nullSizeBytes.isMultiple(of: UInt64(logicalBlockSize))
+        {
+            throw .invalidNullSize(nullSizeBytes, logicalBlockSize: logicalBlockSize)
+        }
+    }
+
+    static func isPrintableASCII(_ byte: UInt8) -> Bool {
+        (0x20...0x7E).contains(byte)
+    }
+
+    static func defaultSerial(forPath path: String) -> String {
+        let name = path.split(separator: "/").last ?? ""
+        let bytes = name.utf8.filter(isPrintableASCII).prefix(maxSerialBytes)
+        return String(decoding: bytes, as: UTF8.self)
+    }
+}
+
+// MARK: - IOThread
+
+/// One IOThread: an event loop pinned to a set of CPUs that serves virtqueues.
+public struct IOThreadConfiguration: Sendable, Equatable {
+    /// The longest thread name Linux accepts (16 bytes with the terminating NUL).
+    static let maxNameBytes = 15
+    /// The longest busy-poll window, in microseconds.
+    static let maxPollMicroseconds: UInt32 = 1_000_000
+
+    /// The thread's name: 1 to 15 bytes, shown by `top -H` and `ps -L`.
+    public var name: String
+    /// The CPUs the thread is pinned to.
+    public var cpuset: CPUSet
+    /// How long the loop busy-polls for work before sleeping, in microseconds;
+    /// 0 disables busy polling, at most 1_000_000.
+    public var pollMaxMicroseconds: UInt32
+    /// The io_uring submission queue size: a power of two in 8...32768.
+    public var ringEntries: UInt32
+
+    /// Creates an IOThread configuration; nothing is checked until ``validate(online:)``.
+    public init(
+        name: String,
+        cpuset: CPUSet,
+        pollMaxMicroseconds: UInt32 = 32,
+        ringEntries: UInt32 = 256
+    ) {
+        self.name = name
+        self.cpuset = cpuset
+        self.pollMaxMicroseconds = pollMaxMicroseconds
+        self.ringEntries = ringEntries
+    }
+
+    /// Checks the name, poll window and ring size, then that the CPU set is online.
+    ///
+    /// - Parameter online: The online CPUs; when `nil`, they are read from
+    ///   `/sys/devices/system/cpu/online`.
+    public func validate(online: CPUSet? = nil) throws(ConfigurationError) {
+        if name.isEmpty || name.utf8.count > Self.maxNameBytes || name.utf8.contains(0) {
+            throw .invalidThreadName(name)
+        }
+        if pollMaxMicroseconds > Self.maxPollMicroseconds {
+            throw .invalidPollWindow(pollMaxMicroseconds)
+        }
+        if !(8...32768).contains(ringEntries) || ringEntries.nonzeroBitCount != 1 {
+            throw .invalidRingEntries(ringEntries)
+        }
+        try cpuset.validateOnline(online)
+    }
+}

@@ -1,0 +1,192 @@
+import Synchronization
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Musl)
+import Musl
+#endif
+
+/// The data plane: IOThreads, the disks they serve and the running
+/// virtqueues. Queues go to IOThreads round-robin unless a disk names its
+/// threads. Safe to use from any thread; nothing here runs per request.
+///
+/// ```swift
+/// let plane = try DataPlane(iothreads: [IOThreadConfiguration(name: "io0", cpuset: CPUSet(parsing: "1"))])
+/// let disk = try plane.addDisk(DiskConfiguration(path: "/var/lib/images/vm.raw"))
+/// let queue = try plane.startQueue(disk: disk, index: 0, memory: memory, configuration: rings)
+/// ...
+/// plane.stop()   // every in-flight request completes first
+/// ```
+public final class DataPlane: Sendable {
+    private struct DiskEntry {
+        var disk: Disk
+        var ordinal: Int
+        var threadIndices: [Int]?
+        var queues: [Int: Virtqueue] = [:]
+    }
+
+    private struct State {
+        var disks: [ObjectIdentifier: DiskEntry] = [:]
+        var nextOrdinal = 0
+        var stopped = false
+    }
+
+    /// The IOThreads, in configuration order.
+    public let threads: [IOThread]
+    private let state = Mutex<State>(State())
+
+    /// Starts one pinned IOThread per configuration.
+    public init(iothreads: [IOThreadConfiguration]) throws(DataPlaneError) {
+        guard !iothreads.isEmpty else {
+            throw .configuration(.invalidThreadName("(no IOThreads configured; give at least one)"))
+        }
+        var started: [IOThread] = []
+        for config in iothreads {
+            do {
+                started.append(try IOThread(config))
+            } catch {
+                started.forEach { $0.stop() }
+                throw error
+            }
+        }
+        threads = started
+    }
+
+    /// Opens a disk. `iothreads` optionally names the threads (indices into
+    /// `threads`) its queues go to, queue i to `iothreads[i % count]`.
+    public func addDisk(_ configuration: DiskConfiguration, iothreads: [Int]? = nil) throws(DataPlaneError) -> Disk {
+        if let indices = iothreads {
+            if indices.isEmpty {
+                throw .notFound("an empty IOThread list for disk \(configuration.path.debugDescription)")
+            }
+            if let bad = indices.first(where: { $0 < 0 || $0 >= threads.count }) {
+                throw .notFound("IOThread \(bad) (there are \(threads.count))")
+            }
+        }
+        let disk = try Disk(configuration)
+        let added: Bool = state.withLock { state in
+            guard !state.stopped else { return false }
+            state.disks[ObjectIdentifier(disk)] = DiskEntry(disk: disk, ordinal: state.nextOrdinal, threadIndices: iothreads)
+            state.nextOrdinal += 1
+            return true
+        }
+        if !added { throw .stopped }
+        return disk
+    }
+
+    /// The IOThread a disk's queue goes to.
+    public func thread(for disk: Disk, queue index: Int) throws(DataPlaneError) -> IOThread {
+        let entry = state.withLock { $0.disks[ObjectIdentifier(disk)] }
+        guard let entry else { throw .notFound("disk \(disk.name.debugDescription)") }
+        if let indices = entry.threadIndices {
+            return threads[indices[index % indices.count]]
+        }
+        return threads[(entry.ordinal + index) % threads.count]
+    }
+
+    /// Starts serving a virtqueue of a disk. A queue already running at that
+    /// index is stopped first.
+    @discardableResult
+    public func startQueue(disk: Disk, index: Int, memory: GuestMemory,
+                           configuration: VirtqueueConfiguration) throws(DataPlaneError) -> Virtqueue {
+        guard index >= 0 && index < disk.configuration.numQueues else {
+            throw .notFound("queue \(index) of disk \(disk.name.debugDescription) (it has \(disk.configuration.numQueues))")
+        }
+        _ = stopQueue(disk: disk, index: index)
+        let thread = try thread(for: disk, queue: index)
+        let queue = try Virtqueue(disk: disk, index: index, thread: thread, memory: memory, configuration: configuration)
+        let kept: Bool = state.withLock { state in
+            guard !state.stopped, state.disks[ObjectIdentifier(disk)] != nil else { return false }
+            state.disks[ObjectIdentifier(disk)]?.queues[index] = queue
+            return true
+        }
+        if !kept {
+            queue.stop()
+            throw .stopped
+        }
+        return queue
+    }
+
+    /// Stops a queue after its in-flight requests complete; returns the avail
+    /// index where it stopped, or nil when no such queue runs.
+    @discardableResult
+    public func stopQueue(disk: Disk, index: Int) -> UInt16? {
+        let queue = state.withLock { $0.disks[ObjectIdentifier(disk)]?.queues.removeValue(forKey: index) }
+        return queue?.stop()
+    }
+
+    /// Removes a disk, stopping its queues first.
+    public func removeDisk(_ disk: Disk) {
+        let entry = state.withLock { $0.disks.removeValue(forKey: ObjectIdentifier(disk)) }
+        entry?.queues.values.forEach { $0.stop() }
+    }
+
+    /// Pauses every queue of a disk: no new requests are taken, in-flight ones complete.
+    public func pause(disk: Disk) throws(DataPlaneError) {
+        for queue in queues(of: disk) { try queue.pause() }
+    }
+
+    /// Resumes a paused disk.
+    public func resume(disk: Disk) throws(DataPlaneError) {
+        for queue in queues(of: disk) { try queue.resume() }
+    }
+
+    /// The running queues of a disk, by index.
+    public func queues(of disk: Disk) -> [Virtqueue] {
+        state.withLock { state in
+            (state.disks[ObjectIdentifier(disk)]?.queues ?? [:]).sorted { $0.key < $1.key }.map(\.value)
+        }
+    }
+
+    /// The disks, in the order they were added.
+    public var disks: [Disk] {
+        state.withLock { state in state.disks.values.sorted { $0.ordinal < $1.ordinal }.map(\.disk) }
+    }
+
+    /// Counters of every thread, queue and disk at one moment.
+    public func statistics() -> Snapshot {
+        let entries = state.withLock { state in state.disks.values.sorted { $0.ordinal < $1.ordinal } }
+        var queueStats: [QueueStatistics] = []
+        var diskStats: [QueueStatistics] = []
+        for entry in entries {
+            let perQueue = entry.queues.sorted { $0.key < $1.key }.map { $0.value.statistics() }
+            queueStats += perQueue
+            diskStats.append(QueueStatistics.sum(perQueue, disk: entry.disk.name, thread: "*"))
+        }
+        return Snapshot(
+            monotonicNanoseconds: Self.monotonicNanoseconds(),
+            threads: threads.map { $0.statistics() },
+            queues: queueStats,
+            disks: diskStats)
+    }
+
+    /// Stops every queue (each drains its in-flight requests) and every thread.
+    public func stop() {
+        let entries: [DiskEntry] = state.withLock { state in
+            state.stopped = true
+            defer { state.disks.removeAll() }
+            return Array(state.disks.values)
+        }
+        for entry in entries { entry.queues.values.forEach { $0.stop() } }
+        threads.forEach { $0.stop() }
+    }
+
+    /// All counters at one moment; subtract two snapshots for rates.
+    public struct Snapshot: Sendable {
+        public var monotonicNanoseconds: UInt64
+        public var threads: [IOThreadStatistics]
+        public var queues: [QueueStatistics]
+        /// One entry per disk: the sum of its queues.
+        public var disks: [QueueStatistics]
+
+        /// The queues an IOThread serves, summed.
+        public func thread(_ name: String) -> QueueStatistics {
+            QueueStatistics.sum(queues.filter { $0.thread == name }, disk: "*", thread: name)
+        }
+    }
+
+    static func monotonicNanoseconds() -> UInt64 {
+        var ts = timespec()
+        clock_gettime(CLOCK_MONOTONIC, &ts)
+        return UInt64(ts.tv_sec) * 1_000_000_000 + UInt64(ts.tv_nsec)
+    }
+}

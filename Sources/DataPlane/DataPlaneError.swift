@@ -1,0 +1,62 @@
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Musl)
+import Musl
+#endif
+
+/// What went wrong while starting, steering or stopping the data plane.
+/// Each case's `description` is a one-line message a user can act on.
+public enum DataPlaneError: Error, Equatable, CustomStringConvertible {
+    /// The configuration was rejected before anything started.
+    case configuration(ConfigurationError)
+    /// The image could not be opened.
+    case cannotOpen(path: String, errno: Int32)
+    /// The path is neither a regular file nor a block device, or its size is unusable.
+    case unusableImage(path: String, reason: String)
+    /// A system call failed.
+    case system(operation: String, errno: Int32)
+    /// The IOThread could not start.
+    case threadStart(name: String, errno: Int32)
+    /// A virtqueue was rejected (ring addresses, size, fds).
+    case queue(disk: String, index: Int, errno: Int32)
+    /// A request named a disk, queue or thread that does not exist.
+    case notFound(String)
+    /// The data plane was already stopped.
+    case stopped
+
+    public var description: String {
+        switch self {
+        case .configuration(let error):
+            return error.description
+        case .cannotOpen(let path, let err):
+            var hint = ""
+            if err == EACCES || err == EPERM { hint = " (check permissions, or use --readonly)" }
+            if err == EINVAL { hint = " (the filesystem may not support O_DIRECT: disable direct I/O)" }
+            if err == ENOENT { hint = " (no such file)" }
+            return "cannot open image \(path.debugDescription): \(Self.message(err))\(hint)"
+        case .unusableImage(let path, let reason):
+            return "cannot use image \(path.debugDescription): \(reason)"
+        case .system(let operation, let err):
+            return "\(operation) failed: \(Self.message(err))"
+        case .threadStart(let name, let err):
+            return "cannot start IOThread \(name.debugDescription): \(Self.message(err))"
+        case .queue(let disk, let index, let err):
+            let detail = err == EFAULT ? "ring addresses lie outside guest memory"
+                : err == EINVAL ? "invalid queue size or misaligned ring"
+                : Self.message(err)
+            return "cannot start queue \(index) of disk \(disk.debugDescription): \(detail)"
+        case .notFound(let what):
+            return "\(what) does not exist"
+        case .stopped:
+            return "the data plane is stopped"
+        }
+    }
+
+    /// strerror for an errno value, without the shared static buffer.
+    static func message(_ err: Int32) -> String {
+        var buffer = [CChar](repeating: 0, count: 256)
+        // Swift sees the XSI strerror_r: 0 on success, message in the buffer.
+        guard strerror_r(err, &buffer, buffer.count) == 0 else { return "errno \(err)" }
+        return String(decoding: buffer.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
+    }
+}

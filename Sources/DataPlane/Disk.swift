@@ -1,0 +1,94 @@
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Musl)
+import Musl
+#endif
+import CDataPlane
+
+/// An opened image (or the null backend) that virtqueues serve.
+/// Immutable once opened; queues on many IOThreads share it.
+public final class Disk: @unchecked Sendable {
+    let handle: OpaquePointer
+    /// The configuration the disk was opened with.
+    public let configuration: DiskConfiguration
+    /// Size in bytes, from the file or device (or the null backend's size).
+    public let capacityBytes: UInt64
+    /// Whether reads and writes bypass the page cache (O_DIRECT).
+    public let usesDirectIO: Bool
+    /// The alignment O_DIRECT wants of guest buffers; others go through a bounce buffer.
+    public let directIOAlignment: UInt32
+
+    /// A short name for logs and statistics: the image path, or "null".
+    public var name: String { configuration.backend == .null ? "null" : configuration.path }
+
+    /// Opens the image. Validates the configuration first.
+    public init(_ configuration: DiskConfiguration) throws(DataPlaneError) {
+        do { try configuration.validate() } catch { throw .configuration(error) }
+        self.configuration = configuration
+
+        var cConfig = dp_disk_config()
+        cConfig.logical_block_size = configuration.logicalBlockSize
+        cConfig.read_only = configuration.readOnly
+        withUnsafeMutableBytes(of: &cConfig.serial) { serial in
+            for (i, byte) in configuration.serial.utf8.prefix(Int(DP_SERIAL_LEN)).enumerated() {
+                serial[i] = byte
+            }
+        }
+        var fd: Int32 = -1
+        defer { if fd >= 0 { close(fd) } }
+
+        switch configuration.backend {
+        case .null:
+            cConfig.backend = Int32(DP_BACKEND_NULL.rawValue)
+            cConfig.fd = -1
+            cConfig.null_read_zeroes = true
+            cConfig.capacity_sectors = configuration.nullSizeBytes / 512
+            capacityBytes = configuration.nullSizeBytes
+            usesDirectIO = false
+            directIOAlignment = 0
+        case .file:
+            let path = configuration.path
+            fd = dp_open_image(path, configuration.readOnly, configuration.directIO)
+            if fd < 0 { throw .cannotOpen(path: path, errno: -fd) }
+            var size: UInt64 = 0
+            var deviceBlockSize: UInt32 = 512
+            var alignment: UInt32 = 512
+            let ret = dp_fd_probe(fd, &size, &deviceBlockSize, &alignment)
+            if ret == -EINVAL {
+                throw .unusableImage(path: path, reason: "not a regular file or block device")
+            }
+            if ret < 0 { throw .system(operation: "probing \(path)", errno: -ret) }
+            let blockSize = UInt64(configuration.logicalBlockSize)
+            if size == 0 {
+                throw .unusableImage(path: path, reason: "it is empty (create it first, e.g. truncate -s 1G \(path))")
+            }
+            if size % blockSize != 0 {
+                throw .unusableImage(
+                    path: path,
+                    reason: "its size \(size) is not a multiple of the \(blockSize)-byte logical block size")
+            }
+            if configuration.logicalBlockSize < deviceBlockSize {
+                throw .unusableImage(
+                    path: path,
+                    reason: "the device's logical block size is \(deviceBlockSize); use at least that")
+            }
+            cConfig.backend = Int32(DP_BACKEND_FILE.rawValue)
+            cConfig.fd = fd
+            cConfig.capacity_sectors = size / 512
+            cConfig.mem_align = configuration.directIO ? max(alignment, 512) : 0
+            capacityBytes = size
+            usesDirectIO = configuration.directIO
+            directIOAlignment = cConfig.mem_align
+        }
+        var disk: OpaquePointer?
+        let ret = dp_disk_create(&cConfig, &disk)
+        guard ret == 0, let disk else {
+            throw .system(operation: "setting up disk \(configuration.path)", errno: -ret)
+        }
+        handle = disk
+    }
+
+    deinit {
+        dp_disk_destroy(handle)
+    }
+}

@@ -1,0 +1,54 @@
+import CDataPlane
+
+/// A data-plane thread pinned to a cpuset, with its own io_uring, serving
+/// the virtqueues given to it.
+public final class IOThread: @unchecked Sendable {
+    // The C thread object is safe to use from any thread: it takes requests
+    // through its control mailbox and exposes counters as atomics.
+    let handle: OpaquePointer
+    /// The configuration it was started with.
+    public let configuration: IOThreadConfiguration
+
+    /// Validates the configuration, starts the thread and pins it.
+    public init(_ configuration: IOThreadConfiguration) throws(DataPlaneError) {
+        do { try configuration.validate() } catch { throw .configuration(error) }
+        self.configuration = configuration
+        var config = dp_iothread_config()
+        config.poll_max_ns = UInt64(configuration.pollMaxMicroseconds) * 1000
+        config.ring_entries = configuration.ringEntries
+        withUnsafeMutableBytes(of: &config.name) { name in
+            for (i, byte) in configuration.name.utf8.prefix(15).enumerated() { name[i] = byte }
+        }
+        var thread: OpaquePointer?
+        let cpus = configuration.cpuset.cpus
+        let ret = cpus.withUnsafeBufferPointer { buffer in
+            config.cpus = buffer.baseAddress
+            config.cpu_count = UInt32(buffer.count)
+            return dp_iothread_create(&config, &thread)
+        }
+        guard ret == 0, let thread else { throw .threadStart(name: configuration.name, errno: -ret) }
+        handle = thread
+    }
+
+    /// Drains every queue on the thread and stops it. Idempotent.
+    public func stop() {
+        dp_iothread_stop(handle)
+    }
+
+    /// The NUMA node its memory comes from, or nil when unknown.
+    public var numaNode: Int? {
+        let node = dp_iothread_numa_node(handle)
+        return node >= 0 ? Int(node) : nil
+    }
+
+    /// A snapshot of its counters, including its CPU time.
+    public func statistics() -> IOThreadStatistics {
+        var raw = dp_iothread_stats()
+        dp_iothread_get_stats(handle, &raw)
+        return IOThreadStatistics(raw, name: configuration.name)
+    }
+
+    deinit {
+        dp_iothread_destroy(handle)
+    }
+}

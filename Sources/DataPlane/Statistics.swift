@@ -1,0 +1,202 @@
+import CDataPlane
+
+/// A log2 histogram of request latencies: bucket i counts latencies in
+/// [2^i, 2^(i+1)) nanoseconds.
+public struct LatencyHistogram: Sendable, Equatable {
+    public var buckets: [UInt64]
+
+    public init(buckets: [UInt64] = Array(repeating: 0, count: Int(DP_LATENCY_BUCKETS))) {
+        self.buckets = buckets
+    }
+
+    public var count: UInt64 { buckets.reduce(0, &+) }
+
+    /// The latency below which `percent` of requests fall, in nanoseconds,
+    /// interpolated linearly inside the bucket; nil when empty.
+    public func percentile(_ percent: Double) -> Double? {
+        let total = count
+        guard total > 0 else { return nil }
+        let rank = max(1, (percent / 100 * Double(total)).rounded(.up))
+        var seen: Double = 0
+        for (i, n) in buckets.enumerated() where n > 0 {
+            if seen + Double(n) >= rank {
+                let low = Double(UInt64(1) << UInt64(i))
+                return low + low * (rank - seen) / Double(n)
+            }
+            seen += Double(n)
+        }
+        return nil
+    }
+
+    /// Counts added since `earlier`.
+    public func subtracting(_ earlier: LatencyHistogram) -> LatencyHistogram {
+        LatencyHistogram(buckets: zip(buckets, earlier.buckets).map { $0 &- $1 })
+    }
+
+    public func adding(_ other: LatencyHistogram) -> LatencyHistogram {
+        LatencyHistogram(buckets: zip(buckets, other.buckets).map { $0 &+ $1 })
+    }
+}
+
+/// Counters of one virtqueue (or a sum of several), read without locks.
+public struct QueueStatistics: Sendable, Equatable {
+    public var disk: String
+    public var queue: Int
+    public var thread: String
+    public var reads: UInt64 = 0
+    public var writes: UInt64 = 0
+    public var flushes: UInt64 = 0
+    public var getIDs: UInt64 = 0
+    public var discards: UInt64 = 0
+    public var writeZeroes: UInt64 = 0
+    public var otherRequests: UInt64 = 0
+    public var bytesRead: UInt64 = 0
+    public var bytesWritten: UInt64 = 0
+    /// Failures by kind: backend I/O errors, malformed requests, out-of-range
+    /// sectors, writes to a read-only disk, unsupported requests.
+    public var ioErrors: UInt64 = 0
+    public var badRequests: UInt64 = 0
+    public var rangeErrors: UInt64 = 0
+    public var readOnlyErrors: UInt64 = 0
+    public var unsupported: UInt64 = 0
+    public var inFlight: UInt64 = 0
+    public var batches: UInt64 = 0
+    public var batchHistogram: [UInt64] = []
+    /// Requests found by busy-polling versus kick wake-ups.
+    public var polled: UInt64 = 0
+    public var kicks: UInt64 = 0
+    public var notifies: UInt64 = 0
+    public var notifiesSuppressed: UInt64 = 0
+    public var bounces: UInt64 = 0
+    public var latency = LatencyHistogram()
+    /// Set once the guest corrupted the ring (DEVICE_NEEDS_RESET).
+    public var brokenReason: String?
+    public var lastAvailIndex: UInt16 = 0
+    public var usedIndex: UInt16 = 0
+
+    public var broken: Bool { brokenReason != nil }
+    public var requests: UInt64 { reads + writes + flushes + getIDs + discards + writeZeroes + otherRequests }
+    public var errors: UInt64 { ioErrors + badRequests + rangeErrors + readOnlyErrors + unsupported }
+
+    public init(disk: String, queue: Int, thread: String) {
+        self.disk = disk
+        self.queue = queue
+        self.thread = thread
+    }
+
+    init(_ raw: dp_queue_stats, disk: String, queue: Int, thread: String) {
+        self.init(disk: disk, queue: queue, thread: thread)
+        let ops = withUnsafeBytes(of: raw.ops) { Array($0.bindMemory(to: UInt64.self)) }
+        let errs = withUnsafeBytes(of: raw.errors) { Array($0.bindMemory(to: UInt64.self)) }
+        reads = ops[Int(DP_OP_READ.rawValue)]
+        writes = ops[Int(DP_OP_WRITE.rawValue)]
+        flushes = ops[Int(DP_OP_FLUSH.rawValue)]
+        getIDs = ops[Int(DP_OP_GET_ID.rawValue)]
+        discards = ops[Int(DP_OP_DISCARD.rawValue)]
+        writeZeroes = ops[Int(DP_OP_WRITE_ZEROES.rawValue)]
+        otherRequests = ops[Int(DP_OP_OTHER.rawValue)]
+        ioErrors = errs[Int(DP_ERR_IO.rawValue)]
+        badRequests = errs[Int(DP_ERR_BAD_REQUEST.rawValue)]
+        rangeErrors = errs[Int(DP_ERR_RANGE.rawValue)]
+        readOnlyErrors = errs[Int(DP_ERR_READ_ONLY.rawValue)]
+        unsupported = errs[Int(DP_ERR_UNSUPP.rawValue)]
+        bytesRead = raw.bytes_read
+        bytesWritten = raw.bytes_written
+        inFlight = raw.in_flight
+        batches = raw.batches
+        batchHistogram = withUnsafeBytes(of: raw.batch_hist) { Array($0.bindMemory(to: UInt64.self)) }
+        polled = raw.polls
+        kicks = raw.kicks
+        notifies = raw.notifies
+        notifiesSuppressed = raw.notifies_suppressed
+        bounces = raw.bounces
+        latency = LatencyHistogram(buckets: withUnsafeBytes(of: raw.latency_hist) { Array($0.bindMemory(to: UInt64.self)) })
+        if raw.broken != 0 {
+            brokenReason = String(cString: dp_ring_error_string(raw.broken_reason))
+        }
+        lastAvailIndex = raw.last_avail_idx
+        usedIndex = raw.used_idx
+    }
+
+    /// Sums counters (for a disk's or a thread's queues).
+    public static func sum(_ parts: [QueueStatistics], disk: String, thread: String) -> QueueStatistics {
+        var total = QueueStatistics(disk: disk, queue: -1, thread: thread)
+        total.batchHistogram = Array(repeating: 0, count: Int(DP_BATCH_BUCKETS))
+        for p in parts {
+            total.reads &+= p.reads; total.writes &+= p.writes; total.flushes &+= p.flushes
+            total.getIDs &+= p.getIDs; total.discards &+= p.discards; total.writeZeroes &+= p.writeZeroes
+            total.otherRequests &+= p.otherRequests
+            total.bytesRead &+= p.bytesRead; total.bytesWritten &+= p.bytesWritten
+            total.ioErrors &+= p.ioErrors; total.badRequests &+= p.badRequests
+            total.rangeErrors &+= p.rangeErrors; total.readOnlyErrors &+= p.readOnlyErrors
+            total.unsupported &+= p.unsupported
+            total.inFlight &+= p.inFlight; total.batches &+= p.batches
+            for (i, n) in p.batchHistogram.enumerated() where i < total.batchHistogram.count {
+                total.batchHistogram[i] &+= n
+            }
+            total.polled &+= p.polled; total.kicks &+= p.kicks
+            total.notifies &+= p.notifies; total.notifiesSuppressed &+= p.notifiesSuppressed
+            total.bounces &+= p.bounces
+            total.latency = total.latency.adding(p.latency)
+            if total.brokenReason == nil, let reason = p.brokenReason {
+                total.brokenReason = "queue \(p.queue): \(reason)"
+            }
+        }
+        return total
+    }
+
+    /// Rates between an earlier snapshot of the same queue(s) and this one.
+    public func rates(since earlier: QueueStatistics, seconds: Double) -> Rates {
+        let interval = max(seconds, 1e-9)
+        let window = latency.subtracting(earlier.latency)
+        return Rates(
+            iops: Double(requests &- earlier.requests) / interval,
+            readMBps: Double(bytesRead &- earlier.bytesRead) / interval / 1e6,
+            writeMBps: Double(bytesWritten &- earlier.bytesWritten) / interval / 1e6,
+            p50Microseconds: window.percentile(50).map { $0 / 1000 },
+            p99Microseconds: window.percentile(99).map { $0 / 1000 },
+            polledShare: {
+                let polled = Double(self.polled &- earlier.polled)
+                let kicked = Double(kicks &- earlier.kicks)
+                return polled + kicked > 0 ? polled / (polled + kicked) : nil
+            }())
+    }
+}
+
+/// Throughput and latency over an interval.
+public struct Rates: Sendable, Equatable {
+    public var iops: Double
+    public var readMBps: Double
+    public var writeMBps: Double
+    public var p50Microseconds: Double?
+    public var p99Microseconds: Double?
+    /// Of the batches' requests, the share found by polling rather than after a kick.
+    public var polledShare: Double?
+}
+
+/// Counters of one IOThread.
+public struct IOThreadStatistics: Sendable, Equatable {
+    public var name: String
+    public var iterations: UInt64
+    public var waits: UInt64
+    public var pollHits: UInt64
+    public var pollMisses: UInt64
+    /// The adaptive busy-poll window right now.
+    public var pollWindowNanoseconds: UInt64
+    public var submits: UInt64
+    /// CPU time the thread has used.
+    public var cpuNanoseconds: UInt64
+    public var queues: Int
+
+    init(_ raw: dp_iothread_stats, name: String) {
+        self.name = name
+        iterations = raw.iterations
+        waits = raw.waits
+        pollHits = raw.poll_hits
+        pollMisses = raw.poll_misses
+        pollWindowNanoseconds = raw.poll_ns
+        submits = raw.submits
+        cpuNanoseconds = raw.cpu_ns
+        queues = Int(raw.queues)
+    }
+}

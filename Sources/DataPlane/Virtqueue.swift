@@ -1,0 +1,135 @@
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Musl)
+import Musl
+#endif
+import CDataPlane
+
+/// Where a virtqueue's rings are and how the guest signals (what a
+/// vhost-user frontend sends with SET_VRING_*).
+public struct VirtqueueConfiguration: Sendable, Equatable {
+    public var size: Int
+    public var descriptorTable: UInt64
+    public var availRing: UInt64
+    public var usedRing: UInt64
+    /// Ring addresses are the frontend's virtual addresses rather than guest-physical.
+    public var addressesAreUser: Bool
+    /// VIRTIO_RING_F_EVENT_IDX was negotiated.
+    public var eventIndex: Bool
+    /// VIRTIO_RING_F_INDIRECT_DESC was negotiated.
+    public var indirectDescriptors: Bool
+    /// Where popping resumes (SET_VRING_BASE).
+    public var lastAvailIndex: UInt16
+    /// The eventfd the guest kicks; the eventfd we signal completions on; the
+    /// eventfd we signal ring corruption on (-1 for none).
+    public var kickFD: Int32
+    public var callFD: Int32
+    public var errorFD: Int32
+
+    public init(size: Int, descriptorTable: UInt64, availRing: UInt64, usedRing: UInt64,
+                addressesAreUser: Bool = false, eventIndex: Bool = true, indirectDescriptors: Bool = true,
+                lastAvailIndex: UInt16 = 0, kickFD: Int32, callFD: Int32, errorFD: Int32 = -1) {
+        self.size = size
+        self.descriptorTable = descriptorTable
+        self.availRing = availRing
+        self.usedRing = usedRing
+        self.addressesAreUser = addressesAreUser
+        self.eventIndex = eventIndex
+        self.indirectDescriptors = indirectDescriptors
+        self.lastAvailIndex = lastAvailIndex
+        self.kickFD = kickFD
+        self.callFD = callFD
+        self.errorFD = errorFD
+    }
+
+    var cValue: dp_queue_config {
+        var config = dp_queue_config()
+        config.size = UInt32(clamping: size)
+        config.desc_addr = descriptorTable
+        config.avail_addr = availRing
+        config.used_addr = usedRing
+        config.addrs_are_user = addressesAreUser
+        config.event_idx = eventIndex
+        config.indirect = indirectDescriptors
+        config.last_avail_idx = lastAvailIndex
+        config.kick_fd = kickFD
+        config.call_fd = callFD
+        config.err_fd = errorFD
+        return config
+    }
+}
+
+/// A running virtqueue of a disk, served by one IOThread.
+public final class Virtqueue: @unchecked Sendable {
+    // Control calls go through the IOThread's mailbox and are serialised by
+    // `lock`; counters are atomics. So sharing the handle is safe.
+    let handle: OpaquePointer
+    public let disk: Disk
+    public let index: Int
+    public let thread: IOThread
+    private let lock = Lock()
+    private var memory: GuestMemory
+    private var stoppedAt: UInt16?
+
+    init(disk: Disk, index: Int, thread: IOThread, memory: GuestMemory,
+         configuration: VirtqueueConfiguration) throws(DataPlaneError) {
+        var config = configuration.cValue
+        if config.size == 0 || config.size > UInt32(DP_QUEUE_MAX_SIZE) {
+            throw .queue(disk: disk.name, index: index, errno: EINVAL)
+        }
+        var queue: OpaquePointer?
+        let ret = dp_queue_create(thread.handle, &config, disk.handle, memory.handle, &queue)
+        guard ret == 0, let queue else { throw .queue(disk: disk.name, index: index, errno: -ret) }
+        self.handle = queue
+        self.disk = disk
+        self.index = index
+        self.thread = thread
+        self.memory = memory
+    }
+
+    /// Stops popping, lets every in-flight request complete, and returns the
+    /// avail index where popping stopped (GET_VRING_BASE). Idempotent.
+    @discardableResult
+    public func stop() -> UInt16 {
+        lock.withLock {
+            if let stoppedAt { return stoppedAt }
+            var last: UInt16 = 0
+            dp_queue_stop(handle, &last)
+            stoppedAt = last
+            return last
+        }
+    }
+
+    /// Stops taking new requests; returns when in-flight ones have completed.
+    public func pause() throws(DataPlaneError) {
+        let ret = lock.withLock { stoppedAt == nil ? dp_queue_pause(handle) : -ESHUTDOWN }
+        if ret != 0 { throw .system(operation: "pausing queue \(index)", errno: -ret) }
+    }
+
+    /// Takes requests again after `pause`.
+    public func resume() throws(DataPlaneError) {
+        let ret = lock.withLock { stoppedAt == nil ? dp_queue_resume(handle) : -ESHUTDOWN }
+        if ret != 0 { throw .system(operation: "resuming queue \(index)", errno: -ret) }
+    }
+
+    /// Swaps the guest memory table (after draining in-flight requests).
+    public func setMemory(_ newMemory: GuestMemory) throws(DataPlaneError) {
+        let ret = lock.withLock {
+            let ret = stoppedAt == nil ? dp_queue_set_mem(handle, newMemory.handle) : -ESHUTDOWN
+            if ret == 0 { memory = newMemory }
+            return ret
+        }
+        if ret != 0 { throw .queue(disk: disk.name, index: index, errno: -ret) }
+    }
+
+    /// A snapshot of the queue's counters.
+    public func statistics() -> QueueStatistics {
+        var raw = dp_queue_stats()
+        dp_queue_get_stats(handle, &raw)
+        return QueueStatistics(raw, disk: disk.name, queue: index, thread: thread.configuration.name)
+    }
+
+    deinit {
+        dp_queue_destroy(handle)
+    }
+}
