@@ -22,6 +22,7 @@ let package = Package(
         ),
         .target(name: "DataPlane", dependencies: ["CDataPlane"]),
         .executableTarget(name: "dpctl", dependencies: ["DataPlane"]),
+        .executableTarget(name: "dataplane-example", dependencies: ["DataPlane", "CGuestDriver"], path: "Examples/InProcess"),
         .executableTarget(name: "dp-bench", dependencies: ["DataPlane", "CGuestDriver"], path: "bench/dp-bench"),
         .testTarget(name: "DataPlaneTests", dependencies: ["DataPlane", "CDataPlane", "CGuestDriver"]),
     ],

@@ -633,3 +633,9 @@ uint32_t gd_in_flight(const struct gd_driver *d, uint32_t qi)
     const struct gd_queue *q = queue_get(d, qi);
     return q ? q->in_flight : 0;
 }
+
+int gd_eventfd(void)
+{
+    int fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    return fd < 0 ? -errno : fd;
+}

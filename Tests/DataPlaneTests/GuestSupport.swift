@@ -191,5 +191,12 @@ final class Harness: @unchecked Sendable {
 }
 
 func pattern(_ count: Int, seed: UInt8) -> [UInt8] {
-    (0..<count).map { UInt8(truncatingIfNeeded: $0 &* 31 &+ Int(seed) &* 7 &+ ($0 >> 9)) }
+    [UInt8](unsafeUninitializedCapacity: count) { buffer, initialized in
+        var x = UInt32(seed) &* 2654435761 | 1
+        for i in 0..<count {
+            x ^= x << 13; x ^= x >> 17; x ^= x << 5
+            buffer[i] = UInt8(truncatingIfNeeded: x)
+        }
+        initialized = count
+    }
 }

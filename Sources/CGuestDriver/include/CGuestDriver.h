@@ -124,6 +124,10 @@ uint16_t gd_avail_event(const struct gd_driver *d, uint32_t q);
 uint16_t gd_used_flags(const struct gd_driver *d, uint32_t q);
 uint16_t gd_used_idx(const struct gd_driver *d, uint32_t q); /* acquire load */
 
+/* A fresh non-blocking eventfd (for tests that need an extra one, e.g. an
+ * error fd); Swift cannot see eventfd(2) itself. */
+int gd_eventfd(void);
+
 /* Writes 1 to the kick eventfd, unconditionally. */
 int gd_kick(struct gd_driver *d, uint32_t q);
 /* Kicks unless the device suppressed it (avail_event with EVENT_IDX, else
