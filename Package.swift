@@ -20,11 +20,13 @@ let package = Package(
             dependencies: ["CDataPlane"],
             cSettings: [.define("_GNU_SOURCE")]
         ),
-        .target(name: "DataPlane", dependencies: ["CDataPlane"]),
+        // System calls the Swift control path needs but cannot import (CMSG_*, sockaddr_un).
+        .target(name: "CDataPlaneSys", cSettings: [.define("_GNU_SOURCE")]),
+        .target(name: "DataPlane", dependencies: ["CDataPlane", "CDataPlaneSys"]),
         .executableTarget(name: "dpctl", dependencies: ["DataPlane"]),
         .executableTarget(name: "dataplane-example", dependencies: ["DataPlane", "CGuestDriver"], path: "Examples/InProcess"),
         .executableTarget(name: "dp-bench", dependencies: ["DataPlane", "CGuestDriver"], path: "bench/dp-bench"),
-        .testTarget(name: "DataPlaneTests", dependencies: ["DataPlane", "CDataPlane", "CGuestDriver"]),
+        .testTarget(name: "DataPlaneTests", dependencies: ["DataPlane", "CDataPlane", "CDataPlaneSys", "CGuestDriver"]),
     ],
     swiftLanguageModes: [.v6],
     cLanguageStandard: .c11

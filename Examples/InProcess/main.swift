@@ -9,7 +9,9 @@ struct InProcessExample {
     static func main() throws {
         let imagePath = CommandLine.arguments.dropFirst().first ?? "/tmp/dataplane-example.raw"
         if !FileManager.default.fileExists(atPath: imagePath) {
-            FileManager.default.createFile(atPath: imagePath, contents: Data(count: 64 << 20))
+            guard FileManager.default.createFile(atPath: imagePath, contents: Data(count: 64 << 20)) else {
+                throw ExampleError("cannot create \(imagePath)")
+            }
         }
 
         // One IOThread pinned to CPU 0, busy-polling up to 32 us before sleeping.
@@ -46,9 +48,12 @@ struct InProcessExample {
         gd_ptr(driver, buffer)!.copyMemory(from: message, byteCount: message.count)
         for type in [UInt32(GD_BLK_T_OUT), UInt32(GD_BLK_T_IN)] {
             var segment = gd_seg(gpa: buffer, len: 4096)
-            var request = gd_req(type: type, sector: 8, segs: &segment, nsegs: 1, indirect: false)
             var head: UInt16 = 0
-            guard gd_submit(driver, 0, &request, &head) == 0 else { throw ExampleError("submit failed") }
+            let submitted = withUnsafePointer(to: &segment) { segments in
+                var request = gd_req(type: type, sector: 8, segs: segments, nsegs: 1, indirect: false)
+                return gd_submit(driver, 0, &request, &head)
+            }
+            guard submitted == 0 else { throw ExampleError("submit failed: \(submitted)") }
             gd_kick_if_needed(driver, 0)
             var length: UInt32 = 0, status: UInt8 = 0xFF
             while gd_complete(driver, 0, &head, &length, &status) == 0 { _ = gd_wait_call(driver, 0, 1000) }

@@ -84,6 +84,13 @@ struct dp_queue {
     bool kick_failed;
     uint64_t kick_buf;
     struct ctl_msg *drain_waiter; /* stop/pause/set-mem waiting for in_flight == 0 */
+    struct inflight_region *inflight; /* vhost-user inflight tracking, or NULL */
+    uint64_t inflight_counter;  /* pop order, for resubmission */
+    uint16_t *resubmit;         /* heads to run again before popping (after a restart) */
+    uint32_t resubmit_count;
+    uint32_t resubmit_next;
+    uint16_t *pushed;           /* heads pushed since the last publish (inflight clearing) */
+    uint32_t pushed_count;
     struct dp_queue_config config;
     /* --- control side --- */
     size_t alloc_size;
@@ -135,6 +142,11 @@ void queue_publish_and_notify(struct dp_queue *q);
 void queue_break(struct dp_queue *q, int reason);
 int queue_map_rings(const struct dp_queue_config *cfg, const struct dp_mem *mem, void **desc,
                     void **avail, void **used);
+
+/* inflight.c: vhost-user inflight tracking (spec: "Inflight I/O tracking"). */
+int inflight_recover(struct dp_queue *q);
+void inflight_mark(struct dp_queue *q, uint16_t head);
+void inflight_clear_published(struct dp_queue *q);
 
 /* iothread.c: services the queue layer uses. */
 void iothread_submit_req(struct dp_iothread *t, struct blk_req *req);

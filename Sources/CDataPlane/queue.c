@@ -12,7 +12,7 @@
 bool queue_can_pop(const struct dp_queue *q)
 {
     return q->attached && !q->paused && !q->stopping && !q->broken && q->free_count &&
-           vring_split_has_avail(&q->vr);
+           (q->resubmit_next < q->resubmit_count || vring_split_has_avail(&q->vr));
 }
 
 void queue_break(struct dp_queue *q, int reason)
@@ -50,26 +50,24 @@ void queue_complete(struct dp_queue *q, struct blk_req *req, uint8_t status, uin
     }
     STAT_ADD(q->stats.latency_hist[stats_log2_bucket(now - req->start_ns, DP_LATENCY_BUCKETS)], 1);
 
+    if (q->inflight)
+        q->pushed[q->pushed_count++] = req->head;
     q->head_slot[req->head] = 0;
     q->free_slots[q->free_count++] = (uint16_t)(req - q->reqs);
     q->in_flight--;
     q->dirty = true;
 }
 
-/* Pops one chain and starts it. Returns false when the ring is corrupt. */
-static bool queue_pop_one(struct dp_queue *q, uint64_t now)
+/* Starts the chain at head. Returns false when the ring is corrupt. */
+static bool queue_start(struct dp_queue *q, uint16_t head, uint64_t now)
 {
-    uint16_t head;
-    int ret = vring_split_pop_head(&q->vr, &head);
-    if (ret) {
-        queue_break(q, ret);
-        return false;
-    }
     /* The same head twice in flight would be pushed twice: the guest broke the ring. */
     if (q->head_slot[head]) {
         queue_break(q, -EBUSY);
         return false;
     }
+    if (q->inflight)
+        inflight_mark(q, head);
     uint16_t slot = q->free_slots[--q->free_count];
     struct blk_req *req = &q->reqs[slot];
     q->head_slot[head] = (uint16_t)(slot + 1);
@@ -81,7 +79,7 @@ static bool queue_pop_one(struct dp_queue *q, uint64_t now)
         .iov = q->iov_pool + (size_t)slot * DP_REQ_MAX_IOV,
         .iov_max = DP_REQ_MAX_IOV,
     };
-    ret = vring_split_walk(&q->vr, q->mem, head, &chain);
+    int ret = vring_split_walk(&q->vr, q->mem, head, &chain);
     if (ret < 0) {
         /* A malformed chain fails alone: back to the guest with length 0. */
         req->status = NULL;
@@ -106,18 +104,36 @@ static bool queue_pop_one(struct dp_queue *q, uint64_t now)
     return true;
 }
 
+/* Pops one head off the avail ring and starts it. */
+static bool queue_pop_one(struct dp_queue *q, uint64_t now)
+{
+    uint16_t head;
+    int ret = vring_split_pop_head(&q->vr, &head);
+    if (ret) {
+        queue_break(q, ret);
+        return false;
+    }
+    return queue_start(q, head, now);
+}
+
 unsigned queue_pop_batch(struct dp_queue *q, uint64_t now)
 {
     if (!queue_can_pop(q))
         return 0;
+    unsigned popped = 0;
+    /* Requests in flight when the previous backend went away come first. */
+    while (q->resubmit_next < q->resubmit_count && q->free_count &&
+           queue_start(q, q->resubmit[q->resubmit_next], now)) {
+        q->resubmit_next++;
+        popped++;
+    }
     int avail = vring_split_avail_count(&q->vr);
     if (avail < 0) {
         queue_break(q, avail);
-        return 0;
+        return popped;
     }
     unsigned n = (unsigned)avail < q->free_count ? (unsigned)avail : q->free_count;
-    unsigned popped = 0;
-    while (popped < n && queue_pop_one(q, now))
+    for (unsigned i = 0; i < n && queue_pop_one(q, now); i++)
         popped++;
 
     if (popped) {
@@ -138,6 +154,8 @@ void queue_publish_and_notify(struct dp_queue *q)
         return;
     q->dirty = false;
     vring_split_publish(&q->vr);
+    if (q->inflight)
+        inflight_clear_published(q);
     STAT_SET(q->stats.used_idx, q->vr.used_idx);
     STAT_SET(q->stats.in_flight, q->in_flight);
     if (q->config.call_fd >= 0 && vring_split_should_notify(&q->vr)) {
@@ -191,7 +209,9 @@ int dp_queue_create(struct dp_iothread *thread, const struct dp_queue_config *co
     size_t iov_off = reqs_off + nslots * sizeof(struct blk_req);
     size_t free_off = iov_off + (size_t)nslots * DP_REQ_MAX_IOV * sizeof(struct iovec);
     size_t heads_off = free_off + nslots * sizeof(uint16_t);
-    size_t total = heads_off + config->size * sizeof(uint16_t);
+    size_t pushed_off = heads_off + config->size * sizeof(uint16_t);
+    size_t resubmit_off = pushed_off + nslots * sizeof(uint16_t);
+    size_t total = resubmit_off + config->size * sizeof(uint16_t);
 
     int node;
     uint8_t *base = iothread_alloc(thread, total, &node);
@@ -202,6 +222,9 @@ int dp_queue_create(struct dp_iothread *thread, const struct dp_queue_config *co
     q->iov_pool = (struct iovec *)(base + iov_off);
     q->free_slots = (uint16_t *)(base + free_off);
     q->head_slot = (uint16_t *)(base + heads_off);
+    q->pushed = (uint16_t *)(base + pushed_off);
+    q->resubmit = (uint16_t *)(base + resubmit_off);
+    q->inflight = config->inflight;
     q->alloc_size = total;
     q->numa_node = node;
     q->nslots = nslots;
@@ -216,6 +239,8 @@ int dp_queue_create(struct dp_iothread *thread, const struct dp_queue_config *co
     q->free_count = nslots;
     ret = vring_split_init(&q->vr, (uint16_t)config->size, desc, avail, used,
                            config->last_avail_idx, config->event_idx, config->indirect);
+    if (!ret && q->inflight)
+        ret = inflight_recover(q);
     if (ret) {
         iothread_free(base, total, node);
         return ret;

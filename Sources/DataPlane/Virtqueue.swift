@@ -25,6 +25,8 @@ public struct VirtqueueConfiguration: Sendable, Equatable {
     public var kickFD: Int32
     public var callFD: Int32
     public var errorFD: Int32
+    /// This queue's part of a vhost-user inflight region (host address), or 0.
+    public var inflight: UInt = 0
 
     public init(size: Int, descriptorTable: UInt64, availRing: UInt64, usedRing: UInt64,
                 addressesAreUser: Bool = false, eventIndex: Bool = true, indirectDescriptors: Bool = true,
@@ -55,6 +57,7 @@ public struct VirtqueueConfiguration: Sendable, Equatable {
         config.kick_fd = kickFD
         config.call_fd = callFD
         config.err_fd = errorFD
+        config.inflight = UnsafeMutableRawPointer(bitPattern: inflight)
         return config
     }
 }

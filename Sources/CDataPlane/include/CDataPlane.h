@@ -181,7 +181,16 @@ struct dp_queue_config {
     int32_t kick_fd;         /* eventfd the driver writes; -1 = rely on polling */
     int32_t call_fd;         /* eventfd we write on completions; -1 = none */
     int32_t err_fd;          /* eventfd we write when the ring breaks; -1 = none */
+    /* vhost-user inflight tracking (INFLIGHT_SHMFD): this queue's part of the
+     * shared region, dp_inflight_queue_size(size) bytes, or NULL. When the
+     * region holds requests from a previous backend or connection, they are
+     * resubmitted first, in the order they were popped, and popping resumes
+     * after them (last_avail_idx is then taken from the region). */
+    void *inflight;
 };
+
+/* Bytes one queue's inflight region takes (split ring layout, 64-aligned). */
+uint64_t dp_inflight_queue_size(uint32_t queue_size);
 
 struct dp_queue;
 

@@ -1,0 +1,102 @@
+/* vhost-user inflight tracking for split rings. The frontend keeps the
+ * region (a memfd we created) across backend restarts and reconnects; in it
+ * we mark each head popped and clear it once its used element is published,
+ * so a new backend knows exactly which requests were in flight. Layout as
+ * docs/interop/vhost-user.rst describes (QueueRegionSplit / DescStateSplit). */
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "dp_internal.h"
+
+struct inflight_desc {
+    uint8_t inflight;
+    uint8_t padding[5];
+    uint16_t next;
+    uint64_t counter;
+};
+
+struct inflight_region {
+    uint64_t features;
+    uint16_t version;
+    uint16_t desc_num;
+    uint16_t last_batch_head;
+    uint16_t used_idx;
+    struct inflight_desc desc[];
+};
+
+_Static_assert(sizeof(struct inflight_desc) == 16, "DescStateSplit is 16 bytes");
+_Static_assert(sizeof(struct inflight_region) == 16, "QueueRegionSplit header is 16 bytes");
+
+#define INFLIGHT_VERSION 1
+
+uint64_t dp_inflight_queue_size(uint32_t queue_size)
+{
+    uint64_t bytes = sizeof(struct inflight_region) + (uint64_t)queue_size * sizeof(struct inflight_desc);
+    return (bytes + 63) & ~(uint64_t)63;
+}
+
+void inflight_mark(struct dp_queue *q, uint16_t head)
+{
+    struct inflight_desc *d = &q->inflight->desc[head];
+    d->counter = ++q->inflight_counter;
+    d->inflight = 1;
+}
+
+/* After publish: the guest can see these completions, so a restarted
+ * backend must not run them again. */
+void inflight_clear_published(struct dp_queue *q)
+{
+    for (uint32_t i = 0; i < q->pushed_count; i++)
+        q->inflight->desc[q->pushed[i]].inflight = 0;
+    q->pushed_count = 0;
+    q->inflight->used_idx = q->vr.used_idx;
+}
+
+static int counter_order(const void *a, const void *b, void *arg)
+{
+    const struct inflight_desc *desc = arg;
+    uint64_t x = desc[*(const uint16_t *)a].counter, y = desc[*(const uint16_t *)b].counter;
+    return (x > y) - (x < y);
+}
+
+int inflight_recover(struct dp_queue *q)
+{
+    struct inflight_region *r = q->inflight;
+    uint16_t size = q->vr.size;
+    q->resubmit_count = q->resubmit_next = 0;
+    q->inflight_counter = 0;
+
+    if (r->version != INFLIGHT_VERSION || r->desc_num != size) {
+        /* A fresh region (zeroed memfd) or one for another ring size. */
+        memset(r->desc, 0, (size_t)size * sizeof(r->desc[0]));
+        r->desc_num = size;
+        r->used_idx = q->vr.used_idx;
+        r->version = INFLIGHT_VERSION;
+        return 0;
+    }
+    /* We may have died between publishing a batch and clearing its heads:
+     * whatever the used ring holds past the region's used_idx is done. */
+    uint16_t pending = (uint16_t)(q->vr.used_idx - r->used_idx);
+    if (pending > size)
+        return -EINVAL; /* inconsistent with the ring: refuse rather than guess */
+    for (uint16_t i = 0; i < pending; i++) {
+        uint32_t id = q->vr.used->ring[(uint16_t)(r->used_idx + i) & (size - 1)].id;
+        if (id < size)
+            r->desc[id].inflight = 0;
+    }
+    r->used_idx = q->vr.used_idx;
+
+    for (uint32_t head = 0; head < size; head++) {
+        if (r->desc[head].inflight != 1)
+            continue;
+        q->resubmit[q->resubmit_count++] = (uint16_t)head;
+        if (r->desc[head].counter > q->inflight_counter)
+            q->inflight_counter = r->desc[head].counter;
+    }
+    qsort_r(q->resubmit, q->resubmit_count, sizeof(uint16_t), counter_order, r->desc);
+    /* Everything popped before is either used or about to be resubmitted. */
+    q->vr.last_avail_idx = (uint16_t)(q->vr.used_idx + q->resubmit_count);
+    q->vr.shadow_avail_idx = q->vr.last_avail_idx;
+    return 0;
+}

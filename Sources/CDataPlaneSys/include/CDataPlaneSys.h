@@ -1,0 +1,47 @@
+/*
+ * CDataPlaneSys: the few system calls the Swift control path needs that
+ * Swift cannot import (CMSG_* macros, sockaddr_un, memfd, eventfd). Each
+ * returns a non-negative value on success and a negative errno on failure.
+ */
+#ifndef CDATAPLANESYS_H
+#define CDATAPLANESYS_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <sys/types.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* A listening unix stream socket at path (non-blocking, close-on-exec).
+ * -EADDRINUSE when something is already bound there. */
+int dps_unix_listen(const char *path, int backlog);
+/* A connected unix stream socket (blocking, close-on-exec). */
+int dps_unix_connect(const char *path);
+/* accept4(non-blocking, close-on-exec). */
+int dps_accept(int listen_fd);
+
+/* recvmsg with SCM_RIGHTS: up to max_fds descriptors land in fds (close-on-exec),
+ * their count in *nfds. *fds_truncated is set when the sender passed more than
+ * fit (those are closed by the kernel). Returns bytes read (0 at EOF). */
+ssize_t dps_recv_fds(int sock, void *buf, size_t len, int *fds, int max_fds, int *nfds,
+                     bool *fds_truncated);
+/* sendmsg with nfds descriptors (0..8). Returns bytes sent. */
+ssize_t dps_send_fds(int sock, const void *buf, size_t len, const int *fds, int nfds);
+
+/* An anonymous memfd of the given size (close-on-exec). */
+int dps_memfd(const char *name, uint64_t size);
+/* An eventfd (close-on-exec; non-blocking on request). */
+int dps_eventfd(uint32_t initval, bool nonblock);
+/* Size of the file behind fd. */
+int dps_fd_size(int fd, uint64_t *size);
+/* Set or clear O_NONBLOCK. */
+int dps_set_nonblocking(int fd, bool on);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif

@@ -1,0 +1,166 @@
+/* System-call shims for the Swift control path. */
+#include <errno.h>
+#include <fcntl.h>
+#include <string.h>
+#include <sys/eventfd.h>
+#include <sys/mman.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+#include "CDataPlaneSys.h"
+
+#define DPS_MAX_FDS 16
+
+static int unix_addr(const char *path, struct sockaddr_un *addr)
+{
+    memset(addr, 0, sizeof(*addr));
+    addr->sun_family = AF_UNIX;
+    size_t len = strlen(path);
+    if (len == 0 || len >= sizeof(addr->sun_path))
+        return -ENAMETOOLONG;
+    memcpy(addr->sun_path, path, len);
+    return 0;
+}
+
+int dps_unix_listen(const char *path, int backlog)
+{
+    struct sockaddr_un addr;
+    int ret = unix_addr(path, &addr);
+    if (ret)
+        return ret;
+    int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    if (fd < 0)
+        return -errno;
+    if (bind(fd, (struct sockaddr *)&addr, sizeof(addr)) < 0 || listen(fd, backlog) < 0) {
+        ret = -errno;
+        close(fd);
+        return ret;
+    }
+    return fd;
+}
+
+int dps_unix_connect(const char *path)
+{
+    struct sockaddr_un addr;
+    int ret = unix_addr(path, &addr);
+    if (ret)
+        return ret;
+    int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (fd < 0)
+        return -errno;
+    if (connect(fd, (struct sockaddr *)&addr, sizeof(addr)) < 0) {
+        ret = -errno;
+        close(fd);
+        return ret;
+    }
+    return fd;
+}
+
+int dps_accept(int listen_fd)
+{
+    int fd = accept4(listen_fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
+    return fd < 0 ? -errno : fd;
+}
+
+ssize_t dps_recv_fds(int sock, void *buf, size_t len, int *fds, int max_fds, int *nfds,
+                     bool *fds_truncated)
+{
+    union {
+        char buf[CMSG_SPACE(sizeof(int) * DPS_MAX_FDS)];
+        struct cmsghdr align;
+    } control;
+    struct iovec iov = {.iov_base = buf, .iov_len = len};
+    struct msghdr msg = {
+        .msg_iov = &iov,
+        .msg_iovlen = 1,
+        .msg_control = control.buf,
+        .msg_controllen = sizeof(control.buf),
+    };
+    *nfds = 0;
+    *fds_truncated = false;
+    ssize_t n = recvmsg(sock, &msg, MSG_CMSG_CLOEXEC);
+    if (n < 0)
+        return -errno;
+    if (msg.msg_flags & MSG_CTRUNC)
+        *fds_truncated = true;
+    for (struct cmsghdr *c = CMSG_FIRSTHDR(&msg); c; c = CMSG_NXTHDR(&msg, c)) {
+        if (c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS)
+            continue;
+        size_t count = (c->cmsg_len - CMSG_LEN(0)) / sizeof(int);
+        const unsigned char *data = CMSG_DATA(c);
+        for (size_t i = 0; i < count; i++) {
+            int fd;
+            memcpy(&fd, data + i * sizeof(int), sizeof(int));
+            if (*nfds < max_fds) {
+                fds[(*nfds)++] = fd;
+            } else {
+                close(fd); /* more than the caller takes: never leak it */
+                *fds_truncated = true;
+            }
+        }
+    }
+    return n;
+}
+
+ssize_t dps_send_fds(int sock, const void *buf, size_t len, const int *fds, int nfds)
+{
+    if (nfds < 0 || nfds > DPS_MAX_FDS)
+        return -EINVAL;
+    union {
+        char buf[CMSG_SPACE(sizeof(int) * DPS_MAX_FDS)];
+        struct cmsghdr align;
+    } control;
+    struct iovec iov = {.iov_base = (void *)buf, .iov_len = len};
+    struct msghdr msg = {.msg_iov = &iov, .msg_iovlen = 1};
+    if (nfds > 0) {
+        memset(control.buf, 0, sizeof(control.buf));
+        msg.msg_control = control.buf;
+        msg.msg_controllen = CMSG_SPACE(sizeof(int) * (size_t)nfds);
+        struct cmsghdr *c = CMSG_FIRSTHDR(&msg);
+        c->cmsg_level = SOL_SOCKET;
+        c->cmsg_type = SCM_RIGHTS;
+        c->cmsg_len = CMSG_LEN(sizeof(int) * (size_t)nfds);
+        memcpy(CMSG_DATA(c), fds, sizeof(int) * (size_t)nfds);
+    }
+    ssize_t n = sendmsg(sock, &msg, MSG_NOSIGNAL);
+    return n < 0 ? -errno : n;
+}
+
+int dps_memfd(const char *name, uint64_t size)
+{
+    int fd = memfd_create(name, MFD_CLOEXEC);
+    if (fd < 0)
+        return -errno;
+    if (ftruncate(fd, (off_t)size) < 0) {
+        int ret = -errno;
+        close(fd);
+        return ret;
+    }
+    return fd;
+}
+
+int dps_eventfd(uint32_t initval, bool nonblock)
+{
+    int fd = eventfd(initval, EFD_CLOEXEC | (nonblock ? EFD_NONBLOCK : 0));
+    return fd < 0 ? -errno : fd;
+}
+
+int dps_fd_size(int fd, uint64_t *size)
+{
+    struct stat st;
+    if (fstat(fd, &st) < 0)
+        return -errno;
+    *size = (uint64_t)st.st_size;
+    return 0;
+}
+
+int dps_set_nonblocking(int fd, bool on)
+{
+    int flags = fcntl(fd, F_GETFL);
+    if (flags < 0)
+        return -errno;
+    flags = on ? (flags | O_NONBLOCK) : (flags & ~O_NONBLOCK);
+    return fcntl(fd, F_SETFL, flags) < 0 ? -errno : 0;
+}

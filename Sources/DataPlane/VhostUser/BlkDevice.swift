@@ -1,0 +1,520 @@
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Musl)
+import Musl
+#endif
+import CDataPlane
+import CDataPlaneSys
+
+/// The backend side of one vhost-user-blk device: feature negotiation,
+/// memory table, vrings, config space, inflight region. It turns messages
+/// into DataPlane calls; it never touches a request. One frontend at a time;
+/// `reset` returns it to its initial state for the next one.
+final class VhostUserBlkDevice {
+    struct Reply {
+        var payload: [UInt8]
+        var fds: [Int32] = []
+    }
+
+    private struct Vring {
+        var num = 0
+        var desc: UInt64 = 0
+        var used: UInt64 = 0
+        var avail: UInt64 = 0
+        var addressSet = false
+        var base: UInt16 = 0
+        var kick: Int32 = -1
+        var call: Int32 = -1
+        var err: Int32 = -1
+        var enabled = false
+        var queue: Virtqueue?
+    }
+
+    private struct Region {
+        var region: MemoryRegion
+        var mapping: SharedMapping
+    }
+
+    private struct Inflight {
+        var mapping: SharedMapping
+        var numQueues: Int
+        var queueSize: Int
+        var perQueue: UInt64
+    }
+
+    let disk: Disk
+    let plane: DataPlane
+    let numQueues: Int
+    private let log: @Sendable (String) -> Void
+
+    private var features: UInt64 = 0
+    private var featuresAcked = false
+    private var protocolFeatures: UInt64 = 0
+    private var status: UInt64 = 0
+    private var regions: [Region] = []
+    private var memory: GuestMemory?
+    private var vrings: [Vring]
+    private var inflight: Inflight?
+
+    init(disk: Disk, plane: DataPlane, log: @escaping @Sendable (String) -> Void) {
+        self.disk = disk
+        self.plane = plane
+        self.numQueues = disk.configuration.numQueues
+        self.log = log
+        self.vrings = Array(repeating: Vring(), count: disk.configuration.numQueues)
+    }
+
+    deinit { reset() }
+
+    // MARK: - What we offer
+
+    var offeredFeatures: UInt64 {
+        var f = VirtioFeature.version1 | VirtioFeature.protocolFeatures | VirtioFeature.ringIndirectDesc
+            | VirtioFeature.ringEventIndex | VirtioFeature.blkSegMax | VirtioFeature.blkBlockSize
+            | VirtioFeature.blkFlush | VirtioFeature.blkTopology | VirtioFeature.blkMultiQueue
+        if disk.configuration.readOnly {
+            f |= VirtioFeature.blkReadOnly
+        } else {
+            f |= VirtioFeature.blkDiscard | VirtioFeature.blkWriteZeroes
+        }
+        return f
+    }
+
+    static let offeredProtocolFeatures: UInt64 = [
+        ProtocolFeature.mq, .replyAck, .config, .inflightShmfd, .resetDevice, .configureMemSlots, .status,
+    ].reduce(0) { $0 | $1.mask }
+
+    /// seg_max: what a request carries in iovecs, less header and status,
+    /// with room left for segments split across memory regions.
+    var segMax: UInt32 { 128 }
+
+    func hasProtocolFeature(_ f: ProtocolFeature) -> Bool { protocolFeatures & f.mask != 0 }
+
+    /// Whether a failed message gets a non-zero REPLY_ACK.
+    var replyAckNegotiated: Bool { hasProtocolFeature(.replyAck) }
+
+    /// Requests that answer with their own payload (REPLY_ACK does not apply).
+    static func hasReply(_ request: VhostUserRequest) -> Bool {
+        switch request {
+        case .getFeatures, .getProtocolFeatures, .getVringBase, .getQueueNum, .getConfig, .getInflightFD,
+             .getMaxMemSlots, .getStatus:
+            return true
+        default:
+            return false
+        }
+    }
+
+    /// The number of file descriptors a message must carry.
+    static func expectedFDs(_ request: VhostUserRequest, payload: PayloadReader) throws(VhostUserError) -> ClosedRange<Int> {
+        switch request {
+        case .setMemTable:
+            let n = Int(try payload.u32(0))
+            return n...n
+        case .addMemReg, .setInflightFD:
+            return 1...1
+        case .remMemReg:
+            return 0...1 // QEMU sends the region's fd along; it is not needed
+        case .setVringKick, .setVringCall, .setVringErr:
+            return try payload.u64(0) & vringNoFDFlag != 0 ? 0...0 : 1...1
+        default:
+            return 0...0
+        }
+    }
+
+    // MARK: - Messages
+
+    func handle(_ request: VhostUserRequest, _ message: VhostUserMessage) throws(VhostUserError) -> Reply? {
+        let p = PayloadReader(bytes: message.payload)
+        switch request {
+        case .getFeatures:
+            return Reply(payload: le64(offeredFeatures))
+        case .setFeatures:
+            try expectSize(message, 8)
+            let requested = try p.u64(0)
+            let unknown = requested & ~offeredFeatures
+            guard unknown == 0 else { throw .invalid("features 0x\(String(unknown, radix: 16)) were not offered") }
+            features = requested
+            featuresAcked = true
+            // Without PROTOCOL_FEATURES, rings start enabled (vhost-user.rst "Ring states").
+            if features & VirtioFeature.protocolFeatures == 0 {
+                for i in vrings.indices { vrings[i].enabled = true }
+            }
+            try startReadyQueues()
+            return nil
+        case .getProtocolFeatures:
+            return Reply(payload: le64(Self.offeredProtocolFeatures))
+        case .setProtocolFeatures:
+            try expectSize(message, 8)
+            let requested = try p.u64(0)
+            guard requested & ~Self.offeredProtocolFeatures == 0 else {
+                throw .invalid("protocol features 0x\(String(requested & ~Self.offeredProtocolFeatures, radix: 16)) were not offered")
+            }
+            protocolFeatures = requested
+            return nil
+        case .setOwner:
+            try expectSize(message, 0)
+            return nil
+        case .resetOwner, .resetDevice:
+            try expectSize(message, 0)
+            resetRings()
+            features = 0
+            featuresAcked = false
+            status = 0
+            return nil
+        case .getQueueNum:
+            return Reply(payload: le64(UInt64(numQueues)))
+        case .getMaxMemSlots:
+            return Reply(payload: le64(UInt64(maxMemorySlots)))
+        case .setMemTable:
+            try setMemTable(message, p)
+            return nil
+        case .addMemReg:
+            guard hasProtocolFeature(.configureMemSlots) else { throw .outOfOrder("ADD_MEM_REG without CONFIGURE_MEM_SLOTS") }
+            try expectSize(message, 40)
+            let fds = message.takeFDs()
+            try addRegion(try readRegion(p, at: 8), fd: fds[0])
+            try memoryChanged()
+            return nil
+        case .remMemReg:
+            guard hasProtocolFeature(.configureMemSlots) else { throw .outOfOrder("REM_MEM_REG without CONFIGURE_MEM_SLOTS") }
+            try expectSize(message, 40)
+            let r = try readRegion(p, at: 8)
+            guard let i = regions.firstIndex(where: {
+                $0.region.guestPhysicalAddress == r.gpa && $0.region.size == r.size && $0.region.userAddress == r.uaddr
+            }) else { throw .invalid("REM_MEM_REG names no mapped region (gpa 0x\(String(r.gpa, radix: 16)))") }
+            regions.remove(at: i)
+            try memoryChanged()
+            return nil
+        case .setVringNum:
+            try expectSize(message, 8)
+            let i = try vringIndex(p.u32(0))
+            let num = Int(try p.u32(4))
+            guard num > 0, num <= Int(DP_QUEUE_MAX_SIZE), num & (num - 1) == 0 else {
+                throw .invalid("ring size \(num) is not a power of two between 1 and \(DP_QUEUE_MAX_SIZE)")
+            }
+            guard vrings[i].queue == nil else { throw .outOfOrder("SET_VRING_NUM on running ring \(i)") }
+            vrings[i].num = num
+            return nil
+        case .setVringAddr:
+            try expectSize(message, 40)
+            let i = try vringIndex(p.u32(0))
+            vrings[i].desc = try p.u64(8)
+            vrings[i].used = try p.u64(16)
+            vrings[i].avail = try p.u64(24)
+            vrings[i].addressSet = true
+            try restartIfRunning(i)
+            try startReadyQueues()
+            return nil
+        case .setVringBase:
+            try expectSize(message, 8)
+            let i = try vringIndex(p.u32(0))
+            let base = try p.u32(4)
+            guard base <= UInt32(UInt16.max) else { throw .invalid("ring base \(base) is not a split-ring index") }
+            guard vrings[i].queue == nil else { throw .outOfOrder("SET_VRING_BASE on running ring \(i)") }
+            vrings[i].base = UInt16(base)
+            return nil
+        case .getVringBase:
+            try expectSize(message, 8)
+            let i = try vringIndex(p.u32(0))
+            let last = stopRing(i)
+            // The ring is stopped: its notifiers are the frontend's to replace.
+            closeNotifiers(i)
+            var out: [UInt8] = []
+            out.appendLE(UInt32(i))
+            out.appendLE(UInt32(last))
+            return Reply(payload: out)
+        case .setVringKick, .setVringCall, .setVringErr:
+            try expectSize(message, 8)
+            let value = try p.u64(0)
+            guard value & ~(vringNoFDFlag | 0xFF) == 0 else { throw .invalid("reserved bits set in 0x\(String(value, radix: 16))") }
+            let i = try vringIndex(UInt32(value & 0xFF))
+            let fd = message.takeFDs().first ?? -1
+            if request == .setVringKick && fd < 0 {
+                throw .invalid("ring \(i): polling without a kick eventfd is not supported")
+            }
+            try setNotifier(request, ring: i, fd: fd)
+            return nil
+        case .setVringEnable:
+            try expectSize(message, 8)
+            let i = try vringIndex(p.u32(0))
+            let enable = try p.u32(4)
+            guard enable <= 1 else { throw .invalid("SET_VRING_ENABLE \(enable)") }
+            vrings[i].enabled = enable == 1
+            if enable == 0 {
+                // A disabled ring keeps its place; popping resumes there when enabled.
+                if vrings[i].queue != nil { vrings[i].base = stopRing(i) }
+            } else {
+                try startReadyQueues()
+            }
+            return nil
+        case .getConfig:
+            let offset = Int(try p.u32(0))
+            let size = Int(try p.u32(4))
+            guard message.payload.count == 12 + size else {
+                throw .malformed("GET_CONFIG of \(size) bytes in a \(message.payload.count)-byte payload")
+            }
+            let config = BlkConfigSpace.bytes(for: disk, numQueues: numQueues, segMax: segMax)
+            guard offset <= config.count, size <= config.count - offset else {
+                throw .invalid("GET_CONFIG offset \(offset) size \(size) beyond the \(config.count)-byte config space")
+            }
+            return Reply(payload: Array(message.payload.prefix(12)) + config[offset..<offset + size])
+        case .setConfig:
+            throw .refused("the virtio-blk config space is read-only here (writeback is fixed on)")
+        case .getInflightFD:
+            return try getInflightFD(p)
+        case .setInflightFD:
+            try setInflightFD(message, p)
+            return nil
+        case .setStatus:
+            try expectSize(message, 8)
+            status = try p.u64(0)
+            return nil
+        case .getStatus:
+            return Reply(payload: le64(status))
+        case .setLogBase, .setLogFD:
+            throw .invalid("dirty logging was not offered")
+        }
+    }
+
+    // MARK: - Memory
+
+    private func readRegion(_ p: PayloadReader, at offset: Int) throws(VhostUserError)
+        -> (gpa: UInt64, size: UInt64, uaddr: UInt64, mmapOffset: UInt64) {
+        (try p.u64(offset), try p.u64(offset + 8), try p.u64(offset + 16), try p.u64(offset + 24))
+    }
+
+    private func setMemTable(_ message: VhostUserMessage, _ p: PayloadReader) throws(VhostUserError) {
+        let count = Int(try p.u32(0))
+        guard count <= memTableMaxRegions else { throw .invalid("\(count) memory regions (at most \(memTableMaxRegions))") }
+        try expectSize(message, 8 + 32 * count)
+        let fds = message.takeFDs()
+        var fresh: [Region] = []
+        var failure: VhostUserError?
+        for i in 0..<count {
+            if failure == nil {
+                do {
+                    fresh.append(try mapRegion(try readRegion(p, at: 8 + 32 * i), fd: fds[i]))
+                } catch {
+                    failure = error
+                }
+            }
+            closeFD(fds[i])
+        }
+        if let failure { throw failure }
+        let old = regions
+        regions = fresh
+        do {
+            try memoryChanged()
+        } catch {
+            regions = old
+            throw error
+        }
+    }
+
+    private func addRegion(_ r: (gpa: UInt64, size: UInt64, uaddr: UInt64, mmapOffset: UInt64), fd: Int32) throws(VhostUserError) {
+        defer { closeFD(fd) }
+        guard regions.count < maxMemorySlots else { throw .invalid("more than \(maxMemorySlots) memory regions") }
+        regions.append(try mapRegion(r, fd: fd))
+    }
+
+    /// Maps a region, checking its sizes against the file first.
+    private func mapRegion(_ r: (gpa: UInt64, size: UInt64, uaddr: UInt64, mmapOffset: UInt64), fd: Int32) throws(VhostUserError) -> Region {
+        guard r.size > 0 else { throw .invalid("memory region of size 0") }
+        let (end, overflow) = r.mmapOffset.addingReportingOverflow(r.size)
+        guard !overflow else { throw .invalid("memory region offset 0x\(String(r.mmapOffset, radix: 16)) + size overflows") }
+        var fileSize: UInt64 = 0
+        let ret = dps_fd_size(fd, &fileSize)
+        guard ret == 0 else { throw .system("fstat of a memory region fd", -ret) }
+        guard end <= fileSize else {
+            throw .invalid("memory region [0x\(String(r.mmapOffset, radix: 16)), +0x\(String(r.size, radix: 16))) runs past its file (\(fileSize) bytes)")
+        }
+        let mapping = try SharedMapping(fd: fd, length: end)
+        let host = UInt(bitPattern: mapping.base) + UInt(r.mmapOffset)
+        return Region(region: MemoryRegion(guestPhysicalAddress: r.gpa, size: r.size, userAddress: r.uaddr, hostAddress: host),
+                      mapping: mapping)
+    }
+
+    /// Builds a new table and points running queues at it. The old mappings
+    /// go when the last queue lets go of the old table.
+    private func memoryChanged() throws(VhostUserError) {
+        let mappings = regions.map(\.mapping)
+        let table: GuestMemory
+        do {
+            table = try GuestMemory(regions: regions.map(\.region), release: { withExtendedLifetime(mappings) {} })
+        } catch {
+            throw .invalid("memory table rejected: \(error.description) (overlapping or wrapping regions)")
+        }
+        for i in vrings.indices {
+            guard let queue = vrings[i].queue else { continue }
+            do {
+                try queue.setMemory(table)
+            } catch {
+                throw .invalid("ring \(i) lies outside the new memory table")
+            }
+        }
+        memory = table
+        try startReadyQueues()
+    }
+
+    // MARK: - Rings
+
+    private func vringIndex(_ raw: UInt32) throws(VhostUserError) -> Int {
+        guard raw < UInt32(numQueues) else { throw .invalid("queue index \(raw) out of range (the disk has \(numQueues))") }
+        return Int(raw)
+    }
+
+    private func setNotifier(_ request: VhostUserRequest, ring i: Int, fd: Int32) throws(VhostUserError) {
+        switch request {
+        case .setVringKick:
+            if vrings[i].kick >= 0 { closeFD(vrings[i].kick) }
+            vrings[i].kick = fd
+        case .setVringCall:
+            if vrings[i].call >= 0 { closeFD(vrings[i].call) }
+            vrings[i].call = fd
+        default:
+            if vrings[i].err >= 0 { closeFD(vrings[i].err) }
+            vrings[i].err = fd
+        }
+        // A running queue keeps the fds it started with: restart it on the new ones.
+        try restartIfRunning(i)
+        try startReadyQueues()
+    }
+
+    private func restartIfRunning(_ i: Int) throws(VhostUserError) {
+        guard vrings[i].queue != nil else { return }
+        vrings[i].base = stopRing(i)
+    }
+
+    /// Stops a ring (its in-flight requests complete) and returns where it stopped.
+    private func stopRing(_ i: Int) -> UInt16 {
+        guard let queue = vrings[i].queue else { return vrings[i].base }
+        vrings[i].queue = nil
+        let last = plane.stopQueue(disk: disk, index: i) ?? queue.stop()
+        vrings[i].base = last
+        return last
+    }
+
+    private func closeNotifiers(_ i: Int) {
+        for fd in [vrings[i].kick, vrings[i].call] where fd >= 0 { closeFD(fd) }
+        vrings[i].kick = -1
+        vrings[i].call = -1
+    }
+
+    private func startReadyQueues() throws(VhostUserError) {
+        guard featuresAcked, let memory else { return }
+        for i in vrings.indices {
+            let v = vrings[i]
+            guard v.queue == nil, v.enabled, v.num > 0, v.addressSet, v.kick >= 0 else { continue }
+            var config = VirtqueueConfiguration(
+                size: v.num, descriptorTable: v.desc, availRing: v.avail, usedRing: v.used, addressesAreUser: true,
+                eventIndex: features & VirtioFeature.ringEventIndex != 0,
+                indirectDescriptors: features & VirtioFeature.ringIndirectDesc != 0,
+                lastAvailIndex: v.base, kickFD: v.kick, callFD: v.call, errorFD: v.err)
+            if let inflight {
+                guard i < inflight.numQueues, v.num <= inflight.queueSize else {
+                    throw .invalid("ring \(i) of size \(v.num) does not fit the inflight region (\(inflight.numQueues) queues of \(inflight.queueSize))")
+                }
+                config.inflight = UInt(bitPattern: inflight.mapping.base) + UInt(UInt64(i) * inflight.perQueue)
+            }
+            do {
+                vrings[i].queue = try plane.startQueue(disk: disk, index: i, memory: memory, configuration: config)
+            } catch {
+                throw .invalid(error.description)
+            }
+            log("disk \(disk.name): queue \(i) started (size \(v.num), avail index \(v.base), \(vrings[i].queue?.thread.configuration.name ?? "?"))")
+        }
+    }
+
+    private func resetRings() {
+        for i in vrings.indices {
+            _ = stopRing(i)
+            closeNotifiers(i)
+            if vrings[i].err >= 0 { closeFD(vrings[i].err) }
+        }
+        vrings = Array(repeating: Vring(), count: numQueues)
+    }
+
+    /// Back to the state a new frontend expects: rings stopped (in-flight
+    /// requests complete first), fds closed, memory unmapped.
+    func reset() {
+        resetRings()
+        memory = nil
+        regions = []
+        inflight = nil
+        features = 0
+        featuresAcked = false
+        protocolFeatures = 0
+        status = 0
+    }
+
+    /// Queue statistics of the running rings.
+    var runningQueues: [Virtqueue] { vrings.compactMap(\.queue) }
+
+    // MARK: - Inflight region
+
+    private func getInflightFD(_ p: PayloadReader) throws(VhostUserError) -> Reply {
+        guard hasProtocolFeature(.inflightShmfd) else { throw .outOfOrder("GET_INFLIGHT_FD without INFLIGHT_SHMFD") }
+        let queues = Int(try p.u16(16))
+        let queueSize = Int(try p.u16(18))
+        guard queues > 0, queues <= numQueues, queueSize > 0, queueSize <= Int(DP_QUEUE_MAX_SIZE) else {
+            throw .invalid("inflight region for \(queues) queues of \(queueSize)")
+        }
+        let perQueue = dp_inflight_queue_size(UInt32(queueSize))
+        let size = perQueue * UInt64(queues)
+        let fd = dps_memfd("dataplane-inflight", size)
+        guard fd >= 0 else { throw .system("memfd for the inflight region", -fd) }
+        do {
+            inflight = Inflight(mapping: try SharedMapping(fd: fd, length: size), numQueues: queues,
+                                queueSize: queueSize, perQueue: perQueue)
+        } catch {
+            closeFD(fd)
+            throw error
+        }
+        var out: [UInt8] = []
+        out.appendLE(size)
+        out.appendLE(UInt64(0))
+        out.appendLE(UInt16(queues))
+        out.appendLE(UInt16(queueSize))
+        out += [0, 0, 0, 0]
+        return Reply(payload: out, fds: [fd])
+    }
+
+    private func setInflightFD(_ message: VhostUserMessage, _ p: PayloadReader) throws(VhostUserError) {
+        guard hasProtocolFeature(.inflightShmfd) else { throw .outOfOrder("SET_INFLIGHT_FD without INFLIGHT_SHMFD") }
+        guard message.payload.count >= 20 else { throw .malformed("SET_INFLIGHT_FD payload of \(message.payload.count) bytes") }
+        let fd = message.takeFDs()[0]
+        defer { closeFD(fd) }
+        let size = try p.u64(0)
+        let offset = try p.u64(8)
+        let queues = Int(try p.u16(16))
+        let queueSize = Int(try p.u16(18))
+        guard queues > 0, queues <= numQueues, queueSize > 0, queueSize <= Int(DP_QUEUE_MAX_SIZE) else {
+            throw .invalid("inflight region for \(queues) queues of \(queueSize)")
+        }
+        let perQueue = dp_inflight_queue_size(UInt32(queueSize))
+        guard offset == 0, size >= perQueue * UInt64(queues) else {
+            throw .invalid("inflight region of \(size) bytes at offset \(offset) is too small for \(queues) queues of \(queueSize)")
+        }
+        var fileSize: UInt64 = 0
+        guard dps_fd_size(fd, &fileSize) == 0, fileSize >= size else {
+            throw .invalid("inflight fd is smaller than the \(size) bytes announced")
+        }
+        guard vrings.allSatisfy({ $0.queue == nil }) else { throw .outOfOrder("SET_INFLIGHT_FD while rings run") }
+        inflight = Inflight(mapping: try SharedMapping(fd: fd, length: size), numQueues: queues,
+                            queueSize: queueSize, perQueue: perQueue)
+    }
+
+    // MARK: - Helpers
+
+    private func expectSize(_ message: VhostUserMessage, _ size: Int) throws(VhostUserError) {
+        guard message.payload.count == size else {
+            throw .malformed("payload of \(message.payload.count) bytes where \(size) are expected")
+        }
+    }
+
+    private func le64(_ v: UInt64) -> [UInt8] {
+        var b: [UInt8] = []
+        b.appendLE(v)
+        return b
+    }
+}

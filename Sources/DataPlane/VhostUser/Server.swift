@@ -1,0 +1,284 @@
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Musl)
+import Musl
+#endif
+import CDataPlaneSys
+
+/// A vhost-user-blk server: one unix socket per disk, one frontend at a time
+/// per disk, all served by one control thread that polls the sockets. The
+/// data path never passes through here.
+public final class VhostUserServer: @unchecked Sendable {
+    // Everything below `lock` is touched by the control thread only, except
+    // `exports` (appended before start) and `stopping`, which go under `lock`.
+    public typealias Log = @Sendable (String) -> Void
+
+    private final class Export {
+        let device: VhostUserBlkDevice
+        let path: String
+        let listenFD: Int32
+        var connection: Connection?
+
+        init(device: VhostUserBlkDevice, path: String, listenFD: Int32) {
+            self.device = device
+            self.path = path
+            self.listenFD = listenFD
+        }
+    }
+
+    private final class Connection {
+        let fd: Int32
+        var header = [UInt8](repeating: 0, count: vhostUserHeaderSize)
+        var headerFilled = 0
+        var payload: [UInt8] = []
+        var payloadFilled = 0
+        var fds: [Int32] = []
+
+        init(fd: Int32) { self.fd = fd }
+
+        func resetMessage() {
+            headerFilled = 0
+            payload = []
+            payloadFilled = 0
+            fds = []
+        }
+
+        deinit {
+            fds.forEach { closeFD($0) }
+            closeFD(fd)
+        }
+    }
+
+    private let plane: DataPlane
+    private let log: Log
+    private let lock = Lock()
+    private var exports: [Export] = []
+    private var stopping = false
+    private var thread: pthread_t?
+    private let wakeFD: Int32
+
+    public init(plane: DataPlane, log: @escaping Log) throws(DataPlaneError) {
+        self.plane = plane
+        self.log = log
+        let fd = dps_eventfd(0, true)
+        guard fd >= 0 else { throw .system(operation: "eventfd", errno: -fd) }
+        wakeFD = fd
+    }
+
+    deinit {
+        stop()
+        closeFD(wakeFD)
+    }
+
+    /// Listens for a frontend of `disk` at `socketPath`. A stale socket file
+    /// (nobody listening) is replaced; a live one is an error.
+    public func addExport(disk: Disk, socketPath: String) throws(DataPlaneError) {
+        var fd = dps_unix_listen(socketPath, 4)
+        if fd == -EADDRINUSE {
+            var st = stat()
+            guard lstat(socketPath, &st) == 0, (st.st_mode & S_IFMT) == S_IFSOCK else {
+                throw .unusableImage(path: socketPath, reason: "the socket path exists and is not a socket")
+            }
+            let probe = dps_unix_connect(socketPath)
+            if probe >= 0 {
+                closeFD(probe)
+                throw .system(operation: "listening on \(socketPath) (another process serves it)", errno: EADDRINUSE)
+            }
+            unlink(socketPath)
+            fd = dps_unix_listen(socketPath, 4)
+        }
+        guard fd >= 0 else { throw .system(operation: "listening on \(socketPath)", errno: -fd) }
+        let device = VhostUserBlkDevice(disk: disk, plane: plane, log: log)
+        lock.withLock { exports.append(Export(device: device, path: socketPath, listenFD: fd)) }
+    }
+
+    /// The socket paths served.
+    public var socketPaths: [String] { lock.withLock { exports.map(\.path) } }
+
+    /// Whether a frontend is connected to the disk's socket.
+    public func isConnected(socketPath: String) -> Bool {
+        lock.withLock { exports.first { $0.path == socketPath }?.connection != nil }
+    }
+
+    /// Starts the control thread.
+    public func start() throws(DataPlaneError) {
+        let box = Unmanaged.passRetained(self)
+        var tid = pthread_t()
+        let ret = pthread_create(&tid, nil, { arg in
+            let server = Unmanaged<VhostUserServer>.fromOpaque(arg!).takeRetainedValue()
+            server.run()
+            return nil
+        }, box.toOpaque())
+        guard ret == 0 else {
+            box.release()
+            throw .system(operation: "starting the vhost-user thread", errno: ret)
+        }
+        lock.withLock { thread = tid }
+    }
+
+    /// Disconnects every frontend (their queues drain first), removes the
+    /// sockets and ends the control thread. Idempotent.
+    public func stop() {
+        let tid: pthread_t? = lock.withLock {
+            stopping = true
+            defer { thread = nil }
+            return thread
+        }
+        var one: UInt64 = 1
+        _ = write(wakeFD, &one, 8)
+        if let tid { pthread_join(tid, nil) }
+    }
+
+    // MARK: - The control thread
+
+    private func run() {
+        while !lock.withLock({ stopping }) {
+            let current = lock.withLock { exports }
+            var fds = [pollfd(fd: wakeFD, events: Int16(POLLIN), revents: 0)]
+            for export in current {
+                fds.append(pollfd(fd: export.listenFD, events: Int16(POLLIN), revents: 0))
+                fds.append(pollfd(fd: export.connection?.fd ?? -1, events: Int16(POLLIN), revents: 0))
+            }
+            let n = poll(&fds, nfds_t(fds.count), -1)
+            if n < 0 && errno != EINTR {
+                log("vhost-user: poll failed: \(DataPlaneError.message(errno))")
+                break
+            }
+            for (i, export) in current.enumerated() {
+                if fds[2 + 2 * i].revents != 0, let connection = export.connection {
+                    if let reason = serve(export, connection) { disconnect(export, reason: reason) }
+                }
+                if fds[1 + 2 * i].revents & Int16(POLLIN) != 0 { accept(export) }
+            }
+        }
+        for export in lock.withLock({ exports }) {
+            if export.connection != nil { disconnect(export, reason: "server stopping") }
+            closeFD(export.listenFD)
+            unlink(export.path)
+        }
+    }
+
+    private func accept(_ export: Export) {
+        let fd = dps_accept(export.listenFD)
+        guard fd >= 0 else { return }
+        if export.connection != nil {
+            log("\(export.path): refused a second frontend (one is connected)")
+            closeFD(fd)
+            return
+        }
+        lock.withLock { export.connection = Connection(fd: fd) }
+        log("\(export.path): frontend connected")
+    }
+
+    private func disconnect(_ export: Export, reason: String) {
+        log("\(export.path): frontend disconnected: \(reason)")
+        export.device.reset()
+        lock.withLock { export.connection = nil }
+    }
+
+    /// Reads what is there; handles complete messages. Returns why the
+    /// connection must close, or nil to keep it.
+    private func serve(_ export: Export, _ c: Connection) -> String? {
+        while true {
+            let inHeader = c.headerFilled < vhostUserHeaderSize
+            let want = inHeader ? vhostUserHeaderSize - c.headerFilled : c.payload.count - c.payloadFilled
+            if !inHeader && want == 0 {
+                let message = VhostUserMessage(request: header(c, 0), flags: header(c, 4), payload: c.payload, fds: c.fds)
+                c.fds = []
+                c.resetMessage()
+                if let reason = process(export, c, message) { return reason }
+                continue
+            }
+            var received = [Int32](repeating: -1, count: 8)
+            var count: Int32 = 0
+            var truncated = false
+            let r: Int = inHeader
+                ? c.header.withUnsafeMutableBytes { dps_recv_fds(c.fd, $0.baseAddress! + c.headerFilled, want, &received, 8, &count, &truncated) }
+                : c.payload.withUnsafeMutableBytes { dps_recv_fds(c.fd, $0.baseAddress! + c.payloadFilled, want, &received, 8, &count, &truncated) }
+            c.fds += received.prefix(Int(count))
+            if truncated || c.fds.count > 8 { return "more file descriptors than a message may carry" }
+            if r == -EAGAIN || r == -EWOULDBLOCK { return nil }
+            if r == 0 { return inHeader && c.headerFilled == 0 ? "closed by the frontend" : "closed in the middle of a message" }
+            if r < 0 { return "read failed: \(DataPlaneError.message(Int32(-r)))" }
+            if inHeader {
+                c.headerFilled += r
+                if c.headerFilled == vhostUserHeaderSize {
+                    let flags = header(c, 4), size = Int(header(c, 8))
+                    if flags & VhostUserFlags.versionMask != VhostUserFlags.version {
+                        return "protocol version \(flags & VhostUserFlags.versionMask) (expected 1)"
+                    }
+                    if size > vhostUserMaxPayload { return "payload size \(size) exceeds \(vhostUserMaxPayload)" }
+                    c.payload = [UInt8](repeating: 0, count: size)
+                }
+            } else {
+                c.payloadFilled += r
+            }
+        }
+    }
+
+    private func header(_ c: Connection, _ offset: Int) -> UInt32 {
+        (0..<4).reduce(UInt32(0)) { $0 | UInt32(c.header[offset + $1]) << (8 * UInt32($1)) }
+    }
+
+    /// Handles one message; returns why the connection must close, or nil.
+    private func process(_ export: Export, _ c: Connection, _ message: VhostUserMessage) -> String? {
+        let device = export.device
+        guard let request = VhostUserRequest(rawValue: message.request) else {
+            return "unknown request \(message.request)"
+        }
+        let needReply = message.flags & VhostUserFlags.needReply != 0
+        let ackable = needReply && device.replyAckNegotiated && !VhostUserBlkDevice.hasReply(request)
+        do throws(VhostUserError) {
+            let allowed = try VhostUserBlkDevice.expectedFDs(request, payload: PayloadReader(bytes: message.payload))
+            guard allowed.contains(message.fds.count) else {
+                throw VhostUserError.malformed("\(request) carries \(message.fds.count) file descriptors (expects \(allowed.lowerBound == allowed.upperBound ? "\(allowed.lowerBound)" : "\(allowed)"))")
+            }
+            let reply = try device.handle(request, message)
+            if let reply {
+                if !send(c, request: message.request, payload: reply.payload, fds: reply.fds) { return "reply failed" }
+            } else if ackable {
+                if !send(c, request: message.request, payload: ack(0), fds: []) { return "reply failed" }
+            }
+            return nil
+        } catch {
+            log("\(export.path): \(request): \(error)")
+            // REPLY_ACK tells the truth: non-zero for a message that failed.
+            if ackable { _ = send(c, request: message.request, payload: ack(1), fds: []) }
+            return error.closesConnection ? "\(request): \(error)" : nil
+        }
+    }
+
+    private func ack(_ value: UInt64) -> [UInt8] {
+        var b: [UInt8] = []
+        b.appendLE(value)
+        return b
+    }
+
+    private func send(_ c: Connection, request: UInt32, payload: [UInt8], fds: [Int32]) -> Bool {
+        defer { fds.forEach { closeFD($0) } }
+        var bytes: [UInt8] = []
+        bytes.appendLE(request)
+        bytes.appendLE(VhostUserFlags.version | VhostUserFlags.reply)
+        bytes.appendLE(UInt32(payload.count))
+        bytes += payload
+        var sent = 0
+        var first = true
+        while sent < bytes.count {
+            let r = bytes.withUnsafeBytes { raw in
+                fds.withUnsafeBufferPointer { fdBuffer in
+                    dps_send_fds(c.fd, raw.baseAddress! + sent, raw.count - sent,
+                                 first ? fdBuffer.baseAddress : nil, first ? Int32(fdBuffer.count) : 0)
+                }
+            }
+            if r == -EAGAIN || r == -EWOULDBLOCK {
+                var p = pollfd(fd: c.fd, events: Int16(POLLOUT), revents: 0)
+                if poll(&p, 1, 1000) <= 0 { return false }
+                continue
+            }
+            if r <= 0 { return false }
+            sent += r
+            first = false
+        }
+        return true
+    }
+}
