@@ -23,7 +23,7 @@ let package = Package(
         // System calls the Swift control path needs but cannot import (CMSG_*, sockaddr_un).
         .target(name: "CDataPlaneSys", cSettings: [.define("_GNU_SOURCE")]),
         .target(name: "DataPlane", dependencies: ["CDataPlane", "CDataPlaneSys"]),
-        .executableTarget(name: "dpctl", dependencies: ["DataPlane"]),
+        .executableTarget(name: "dpctl", dependencies: ["DataPlane", "CDataPlaneSys"]),
         .executableTarget(name: "dataplane-example", dependencies: ["DataPlane", "CGuestDriver"], path: "Examples/InProcess"),
         .executableTarget(name: "dp-bench", dependencies: ["DataPlane", "CGuestDriver"], path: "bench/dp-bench"),
         .testTarget(name: "DataPlaneTests", dependencies: ["DataPlane", "CDataPlane", "CDataPlaneSys", "CGuestDriver"]),

@@ -25,6 +25,10 @@ public struct CPUSet: Sendable, Hashable, CustomStringConvertible {
         self.cpus = cpus
     }
 
+    /// One single-CPU set per member: IOThread i of N can be pinned to
+    /// `individualCPUs[i % count]`.
+    public var individualCPUs: [CPUSet] { cpus.map { CPUSet(sortedUnique: [$0]) } }
+
     /// Parses a CPU list such as `"5,6"`, `"0-3,8"` or `" 1 , 3 "`.
     ///
     /// - Throws: ``ConfigurationError/invalidCPUSet(input:reason:)`` when the

@@ -171,7 +171,7 @@ public final class DataPlane: Sendable {
     }
 
     /// All counters at one moment; subtract two snapshots for rates.
-    public struct Snapshot: Sendable {
+    public struct Snapshot: Sendable, Codable {
         public var monotonicNanoseconds: UInt64
         public var threads: [IOThreadStatistics]
         public var queues: [QueueStatistics]

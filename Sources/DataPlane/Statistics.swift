@@ -2,7 +2,7 @@ import CDataPlane
 
 /// A log2 histogram of request latencies: bucket i counts latencies in
 /// [2^i, 2^(i+1)) nanoseconds.
-public struct LatencyHistogram: Sendable, Equatable {
+public struct LatencyHistogram: Sendable, Equatable, Codable {
     public var buckets: [UInt64]
 
     public init(buckets: [UInt64] = Array(repeating: 0, count: Int(DP_LATENCY_BUCKETS))) {
@@ -39,7 +39,7 @@ public struct LatencyHistogram: Sendable, Equatable {
 }
 
 /// Counters of one virtqueue (or a sum of several), read without locks.
-public struct QueueStatistics: Sendable, Equatable {
+public struct QueueStatistics: Sendable, Equatable, Codable {
     public var disk: String
     public var queue: Int
     public var thread: String
@@ -164,7 +164,7 @@ public struct QueueStatistics: Sendable, Equatable {
 }
 
 /// Throughput and latency over an interval.
-public struct Rates: Sendable, Equatable {
+public struct Rates: Sendable, Equatable, Codable {
     public var iops: Double
     public var readMBps: Double
     public var writeMBps: Double
@@ -175,7 +175,7 @@ public struct Rates: Sendable, Equatable {
 }
 
 /// Counters of one IOThread.
-public struct IOThreadStatistics: Sendable, Equatable {
+public struct IOThreadStatistics: Sendable, Equatable, Codable {
     public var name: String
     public var iterations: UInt64
     public var waits: UInt64

@@ -1,1 +1,54 @@
-print("dpctl")
+import DataPlane
+import Foundation
+
+let usage = """
+USAGE: dpctl <command> [options]
+
+A vhost-user-blk data plane: serves raw images (or a null backend) to QEMU
+guests from IOThreads pinned to CPUs, with io_uring.
+
+COMMANDS:
+  start         Serve disks in the foreground (logs on stderr; SIGINT/SIGTERM drain and exit)
+  status        Show a running instance's disks, frontends, queues and IOThreads
+  stats         Show IOPS, MB/s and latency per IOThread, disk and queue
+  stop          Ask a running instance to drain and exit
+  qemu-args     Print the QEMU options that connect a guest to a socket
+  libvirt-xml   Print the libvirt <disk> and <memoryBacking> snippet for a socket
+
+Run 'dpctl <command> --help' for a command's options.
+"""
+
+func run() -> Int32 {
+    var words = Array(CommandLine.arguments.dropFirst())
+    guard let command = words.first else {
+        print(usage)
+        return 2
+    }
+    words.removeFirst()
+    do {
+        switch command {
+        case "start": return try StartCommand.run(words)
+        case "status": return try StatusCommand.run(words, stats: false)
+        case "stats": return try StatusCommand.run(words, stats: true)
+        case "stop": return try StopCommand.run(words)
+        case "qemu-args": return try GuestConfigCommand.run(words, kind: .qemu)
+        case "libvirt-xml": return try GuestConfigCommand.run(words, kind: .libvirt)
+        case "-h", "--help", "help":
+            print(usage)
+            return 0
+        default:
+            throw CLIError("unknown command \(command.debugDescription); commands: start, status, stats, stop, qemu-args, libvirt-xml", usage: true)
+        }
+    } catch let error as CLIError {
+        FileHandle.standardError.write(Data("dpctl: error: \(error.description)\n".utf8))
+        return error.usage ? 2 : 1
+    } catch let error as DataPlaneError {
+        FileHandle.standardError.write(Data("dpctl: error: \(error.description)\n".utf8))
+        return 1
+    } catch {
+        FileHandle.standardError.write(Data("dpctl: error: \(error)\n".utf8))
+        return 1
+    }
+}
+
+exit(run())

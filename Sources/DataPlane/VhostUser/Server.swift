@@ -92,6 +92,19 @@ public final class VhostUserServer: @unchecked Sendable {
         lock.withLock { exports.append(Export(device: device, path: socketPath, listenFD: fd)) }
     }
 
+    /// What each export serves and whether a frontend is connected.
+    public struct ExportStatus: Sendable, Codable {
+        public var socketPath: String
+        public var disk: String
+        public var connected: Bool
+    }
+
+    public var exportStatus: [ExportStatus] {
+        lock.withLock {
+            exports.map { ExportStatus(socketPath: $0.path, disk: $0.device.disk.name, connected: $0.connection != nil) }
+        }
+    }
+
     /// The socket paths served.
     public var socketPaths: [String] { lock.withLock { exports.map(\.path) } }
 

@@ -1,0 +1,222 @@
+import CDataPlaneSys
+import DataPlane
+import Foundation
+
+/// What `dpctl start` serves: from the command line or a --config file.
+struct InstanceConfiguration: Codable {
+    struct DiskEntry: Codable {
+        var path: String
+        var socket: String
+        var readOnly: Bool?
+        var numQueues: Int?
+        var queueSize: Int?
+        var backend: String?
+        var serial: String?
+        var directIO: Bool?
+        var logicalBlockSize: UInt32?
+        var nullSize: UInt64?
+    }
+
+    var iothreads: Int?
+    var cpuset: String?
+    var pollMicroseconds: UInt32?
+    var control: String?
+    var disks: [DiskEntry]
+}
+
+enum StartCommand {
+    static let help = """
+    USAGE: dpctl start [--iothreads N] [--cpuset LIST] [--poll-us N] [--control PATH]
+                       --disk PATH --socket PATH [disk options] [--disk PATH --socket PATH ...]
+           dpctl start --config FILE
+
+    Serves each disk as a vhost-user-blk device on its unix socket, in the
+    foreground. SIGINT or SIGTERM (or 'dpctl stop') drain in-flight I/O and exit.
+
+    INSTANCE OPTIONS:
+      --iothreads N       IOThreads to run (default 1); queues are spread over them round-robin
+      --cpuset LIST       CPUs the IOThreads are pinned to, like taskset: 5,6 or 0-3,8;
+                          IOThread i gets the i-th CPU (round-robin). Default: all online CPUs
+      --poll-us N         Busy-poll window upper bound in microseconds, adaptive (default 32; 0 = never poll)
+      --control PATH      Control socket for status/stats/stop (default: FIRST-SOCKET.ctl)
+      --config FILE       Read everything from a JSON file instead (see README); no --disk then
+
+    DISK OPTIONS (apply to the --disk before them):
+      --disk PATH         Raw image file or block device (a name, with --backend null)
+      --socket PATH       vhost-user socket to listen on (required per disk)
+      --readonly          Refuse writes (the guest sees a read-only disk)
+      --num-queues N      Queues offered to the frontend, 1-64 (default 16: QEMU asks one per vCPU)
+      --queue-size N      Largest ring size accepted, power of two (default 256)
+      --backend file|null File I/O with io_uring (default), or complete without I/O (reads return zeroes)
+      --null-size SIZE    Capacity of a null disk (default 1G)
+      --serial TEXT       Serial number the guest sees (at most 20 bytes; default: the file name)
+      --block-size N      Logical block size, 512-65536 (default 512)
+      --no-direct         Use the page cache instead of O_DIRECT
+    """
+
+    static func parse(_ words: [String]) throws -> InstanceConfiguration {
+        var args = Arguments(words)
+        var config = InstanceConfiguration(disks: [])
+        var configFile: String?
+        var current: InstanceConfiguration.DiskEntry?
+        func needDisk(_ option: String) throws(CLIError) {
+            if current == nil { throw CLIError("\(option) must follow a --disk", usage: true) }
+        }
+        func finishDisk() throws(CLIError) {
+            guard let disk = current else { return }
+            if disk.socket.isEmpty { throw CLIError("--disk \(disk.path) has no --socket", usage: true) }
+            config.disks.append(disk)
+            current = nil
+        }
+        while let word = args.next() {
+            let (option, inline) = Arguments.split(word)
+            switch option {
+            case "-h", "--help":
+                print(help)
+                exit(0)
+            case "--config": configFile = try args.value(for: option, inline: inline)
+            case "--iothreads": config.iothreads = try parseInt(try args.value(for: option, inline: inline), option: option, range: 1...256)
+            case "--cpuset": config.cpuset = try args.value(for: option, inline: inline)
+            case "--poll-us":
+                config.pollMicroseconds = UInt32(try parseInt(try args.value(for: option, inline: inline), option: option, range: 0...1_000_000))
+            case "--control": config.control = try args.value(for: option, inline: inline)
+            case "--disk":
+                try finishDisk()
+                current = .init(path: try args.value(for: option, inline: inline), socket: "")
+            case "--socket":
+                try needDisk(option)
+                if current?.socket.isEmpty == false { throw CLIError("--disk \(current?.path ?? "") has two --socket options", usage: true) }
+                current?.socket = try args.value(for: option, inline: inline)
+            case "--readonly":
+                try needDisk(option)
+                current?.readOnly = true
+            case "--no-direct":
+                try needDisk(option)
+                current?.directIO = false
+            case "--num-queues":
+                try needDisk(option)
+                current?.numQueues = try parseInt(try args.value(for: option, inline: inline), option: option, range: 1...64)
+            case "--queue-size":
+                try needDisk(option)
+                current?.queueSize = try parseInt(try args.value(for: option, inline: inline), option: option, range: 1...32768)
+            case "--backend":
+                try needDisk(option)
+                let b = try args.value(for: option, inline: inline)
+                guard BackendKind(rawValue: b) != nil else { throw CLIError("--backend \(b.debugDescription): use file or null", usage: true) }
+                current?.backend = b
+            case "--null-size":
+                try needDisk(option)
+                current?.nullSize = try parseSize(try args.value(for: option, inline: inline), option: option)
+            case "--serial":
+                try needDisk(option)
+                current?.serial = try args.value(for: option, inline: inline)
+            case "--block-size":
+                try needDisk(option)
+                current?.logicalBlockSize = UInt32(try parseInt(try args.value(for: option, inline: inline), option: option, range: 512...65536))
+            default:
+                throw CLIError("unknown option \(word.debugDescription) for start (see dpctl start --help)", usage: true)
+            }
+        }
+        try finishDisk()
+        if let configFile {
+            if !config.disks.isEmpty { throw CLIError("--config and --disk conflict: put the disks in the file", usage: true) }
+            guard let data = FileManager.default.contents(atPath: configFile) else {
+                throw CLIError("cannot read config file \(configFile.debugDescription)")
+            }
+            do {
+                var fromFile = try JSONDecoder().decode(InstanceConfiguration.self, from: data)
+                fromFile.iothreads = config.iothreads ?? fromFile.iothreads
+                fromFile.cpuset = config.cpuset ?? fromFile.cpuset
+                fromFile.pollMicroseconds = config.pollMicroseconds ?? fromFile.pollMicroseconds
+                fromFile.control = config.control ?? fromFile.control
+                config = fromFile
+            } catch {
+                throw CLIError("config file \(configFile): \(error)")
+            }
+        }
+        if config.disks.isEmpty { throw CLIError("nothing to serve: give --disk PATH --socket PATH (or --config FILE)", usage: true) }
+        let sockets = config.disks.map(\.socket)
+        if Set(sockets).count != sockets.count { throw CLIError("two disks share a socket path", usage: true) }
+        return config
+    }
+
+    static func diskConfiguration(_ d: InstanceConfiguration.DiskEntry) throws -> DiskConfiguration {
+        guard let backend = BackendKind(rawValue: d.backend ?? "file") else {
+            throw CLIError("backend \(d.backend ?? "").debugDescription) of \(d.path): use file or null")
+        }
+        var c = DiskConfiguration(path: d.path, backend: backend, readOnly: d.readOnly ?? false,
+                                  directIO: d.directIO ?? true, serial: d.serial,
+                                  logicalBlockSize: d.logicalBlockSize ?? 512, numQueues: d.numQueues ?? 16,
+                                  queueSize: d.queueSize ?? 256)
+        if let size = d.nullSize { c.nullSizeBytes = size }
+        return c
+    }
+
+    static func run(_ words: [String]) throws -> Int32 {
+        let config = try parse(words)
+        let online = try CPUSet.online()
+        let cpuset = try config.cpuset.map { text throws -> CPUSet in
+            do { return try CPUSet(parsing: text) } catch { throw CLIError("--cpuset: \(error)", usage: true) }
+        } ?? online
+        do { try cpuset.validateOnline(online) } catch { throw CLIError("--cpuset: \(error)") }
+        let threadCount = config.iothreads ?? 1
+        let disks = try config.disks.map(diskConfiguration)
+        let totalQueues = disks.reduce(0) { $0 + $1.numQueues }
+        if totalQueues > threadCount * 256 {
+            throw CLIError("\(totalQueues) queues are more than \(threadCount) IOThread(s) serve (256 each): add --iothreads or lower --num-queues")
+        }
+
+        // Signals are taken by sigwait in this thread; every other thread inherits the mask.
+        var signals = sigset_t()
+        sigemptyset(&signals)
+        sigaddset(&signals, SIGINT)
+        sigaddset(&signals, SIGTERM)
+        pthread_sigmask(SIG_BLOCK, &signals, nil)
+
+        let threads = (0..<threadCount).map { i in
+            IOThreadConfiguration(name: "iothread\(i)", cpuset: cpuset.individualCPUs[i % cpuset.cpus.count],
+                                  pollMaxMicroseconds: config.pollMicroseconds ?? 32)
+        }
+        let plane = try DataPlane(iothreads: threads)
+        let server = try VhostUserServer(plane: plane, log: { log($0) })
+        var opened: [(Disk, String)] = []
+        do {
+            for (entry, diskConfig) in zip(config.disks, disks) {
+                let disk = try plane.addDisk(diskConfig)
+                try server.addExport(disk: disk, socketPath: entry.socket)
+                opened.append((disk, entry.socket))
+            }
+        } catch {
+            server.stop()
+            plane.stop()
+            throw error
+        }
+        let controlPath = config.control ?? config.disks[0].socket + ".ctl"
+        let control: ControlServer
+        do {
+            control = try ControlServer(path: controlPath, plane: plane, server: server, cpus: threads.map { $0.cpuset })
+        } catch {
+            server.stop()
+            plane.stop()
+            throw error
+        }
+        try server.start()
+        for (i, t) in plane.threads.enumerated() {
+            log("\(t.configuration.name): CPU \(threads[i].cpuset), NUMA node \(t.numaNode.map(String.init) ?? "unknown"), poll window up to \(t.configuration.pollMaxMicroseconds) us")
+        }
+        for (disk, socket) in opened {
+            log("serving \(disk.name) (\(disk.capacityBytes) bytes, \(disk.configuration.readOnly ? "read-only" : "read-write"), \(disk.usesDirectIO ? "O_DIRECT" : "page cache"), up to \(disk.configuration.numQueues) queues) on \(socket)")
+        }
+        log("control socket \(controlPath); ready")
+
+        var received: Int32 = 0
+        sigwait(&signals, &received)
+        log("\(received == SIGINT ? "SIGINT" : "SIGTERM"): draining and stopping")
+        control.stop()
+        server.stop() // frontends are disconnected after their in-flight requests complete
+        plane.stop()
+        log("stopped")
+        return 0
+    }
+}
+

@@ -1,0 +1,210 @@
+import DataPlane
+import Foundation
+
+enum StatusCommand {
+    static let statusHelp = """
+    USAGE: dpctl status (--control PATH | --socket PATH) [--json]
+
+    Shows the IOThreads (CPUs, NUMA node), each disk (socket, frontend
+    connected or not, size, mode) and its running queues (IOThread, ring
+    indices, requests in flight, broken rings).
+    """
+
+    static let statsHelp = """
+    USAGE: dpctl stats (--control PATH | --socket PATH) [--json] [--watch] [--interval SECONDS]
+
+    Samples the counters twice, --interval apart (default 1 s), and shows per
+    IOThread (CPU use, wake-ups, busy-poll hits), per disk and per queue: IOPS,
+    read and write MB/s, latency p50/p99 (from the queues' log2 histograms), and
+    the share of requests found by polling rather than after a kick.
+    --watch repeats until interrupted.
+    """
+
+    static func run(_ words: [String], stats: Bool) throws -> Int32 {
+        var args = Arguments(words)
+        var control: String?, socket: String?
+        var json = false, watch = false
+        var interval = 1.0
+        while let word = args.next() {
+            let (option, inline) = Arguments.split(word)
+            switch option {
+            case "-h", "--help":
+                print(stats ? statsHelp : statusHelp)
+                return 0
+            case "--control": control = try args.value(for: option, inline: inline)
+            case "--socket": socket = try args.value(for: option, inline: inline)
+            case "--json": json = true
+            case "--watch" where stats: watch = true
+            case "--interval" where stats:
+                let text = try args.value(for: option, inline: inline)
+                guard let v = Double(text), v >= 0.1, v <= 3600 else {
+                    throw CLIError("--interval \(text.debugDescription) is not a number of seconds in 0.1...3600", usage: true)
+                }
+                interval = v
+            default:
+                throw CLIError("unknown option \(word.debugDescription) for \(stats ? "stats" : "status")", usage: true)
+            }
+        }
+        let path = try controlPath(control: control, socket: socket)
+        if !stats {
+            let response = try controlCall(path, "status")
+            if json {
+                printJSON(response)
+            } else {
+                printStatus(response)
+            }
+            return 0
+        }
+        repeat {
+            let before = try controlCall(path, "stats")
+            usleep(useconds_t(interval * 1_000_000))
+            let after = try controlCall(path, "stats")
+            guard let a = before.snapshot, let b = after.snapshot else { throw CLIError("the instance sent no statistics") }
+            let report = StatsReport(before: a, after: b)
+            if json {
+                printJSON(report)
+            } else {
+                print(report.table())
+            }
+        } while watch
+        return 0
+    }
+
+    static func printJSON<T: Encodable>(_ value: T) {
+        let encoder = JSONEncoder()
+        encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
+        if let data = try? encoder.encode(value), let text = String(data: data, encoding: .utf8) { print(text) }
+    }
+
+    static func printStatus(_ r: ControlResponse) {
+        print("dpctl pid \(r.pid.map(String.init) ?? "?")")
+        for t in r.threads ?? [] {
+            print("  \(t.name): CPU \(t.cpus), NUMA node \(t.numaNode.map(String.init) ?? "unknown"), poll up to \(t.pollMaxMicroseconds) us")
+        }
+        for d in r.disks ?? [] {
+            let size = ByteCountFormatter.string(fromByteCount: Int64(d.capacityBytes), countStyle: .binary)
+            print("disk \(d.path): \(size), \(d.readOnly ? "read-only" : "read-write"), \(d.directIO ? "O_DIRECT" : "page cache"), up to \(d.maxQueues) queues")
+            print("  socket \(d.socket): \(d.connected ? "frontend connected" : "waiting for a frontend")")
+            for q in d.queues {
+                let state = q.broken.map { "BROKEN (\($0)): the guest must reset the device" } ?? "running"
+                print("  queue \(q.index) on \(q.thread): \(state), avail \(q.lastAvailIndex), used \(q.usedIndex), in flight \(q.inFlight)")
+            }
+        }
+    }
+}
+
+/// Rates between two snapshots.
+struct StatsReport: Codable {
+    struct Row: Codable {
+        var name: String
+        var iops: Double
+        var readMBps: Double
+        var writeMBps: Double
+        var p50Microseconds: Double?
+        var p99Microseconds: Double?
+        var polledShare: Double?
+        var errors: UInt64
+    }
+
+    struct ThreadRow: Codable {
+        var name: String
+        var cpuPercent: Double
+        var wakeupsPerSecond: Double
+        var pollHitsPerSecond: Double
+        var pollWindowMicroseconds: Double
+        var cpuMicrosecondsPerRequest: Double?
+        var iops: Double
+    }
+
+    var seconds: Double
+    var threads: [ThreadRow]
+    var disks: [Row]
+    var queues: [Row]
+
+    init(before a: DataPlane.Snapshot, after b: DataPlane.Snapshot) {
+        seconds = Double(b.monotonicNanoseconds &- a.monotonicNanoseconds) / 1e9
+        let s = seconds
+        func row(_ name: String, _ x: QueueStatistics?, _ y: QueueStatistics) -> Row {
+            let r = y.rates(since: x ?? QueueStatistics(disk: y.disk, queue: y.queue, thread: y.thread), seconds: s)
+            return Row(name: name, iops: r.iops, readMBps: r.readMBps, writeMBps: r.writeMBps,
+                       p50Microseconds: r.p50Microseconds, p99Microseconds: r.p99Microseconds,
+                       polledShare: r.polledShare, errors: y.errors &- (x?.errors ?? 0))
+        }
+        disks = b.disks.map { d in row(d.disk, a.disks.first { $0.disk == d.disk }, d) }
+        queues = b.queues.map { q in
+            row("\(q.disk) q\(q.queue) (\(q.thread))", a.queues.first { $0.disk == q.disk && $0.queue == q.queue }, q)
+        }
+        threads = b.threads.map { t in
+            let old = a.threads.first { $0.name == t.name }
+            let cpu = Double(t.cpuNanoseconds &- (old?.cpuNanoseconds ?? 0))
+            let served = b.thread(t.name).requests &- a.thread(t.name).requests
+            return ThreadRow(
+                name: t.name, cpuPercent: cpu / (s * 1e9) * 100,
+                wakeupsPerSecond: Double(t.waits &- (old?.waits ?? 0)) / s,
+                pollHitsPerSecond: Double(t.pollHits &- (old?.pollHits ?? 0)) / s,
+                pollWindowMicroseconds: Double(t.pollWindowNanoseconds) / 1000,
+                cpuMicrosecondsPerRequest: served > 0 ? cpu / Double(served) / 1000 : nil,
+                iops: Double(served) / s)
+        }
+    }
+
+    func table() -> String {
+        func f(_ v: Double?, _ digits: Int = 1) -> String {
+            guard let v else { return "-" }
+            return String(format: "%.\(digits)f", v)
+        }
+        var out = "over \(f(seconds, 2)) s\n"
+        out += "IOTHREAD        CPU%    IOPS        CPU us/req  wakeups/s  poll hits/s  poll window us\n"
+        for t in threads {
+            out += "\(t.name.padding(toLength: 14, withPad: " ", startingAt: 0))  \(f(t.cpuPercent).leftPad(5))  \(f(t.iops, 0).leftPad(10))  \(f(t.cpuMicrosecondsPerRequest, 3).leftPad(10))  \(f(t.wakeupsPerSecond, 0).leftPad(9))  \(f(t.pollHitsPerSecond, 0).leftPad(11))  \(f(t.pollWindowMicroseconds).leftPad(14))\n"
+        }
+        out += "DISK / QUEUE                          IOPS   READ MB/s  WRITE MB/s  p50 us  p99 us  polled  errors\n"
+        for r in disks + queues {
+            out += "\(r.name.padding(toLength: 32, withPad: " ", startingAt: 0))  \(f(r.iops, 0).leftPad(10))  \(f(r.readMBps).leftPad(9))  \(f(r.writeMBps).leftPad(10))  \(f(r.p50Microseconds).leftPad(6))  \(f(r.p99Microseconds).leftPad(6))  \(r.polledShare.map { f($0 * 100, 0) + "%" } ?? "-")".padding(toLength: 100, withPad: " ", startingAt: 0) + "  \(r.errors)\n"
+        }
+        return out
+    }
+}
+
+extension String {
+    func leftPad(_ width: Int) -> String {
+        count >= width ? self : String(repeating: " ", count: width - count) + self
+    }
+}
+
+enum StopCommand {
+    static let help = """
+    USAGE: dpctl stop (--control PATH | --socket PATH) [--timeout SECONDS]
+
+    Asks a running instance to stop: in-flight requests complete, frontends are
+    disconnected, then it exits. Waits until its control socket is gone
+    (default timeout 30 s).
+    """
+
+    static func run(_ words: [String]) throws -> Int32 {
+        var args = Arguments(words)
+        var control: String?, socket: String?
+        var timeout = 30
+        while let word = args.next() {
+            let (option, inline) = Arguments.split(word)
+            switch option {
+            case "-h", "--help":
+                print(help)
+                return 0
+            case "--control": control = try args.value(for: option, inline: inline)
+            case "--socket": socket = try args.value(for: option, inline: inline)
+            case "--timeout": timeout = try parseInt(try args.value(for: option, inline: inline), option: option, range: 1...3600)
+            default: throw CLIError("unknown option \(word.debugDescription) for stop", usage: true)
+            }
+        }
+        let path = try controlPath(control: control, socket: socket)
+        let response = try controlCall(path, "stop")
+        let deadline = Date().addingTimeInterval(Double(timeout))
+        while FileManager.default.fileExists(atPath: path) {
+            if Date() > deadline { throw CLIError("dpctl pid \(response.pid ?? 0) did not stop within \(timeout) s") }
+            usleep(50_000)
+        }
+        print("stopped dpctl pid \(response.pid.map(String.init) ?? "?")")
+        return 0
+    }
+}
