@@ -1,0 +1,434 @@
+import CDataPlaneSys
+import Foundation
+import Testing
+
+@testable import DataPlane
+
+/// A bare vhost-user frontend that sends whatever it is told.
+final class RawFrontend {
+    let fd: Int32
+
+    init(path: String) throws {
+        let deadline = Date().addingTimeInterval(5)
+        var fd = dps_unix_connect(path)
+        while fd < 0 && Date() < deadline {
+            usleep(10_000)
+            fd = dps_unix_connect(path)
+        }
+        guard fd >= 0 else { throw TestFailure("connect \(path): \(fd)") }
+        self.fd = fd
+    }
+
+    deinit { close(fd) }
+
+    func sendRaw(_ bytes: [UInt8], fds: [Int32] = []) {
+        let n = bytes.withUnsafeBytes { raw in
+            fds.withUnsafeBufferPointer { dps_send_fds(fd, raw.baseAddress!, raw.count, $0.baseAddress, Int32(fds.count)) }
+        }
+        #expect(n == bytes.count || n == -EPIPE || n == -ECONNRESET)
+    }
+
+    func send(_ request: UInt32, flags: UInt32 = 1, payload: [UInt8] = [], size: UInt32? = nil, fds: [Int32] = []) {
+        var bytes: [UInt8] = []
+        bytes.appendLE(request)
+        bytes.appendLE(flags)
+        bytes.appendLE(size ?? UInt32(payload.count))
+        sendRaw(bytes + payload, fds: fds)
+    }
+
+    /// The next message, or nil when the server closed the connection.
+    func receive(timeout: Int32 = 5000) -> (request: UInt32, flags: UInt32, payload: [UInt8], fds: [Int32])? {
+        func readExactly(_ count: Int, fds: inout [Int32]) -> [UInt8]? {
+            var out = [UInt8](repeating: 0, count: count)
+            var filled = 0
+            while filled < count {
+                var p = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
+                guard poll(&p, 1, timeout) > 0 else { return nil }
+                var got = [Int32](repeating: -1, count: 8)
+                var n: Int32 = 0
+                var truncated = false
+                let r = out.withUnsafeMutableBytes { dps_recv_fds(fd, $0.baseAddress! + filled, count - filled, &got, 8, &n, &truncated) }
+                fds += got.prefix(Int(n))
+                guard r > 0 else { return nil }
+                filled += r
+            }
+            return out
+        }
+        var fds: [Int32] = []
+        guard let header = readExactly(12, fds: &fds) else { return nil }
+        let word = { (o: Int) in (0..<4).reduce(UInt32(0)) { $0 | UInt32(header[o + $1]) << (8 * UInt32($1)) } }
+        guard let payload = readExactly(Int(word(8)), fds: &fds) else { return nil }
+        return (word(0), word(4), payload, fds)
+    }
+
+    func u64Reply(_ request: UInt32) -> UInt64? {
+        send(request)
+        guard let r = receive(), r.payload.count == 8 else { return nil }
+        return PayloadReaderForTests.u64(r.payload, 0)
+    }
+
+    /// True when the server closed the connection within the timeout.
+    func closedByServer(timeout: Int32 = 5000) -> Bool {
+        var p = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
+        guard poll(&p, 1, timeout) > 0 else { return false }
+        var byte: UInt8 = 0
+        let r = recv(fd, &byte, 1, Int32(MSG_DONTWAIT))
+        // Unread data on the server's side turns its close into a reset.
+        return r == 0 || (r < 0 && errno == ECONNRESET)
+    }
+}
+
+enum PayloadReaderForTests {
+    static func u64(_ b: [UInt8], _ o: Int) -> UInt64 { (0..<8).reduce(UInt64(0)) { $0 | UInt64(b[o + $1]) << (8 * UInt64($1)) } }
+}
+
+/// A server with one null disk on a fresh socket.
+final class ServerHarness {
+    let plane: DataPlane
+    let server: VhostUserServer
+    let disk: Disk
+    let socket: String
+    let directory: String
+    let logLines = LogLines()
+
+    init(numQueues: Int = 2, readOnly: Bool = false) throws {
+        directory = NSTemporaryDirectory() + "/dp-vu-" + UUID().uuidString
+        try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
+        socket = directory + "/vhost.sock"
+        plane = try DataPlane(iothreads: [IOThreadConfiguration(name: "vu-io", cpuset: CPUSet(parsing: "0-1"))])
+        disk = try plane.addDisk(DiskConfiguration(path: "", backend: .null, readOnly: readOnly, numQueues: numQueues,
+                                                   nullSizeBytes: 64 << 20))
+        let lines = logLines
+        server = try VhostUserServer(plane: plane, log: { line in lines.append(line) })
+        try server.addExport(disk: disk, socketPath: socket)
+        try server.start()
+    }
+
+    deinit {
+        server.stop()
+        plane.stop()
+        try? FileManager.default.removeItem(atPath: directory)
+    }
+
+    var log: String { logLines.text }
+
+    /// The server still serves a new frontend: GET_FEATURES answers.
+    func stillServes() throws -> Bool {
+        let f = try RawFrontend(path: socket)
+        return f.u64Reply(1).map { $0 & (1 << 32) != 0 } ?? false
+    }
+}
+
+final class LogLines: Sendable {
+    private let lines = Mutex<[String]>([])
+    func append(_ line: String) { lines.withLock { $0.append(line) } }
+    var text: String { lines.withLock { $0.joined(separator: "\n") } }
+}
+
+/// memfds named so a test can see whether the server still holds them.
+func namedMemfd(_ name: String, size: UInt64) -> Int32 {
+    dps_memfd(name, size)
+}
+
+/// How many of this process's fds and mappings name the memfd.
+func references(to name: String) -> (fds: Int, maps: Int) {
+    let fdDir = "/proc/self/fd"
+    let fds = ((try? FileManager.default.contentsOfDirectory(atPath: fdDir)) ?? []).filter {
+        ((try? FileManager.default.destinationOfSymbolicLink(atPath: fdDir + "/" + $0)) ?? "").contains(name)
+    }.count
+    let maps = ((try? String(contentsOfFile: "/proc/self/maps", encoding: .utf8)) ?? "")
+        .split(separator: "\n").filter { $0.contains(name) }.count
+    return (fds, maps)
+}
+
+@Suite struct VhostUserProtocolTests {
+    // Request numbers.
+    static let getFeatures: UInt32 = 1, setFeatures: UInt32 = 2, setOwner: UInt32 = 3, setMemTable: UInt32 = 5
+    static let setVringNum: UInt32 = 8, setVringAddr: UInt32 = 9, setVringBase: UInt32 = 10, getVringBase: UInt32 = 11
+    static let setVringKick: UInt32 = 12, setVringCall: UInt32 = 13, getProtocolFeatures: UInt32 = 15
+    static let setProtocolFeatures: UInt32 = 16, getQueueNum: UInt32 = 17, setVringEnable: UInt32 = 18
+    static let getConfig: UInt32 = 24, getInflightFD: UInt32 = 31, getMaxMemSlots: UInt32 = 36, addMemReg: UInt32 = 37
+    static let needReply: UInt32 = 1 | 8
+
+    func le64(_ v: UInt64) -> [UInt8] { var b: [UInt8] = []; b.appendLE(v); return b }
+    func state(_ index: UInt32, _ num: UInt32) -> [UInt8] { var b: [UInt8] = []; b.appendLE(index); b.appendLE(num); return b }
+
+    func region(gpa: UInt64, size: UInt64, uaddr: UInt64, offset: UInt64) -> [UInt8] {
+        var b: [UInt8] = []
+        b.appendLE(gpa); b.appendLE(size); b.appendLE(uaddr); b.appendLE(offset)
+        return b
+    }
+
+    func memTable(_ regions: [[UInt8]]) -> [UInt8] {
+        var b: [UInt8] = []
+        b.appendLE(UInt32(regions.count)); b.appendLE(UInt32(0))
+        return b + regions.flatMap { $0 }
+    }
+
+    /// Negotiates features (optionally REPLY_ACK) as QEMU does.
+    func negotiate(_ f: RawFrontend, replyAck: Bool = true) throws {
+        let offered = try #require(f.u64Reply(Self.getFeatures))
+        f.send(Self.setFeatures, payload: le64(offered & ((1 << 32) | (1 << 30) | (1 << 28) | (1 << 29))))
+        let protocolFeatures = try #require(f.u64Reply(Self.getProtocolFeatures))
+        #expect(protocolFeatures & (1 << 3) != 0) // REPLY_ACK offered
+        f.send(Self.setProtocolFeatures, payload: le64(replyAck ? (1 << 3) | (1 << 9) : 0))
+        f.send(Self.setOwner)
+    }
+
+    /// Maps a 1 MiB memfd as guest memory [0, 1 MiB) at user address 0x10000000.
+    func sendMemory(_ f: RawFrontend, name: String = "dp-test-mem") -> Int32 {
+        let memfd = namedMemfd(name, size: 1 << 20)
+        f.send(Self.setMemTable, flags: Self.needReply, payload: memTable([region(gpa: 0, size: 1 << 20, uaddr: 0x1000_0000, offset: 0)]), fds: [memfd])
+        return memfd
+    }
+
+    func expectClosedAndServing(_ f: RawFrontend, _ h: ServerHarness, _ reason: String) throws {
+        #expect(f.closedByServer(), "connection should close: \(reason)")
+        #expect(try h.stillServes())
+        #expect(h.log.contains(reason), "log should say \(reason.debugDescription): \(h.log)")
+    }
+
+    @Test func handshakeAnswersAsQEMUExpects() throws {
+        let h = try ServerHarness(numQueues: 2)
+        let f = try RawFrontend(path: h.socket)
+        let features = try #require(f.u64Reply(Self.getFeatures))
+        #expect(features & (1 << 32) != 0 && features & (1 << 30) != 0 && features & (1 << 29) != 0)
+        #expect(features & (1 << 13) != 0 && features & (1 << 14) != 0 && features & (1 << 5) == 0)
+        try negotiate(f)
+        #expect(f.u64Reply(Self.getQueueNum) == 2)
+        #expect(f.u64Reply(Self.getMaxMemSlots) == 32)
+        // GET_CONFIG: capacity, seg_max, blk_size, num_queues; every byte defined.
+        var request: [UInt8] = []
+        request.appendLE(UInt32(0)); request.appendLE(UInt32(60)); request.appendLE(UInt32(0))
+        f.send(Self.getConfig, payload: request + [UInt8](repeating: 0xAB, count: 60))
+        let reply = try #require(f.receive())
+        #expect(reply.payload.count == 72)
+        let config = Array(reply.payload[12...])
+        #expect(PayloadReaderForTests.u64(config, 0) == (64 << 20) / 512)
+        #expect(config[20] == 0 && config[21] == 2) // blk_size 512
+        #expect(config[34] == 2 && config[35] == 0) // num_queues
+        #expect(!config.contains(0xAB))
+        // REPLY_ACK: 0 for a message that worked.
+        f.send(Self.setVringNum, flags: Self.needReply, payload: state(0, 128))
+        let ack = try #require(f.receive())
+        #expect(ack.payload == le64(0))
+    }
+
+    @Test func replyAckIsNonZeroForAFailedMessage() throws {
+        let h = try ServerHarness()
+        let f = try RawFrontend(path: h.socket)
+        try negotiate(f)
+        f.send(Self.setVringNum, flags: Self.needReply, payload: state(0, 100)) // not a power of two
+        let ack = try #require(f.receive())
+        #expect(ack.payload != le64(0))
+        try expectClosedAndServing(f, h, "not a power of two")
+    }
+
+    @Test func truncatedHeader() throws {
+        let h = try ServerHarness()
+        let f = try RawFrontend(path: h.socket)
+        f.sendRaw([1, 0, 0, 0, 1, 0])
+        shutdown(f.fd, Int32(SHUT_WR))
+        try expectClosedAndServing(f, h, "closed in the middle of a message")
+    }
+
+    @Test func sizeLargerThanSent() throws {
+        let h = try ServerHarness()
+        let f = try RawFrontend(path: h.socket)
+        f.send(Self.setFeatures, payload: le64(0), size: 100)
+        shutdown(f.fd, Int32(SHUT_WR))
+        try expectClosedAndServing(f, h, "closed in the middle of a message")
+    }
+
+    @Test func sizeBeyondTheLimit() throws {
+        let h = try ServerHarness()
+        let f = try RawFrontend(path: h.socket)
+        f.send(Self.setFeatures, payload: le64(0), size: 1 << 30)
+        try expectClosedAndServing(f, h, "exceeds 4096")
+    }
+
+    @Test func wrongProtocolVersion() throws {
+        let h = try ServerHarness()
+        let f = try RawFrontend(path: h.socket)
+        f.send(Self.getFeatures, flags: 2)
+        try expectClosedAndServing(f, h, "protocol version 2")
+    }
+
+    @Test func unknownRequest() throws {
+        let h = try ServerHarness()
+        let f = try RawFrontend(path: h.socket)
+        f.send(99)
+        try expectClosedAndServing(f, h, "unknown request 99")
+    }
+
+    @Test func payloadOfTheWrongSize() throws {
+        let h = try ServerHarness()
+        let f = try RawFrontend(path: h.socket)
+        f.send(Self.setFeatures, payload: [1, 2, 3])
+        try expectClosedAndServing(f, h, "payload of 3 bytes where 8 are expected")
+    }
+
+    @Test func missingFileDescriptor() throws {
+        let h = try ServerHarness()
+        let f = try RawFrontend(path: h.socket)
+        try negotiate(f)
+        f.send(Self.setVringKick, payload: le64(0)) // no fd, no NOFD flag
+        try expectClosedAndServing(f, h, "carries 0 file descriptors")
+    }
+
+    @Test func extraFileDescriptorsAreClosed() throws {
+        let h = try ServerHarness()
+        let name = "dp-extra-" + UUID().uuidString.prefix(8)
+        let f = try RawFrontend(path: h.socket)
+        let a = namedMemfd(name, size: 4096), b = namedMemfd(name, size: 4096)
+        f.send(Self.getFeatures, fds: [a, b])
+        close(a); close(b)
+        try expectClosedAndServing(f, h, "carries 2 file descriptors")
+        #expect(references(to: name) == (0, 0))
+    }
+
+    @Test func queueIndexOutOfRange() throws {
+        let h = try ServerHarness(numQueues: 2)
+        let f = try RawFrontend(path: h.socket)
+        try negotiate(f)
+        f.send(Self.setVringNum, payload: state(2, 128))
+        try expectClosedAndServing(f, h, "queue index 2 out of range")
+    }
+
+    @Test(arguments: [0, 100, 65536])
+    func badRingSize(size: UInt32) throws {
+        let h = try ServerHarness()
+        let f = try RawFrontend(path: h.socket)
+        try negotiate(f)
+        f.send(Self.setVringNum, payload: state(0, size))
+        try expectClosedAndServing(f, h, "ring size \(size) is not a power of two")
+    }
+
+    @Test func overlappingMemoryRegions() throws {
+        let h = try ServerHarness()
+        let name = "dp-overlap-" + UUID().uuidString.prefix(8)
+        let f = try RawFrontend(path: h.socket)
+        try negotiate(f)
+        let a = namedMemfd(name, size: 1 << 20), b = namedMemfd(name, size: 1 << 20)
+        f.send(Self.setMemTable, payload: memTable([region(gpa: 0, size: 1 << 20, uaddr: 0x1000_0000, offset: 0),
+                                                    region(gpa: 1 << 19, size: 1 << 20, uaddr: 0x2000_0000, offset: 0)]), fds: [a, b])
+        close(a); close(b)
+        try expectClosedAndServing(f, h, "overlapping")
+        #expect(references(to: name) == (0, 0))
+    }
+
+    @Test func regionBeyondItsFile() throws {
+        let h = try ServerHarness()
+        let name = "dp-beyond-" + UUID().uuidString.prefix(8)
+        let f = try RawFrontend(path: h.socket)
+        try negotiate(f)
+        let a = namedMemfd(name, size: 1 << 20)
+        f.send(Self.setMemTable, payload: memTable([region(gpa: 0, size: 1 << 20, uaddr: 0x1000_0000, offset: 4096)]), fds: [a])
+        close(a)
+        try expectClosedAndServing(f, h, "runs past its file")
+        #expect(references(to: name) == (0, 0))
+    }
+
+    @Test func regionOffsetOverflows() throws {
+        let h = try ServerHarness()
+        let f = try RawFrontend(path: h.socket)
+        try negotiate(f)
+        let a = namedMemfd("dp-ovf", size: 4096)
+        f.send(Self.setMemTable, payload: memTable([region(gpa: 0, size: 4096, uaddr: 0, offset: UInt64.max - 100)]), fds: [a])
+        close(a)
+        try expectClosedAndServing(f, h, "overflows")
+    }
+
+    /// Sets up ring 0 with the given addresses (user addresses in the 1 MiB table) and enables it.
+    func startRing(_ f: RawFrontend, desc: UInt64, avail: UInt64, used: UInt64, num: UInt32 = 8) {
+        f.send(Self.setVringNum, payload: state(0, num))
+        f.send(Self.setVringBase, payload: state(0, 0))
+        var addr: [UInt8] = []
+        addr.appendLE(UInt32(0)); addr.appendLE(UInt32(0))
+        addr.appendLE(desc); addr.appendLE(used); addr.appendLE(avail); addr.appendLE(UInt64(0))
+        f.send(Self.setVringAddr, payload: addr)
+        let kick = dps_eventfd(0, false), call = dps_eventfd(0, false)
+        f.send(Self.setVringKick, payload: le64(0), fds: [kick])
+        f.send(Self.setVringCall, payload: le64(0), fds: [call])
+        close(kick); close(call)
+        f.send(Self.setVringEnable, flags: Self.needReply, payload: state(0, 1))
+    }
+
+    @Test func ringAddressOutsideMemory() throws {
+        let h = try ServerHarness()
+        let name = "dp-ring-" + UUID().uuidString.prefix(8)
+        let f = try RawFrontend(path: h.socket)
+        try negotiate(f)
+        close(sendMemory(f, name: name))
+        #expect(f.receive()?.payload == le64(0))
+        startRing(f, desc: 0x5000_0000, avail: 0x1000_1000, used: 0x1000_2000)
+        #expect(f.receive().map { $0.payload != le64(0) } ?? true)
+        try expectClosedAndServing(f, h, "outside guest memory")
+        #expect(references(to: name) == (0, 0)) // unmapped on reset
+    }
+
+    @Test func usedRingRunningPastItsRegion() throws {
+        let h = try ServerHarness()
+        let f = try RawFrontend(path: h.socket)
+        try negotiate(f)
+        close(sendMemory(f))
+        #expect(f.receive()?.payload == le64(0))
+        startRing(f, desc: 0x1000_0000, avail: 0x1000_1000, used: 0x1000_0000 + (1 << 20) - 16)
+        #expect(f.receive().map { $0.payload != le64(0) } ?? true)
+        try expectClosedAndServing(f, h, "outside guest memory")
+    }
+
+    @Test func ringStartsAndStopsAndReportsItsIndex() throws {
+        let h = try ServerHarness()
+        let name = "dp-run-" + UUID().uuidString.prefix(8)
+        let f = try RawFrontend(path: h.socket)
+        try negotiate(f)
+        close(sendMemory(f, name: name))
+        #expect(f.receive()?.payload == le64(0))
+        startRing(f, desc: 0x1000_0000, avail: 0x1000_1000, used: 0x1000_2000)
+        #expect(f.receive()?.payload == le64(0))
+        #expect(h.plane.queues(of: h.disk).count == 1)
+        f.send(Self.getVringBase, payload: state(0, 0))
+        let base = try #require(f.receive())
+        #expect(base.payload == state(0, 0))
+        #expect(h.plane.queues(of: h.disk).isEmpty)
+        // Disconnect: the device resets and unmaps; the next frontend is served.
+        close(f.fd)
+        let deadline = Date().addingTimeInterval(5)
+        while references(to: name).maps > 0 && Date() < deadline { usleep(10_000) }
+        #expect(references(to: name) == (0, 0))
+        #expect(try h.stillServes())
+    }
+
+    @Test func secondFrontendIsRefusedWhileOneIsConnected() throws {
+        let h = try ServerHarness()
+        let first = try RawFrontend(path: h.socket)
+        #expect(first.u64Reply(Self.getFeatures) != nil)
+        let second = try RawFrontend(path: h.socket)
+        #expect(second.closedByServer())
+        #expect(first.u64Reply(Self.getFeatures) != nil)
+    }
+
+    @Test func inflightRegionIsHandedOut() throws {
+        let h = try ServerHarness()
+        let f = try RawFrontend(path: h.socket)
+        let offered = try #require(f.u64Reply(Self.getFeatures))
+        f.send(Self.setFeatures, payload: le64(offered & ((1 << 32) | (1 << 30))))
+        f.send(Self.setProtocolFeatures, payload: le64(1 << 12))
+        var request: [UInt8] = []
+        request.appendLE(UInt64(0)); request.appendLE(UInt64(0)); request.appendLE(UInt16(2)); request.appendLE(UInt16(128))
+        request += [0, 0, 0, 0]
+        f.send(Self.getInflightFD, payload: request)
+        let reply = try #require(f.receive())
+        #expect(reply.fds.count == 1)
+        #expect(PayloadReaderForTests.u64(reply.payload, 0) == 2 * dpInflightQueueSize(128))
+        var size: UInt64 = 0
+        #expect(dps_fd_size(reply.fds[0], &size) == 0 && size == 2 * dpInflightQueueSize(128))
+        reply.fds.forEach { close($0) }
+    }
+}
+
+import CDataPlane
+import Synchronization
+
+func dpInflightQueueSize(_ n: UInt32) -> UInt64 { dp_inflight_queue_size(n) }
