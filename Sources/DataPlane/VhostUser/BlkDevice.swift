@@ -253,10 +253,13 @@ final class VhostUserBlkDevice {
             guard message.payload.count == 12 + size else {
                 throw .malformed("GET_CONFIG of \(size) bytes in a \(message.payload.count)-byte payload")
             }
-            let config = BlkConfigSpace.bytes(for: disk, numQueues: numQueues, segMax: segMax)
-            guard offset <= config.count, size <= config.count - offset else {
-                throw .invalid("GET_CONFIG offset \(offset) size \(size) beyond the \(config.count)-byte config space")
+            // Newer frontends know longer layouts (zoned fields): what we do
+            // not offer reads as zero, up to the largest config vhost-user carries.
+            var config = BlkConfigSpace.bytes(for: disk, numQueues: numQueues, segMax: segMax)
+            guard offset <= 256, size <= 256 - offset else {
+                throw .invalid("GET_CONFIG offset \(offset) size \(size) beyond the 256-byte config space")
             }
+            config += [UInt8](repeating: 0, count: max(0, offset + size - config.count))
             return Reply(payload: Array(message.payload.prefix(12)) + config[offset..<offset + size])
         case .setConfig:
             throw .refused("the virtio-blk config space is read-only here (writeback is fixed on)")

@@ -1,0 +1,148 @@
+import Foundation
+import Testing
+
+/// Boots a real guest (QEMU under TCG) against `dpctl start`: the guest
+/// writes, reads back and verifies through virtio-blk; the host then checks
+/// the image bytes itself. Uses Tests/e2e/ (kernel from Debian's package,
+/// busybox initramfs). Serialized: two TCG guests on two cores would only
+/// slow each other down.
+@Suite(.serialized, .timeLimit(.minutes(10)))
+struct QEMUEndToEndTests {
+    static let root = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent()
+
+    /// The dpctl built next to this test bundle.
+    static var dpctl: String {
+        if let path = ProcessInfo.processInfo.environment["DPCTL"] { return path }
+        let beside = URL(fileURLWithPath: CommandLine.arguments[0]).deletingLastPathComponent()
+        for dir in [beside, beside.deletingLastPathComponent(), root.appendingPathComponent(".build/debug")] {
+            let candidate = dir.appendingPathComponent("dpctl").path
+            if FileManager.default.isExecutableFile(atPath: candidate) { return candidate }
+        }
+        return root.appendingPathComponent(".build/debug/dpctl").path
+    }
+
+    final class Instance {
+        let process = Process()
+        let logPath: String
+
+        init(_ arguments: [String], log: String) throws {
+            logPath = log
+            _ = FileManager.default.createFile(atPath: log, contents: nil)
+            let handle = try FileHandle(forWritingTo: URL(fileURLWithPath: log))
+            handle.seekToEndOfFile()
+            process.executableURL = URL(fileURLWithPath: QEMUEndToEndTests.dpctl)
+            process.arguments = ["start"] + arguments
+            process.standardError = handle
+            process.standardOutput = handle
+            try process.run()
+        }
+
+        func kill9() {
+            _ = kill(process.processIdentifier, SIGKILL)
+            process.waitUntilExit()
+        }
+
+        /// SIGTERM and wait; returns the exit status.
+        func terminate() -> Int32 {
+            if process.isRunning {
+                process.terminate()
+                process.waitUntilExit()
+            }
+            return process.terminationStatus
+        }
+
+        var log: String { (try? String(contentsOfFile: logPath, encoding: .utf8)) ?? "" }
+    }
+
+    struct Workspace {
+        let dir: String
+        var image: String { dir + "/disk.raw" }
+        var socket: String { dir + "/vhost.sock" }
+
+        init(imageSize: Int) throws {
+            dir = "/tmp/dp-e2e-" + UUID().uuidString.prefix(8)
+            try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+            _ = FileManager.default.createFile(atPath: image, contents: nil)
+            let h = try FileHandle(forWritingTo: URL(fileURLWithPath: image))
+            try h.truncate(atOffset: UInt64(imageSize))
+            try h.close()
+        }
+
+        func remove() { try? FileManager.default.removeItem(atPath: dir) }
+    }
+
+    /// Runs Tests/e2e/boot.sh; returns its exit status and its output.
+    static func boot(_ arguments: [String]) throws -> (status: Int32, output: String) {
+        let p = Process()
+        p.executableURL = URL(fileURLWithPath: "/bin/bash")
+        p.arguments = [root.appendingPathComponent("Tests/e2e/boot.sh").path] + arguments
+        let pipe = Pipe()
+        p.standardOutput = pipe
+        p.standardError = pipe
+        try p.run()
+        let data = pipe.fileHandleForReading.readDataToEndOfFile()
+        p.waitUntilExit()
+        return (p.terminationStatus, String(decoding: data, as: UTF8.self))
+    }
+
+    @Test func writeReadVerifyAndHostCheck() throws {
+        let w = try Workspace(imageSize: 128 << 20)
+        defer { w.remove() }
+        let dp = try Instance(["--disk", w.image, "--socket", w.socket, "--num-queues", "2"], log: w.dir + "/dpctl.log")
+        let result = try Self.boot(["--socket", w.socket, "--workload", "write-verify", "--log", w.dir + "/guest.log",
+                                    "--verify-image", w.image, "--timeout", "300"])
+        let status = dp.terminate()
+        #expect(result.status == 0, "boot.sh: \(result.output)\nguest: \(guestTail(w))\ndpctl: \(dp.log)")
+        #expect(status == 0, "dpctl exit: \(dp.log)")
+        #expect(dp.log.contains("queue 0 started"))
+        #expect(dp.log.contains("stopped"))
+    }
+
+    @Test func twoQueuesOnTwoIOThreads() throws {
+        let w = try Workspace(imageSize: 128 << 20)
+        defer { w.remove() }
+        let dp = try Instance(["--iothreads", "2", "--cpuset", "0-1", "--disk", w.image, "--socket", w.socket, "--num-queues", "2"],
+                              log: w.dir + "/dpctl.log")
+        let result = try Self.boot(["--socket", w.socket, "--workload", "mq", "--queues", "2", "--log", w.dir + "/guest.log",
+                                    "--verify-image", w.image, "--timeout", "300"])
+        _ = dp.terminate()
+        #expect(result.status == 0, "boot.sh: \(result.output)\nguest: \(guestTail(w))\ndpctl: \(dp.log)")
+        #expect(dp.log.contains("queue 0 started") && dp.log.contains("iothread0"))
+        #expect(dp.log.contains("queue 1 started") && dp.log.contains("iothread1"))
+    }
+
+    @Test func guestSurvivesBackendKillAndRestart() throws {
+        let w = try Workspace(imageSize: 128 << 20)
+        let args = ["--disk", w.image, "--socket", w.socket, "--num-queues", "1"]
+        var dp = try Instance(args, log: w.dir + "/dpctl.log")
+        let boot = Process()
+        boot.executableURL = URL(fileURLWithPath: "/bin/bash")
+        boot.arguments = [Self.root.appendingPathComponent("Tests/e2e/boot.sh").path, "--socket", w.socket,
+                          "--workload", "long-io", "--seconds", "20", "--reconnect", "--log", w.dir + "/guest.log",
+                          "--timeout", "300"]
+        let out = Pipe()
+        boot.standardOutput = out
+        boot.standardError = out
+        try boot.run()
+        // Wait until the guest is doing I/O, then kill dpctl mid-flight and start a new one.
+        let deadline = Date().addingTimeInterval(240)
+        while !guestTail(w).contains("E2E-PROGRESS") && Date() < deadline && boot.isRunning { usleep(200_000) }
+        sleep(2)
+        dp.kill9()
+        let firstLog = dp.log
+        usleep(500_000)
+        dp = try Instance(args, log: w.dir + "/dpctl2.log")
+        let output = String(decoding: out.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+        boot.waitUntilExit()
+        _ = dp.terminate()
+        #expect(boot.terminationStatus == 0, "boot.sh: \(output)\nguest: \(guestTail(w))\nfirst dpctl: \(firstLog)\nsecond: \(dp.log)\nkept in \(w.dir)")
+        #expect(dp.log.contains("frontend connected"), "QEMU reconnected to the new dpctl: \(dp.log)")
+        if boot.terminationStatus == 0 { w.remove() }
+    }
+
+    func guestTail(_ w: Workspace) -> String {
+        let text = (try? String(contentsOfFile: w.dir + "/guest.log", encoding: .utf8)) ?? ""
+        return String(text.suffix(3000))
+    }
+}
+
