@@ -82,7 +82,7 @@ enum StatusCommand {
             print("  \(t.name): CPU \(t.cpus), NUMA node \(t.numaNode.map(String.init) ?? "unknown"), poll up to \(t.pollMaxMicroseconds) us")
         }
         for d in r.disks ?? [] {
-            let size = ByteCountFormatter.string(fromByteCount: Int64(d.capacityBytes), countStyle: .binary)
+            let size = binarySize(d.capacityBytes)
             print("disk \(d.path): \(size), \(d.readOnly ? "read-only" : "read-write"), \(d.directIO ? "O_DIRECT" : "page cache"), up to \(d.maxQueues) queues")
             print("  socket \(d.socket): \(d.connected ? "frontend connected" : "waiting for a frontend")")
             for q in d.queues {
@@ -164,6 +164,19 @@ struct StatsReport: Codable {
         }
         return out
     }
+}
+
+/// 64 MiB, 1.5 GiB, 512 B.
+func binarySize(_ bytes: UInt64) -> String {
+    let units = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"]
+    var value = Double(bytes)
+    var unit = 0
+    while value >= 1024 && unit < units.count - 1 {
+        value /= 1024
+        unit += 1
+    }
+    let text = value == value.rounded() ? String(Int(value)) : String(format: "%.1f", value)
+    return "\(text) \(units[unit])"
 }
 
 extension String {

@@ -1,0 +1,135 @@
+import Foundation
+import Testing
+
+/// dpctl's verbs, run as a user would, against a null-backend instance.
+@Suite(.serialized) struct DpctlTests {
+    struct Result {
+        var status: Int32
+        var stdout: String
+        var stderr: String
+    }
+
+    static func dpctl(_ arguments: [String]) throws -> Result {
+        let p = Process()
+        p.executableURL = URL(fileURLWithPath: QEMUEndToEndTests.dpctl)
+        p.arguments = arguments
+        let out = Pipe(), err = Pipe()
+        p.standardOutput = out
+        p.standardError = err
+        try p.run()
+        let o = out.fileHandleForReading.readDataToEndOfFile()
+        let e = err.fileHandleForReading.readDataToEndOfFile()
+        p.waitUntilExit()
+        return Result(status: p.terminationStatus, stdout: String(decoding: o, as: UTF8.self), stderr: String(decoding: e, as: UTF8.self))
+    }
+
+    func scratch() throws -> String {
+        let dir = "/tmp/dp-cli-" + UUID().uuidString.prefix(8)
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        return dir
+    }
+
+    @Test func everyVerbOfARunningInstance() throws {
+        let dir = try scratch()
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let socket = dir + "/a.sock"
+        let image = dir + "/b.raw"
+        _ = FileManager.default.createFile(atPath: image, contents: Data(count: 1 << 20))
+        let start = Process()
+        start.executableURL = URL(fileURLWithPath: QEMUEndToEndTests.dpctl)
+        start.arguments = ["start", "--iothreads", "2", "--cpuset", "0-1", "--poll-us", "0",
+                           "--disk", "nulldisk", "--backend", "null", "--null-size", "64M", "--socket", socket, "--num-queues", "2",
+                           "--disk", image, "--socket", dir + "/b.sock", "--readonly"]
+        let log = Pipe()
+        start.standardError = log
+        try start.run()
+        defer { if start.isRunning { start.terminate() } }
+        let deadline = Date().addingTimeInterval(10)
+        while !FileManager.default.fileExists(atPath: socket + ".ctl") && Date() < deadline { usleep(20_000) }
+
+        let status = try Self.dpctl(["status", "--socket", socket])
+        #expect(status.status == 0, "\(status.stderr)")
+        #expect(status.stdout.contains("iothread0: CPU 0") && status.stdout.contains("iothread1: CPU 1"))
+        #expect(status.stdout.contains("disk null: 64 MiB, read-write"))
+        #expect(status.stdout.contains("waiting for a frontend"))
+        #expect(status.stdout.contains("read-only"))
+
+        let json = try Self.dpctl(["status", "--control", socket + ".ctl", "--json"])
+        let parsed = try JSONSerialization.jsonObject(with: Data(json.stdout.utf8)) as? [String: Any]
+        #expect((parsed?["disks"] as? [Any])?.count == 2)
+
+        let stats = try Self.dpctl(["stats", "--socket", socket, "--interval", "0.2", "--json"])
+        #expect(stats.status == 0, "\(stats.stderr)")
+        let report = try JSONSerialization.jsonObject(with: Data(stats.stdout.utf8)) as? [String: Any]
+        #expect((report?["threads"] as? [Any])?.count == 2)
+        let table = try Self.dpctl(["stats", "--socket", socket, "--interval", "0.2"])
+        #expect(table.stdout.contains("IOTHREAD") && table.stdout.contains("p99 us"))
+
+        let stop = try Self.dpctl(["stop", "--socket", socket])
+        #expect(stop.status == 0, "\(stop.stderr)")
+        start.waitUntilExit()
+        #expect(start.terminationStatus == 0)
+        let output = String(decoding: log.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+        #expect(output.contains("stop requested") && output.contains("stopped"))
+        #expect(!FileManager.default.fileExists(atPath: socket))
+    }
+
+    @Test func guestConfigurationSnippets() throws {
+        let q = try Self.dpctl(["qemu-args", "--socket", "/run/x.sock", "--num-queues", "4", "--memory", "2G"])
+        #expect(q.status == 0)
+        #expect(q.stdout.contains("memory-backend-memfd,id=mem,size=2G,share=on"))
+        #expect(q.stdout.contains("-chardev socket,id=dp0,path=/run/x.sock,reconnect=1"))
+        #expect(q.stdout.contains("vhost-user-blk-pci,chardev=dp0,num-queues=4"))
+        let x = try Self.dpctl(["libvirt-xml", "--socket", "/run/x.sock"])
+        #expect(x.stdout.contains("<disk type='vhostuser' device='disk'>") && x.stdout.contains("path='/run/x.sock'"))
+        #expect(x.stdout.contains("<access mode='shared'/>"))
+    }
+
+    @Test func everyCommandHasHelp() throws {
+        for verb in ["start", "status", "stats", "stop", "qemu-args", "libvirt-xml"] {
+            let r = try Self.dpctl([verb, "--help"])
+            #expect(r.status == 0 && r.stdout.contains("USAGE: dpctl ") && r.stdout.contains("dpctl \(verb) "), "\(verb)")
+        }
+        #expect(try Self.dpctl(["--help"]).stdout.contains("COMMANDS:"))
+    }
+
+    @Test(arguments: [
+        (["start", "--disk", "/nonexistent/x.raw", "--socket", "/tmp/x.sock"], "cannot open image"),
+        (["start", "--cpuset", "4000", "--disk", "x", "--backend", "null", "--socket", "/tmp/x.sock"], "not online"),
+        (["start", "--disk", "x", "--backend", "null"], "has no --socket"),
+        (["start", "--readonly"], "must follow a --disk"),
+        (["start", "--config", "/tmp/c.json", "--disk", "x", "--socket", "/tmp/y.sock"], "conflict"),
+        (["start", "--disk", "x", "--backend", "null", "--socket", "/tmp/x.sock", "--num-queues", "65"], "not a number in 1...64"),
+        (["start", "--disk", "x", "--backend", "null", "--socket", "/tmp/x.sock", "--queue-size", "300"], "not a power of two"),
+        (["start", "--iothreads", "1", "--disk", "a", "--backend", "null", "--socket", "/tmp/a.sock", "--num-queues", "64",
+          "--disk", "b", "--backend", "null", "--socket", "/tmp/b.sock", "--num-queues", "64",
+          "--disk", "c", "--backend", "null", "--socket", "/tmp/c.sock", "--num-queues", "64",
+          "--disk", "d", "--backend", "null", "--socket", "/tmp/d.sock", "--num-queues", "64",
+          "--disk", "e", "--backend", "null", "--socket", "/tmp/e.sock", "--num-queues", "64"], "more than 1 IOThread"),
+        (["status", "--socket", "/tmp/nothing-here.sock"], "no dpctl is running there"),
+        (["frobnicate"], "unknown command"),
+    ] as [([String], String)])
+    func badInputGetsAOneLineError(arguments: [String], message: String) throws {
+        let r = try Self.dpctl(arguments)
+        #expect(r.status != 0)
+        #expect(r.stderr.contains(message), "\(arguments): \(r.stderr)")
+        #expect(r.stderr.split(separator: "\n").count == 1, "one line: \(r.stderr)")
+    }
+
+    @Test func socketPathInUse() throws {
+        let dir = try scratch()
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let socket = dir + "/busy.sock"
+        let first = Process()
+        first.executableURL = URL(fileURLWithPath: QEMUEndToEndTests.dpctl)
+        first.arguments = ["start", "--disk", "x", "--backend", "null", "--socket", socket, "--control", dir + "/1.ctl"]
+        first.standardError = Pipe()
+        try first.run()
+        defer { first.terminate(); first.waitUntilExit() }
+        let deadline = Date().addingTimeInterval(10)
+        while !FileManager.default.fileExists(atPath: dir + "/1.ctl") && Date() < deadline { usleep(20_000) }
+        let second = try Self.dpctl(["start", "--disk", "y", "--backend", "null", "--socket", socket, "--control", dir + "/2.ctl"])
+        #expect(second.status == 1)
+        #expect(second.stderr.contains("another process serves it"), "\(second.stderr)")
+    }
+}
