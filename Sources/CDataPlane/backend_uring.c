@@ -95,9 +95,11 @@ int backend_uring_complete(struct blk_req *req, int res)
     switch (req->op) {
     case DP_OP_READ:
     case DP_OP_WRITE:
+        if (res < 0)
+            return res;
         /* 0 bytes means EOF: the image shrank under us. Never loop on it. */
-        if (res <= 0)
-            break;
+        if (res == 0)
+            return -EIO;
         req->done += (uint64_t)res;
         if (req->done < req->len) {
             if (!req->bounce)
@@ -106,7 +108,7 @@ int backend_uring_complete(struct blk_req *req, int res)
         }
         if (req->op == DP_OP_READ && req->bounce)
             iov_from_buf(req->iov, req->iov_cnt, req->bounce, req->len);
-        return VIRTIO_BLK_S_OK;
+        return 0;
     case DP_OP_WRITE_ZEROES:
         /* Filesystems without FALLOC_FL_ZERO_RANGE (tmpfs): punch the range,
          * then allocate it again, which reads back as zeroes. */
@@ -119,15 +121,10 @@ int backend_uring_complete(struct blk_req *req, int res)
             req->zero_phase = 2;
             return BACKEND_AGAIN;
         }
-        if (res >= 0)
-            return VIRTIO_BLK_S_OK;
-        break;
+        return res < 0 ? res : 0;
     default:
-        if (res >= 0)
-            return VIRTIO_BLK_S_OK;
-        break;
+        return res < 0 ? res : 0;
     }
-    return VIRTIO_BLK_S_IOERR;
 }
 
 void backend_uring_release(struct blk_req *req)

@@ -65,6 +65,9 @@ int dp_disk_create(const struct dp_disk_config *config, struct dp_disk **out)
         return -EINVAL;
     if (config->backend != DP_BACKEND_FILE && config->backend != DP_BACKEND_NULL)
         return -EINVAL;
+    if (config->read_policy < DP_POLICY_REPORT || config->read_policy > DP_POLICY_STOP ||
+        config->write_policy < DP_POLICY_REPORT || config->write_policy > DP_POLICY_STOP)
+        return -EINVAL;
 
     struct dp_disk *disk = calloc(1, sizeof(*disk));
     if (!disk)
@@ -85,7 +88,25 @@ int dp_disk_create(const struct dp_disk_config *config, struct dp_disk **out)
     disk->read_only = config->read_only;
     disk->read_zeroes = config->null_read_zeroes;
     memcpy(disk->serial, config->serial, DP_SERIAL_LEN);
+    disk->read_policy = config->read_policy;
+    disk->write_policy = config->write_policy;
     *out = disk;
+    return 0;
+}
+
+int dp_disk_set_fault(struct dp_disk *disk, const struct dp_fault_config *fault)
+{
+    if (!disk || !fault || fault->error < 0)
+        return -EINVAL;
+    /* Turn injection off while the fields change, then on with the new ones. */
+    atomic_store_explicit(&disk->fault_error, 0, memory_order_relaxed);
+    atomic_store_explicit(&disk->fault_ops, fault->ops, memory_order_relaxed);
+    atomic_store_explicit(&disk->fault_start, fault->sector_start, memory_order_relaxed);
+    atomic_store_explicit(&disk->fault_end, fault->sector_end, memory_order_relaxed);
+    atomic_store_explicit(&disk->fault_after, fault->after, memory_order_relaxed);
+    atomic_store_explicit(&disk->fault_every, fault->every, memory_order_relaxed);
+    atomic_store_explicit(&disk->fault_seen, 0, memory_order_relaxed);
+    atomic_store_explicit(&disk->fault_error, fault->error, memory_order_release);
     return 0;
 }
 

@@ -36,6 +36,16 @@ struct dp_disk {
     bool read_only;
     bool read_zeroes;
     uint8_t serial[DP_SERIAL_LEN];
+    int read_policy;
+    int write_policy;
+    /* Fault injection: read on the hot path only while fault_error != 0. */
+    _Atomic int32_t fault_error;
+    _Atomic uint32_t fault_ops;
+    _Atomic uint64_t fault_start;
+    _Atomic uint64_t fault_end;
+    _Atomic uint64_t fault_after;
+    _Atomic uint32_t fault_every;
+    _Atomic uint64_t fault_seen;
 };
 
 /* One virtio-blk request in flight; lives in its queue's slot pool. */
@@ -84,6 +94,10 @@ struct dp_queue {
     bool kick_failed;
     uint64_t kick_buf;
     struct ctl_msg *drain_waiter; /* stop/pause/set-mem waiting for in_flight == 0 */
+    struct blk_req *held_head;  /* failed requests kept by the stop policy, in order */
+    struct blk_req *held_tail;
+    uint32_t held_count;
+    bool error_stopped;
     struct inflight_region *inflight; /* vhost-user inflight tracking, or NULL */
     uint64_t inflight_counter;  /* pop order, for resubmission */
     uint16_t *resubmit;         /* heads to run again before popping (after a restart) */
@@ -137,6 +151,15 @@ static inline uint64_t now_ns(void)
 /* queue.c: the per-queue work of one loop iteration. */
 unsigned queue_pop_batch(struct dp_queue *q, uint64_t now);
 void queue_complete(struct dp_queue *q, struct blk_req *req, uint8_t status, uint64_t now);
+/* A parsed request goes to its disk's backend (or to fault injection). */
+void queue_submit_io(struct dp_queue *q, struct blk_req *req, uint64_t now);
+/* The backend finished req with 0 or a negative errno: apply the error policy. */
+void queue_io_done(struct dp_queue *q, struct blk_req *req, int res, uint64_t now);
+/* Retry held requests (resume) or fail them (stop, memory swap). */
+void queue_retry_held(struct dp_queue *q, uint64_t now);
+void queue_fail_held(struct dp_queue *q, uint64_t now);
+/* Not paused, stopped, broken or out of slots: kicks and pops make sense. */
+bool queue_accepts_work(const struct dp_queue *q);
 bool queue_can_pop(const struct dp_queue *q);
 void queue_publish_and_notify(struct dp_queue *q);
 void queue_break(struct dp_queue *q, int reason);

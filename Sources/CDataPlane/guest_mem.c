@@ -25,6 +25,10 @@ int dp_mem_create(const struct dp_mem_region *regions, uint32_t count, struct dp
         const struct dp_mem_region *r = &regions[i];
         if (r->size == 0 || !r->host_addr)
             return -EINVAL;
+        /* Rings and descriptors aligned in guest memory must be aligned in
+         * ours too: regions map guest addresses congruently (mod 16). */
+        if ((r->guest_phys_addr ^ (uintptr_t)r->host_addr) & 15)
+            return -EINVAL;
         /* The last byte must be addressable in every space: no wrap-around. */
         if (r->guest_phys_addr + (r->size - 1) < r->guest_phys_addr ||
             r->user_addr + (r->size - 1) < r->user_addr ||

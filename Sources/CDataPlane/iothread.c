@@ -107,10 +107,9 @@ static struct io_uring_sqe *iothread_get_sqe(struct dp_iothread *t)
     return sqe;
 }
 
-static void iothread_fail_req(struct blk_req *req, uint64_t now)
+static void iothread_fail_req(struct blk_req *req, int err, uint64_t now)
 {
-    STAT_ADD(req->queue->stats.errors[DP_ERR_IO], 1);
-    queue_complete(req->queue, req, VIRTIO_BLK_S_IOERR, now);
+    queue_io_done(req->queue, req, err, now);
 }
 
 void iothread_submit_req(struct dp_iothread *t, struct blk_req *req)
@@ -129,7 +128,7 @@ void iothread_submit_req(struct dp_iothread *t, struct blk_req *req)
     if (ret == -EBUSY)
         backlog_push(t, req);
     else if (ret)
-        iothread_fail_req(req, now_ns());
+        iothread_fail_req(req, ret, now_ns());
 }
 
 static void backlog_flush(struct dp_iothread *t, uint64_t now)
@@ -143,7 +142,7 @@ static void backlog_flush(struct dp_iothread *t, uint64_t now)
         if (!t->backlog_head)
             t->backlog_tail = NULL;
         if (ret)
-            iothread_fail_req(req, now);
+            iothread_fail_req(req, ret, now);
     }
 }
 
@@ -255,7 +254,13 @@ static int queue_apply_mem(struct dp_queue *q, struct dp_mem *mem)
 static void queue_check_drained(struct dp_iothread *t, struct dp_queue *q)
 {
     struct ctl_msg *msg = q->drain_waiter;
-    if (q->in_flight || q->dirty)
+    /* Held requests never complete on their own: a stop or a memory swap
+     * (their buffers would dangle) fails them; a pause waits around them. */
+    if (q->held_count && (q->stopping || (msg && msg->type == CTL_SET_MEM))) {
+        queue_fail_held(q, now_ns());
+        queue_publish_and_notify(q);
+    }
+    if (q->in_flight - q->held_count || q->dirty)
         return;
     if (q->stopping) {
         kick_cancel(t, q);
@@ -330,6 +335,7 @@ static void ctl_handle(struct dp_iothread *t, struct ctl_msg *msg)
         break;
     case CTL_RESUME_QUEUE:
         q->paused = false;
+        queue_retry_held(q, now_ns());
         ctl_reply(t, msg, 0);
         return;
     default:
@@ -384,14 +390,12 @@ int iothread_call(struct dp_iothread *t, struct ctl_msg *msg)
 
 static void complete_req(struct dp_iothread *t, struct blk_req *req, int res, uint64_t now)
 {
-    int status = backend_uring_complete(req, res);
-    if (status == BACKEND_AGAIN) {
+    int ret = backend_uring_complete(req, res);
+    if (ret == BACKEND_AGAIN) {
         iothread_submit_req(t, req);
         return;
     }
-    if (status != VIRTIO_BLK_S_OK)
-        STAT_ADD(req->queue->stats.errors[DP_ERR_IO], 1);
-    queue_complete(req->queue, req, (uint8_t)status, now);
+    queue_io_done(req->queue, req, ret, now);
 }
 
 static void complete_kick(struct dp_iothread *t, struct dp_queue *q, int res)
@@ -509,8 +513,7 @@ static bool enable_kicks(struct dp_iothread *t)
     bool ready = false;
     for (uint32_t i = 0; i < t->nqueues; i++) {
         struct dp_queue *q = t->queues[i];
-        if (q->attached && !q->paused && !q->stopping && !q->broken && q->free_count &&
-            vring_split_enable_kicks(&q->vr))
+        if (queue_accepts_work(q) && vring_split_enable_kicks(&q->vr))
             ready = true;
     }
     return ready;

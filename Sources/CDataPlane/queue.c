@@ -9,9 +9,14 @@
 #include "blk.h"
 #include "dp_internal.h"
 
+bool queue_accepts_work(const struct dp_queue *q)
+{
+    return q->attached && !q->paused && !q->error_stopped && !q->stopping && !q->broken && q->free_count;
+}
+
 bool queue_can_pop(const struct dp_queue *q)
 {
-    return q->attached && !q->paused && !q->stopping && !q->broken && q->free_count &&
+    return queue_accepts_work(q) &&
            (q->resubmit_next < q->resubmit_count || vring_split_has_avail(&q->vr));
 }
 
@@ -93,15 +98,111 @@ static bool queue_start(struct dp_queue *q, uint16_t head, uint64_t now)
     int status = blk_parse(q->disk, &chain, req, &err);
     if (err != DP_ERR_COUNT)
         STAT_ADD(q->stats.errors[err], 1);
-    if (status == BLK_NEEDS_IO) {
-        if (q->disk->backend != DP_BACKEND_NULL) {
-            iothread_submit_req(q->thread, req);
-            return true;
-        }
-        status = backend_null_execute(q->disk, req);
-    }
-    queue_complete(q, req, (uint8_t)status, now);
+    if (status == BLK_NEEDS_IO)
+        queue_submit_io(q, req, now);
+    else
+        queue_complete(q, req, (uint8_t)status, now);
     return true;
+}
+
+/* Fault injection: 0, or the negative errno this request fails with. */
+static int fault_check(struct dp_disk *d, const struct blk_req *req)
+{
+    int32_t error = atomic_load_explicit(&d->fault_error, memory_order_relaxed);
+    if (!error || !(atomic_load_explicit(&d->fault_ops, memory_order_relaxed) & (1u << req->op)))
+        return 0;
+    uint64_t start = atomic_load_explicit(&d->fault_start, memory_order_relaxed);
+    uint64_t end = atomic_load_explicit(&d->fault_end, memory_order_relaxed);
+    bool ranged = req->op != DP_OP_FLUSH;
+    uint64_t first = req->offset / 512, last = (req->offset + req->len) / 512;
+    if (ranged && (last <= start || (end && first >= end)))
+        return 0;
+    uint64_t n = atomic_fetch_add_explicit(&d->fault_seen, 1, memory_order_relaxed) + 1;
+    uint64_t after = atomic_load_explicit(&d->fault_after, memory_order_relaxed);
+    uint32_t every = atomic_load_explicit(&d->fault_every, memory_order_relaxed);
+    if (n <= after || (every > 1 && (n - after) % every))
+        return 0;
+    return -error;
+}
+
+void queue_submit_io(struct dp_queue *q, struct blk_req *req, uint64_t now)
+{
+    int fault = fault_check(q->disk, req);
+    if (fault)
+        queue_io_done(q, req, fault, now);
+    else if (q->disk->backend == DP_BACKEND_NULL)
+        queue_io_done(q, req, backend_null_execute(q->disk, req), now);
+    else
+        iothread_submit_req(q->thread, req);
+}
+
+static void held_push(struct dp_queue *q, struct blk_req *req)
+{
+    req->next = NULL;
+    if (q->held_tail)
+        q->held_tail->next = req;
+    else
+        q->held_head = req;
+    q->held_tail = req;
+    q->held_count++;
+    STAT_SET(q->stats.error_held, q->held_count);
+}
+
+void queue_io_done(struct dp_queue *q, struct blk_req *req, int res, uint64_t now)
+{
+    if (res >= 0) {
+        queue_complete(q, req, VIRTIO_BLK_S_OK, now);
+        return;
+    }
+    STAT_ADD(q->stats.errors[DP_ERR_IO], 1);
+    int policy = req->op == DP_OP_READ ? q->disk->read_policy : q->disk->write_policy;
+    if (policy == DP_POLICY_IGNORE) {
+        STAT_ADD(q->stats.errors_ignored, 1);
+        queue_complete(q, req, VIRTIO_BLK_S_OK, now);
+        return;
+    }
+    if (policy == DP_POLICY_STOP || (policy == DP_POLICY_ENOSPC && res == -ENOSPC)) {
+        /* Keep the request, stop taking new ones; resume retries it. */
+        held_push(q, req);
+        if (!q->error_stopped) {
+            q->error_stopped = true;
+            STAT_SET(q->stats.error_stop_reason, res);
+            STAT_SET(q->stats.error_stopped, 1);
+        }
+        return;
+    }
+    queue_complete(q, req, VIRTIO_BLK_S_IOERR, now);
+}
+
+static struct blk_req *held_take_all(struct dp_queue *q)
+{
+    struct blk_req *list = q->held_head;
+    q->held_head = q->held_tail = NULL;
+    q->held_count = 0;
+    q->error_stopped = false;
+    STAT_SET(q->stats.error_held, 0);
+    STAT_SET(q->stats.error_stopped, 0);
+    return list;
+}
+
+void queue_retry_held(struct dp_queue *q, uint64_t now)
+{
+    struct blk_req *req = held_take_all(q);
+    while (req) {
+        struct blk_req *next = req->next;
+        queue_submit_io(q, req, now); /* may be held again */
+        req = next;
+    }
+}
+
+void queue_fail_held(struct dp_queue *q, uint64_t now)
+{
+    struct blk_req *req = held_take_all(q);
+    while (req) {
+        struct blk_req *next = req->next;
+        queue_complete(q, req, VIRTIO_BLK_S_IOERR, now);
+        req = next;
+    }
 }
 
 /* Pops one head off the avail ring and starts it. */

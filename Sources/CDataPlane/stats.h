@@ -21,6 +21,10 @@ struct dp_queue_counters {
     _Atomic uint64_t notifies;
     _Atomic uint64_t notifies_suppressed;
     _Atomic uint64_t bounces;
+    _Atomic uint32_t error_stopped;
+    _Atomic int32_t error_stop_reason;
+    _Atomic uint64_t error_held;
+    _Atomic uint64_t errors_ignored;
     _Atomic uint32_t broken;
     _Atomic int32_t broken_reason;
     _Atomic uint16_t last_avail_idx;

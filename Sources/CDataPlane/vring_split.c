@@ -103,6 +103,7 @@ int vring_split_walk(const struct vring_split *vr, const struct dp_mem *mem, uin
      * within one table must revisit a descriptor, i.e. loop. */
     uint32_t ttl = vr->size;
     bool in_indirect = false;
+    bool seen_writable = false;
 
     chain->out_num = chain->in_num = 0;
     chain->out_len = chain->in_len = 0;
@@ -131,6 +132,10 @@ int vring_split_walk(const struct vring_split *vr, const struct dp_mem *mem, uin
             table = guest_mem_ptr(mem, d.addr, d.len);
             if (!table)
                 return -EFAULT;
+            /* The guest address is aligned; the host mapping must be too
+             * (a frontend chooses how regions map). */
+            if ((uintptr_t)table & 15)
+                return -EINVAL;
             table_size = d.len / sizeof(struct vring_desc);
             ttl = table_size;
             in_indirect = true;
@@ -139,9 +144,11 @@ int vring_split_walk(const struct vring_split *vr, const struct dp_mem *mem, uin
         }
 
         bool writable = d.flags & VRING_DESC_F_WRITE;
-        /* 2.7.4.2: device-readable descriptors come before device-writable ones. */
-        if (!writable && chain->in_num)
+        /* 2.7.4.2: device-readable descriptors come before device-writable
+         * ones (counted in descriptors: an empty writable one counts too). */
+        if (!writable && seen_writable)
             return -EINVAL;
+        seen_writable |= writable;
         if (d.len && d.addr + (d.len - 1) < d.addr)
             return -EFAULT;
 

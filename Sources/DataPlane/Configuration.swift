@@ -217,6 +217,18 @@ public enum BackendKind: String, Sendable {
 /// One virtio-blk disk.
 ///
 /// Build it with the defaults you need, then call ``validate()`` before use.
+/// What a failed read or write does: QEMU's `rerror`/`werror`.
+public enum ErrorPolicy: String, Sendable, Codable, CaseIterable {
+    /// The guest gets VIRTIO_BLK_S_IOERR.
+    case report
+    /// The request completes as if it had worked.
+    case ignore
+    /// Stop on ENOSPC (keep the request, retry on resume); report other errors.
+    case enospc
+    /// Stop the queue on any error, keep the failed requests, retry them on resume.
+    case stop
+}
+
 public struct DiskConfiguration: Sendable, Equatable {
     /// The longest serial, in bytes, that virtio-blk's GET_ID can return.
     static let maxSerialBytes = 20
@@ -242,6 +254,10 @@ public struct DiskConfiguration: Sendable, Equatable {
     /// The capacity of a null-backend disk in bytes: a non-zero multiple of
     /// ``logicalBlockSize``. Ignored by the file backend.
     public var nullSizeBytes: UInt64
+    /// What a failed read does.
+    public var readErrorPolicy: ErrorPolicy = .report
+    /// What a failed write, flush, discard or write-zeroes does.
+    public var writeErrorPolicy: ErrorPolicy = .enospc
 
     /// Creates a disk configuration; nothing is checked until ``validate()``.
     ///

@@ -29,6 +29,8 @@ public final class Disk: @unchecked Sendable {
         var cConfig = dp_disk_config()
         cConfig.logical_block_size = configuration.logicalBlockSize
         cConfig.read_only = configuration.readOnly
+        cConfig.read_policy = configuration.readErrorPolicy.cValue
+        cConfig.write_policy = configuration.writeErrorPolicy.cValue
         withUnsafeMutableBytes(of: &cConfig.serial) { serial in
             for (i, byte) in configuration.serial.utf8.prefix(Int(DP_SERIAL_LEN)).enumerated() {
                 serial[i] = byte
@@ -88,7 +90,58 @@ public final class Disk: @unchecked Sendable {
         handle = disk
     }
 
+    /// Makes matching requests fail (for tests and rehearsals), or stops that with nil.
+    public func injectFaults(_ fault: FaultInjection?) {
+        var c = dp_fault_config()
+        if let fault {
+            c.error = fault.errno
+            c.ops = fault.operations.reduce(0) { $0 | (1 << $1.rawValue) }
+            c.sector_start = fault.sectors.lowerBound
+            c.sector_end = fault.sectors.upperBound == .max ? 0 : fault.sectors.upperBound
+            c.after = fault.after
+            c.every = fault.every
+        }
+        dp_disk_set_fault(handle, &c)
+    }
+
     deinit {
         dp_disk_destroy(handle)
+    }
+}
+
+/// Which requests fault injection fails, and how.
+public struct FaultInjection: Sendable, Equatable, Codable {
+    public enum Operation: UInt32, Sendable, Codable, CaseIterable {
+        case read = 0, write, flush, getID, discard, writeZeroes
+    }
+
+    /// The errno matching requests fail with (EIO = 5, ENOSPC = 28, ...).
+    public var errno: Int32
+    public var operations: [Operation]
+    /// Requests touching these sectors (all of the disk by default).
+    public var sectors: Range<UInt64>
+    /// Let this many matching requests through first.
+    public var after: UInt64
+    /// Then fail one in `every` (1: all of them).
+    public var every: UInt32
+
+    public init(errno: Int32, operations: [Operation] = [.read, .write], sectors: Range<UInt64> = 0..<UInt64.max,
+                after: UInt64 = 0, every: UInt32 = 1) {
+        self.errno = errno
+        self.operations = operations
+        self.sectors = sectors
+        self.after = after
+        self.every = every
+    }
+}
+
+extension ErrorPolicy {
+    var cValue: Int32 {
+        switch self {
+        case .report: return Int32(DP_POLICY_REPORT.rawValue)
+        case .ignore: return Int32(DP_POLICY_IGNORE.rawValue)
+        case .enospc: return Int32(DP_POLICY_ENOSPC.rawValue)
+        case .stop: return Int32(DP_POLICY_STOP.rawValue)
+        }
     }
 }

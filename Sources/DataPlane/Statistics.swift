@@ -69,6 +69,12 @@ public struct QueueStatistics: Sendable, Equatable, Codable {
     public var notifiesSuppressed: UInt64 = 0
     public var bounces: UInt64 = 0
     public var latency = LatencyHistogram()
+    /// Set while the error policy holds failed requests (why, e.g. "No space left on device").
+    public var stoppedOnError: String?
+    /// Requests held for retry on resume.
+    public var heldRequests: UInt64 = 0
+    /// Failures completed as success under the ignore policy.
+    public var ignoredErrors: UInt64 = 0
     /// Set once the guest corrupted the ring (DEVICE_NEEDS_RESET).
     public var brokenReason: String?
     public var lastAvailIndex: UInt16 = 0
@@ -111,6 +117,11 @@ public struct QueueStatistics: Sendable, Equatable, Codable {
         notifiesSuppressed = raw.notifies_suppressed
         bounces = raw.bounces
         latency = LatencyHistogram(buckets: withUnsafeBytes(of: raw.latency_hist) { Array($0.bindMemory(to: UInt64.self)) })
+        if raw.error_stopped != 0 {
+            stoppedOnError = DataPlaneError.message(-raw.error_stop_reason)
+        }
+        heldRequests = raw.error_held
+        ignoredErrors = raw.errors_ignored
         if raw.broken != 0 {
             brokenReason = String(cString: dp_ring_error_string(raw.broken_reason))
         }
@@ -138,6 +149,11 @@ public struct QueueStatistics: Sendable, Equatable, Codable {
             total.notifies &+= p.notifies; total.notifiesSuppressed &+= p.notifiesSuppressed
             total.bounces &+= p.bounces
             total.latency = total.latency.adding(p.latency)
+            total.heldRequests &+= p.heldRequests
+            total.ignoredErrors &+= p.ignoredErrors
+            if total.stoppedOnError == nil, let reason = p.stoppedOnError {
+                total.stoppedOnError = "queue \(p.queue): \(reason)"
+            }
             if total.brokenReason == nil, let reason = p.brokenReason {
                 total.brokenReason = "queue \(p.queue): \(reason)"
             }

@@ -89,6 +89,14 @@ import Testing
         #expect(throws: DataPlaneError.self) { try GuestMemory(regions: [region, second]) }
     }
 
+    /// Found by fuzzing (fuzz/crashes/vring_blk-misaligned-indirect-table): a
+    /// region whose host mapping is not congruent to its guest address would
+    /// make aligned guest descriptors misaligned in our memory.
+    @Test func incongruentRegionIsRefused() throws {
+        let region = MemoryRegion(guestPhysicalAddress: 0x1001, size: 8192, userAddress: 0x1000_0000, hostAddress: 0x7000_0000)
+        #expect(throws: DataPlaneError.self) { try GuestMemory(regions: [region]) }
+    }
+
     @Test func stoppedPlaneRefusesNewDisks() throws {
         let plane = try DataPlane(iothreads: [IOThreadConfiguration(name: "io", cpuset: anyCPU)])
         plane.stop()

@@ -195,6 +195,18 @@ import Testing
         try expectStillServes(s)
     }
 
+    /// Found by fuzzing (fuzz/crashes/vring_blk-readable-after-empty-writable):
+    /// an empty writable descriptor still counts as writable.
+    @Test func readableAfterEmptyWritable() throws {
+        let s = try setup()
+        let g = s.g
+        post(g, [(header(g, type: 1, sector: 0), 16, Self.R), (g.alloc(16), 0, Self.W), (g.alloc(512), 512, Self.R),
+                 (g.alloc(1), 1, Self.W)])
+        try expectReturnedEmpty(s)
+        expectImageUntouched(s)
+        try expectStillServes(s)
+    }
+
     @Test func availIndexTooFarAheadBreaksOnlyThatQueue() throws {
         let errorFD = gd_eventfd()
         defer { close(errorFD) }

@@ -59,6 +59,14 @@ enum dp_backend_kind {
 
 #define DP_SERIAL_LEN 20 /* VIRTIO_BLK_ID_BYTES */
 
+/* What a failed read or write does (QEMU's rerror/werror). */
+enum dp_error_policy {
+    DP_POLICY_REPORT = 0, /* complete with VIRTIO_BLK_S_IOERR */
+    DP_POLICY_IGNORE = 1, /* complete as if it had worked */
+    DP_POLICY_ENOSPC = 2, /* stop on ENOSPC, report anything else */
+    DP_POLICY_STOP = 3,   /* stop the queue, keep the request; dp_queue_resume retries it */
+};
+
 struct dp_disk_config {
     int32_t backend;             /* enum dp_backend_kind */
     int32_t fd;                  /* file backend: an open fd (dup'ed; caller keeps its own) */
@@ -68,6 +76,19 @@ struct dp_disk_config {
     bool read_only;
     bool null_read_zeroes;       /* null backend: fill read buffers with zeroes */
     uint8_t serial[DP_SERIAL_LEN];
+    int32_t read_policy;         /* enum dp_error_policy for reads */
+    int32_t write_policy;        /* ... for writes, flushes, discards, write zeroes */
+};
+
+/* Fault injection, for tests and for rehearsing failures: matching requests
+ * fail with `error` instead of reaching the backend. */
+struct dp_fault_config {
+    int32_t error;          /* positive errno (EIO, ENOSPC, ...); 0 turns injection off */
+    uint32_t ops;           /* bit (1 << enum dp_op) per request type affected */
+    uint64_t sector_start;  /* requests touching [sector_start, sector_end) */
+    uint64_t sector_end;    /* 0 = to the end of the disk */
+    uint64_t after;         /* let this many matching requests through first */
+    uint32_t every;         /* then fail one in `every` (0 or 1: all) */
 };
 
 /* Shared by the queues of many IOThreads; immutable once created. */
@@ -75,6 +96,8 @@ struct dp_disk;
 
 int dp_disk_create(const struct dp_disk_config *config, struct dp_disk **out);
 void dp_disk_destroy(struct dp_disk *disk);
+/* Changes fault injection while the disk is served (any thread). */
+int dp_disk_set_fault(struct dp_disk *disk, const struct dp_fault_config *fault);
 
 /* Opens an image for the file backend: O_CLOEXEC, read-only or read-write,
  * with O_DIRECT when direct is set. Returns the fd or a negative errno. */
@@ -123,6 +146,10 @@ struct dp_queue_stats {
     uint64_t notifies_suppressed; /* batches that needed no call (EVENT_IDX, NO_INTERRUPT) */
     uint64_t bounces;         /* requests that went through a bounce buffer */
     uint64_t latency_hist[DP_LATENCY_BUCKETS];
+    uint32_t error_stopped;   /* 1 while stopped by the error policy, requests held */
+    int32_t error_stop_reason; /* the negative errno that stopped it */
+    uint64_t error_held;      /* requests held for retry */
+    uint64_t errors_ignored;  /* failures completed as success (ignore policy) */
     uint32_t broken;          /* 1 once the ring is corrupt (DEVICE_NEEDS_RESET) */
     int32_t broken_reason;    /* negative errno naming the corruption */
     uint16_t last_avail_idx;
@@ -204,7 +231,8 @@ int dp_queue_create(struct dp_iothread *thread, const struct dp_queue_config *co
 int dp_queue_stop(struct dp_queue *queue, uint16_t *last_avail_idx);
 /* Frees a queue (stopping it first if still attached). */
 void dp_queue_destroy(struct dp_queue *queue);
-/* Stop popping new requests (in-flight ones complete) / start again. */
+/* Stop popping new requests (in-flight ones complete) / start again. Resume
+ * also retries requests held by the stop error policy, in their order. */
 int dp_queue_pause(struct dp_queue *queue);
 int dp_queue_resume(struct dp_queue *queue);
 /* Swap the guest memory table; ring addresses are translated again. The old

@@ -1,0 +1,143 @@
+import CGuestDriver
+import Foundation
+import Testing
+
+@testable import DataPlane
+
+/// rerror/werror-style policies, driven by fault injection and by a real full filesystem.
+@Suite struct ErrorPolicyTests {
+    static let EIO: Int32 = 5, ENOSPC: Int32 = 28
+
+    func harness(_ image: TestImage, read: ErrorPolicy = .report, write: ErrorPolicy, directIO: Bool = true) throws -> Harness {
+        var config = DiskConfiguration(path: image.path, directIO: directIO)
+        config.readErrorPolicy = read
+        config.writeErrorPolicy = write
+        return try Harness(disk: config)
+    }
+
+    func write(_ g: TestGuest, sector: UInt64, seed: UInt8, size: Int = 4096) throws -> UInt16 {
+        let buf = g.alloc(UInt64(size))
+        g.write(buf, pattern(size, seed: seed))
+        return try g.submit(type: UInt32(GD_BLK_T_OUT), sector: sector, segments: [(buf, UInt32(size))])
+    }
+
+    /// No completion arrives within the time.
+    func expectNothingCompletes(_ g: TestGuest, within seconds: Double = 0.3) {
+        #expect((try? g.complete(timeout: seconds)) == nil)
+    }
+
+    @Test func reportFailsTheRequest() throws {
+        let image = try TestImage(size: 1 << 20)
+        let h = try harness(image, write: .report)
+        h.disk.injectFaults(FaultInjection(errno: Self.EIO, operations: [.write]))
+        _ = try write(h.guest, sector: 0, seed: 1)
+        #expect(try h.guest.complete().status == UInt8(GD_BLK_S_IOERR))
+        #expect(h.stats().ioErrors == 1 && h.stats().stoppedOnError == nil)
+        #expect(image.read(offset: 0, count: 4096) == [UInt8](repeating: 0, count: 4096))
+    }
+
+    @Test func ignoreCompletesAsIfItWorked() throws {
+        let image = try TestImage(size: 1 << 20)
+        let h = try harness(image, read: .ignore, write: .ignore)
+        h.disk.injectFaults(FaultInjection(errno: Self.EIO, operations: [.write, .read]))
+        _ = try write(h.guest, sector: 0, seed: 2)
+        #expect(try h.guest.complete().status == UInt8(GD_BLK_S_OK))
+        let buf = h.guest.alloc(4096)
+        #expect(try h.guest.run(type: UInt32(GD_BLK_T_IN), segments: [(buf, 4096)]).status == UInt8(GD_BLK_S_OK))
+        #expect(h.stats().ignoredErrors == 2)
+        #expect(image.read(offset: 0, count: 4096) == [UInt8](repeating: 0, count: 4096)) // nothing was written
+    }
+
+    @Test func stopHoldsRequestsAndResumeRetriesThem() throws {
+        let image = try TestImage(size: 1 << 20)
+        let h = try harness(image, write: .stop)
+        let g = h.guest
+        // Fail writes to sectors 8..<16 only, from the second matching one on.
+        h.disk.injectFaults(FaultInjection(errno: Self.EIO, operations: [.write], sectors: 8..<16, after: 1))
+        _ = try write(g, sector: 8, seed: 3)
+        #expect(try g.complete().status == 0) // the first gets through
+        let held = try write(g, sector: 8, seed: 4)
+        expectNothingCompletes(g)
+        var s = h.stats()
+        #expect(s.stoppedOnError == "Input/output error" && s.heldRequests == 1 && s.inFlight == 1)
+        // Stopped: new requests wait in the ring.
+        let later = try write(g, sector: 64, seed: 5)
+        expectNothingCompletes(g)
+        // The operator fixes the cause and resumes.
+        h.disk.injectFaults(nil)
+        try h.plane.resume(disk: h.disk)
+        gd_kick(g.driver, 0)
+        let done = [try g.complete(), try g.complete()]
+        #expect(Set(done.map(\.head)) == [held, later] && done.allSatisfy { $0.status == 0 })
+        s = h.stats()
+        #expect(s.stoppedOnError == nil && s.heldRequests == 0 && s.inFlight == 0)
+        #expect(image.read(offset: 8 * 512, count: 4096) == pattern(4096, seed: 4))
+        #expect(image.read(offset: 64 * 512, count: 4096) == pattern(4096, seed: 5))
+    }
+
+    @Test func enospcStopsOnlyOnENOSPC() throws {
+        let image = try TestImage(size: 1 << 20)
+        let h = try harness(image, write: .enospc)
+        let g = h.guest
+        h.disk.injectFaults(FaultInjection(errno: Self.EIO, operations: [.write]))
+        _ = try write(g, sector: 0, seed: 6)
+        #expect(try g.complete().status == UInt8(GD_BLK_S_IOERR))
+        h.disk.injectFaults(FaultInjection(errno: Self.ENOSPC, operations: [.write]))
+        _ = try write(g, sector: 0, seed: 7)
+        expectNothingCompletes(g)
+        #expect(h.stats().stoppedOnError == "No space left on device")
+        h.disk.injectFaults(nil)
+        try h.plane.resume(disk: h.disk)
+        #expect(try g.complete().status == 0)
+        #expect(image.read(offset: 0, count: 4096) == pattern(4096, seed: 7))
+    }
+
+    @Test func stoppingAQueueFailsWhatItHolds() throws {
+        let image = try TestImage(size: 1 << 20)
+        let h = try harness(image, write: .stop)
+        h.disk.injectFaults(FaultInjection(errno: Self.EIO, operations: [.write]))
+        _ = try write(h.guest, sector: 0, seed: 8)
+        expectNothingCompletes(h.guest)
+        let last = h.queues[0].stop() // drains: held requests are reported, never lost
+        #expect(last == 1)
+        #expect(try h.guest.complete().status == UInt8(GD_BLK_S_IOERR))
+    }
+
+    @Test func fullFilesystemUnderTheEnospcPolicy() throws {
+        // A 4 MiB tmpfs: the image (sparse, 3 MiB) plus a filler leave little room.
+        let mountPoint = "/tmp/dp-full-" + UUID().uuidString.prefix(8)
+        try FileManager.default.createDirectory(atPath: mountPoint, withIntermediateDirectories: true)
+        defer { _ = umount2(mountPoint, 0); try? FileManager.default.removeItem(atPath: mountPoint) }
+        let mounted = mount("tmpfs", mountPoint, "tmpfs", 0, "size=4m")
+        try #require(mounted == 0, "mounting a tmpfs needs root (errno \(errno))")
+        let image = try TestImage(size: 3 << 20, in: mountPoint)
+        let filler = image.directory + "/filler"
+        #expect(FileManager.default.createFile(atPath: filler, contents: Data(count: (3 << 20) + (512 << 10))))
+
+        let h = try harness(image, write: .enospc, directIO: false)
+        let g = h.guest
+        // 2 MiB of writes: more than the free space.
+        var heads: Set<UInt16> = []
+        for i in 0..<32 { heads.insert(try write(g, sector: UInt64(i * 128), seed: UInt8(i), size: 65536)) }
+        var completed = 0
+        while let c = try? g.complete(timeout: 1) {
+            #expect(c.status == 0, "the guest never sees an error")
+            completed += 1
+        }
+        #expect(completed < 32)
+        #expect(h.stats().stoppedOnError == "No space left on device")
+        // Free space, resume: every write lands.
+        try FileManager.default.removeItem(atPath: filler)
+        try h.plane.resume(disk: h.disk)
+        gd_kick(g.driver, 0)
+        while completed < 32 {
+            let c = try g.complete()
+            #expect(c.status == 0)
+            completed += 1
+        }
+        #expect(h.stats().stoppedOnError == nil)
+        for i in 0..<32 {
+            #expect(image.read(offset: i * 65536, count: 65536) == pattern(65536, seed: UInt8(i)), "write \(i)")
+        }
+    }
+}

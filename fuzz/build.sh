@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Builds the fuzz targets into fuzz/out/ with libFuzzer, ASan and UBSan.
+# Usage: fuzz/build.sh   (CC overrides the compiler; it needs libFuzzer, which the
+#                         Swift toolchain's clang has)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+CC=${CC:-clang}
+OUT=fuzz/out
+SRC=Sources/CDataPlane
+mkdir -p "$OUT"
+
+# lld when the toolchain has it: GNU gold warns about every ASan symbol.
+LDFLAGS=()
+if command -v ld.lld >/dev/null 2>&1; then
+    LDFLAGS+=(-fuse-ld=lld)
+fi
+
+CFLAGS=(-std=gnu11 -g -O1 -D_GNU_SOURCE
+        -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined
+        -Wall -Wextra -Wno-unused-parameter
+        -I"$SRC" -I"$SRC/include")
+
+# vring_blk: the split-ring walker and virtio-blk parsing, nothing else of the core.
+"$CC" "${CFLAGS[@]}" "${LDFLAGS[@]}" -o "$OUT/vring_blk" \
+    fuzz/vring_blk_fuzz.c "$SRC/guest_mem.c" "$SRC/vring_split.c" "$SRC/blk.c"
+
+echo "built $OUT/vring_blk"

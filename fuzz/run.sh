@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# Runs one fuzz target on a copy of its seed corpus (the repository's corpus is
+# never modified) and reports executions, exec/s and coverage.
+#
+#   fuzz/run.sh TARGET SECONDS         bounded by wall time (-max_total_time)
+#   fuzz/run.sh TARGET --runs N        a long campaign bounded by executions
+#
+# Exits non-zero when the target crashes, times out or leaks; the reproducer
+# goes to fuzz/crashes/TARGET-<kind>-<sha1>. Extra libFuzzer flags can be given
+# in FUZZ_FLAGS; KEEP=1 keeps the working corpus (it is printed). The target
+# is rebuilt first (fuzz/build.sh).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+usage() { echo "usage: fuzz/run.sh TARGET SECONDS | fuzz/run.sh TARGET --runs N" >&2; exit 2; }
+[[ $# -ge 2 ]] || usage
+target=$1
+shift
+case $1 in
+--runs) [[ $# -eq 2 && $2 =~ ^[0-9]+$ ]] || usage; limit=(-runs="$2") ;;
+*) [[ $# -eq 1 && $1 =~ ^[0-9]+$ ]] || usage; limit=(-max_total_time="$1") ;;
+esac
+
+seeds=fuzz/corpus/$target
+[[ -d $seeds ]] || { echo "run.sh: no corpus at $seeds" >&2; exit 2; }
+fuzz/build.sh >/dev/null
+bin=fuzz/out/$target
+[[ -x $bin ]] || { echo "run.sh: fuzz/build.sh did not build $bin" >&2; exit 2; }
+
+work=$(mktemp -d "${TMPDIR:-/tmp}/fuzz-$target.XXXXXX")
+cleanup() { [[ ${KEEP:-0} == 1 ]] || rm -rf "$work"; }
+trap cleanup EXIT
+cp -r "$seeds" "$work/corpus"
+mkdir -p fuzz/crashes
+log=fuzz/out/$target.log
+
+status=0
+# shellcheck disable=SC2086
+"$bin" "${limit[@]}" -print_final_stats=1 -max_len=4096 -timeout=10 \
+    -artifact_prefix="fuzz/crashes/$target-" ${FUZZ_FLAGS:-} "$work/corpus" >"$log" 2>&1 || status=$?
+
+stat() { sed -n "s/^stat::$1: *//p" "$log" | tail -1; }
+last=$(grep -E '^#[0-9]+' "$log" | tail -1 || true)
+cov=$(sed -n 's/.* cov: \([0-9]*\).*/\1/p' <<<"$last")
+ft=$(sed -n 's/.* ft: \([0-9]*\).*/\1/p' <<<"$last")
+corp=$(sed -n 's/.* corp: \([^ ]*\).*/\1/p' <<<"$last")
+echo "target:     $target"
+echo "executions: $(stat number_of_executed_units)"
+echo "exec/s:     $(stat average_exec_per_sec)"
+if [[ -n $cov ]]; then
+    echo "coverage:   cov $cov ft $ft, corpus ${corp%%/*} units (${corp#*/})"
+else
+    echo "coverage:   none reported (stopped before the corpus was loaded)"
+fi
+echo "new units:  $(stat new_units_added)"
+echo "peak RSS:   $(stat peak_rss_mb) MB"
+echo "log:        $log"
+[[ ${KEEP:-0} == 1 ]] && echo "corpus:     $work/corpus"
+
+if [[ $status -ne 0 ]]; then
+    echo "FAILED (exit $status):" >&2
+    grep -E 'ERROR|check failed|SUMMARY|Test unit written' "$log" >&2 || tail -40 "$log" >&2
+    exit 1
+fi
