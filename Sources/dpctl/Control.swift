@@ -21,6 +21,8 @@ struct QueueStatus: Codable {
     var usedIndex: UInt16
     var inFlight: UInt64
     var broken: String?
+    var stoppedOnError: String?
+    var heldRequests: UInt64?
 }
 
 struct DiskStatus: Codable {
@@ -117,6 +119,13 @@ final class ControlServer: @unchecked Sendable {
             case "stop":
                 response = ControlResponse(ok: true, pid: getpid())
                 stopAfterReply = true
+            case "resume":
+                var failures: [String] = []
+                for disk in plane.disks {
+                    do { try plane.resume(disk: disk) } catch { failures.append("\(disk.name): \(error)") }
+                }
+                log("resume requested on the control socket")
+                response = failures.isEmpty ? status() : ControlResponse(ok: false, error: failures.joined(separator: "; "))
             default:
                 response = ControlResponse(ok: false, error: "unknown command \(request.command.debugDescription)")
             }
@@ -147,7 +156,8 @@ final class ControlServer: @unchecked Sendable {
                 queues: plane.queues(of: disk).map { q in
                     let s = q.statistics()
                     return QueueStatus(index: q.index, thread: q.thread.configuration.name, lastAvailIndex: s.lastAvailIndex,
-                                       usedIndex: s.usedIndex, inFlight: s.inFlight, broken: s.brokenReason)
+                                       usedIndex: s.usedIndex, inFlight: s.inFlight, broken: s.brokenReason,
+                                       stoppedOnError: s.stoppedOnError, heldRequests: s.heldRequests)
                 })
         }
         return ControlResponse(ok: true, pid: getpid(), threads: threads, disks: disks)

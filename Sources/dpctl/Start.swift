@@ -15,6 +15,9 @@ struct InstanceConfiguration: Codable {
         var directIO: Bool?
         var logicalBlockSize: UInt32?
         var nullSize: UInt64?
+        var readErrorPolicy: ErrorPolicy?
+        var writeErrorPolicy: ErrorPolicy?
+        var fault: String?
     }
 
     var iothreads: Int?
@@ -52,6 +55,12 @@ enum StartCommand {
       --serial TEXT       Serial number the guest sees (at most 20 bytes; default: the file name)
       --block-size N      Logical block size, 512-65536 (default 512)
       --no-direct         Use the page cache instead of O_DIRECT
+      --rerror POLICY     A failed read: report (default: the guest gets an I/O error), ignore,
+                          enospc, or stop (hold it; 'dpctl resume' retries it)
+      --werror POLICY     A failed write/flush/discard: enospc (default: stop only when the
+                          host is out of space), report, ignore, or stop
+      --fault SPEC        Inject failures, e.g. errno=EIO,ops=write,sectors=0-2048,after=10,every=2
+                          (errno EIO|ENOSPC|number; ops read+write+flush+discard+write-zeroes)
     """
 
     static func parse(_ words: [String]) throws -> InstanceConfiguration {
@@ -110,6 +119,18 @@ enum StartCommand {
             case "--serial":
                 try needDisk(option)
                 current?.serial = try args.value(for: option, inline: inline)
+            case "--rerror", "--werror":
+                try needDisk(option)
+                let text = try args.value(for: option, inline: inline)
+                guard let policy = ErrorPolicy(rawValue: text) else {
+                    throw CLIError("\(option) \(text.debugDescription): use report, ignore, enospc or stop", usage: true)
+                }
+                if option == "--rerror" { current?.readErrorPolicy = policy } else { current?.writeErrorPolicy = policy }
+            case "--fault":
+                try needDisk(option)
+                let text = try args.value(for: option, inline: inline)
+                _ = try parseFault(text)
+                current?.fault = text
             case "--block-size":
                 try needDisk(option)
                 current?.logicalBlockSize = UInt32(try parseInt(try args.value(for: option, inline: inline), option: option, range: 512...65536))
@@ -149,7 +170,46 @@ enum StartCommand {
                                   logicalBlockSize: d.logicalBlockSize ?? 512, numQueues: d.numQueues ?? 16,
                                   queueSize: d.queueSize ?? 256)
         if let size = d.nullSize { c.nullSizeBytes = size }
+        if let p = d.readErrorPolicy { c.readErrorPolicy = p }
+        if let p = d.writeErrorPolicy { c.writeErrorPolicy = p }
         return c
+    }
+
+    /// errno=EIO,ops=read+write,sectors=A-B,after=N,every=N
+    static func parseFault(_ text: String) throws(CLIError) -> FaultInjection {
+        var fault = FaultInjection(errno: 5)
+        for part in text.split(separator: ",") {
+            let kv = part.split(separator: "=", maxSplits: 1).map(String.init)
+            guard kv.count == 2 else { throw CLIError("--fault: \(String(part).debugDescription) is not key=value", usage: true) }
+            switch kv[0] {
+            case "errno":
+                let names: [String: Int32] = ["EIO": 5, "ENOSPC": 28, "EROFS": 30, "EDQUOT": 122]
+                guard let e = names[kv[1].uppercased()] ?? Int32(kv[1]), e > 0 else {
+                    throw CLIError("--fault: errno \(kv[1].debugDescription): use EIO, ENOSPC or a number", usage: true)
+                }
+                fault.errno = e
+            case "ops":
+                let names: [String: FaultInjection.Operation] = ["read": .read, "write": .write, "flush": .flush,
+                                                                 "discard": .discard, "write-zeroes": .writeZeroes]
+                fault.operations = try kv[1].split(separator: "+").map { (op: Substring) throws(CLIError) -> FaultInjection.Operation in
+                    guard let o = names[String(op)] else { throw CLIError("--fault: unknown op \(String(op).debugDescription)", usage: true) }
+                    return o
+                }
+            case "sectors":
+                let ends = kv[1].split(separator: "-").compactMap { UInt64($0) }
+                guard ends.count == 2, ends[0] < ends[1] else { throw CLIError("--fault: sectors \(kv[1].debugDescription) is not START-END", usage: true) }
+                fault.sectors = ends[0]..<ends[1]
+            case "after":
+                guard let n = UInt64(kv[1]) else { throw CLIError("--fault: after \(kv[1].debugDescription) is not a count", usage: true) }
+                fault.after = n
+            case "every":
+                guard let n = UInt32(kv[1]), n > 0 else { throw CLIError("--fault: every \(kv[1].debugDescription) is not a positive count", usage: true) }
+                fault.every = n
+            default:
+                throw CLIError("--fault: unknown key \(kv[0].debugDescription) (errno, ops, sectors, after, every)", usage: true)
+            }
+        }
+        return fault
     }
 
     static func run(_ words: [String]) throws -> Int32 {
@@ -183,6 +243,10 @@ enum StartCommand {
         do {
             for (entry, diskConfig) in zip(config.disks, disks) {
                 let disk = try plane.addDisk(diskConfig)
+                if let spec = entry.fault {
+                    disk.injectFaults(try parseFault(spec))
+                    log("\(disk.name): injecting faults: \(spec)")
+                }
                 try server.addExport(disk: disk, socketPath: entry.socket)
                 opened.append((disk, entry.socket))
             }

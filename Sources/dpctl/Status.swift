@@ -86,7 +86,9 @@ enum StatusCommand {
             print("disk \(d.path): \(size), \(d.readOnly ? "read-only" : "read-write"), \(d.directIO ? "O_DIRECT" : "page cache"), up to \(d.maxQueues) queues")
             print("  socket \(d.socket): \(d.connected ? "frontend connected" : "waiting for a frontend")")
             for q in d.queues {
-                let state = q.broken.map { "BROKEN (\($0)): the guest must reset the device" } ?? "running"
+                let state = q.broken.map { "BROKEN (\($0)): the guest must reset the device" }
+                    ?? q.stoppedOnError.map { "STOPPED on error: \($0), \(q.heldRequests ?? 0) request(s) held; fix the cause, then 'dpctl resume'" }
+                    ?? "running"
                 print("  queue \(q.index) on \(q.thread): \(state), avail \(q.lastAvailIndex), used \(q.usedIndex), in flight \(q.inFlight)")
             }
         }
@@ -182,6 +184,35 @@ func binarySize(_ bytes: UInt64) -> String {
 extension String {
     func leftPad(_ width: Int) -> String {
         count >= width ? self : String(repeating: " ", count: width - count) + self
+    }
+}
+
+enum ResumeCommand {
+    static let help = """
+    USAGE: dpctl resume (--control PATH | --socket PATH)
+
+    Resumes every queue of a running instance: queues stopped by the error
+    policy (--werror/--rerror stop or enospc) retry the requests they hold, in
+    order; paused queues take requests again. Prints the status afterwards.
+    """
+
+    static func run(_ words: [String]) throws -> Int32 {
+        var args = Arguments(words)
+        var control: String?, socket: String?
+        while let word = args.next() {
+            let (option, inline) = Arguments.split(word)
+            switch option {
+            case "-h", "--help":
+                print(help)
+                return 0
+            case "--control": control = try args.value(for: option, inline: inline)
+            case "--socket": socket = try args.value(for: option, inline: inline)
+            default: throw CLIError("unknown option \(word.debugDescription) for resume", usage: true)
+            }
+        }
+        let response = try controlCall(try controlPath(control: control, socket: socket), "resume")
+        StatusCommand.printStatus(response)
+        return 0
     }
 }
 

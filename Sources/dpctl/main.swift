@@ -11,6 +11,7 @@ COMMANDS:
   start         Serve disks in the foreground (logs on stderr; SIGINT/SIGTERM drain and exit)
   status        Show a running instance's disks, frontends, queues and IOThreads
   stats         Show IOPS, MB/s and latency per IOThread, disk and queue
+  resume        Resume queues stopped by the error policy (retrying held requests)
   stop          Ask a running instance to drain and exit
   qemu-args     Print the QEMU options that connect a guest to a socket
   libvirt-xml   Print the libvirt <disk> and <memoryBacking> snippet for a socket
@@ -31,13 +32,14 @@ func run() -> Int32 {
         case "status": return try StatusCommand.run(words, stats: false)
         case "stats": return try StatusCommand.run(words, stats: true)
         case "stop": return try StopCommand.run(words)
+        case "resume": return try ResumeCommand.run(words)
         case "qemu-args": return try GuestConfigCommand.run(words, kind: .qemu)
         case "libvirt-xml": return try GuestConfigCommand.run(words, kind: .libvirt)
         case "-h", "--help", "help":
             print(usage)
             return 0
         default:
-            throw CLIError("unknown command \(command.debugDescription); commands: start, status, stats, stop, qemu-args, libvirt-xml", usage: true)
+            throw CLIError("unknown command \(command.debugDescription); commands: start, status, stats, resume, stop, qemu-args, libvirt-xml", usage: true)
         }
     } catch let error as CLIError {
         FileHandle.standardError.write(Data("dpctl: error: \(error.description)\n".utf8))

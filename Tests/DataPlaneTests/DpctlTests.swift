@@ -65,6 +65,9 @@ import Testing
         let table = try Self.dpctl(["stats", "--socket", socket, "--interval", "0.2"])
         #expect(table.stdout.contains("IOTHREAD") && table.stdout.contains("p99 us"))
 
+        let resume = try Self.dpctl(["resume", "--socket", socket])
+        #expect(resume.status == 0 && resume.stdout.contains("disk null"), "\(resume.stderr)")
+
         let stop = try Self.dpctl(["stop", "--socket", socket])
         #expect(stop.status == 0, "\(stop.stderr)")
         start.waitUntilExit()
@@ -86,7 +89,7 @@ import Testing
     }
 
     @Test func everyCommandHasHelp() throws {
-        for verb in ["start", "status", "stats", "stop", "qemu-args", "libvirt-xml"] {
+        for verb in ["start", "status", "stats", "resume", "stop", "qemu-args", "libvirt-xml"] {
             let r = try Self.dpctl([verb, "--help"])
             #expect(r.status == 0 && r.stdout.contains("USAGE: dpctl ") && r.stdout.contains("dpctl \(verb) "), "\(verb)")
         }
@@ -108,6 +111,8 @@ import Testing
           "--disk", "e", "--backend", "null", "--socket", "/tmp/e.sock", "--num-queues", "64"], "more than 1 IOThread"),
         (["status", "--socket", "/tmp/nothing-here.sock"], "no dpctl is running there"),
         (["frobnicate"], "unknown command"),
+        (["start", "--disk", "x", "--backend", "null", "--socket", "/tmp/x.sock", "--werror", "panic"], "use report, ignore, enospc or stop"),
+        (["start", "--disk", "x", "--backend", "null", "--socket", "/tmp/x.sock", "--fault", "errno=EWHAT"], "use EIO, ENOSPC or a number"),
     ] as [([String], String)])
     func badInputGetsAOneLineError(arguments: [String], message: String) throws {
         let r = try Self.dpctl(arguments)
