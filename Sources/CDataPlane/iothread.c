@@ -712,6 +712,8 @@ int dp_iothread_stop(struct dp_iothread *t)
     int ret = iothread_call(t, &msg);
     if (ret == -ESHUTDOWN)
         ret = 0;
+    if (ret)
+        return ret; /* it never got the message: joining would wait forever */
     if (t->tid) {
         pthread_join(t->tid, NULL);
         t->tid = 0;

@@ -6,7 +6,7 @@ import Testing
 
 /// A bare vhost-user frontend that sends whatever it is told.
 final class RawFrontend {
-    let fd: Int32
+    private(set) var fd: Int32
 
     init(path: String) throws {
         let deadline = Date().addingTimeInterval(5)
@@ -19,7 +19,13 @@ final class RawFrontend {
         self.fd = fd
     }
 
-    deinit { close(fd) }
+    /// Closes the connection once (a second close could hit a reused number).
+    func disconnect() {
+        if fd >= 0 { close(fd) }
+        fd = -1
+    }
+
+    deinit { disconnect() }
 
     func sendRaw(_ bytes: [UInt8], fds: [Int32] = []) {
         let n = bytes.withUnsafeBytes { raw in
@@ -393,7 +399,7 @@ func references(to name: String) -> (fds: Int, maps: Int) {
         #expect(base.payload == state(0, 0))
         #expect(h.plane.queues(of: h.disk).isEmpty)
         // Disconnect: the device resets and unmaps; the next frontend is served.
-        close(f.fd)
+        f.disconnect()
         let deadline = Date().addingTimeInterval(5)
         while references(to: name).maps > 0 && Date() < deadline { usleep(10_000) }
         #expect(references(to: name) == (0, 0))
