@@ -23,6 +23,10 @@ let package = Package(
         // System calls the Swift control path needs but cannot import (CMSG_*, sockaddr_un).
         .target(name: "CDataPlaneSys", cSettings: [.define("_GNU_SOURCE")]),
         .target(name: "DataPlane", dependencies: ["CDataPlane", "CDataPlaneSys"]),
+        // A vhost-user-blk frontend (QEMU's side) over the guest driver: tests and the load generator.
+        .target(name: "CVhostFrontend", dependencies: ["CGuestDriver", "CDataPlane"], cSettings: [.define("_GNU_SOURCE")]),
+        .executableTarget(name: "dp-loadgen", dependencies: ["CVhostFrontend", "CGuestDriver"], path: "bench/loadgen",
+                          cSettings: [.define("_GNU_SOURCE")]),
         .executableTarget(name: "dpctl", dependencies: ["DataPlane", "CDataPlaneSys"]),
         .executableTarget(name: "dataplane-example", dependencies: ["DataPlane", "CGuestDriver"], path: "Examples/InProcess"),
         .executableTarget(name: "dp-bench", dependencies: ["DataPlane", "CGuestDriver"], path: "bench/dp-bench"),

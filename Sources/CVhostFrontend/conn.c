@@ -28,6 +28,29 @@ int _vuf_fail(struct vuf_conn *c, int rc, const char *fmt, ...)
     return rc;
 }
 
+int _vuf_wrap(struct vuf_conn *c, int rc, const char *fmt, ...)
+{
+    char inner[VUF_ERR_LEN];
+    snprintf(inner, sizeof(inner), "%s", c->err);
+    va_list ap;
+    va_start(ap, fmt);
+    int n = vsnprintf(c->err, sizeof(c->err), fmt, ap);
+    va_end(ap);
+    /* Append ": inner", truncated to fit (by hand: gcc flags the intended
+     * truncation of a snprintf here). */
+    size_t at = n < 0 ? 0 : (size_t)n < sizeof(c->err) ? (size_t)n : sizeof(c->err) - 1;
+    size_t room = sizeof(c->err) - 1 - at, k = strlen(inner);
+    if (room >= 2) {
+        memcpy(c->err + at, ": ", 2);
+        at += 2;
+        room -= 2;
+        memcpy(c->err + at, inner, k < room ? k : room);
+        at += k < room ? k : room;
+    }
+    c->err[at] = 0;
+    return rc;
+}
+
 /* EPIPE, ECONNRESET and EOF all mean the peer closed: one code for them. */
 static int peer_errno(int err)
 {

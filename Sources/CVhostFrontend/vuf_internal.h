@@ -30,4 +30,7 @@ struct vuf_conn {
  * `return _vuf_fail(c, rc, ...)`. Don't use directly outside this target. */
 int _vuf_fail(struct vuf_conn *c, int rc, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
 
+/* Puts "prefix: " before the message already recorded and returns rc. */
+int _vuf_wrap(struct vuf_conn *c, int rc, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
+
 #endif /* VUF_INTERNAL_H */

@@ -140,7 +140,8 @@ int vuf_is_closed(struct vuf_conn *c, int timeout_ms);
 /* ---------------------------------------------------------------- handshake */
 
 /* The virtio-blk config space up to write_zeroes_may_unmap (virtio 1.x
- * 5.2.4), as GET_CONFIG returns it; the layout is the wire layout. */
+ * 5.2.4), as GET_CONFIG returns it: its first VUF_BLK_CONFIG_SIZE bytes are
+ * the wire layout (sizeof adds 4 bytes of tail padding). */
 struct vuf_blk_config {
     uint64_t capacity; /* 512-byte sectors */
     uint32_t size_max;
@@ -191,8 +192,11 @@ struct vuf_info {
  *   GET_FEATURES, GET_PROTOCOL_FEATURES, SET_PROTOCOL_FEATURES, GET_QUEUE_NUM,
  *   GET_MAX_MEM_SLOTS, SET_OWNER, GET_CONFIG, [GET_INFLIGHT_FD, SET_INFLIGHT_FD],
  *   SET_FEATURES, SET_MEM_TABLE or ADD_MEM_REG, per queue SET_VRING_NUM,
- *   SET_VRING_BASE 0, SET_VRING_ADDR, SET_VRING_KICK, SET_VRING_CALL, then
- *   SET_VRING_ENABLE 1 on each queue.
+ *   SET_VRING_BASE, SET_VRING_ADDR, SET_VRING_KICK, SET_VRING_CALL, then
+ *   SET_VRING_ENABLE 1 on each queue (not sent without PROTOCOL_FEATURES).
+ * SET_VRING_BASE is the ring's used index: 0 on a fresh driver, and after
+ * vuf_stop_queue or a reconnect the place QEMU restarts a ring from, so the
+ * same driver can be set up again on this or a new connection.
  * Features: offered ∩ {VERSION_1, PROTOCOL_FEATURES, INDIRECT_DESC, EVENT_IDX
  * (only if the driver uses it), blk SEG_MAX, BLK_SIZE, FLUSH, TOPOLOGY, MQ,
  * DISCARD, WRITE_ZEROES, RO}; protocol: offered ∩ {MQ, REPLY_ACK, CONFIG,

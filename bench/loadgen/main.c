@@ -1,0 +1,372 @@
+/*
+ * dp-loadgen: a vhost-user-blk front-end that drives any back-end (ours,
+ * qemu-storage-daemon, SPDK) the same way: CGuestDriver's rings and memfd,
+ * handed over with QEMU's handshake (CVhostFrontend), then its benchmark loop
+ * gd_bench_run. No guest kernel, so what it measures is the back-end plus one
+ * tight C loop on the front-end's CPU.
+ */
+#ifndef _GNU_SOURCE
+#error "dp-loadgen needs _GNU_SOURCE; set it in the target's cSettings"
+#endif
+
+#include <CVhostFrontend.h>
+
+#include <errno.h>
+#include <inttypes.h>
+#include <limits.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/resource.h>
+#include <time.h>
+#include <unistd.h>
+
+#define LG_MAX_QUEUES 16 /* gd_bench_result keeps per-queue counts for 16 */
+
+struct lg_opts {
+    const char *socket;
+    uint32_t queues, depth, queue_size, block_size;
+    uint32_t type;
+    bool random, poll, json, event_idx, verbose;
+    double seconds, warmup;
+    int32_t cpu;
+    uint64_t seed, size_limit;
+    struct vuf_options vuf;
+};
+
+static void usage(FILE *f)
+{
+    fprintf(f,
+            "usage: dp-loadgen --socket PATH [options]\n"
+            "\n"
+            "Connects to a vhost-user-blk back-end as QEMU would, keeps DEPTH requests in\n"
+            "flight per queue from one thread, and reports IOPS, MB/s and latency.\n"
+            "\n"
+            "  --socket PATH        the back-end's unix socket (required)\n"
+            "  --queues N           queues to drive (1..%d, default 1)\n"
+            "  --depth N            requests in flight per queue (default 32)\n"
+            "  --rw MODE            randread | randwrite | read | write (default randread)\n"
+            "  --bs SIZE            block size, e.g. 4k, 64k, 1m (a multiple of 512; default 4k)\n"
+            "  --seconds S          measured time after warm-up (default 10)\n"
+            "  --warmup S           time whose completions are not counted (default 1)\n"
+            "  --poll               spin on the used rings instead of sleeping on call eventfds\n"
+            "  --cpu N              pin the load thread to CPU N\n"
+            "  --seed N             random offsets seed (default fixed)\n"
+            "  --json               print one JSON object instead of text\n"
+            "  --queue-size N       virtqueue size (power of two, default 256)\n"
+            "  --size BYTES         use only the first BYTES of the disk (e.g. 1g)\n"
+            "  --no-event-idx       don't use VIRTIO_RING_F_EVENT_IDX\n"
+            "  --inflight           negotiate INFLIGHT_SHMFD (GET_/SET_INFLIGHT_FD)\n"
+            "  --add-mem-reg        ADD_MEM_REG instead of SET_MEM_TABLE (if offered)\n"
+            "  --two-regions        describe guest memory as two regions\n"
+            "  --features-early     SET_FEATURES right after GET_FEATURES\n"
+            "  --no-reply-ack       don't negotiate REPLY_ACK\n"
+            "  -v, --verbose        print what was negotiated (stderr)\n",
+            LG_MAX_QUEUES);
+}
+
+static _Noreturn void die_usage(const char *fmt, const char *arg)
+{
+    fprintf(stderr, "dp-loadgen: ");
+    fprintf(stderr, fmt, arg);
+    fprintf(stderr, "\n");
+    usage(stderr);
+    exit(2);
+}
+
+/* "4k", "64K", "1m", "1g", "4096" -> bytes; 0 on junk. */
+static uint64_t parse_size(const char *s)
+{
+    char *end;
+    errno = 0;
+    unsigned long long v = strtoull(s, &end, 10);
+    if (errno || end == s)
+        return 0;
+    unsigned shift = 0;
+    switch (*end) {
+    case 'k': case 'K': shift = 10; end++; break;
+    case 'm': case 'M': shift = 20; end++; break;
+    case 'g': case 'G': shift = 30; end++; break;
+    default: break;
+    }
+    if (*end == 'i' || *end == 'b' || *end == 'B')
+        end += *end == 'i' && (end[1] == 'b' || end[1] == 'B') ? 2 : 1;
+    if (*end || v > (UINT64_MAX >> shift))
+        return 0;
+    return (uint64_t)v << shift;
+}
+
+static uint64_t parse_uint(const char *opt, const char *s, uint64_t max)
+{
+    char *end;
+    errno = 0;
+    unsigned long long v = strtoull(s, &end, 0);
+    if (errno || end == s || *end || v > max || s[0] == '-')
+        die_usage("bad value for %s", opt);
+    return v;
+}
+
+static double parse_seconds(const char *opt, const char *s)
+{
+    char *end;
+    double v = strtod(s, &end);
+    if (end == s || *end || !(v >= 0) || v > 86400)
+        die_usage("bad value for %s", opt);
+    return v;
+}
+
+static void parse(int argc, char **argv, struct lg_opts *o)
+{
+    *o = (struct lg_opts){ .queues = 1, .depth = 32, .queue_size = 256, .block_size = 4096, .type = GD_BLK_T_IN,
+                           .random = true, .seconds = 10, .warmup = 1, .cpu = -1, .event_idx = true };
+    for (int i = 1; i < argc; i++) {
+        const char *a = argv[i];
+        const char *v = i + 1 < argc ? argv[i + 1] : NULL;
+#define NEEDV()                                                                                              \
+    do {                                                                                                     \
+        if (!v)                                                                                              \
+            die_usage("%s needs a value", a);                                                                \
+        i++;                                                                                                 \
+    } while (0)
+        if (!strcmp(a, "--socket")) {
+            NEEDV();
+            o->socket = v;
+        } else if (!strcmp(a, "--queues")) {
+            NEEDV();
+            o->queues = (uint32_t)parse_uint(a, v, LG_MAX_QUEUES);
+        } else if (!strcmp(a, "--depth")) {
+            NEEDV();
+            o->depth = (uint32_t)parse_uint(a, v, DP_QUEUE_MAX_SIZE);
+        } else if (!strcmp(a, "--queue-size")) {
+            NEEDV();
+            o->queue_size = (uint32_t)parse_uint(a, v, DP_QUEUE_MAX_SIZE);
+        } else if (!strcmp(a, "--rw")) {
+            NEEDV();
+            if (!strcmp(v, "randread") || !strcmp(v, "read"))
+                o->type = GD_BLK_T_IN;
+            else if (!strcmp(v, "randwrite") || !strcmp(v, "write"))
+                o->type = GD_BLK_T_OUT;
+            else
+                die_usage("--rw is randread, randwrite, read or write, not %s", v);
+            o->random = !strncmp(v, "rand", 4);
+        } else if (!strcmp(a, "--bs")) {
+            NEEDV();
+            uint64_t bs = parse_size(v);
+            if (!bs || bs % 512 || bs > (64u << 20))
+                die_usage("--bs must be a multiple of 512 up to 64m, not %s", v);
+            o->block_size = (uint32_t)bs;
+        } else if (!strcmp(a, "--size")) {
+            NEEDV();
+            o->size_limit = parse_size(v);
+            if (!o->size_limit)
+                die_usage("bad value for --size: %s", v);
+        } else if (!strcmp(a, "--seconds")) {
+            NEEDV();
+            o->seconds = parse_seconds(a, v);
+        } else if (!strcmp(a, "--warmup")) {
+            NEEDV();
+            o->warmup = parse_seconds(a, v);
+        } else if (!strcmp(a, "--cpu")) {
+            NEEDV();
+            o->cpu = (int32_t)parse_uint(a, v, 4095);
+        } else if (!strcmp(a, "--seed")) {
+            NEEDV();
+            o->seed = parse_uint(a, v, UINT64_MAX);
+        } else if (!strcmp(a, "--poll")) {
+            o->poll = true;
+        } else if (!strcmp(a, "--json")) {
+            o->json = true;
+        } else if (!strcmp(a, "--no-event-idx")) {
+            o->event_idx = false;
+        } else if (!strcmp(a, "--inflight")) {
+            o->vuf.inflight = true;
+        } else if (!strcmp(a, "--add-mem-reg")) {
+            o->vuf.add_mem_reg = true;
+        } else if (!strcmp(a, "--two-regions")) {
+            o->vuf.two_regions = true;
+        } else if (!strcmp(a, "--features-early")) {
+            o->vuf.features_early = true;
+        } else if (!strcmp(a, "--no-reply-ack")) {
+            o->vuf.no_reply_ack = true;
+        } else if (!strcmp(a, "-v") || !strcmp(a, "--verbose")) {
+            o->verbose = true;
+        } else if (!strcmp(a, "-h") || !strcmp(a, "--help")) {
+            usage(stdout);
+            exit(0);
+        } else {
+            die_usage("unknown option %s", a);
+        }
+#undef NEEDV
+    }
+    if (!o->socket)
+        die_usage("%s", "--socket is required");
+    if (!o->queues || !o->depth)
+        die_usage("%s", "--queues and --depth must be at least 1");
+    if (!o->queue_size || (o->queue_size & (o->queue_size - 1)))
+        die_usage("%s", "--queue-size must be a power of two");
+    if (o->depth > o->queue_size)
+        die_usage("%s", "--depth cannot exceed --queue-size (one head per request)");
+    if (o->seconds <= 0)
+        die_usage("%s", "--seconds must be more than 0");
+    o->vuf.num_queues = o->queues;
+}
+
+static uint64_t round_up(uint64_t v, uint64_t a) { return (v + a - 1) / a * a; }
+
+/* Guest memory for the rings and slots CGuestDriver lays out in its first
+ * half, then the data buffers gd_bench_run allocates (anywhere). */
+static uint64_t memory_size(const struct lg_opts *o)
+{
+    uint64_t n = o->queue_size;
+    uint64_t ring = 16 * n + 4096 + (6 + 2 * n + 64) + (6 + 8 * n + 64) + 64 * n + 64 + 16 * n * n + 64;
+    uint64_t rings = 4096 + o->queues * ring;
+    uint64_t data = (uint64_t)o->queues * o->depth * round_up(o->block_size, 4096);
+    return round_up(2 * (rings + data) + (1u << 20), 2u << 20);
+}
+
+static double pct_us(const uint64_t *hist, double p) { return (double)gd_hist_percentile(hist, p) / 1000.0; }
+
+static double wall_seconds(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
+}
+
+static double cpu_seconds(void)
+{
+    struct rusage ru;
+    getrusage(RUSAGE_SELF, &ru);
+    return (double)ru.ru_utime.tv_sec + (double)ru.ru_utime.tv_usec / 1e6 + (double)ru.ru_stime.tv_sec +
+           (double)ru.ru_stime.tv_usec / 1e6;
+}
+
+static const char *rw_name(const struct lg_opts *o)
+{
+    return o->type == GD_BLK_T_IN ? (o->random ? "randread" : "read") : (o->random ? "randwrite" : "write");
+}
+
+int main(int argc, char **argv)
+{
+    struct lg_opts o;
+    parse(argc, argv, &o);
+
+    struct gd_config gc = { .mem_size = memory_size(&o), .num_queues = o.queues, .queue_size = o.queue_size,
+                            .event_idx = o.event_idx };
+    struct gd_driver *d;
+    int rc = gd_create(&gc, &d);
+    if (rc < 0) {
+        fprintf(stderr, "dp-loadgen: guest driver (%" PRIu64 " bytes of memory): %s\n", gc.mem_size, strerror(-rc));
+        return 1;
+    }
+    struct vuf_conn *c;
+    rc = vuf_connect(o.socket, &c);
+    if (rc < 0) {
+        fprintf(stderr, "dp-loadgen: connecting to %s: %s\n", o.socket, strerror(-rc));
+        return 1;
+    }
+    struct vuf_info info;
+    rc = vuf_setup(c, d, &o.vuf, &info);
+    if (rc < 0) {
+        fprintf(stderr, "dp-loadgen: handshake with %s: %s\n", o.socket, vuf_last_error(c));
+        return 1;
+    }
+    bool indirect = 3ull * o.depth > o.queue_size; /* what gd_bench_run will do */
+    if (o.verbose)
+        fprintf(stderr,
+                "dp-loadgen: features 0x%" PRIx64 " of 0x%" PRIx64 ", protocol 0x%" PRIx64 " of 0x%" PRIx64
+                ", queues %" PRIu64 ", mem slots %" PRIu64 ", inflight %" PRIu64 " bytes\n"
+                "dp-loadgen: config: capacity %" PRIu64 " sectors, blk_size %u, seg_max %u, num_queues %u, "
+                "writeback %u\n",
+                info.features, info.features_offered, info.protocol, info.protocol_offered, info.queue_num,
+                info.max_mem_slots, info.inflight_size, info.config.capacity, info.config.blk_size,
+                info.config.seg_max, info.config.num_queues, info.config.writeback);
+
+    if (!info.has_config) {
+        fprintf(stderr, "dp-loadgen: the back-end did not negotiate CONFIG: no capacity to stay within\n");
+        return 1;
+    }
+    uint64_t capacity = info.config.capacity;
+    if (o.size_limit && o.size_limit / 512 < capacity)
+        capacity = o.size_limit / 512;
+    if (o.type == GD_BLK_T_OUT && (info.features & (1ull << VUF_F_BLK_RO))) {
+        fprintf(stderr, "dp-loadgen: the disk is read-only (VIRTIO_BLK_F_RO)\n");
+        return 1;
+    }
+    if (indirect && !(info.features & (1ull << VUF_F_RING_INDIRECT_DESC))) {
+        fprintf(stderr, "dp-loadgen: depth %u needs indirect descriptors (3 x depth > queue size %u) and the "
+                        "back-end does not offer them; raise --queue-size\n", o.depth, o.queue_size);
+        return 1;
+    }
+
+    struct gd_bench_params p = {
+        .first_queue = 0, .num_queues = o.queues, .depth = o.depth, .type = o.type, .block_size = o.block_size,
+        .random = o.random, .capacity_sectors = capacity, .seed = o.seed,
+        .duration_ns = (uint64_t)((o.warmup + o.seconds) * 1e9), .warmup_ns = (uint64_t)(o.warmup * 1e9),
+        .busy_poll = o.poll, .cpu = o.cpu,
+    };
+    static struct gd_bench_result r; /* 8 KiB of histogram: not on the stack */
+    double cpu0 = cpu_seconds(), wall0 = wall_seconds();
+    rc = gd_bench_run(d, &p, &r);
+    double wall = wall_seconds() - wall0, cpu = cpu_seconds() - cpu0;
+    if (rc < 0) {
+        fprintf(stderr, "dp-loadgen: benchmark: %s%s\n", strerror(-rc),
+                rc == -ETIMEDOUT ? " (the back-end completed nothing for 10 s)" : "");
+        if (vuf_is_closed(c, 0) == 1)
+            fprintf(stderr, "dp-loadgen: the back-end has closed the connection\n");
+        return 1;
+    }
+
+    /* Stop every ring: each must have popped exactly what we published. */
+    int bad_stop = 0;
+    for (uint32_t q = 0; q < o.queues; q++) {
+        uint16_t last;
+        rc = vuf_stop_queue(c, q, &last);
+        if (rc < 0) {
+            fprintf(stderr, "dp-loadgen: stopping queue %u: %s\n", q, vuf_last_error(c));
+            bad_stop = 1;
+        } else if (last != gd_used_idx(d, q)) {
+            fprintf(stderr, "dp-loadgen: queue %u stopped at avail index %u, its used index is %u\n", q, last,
+                    gd_used_idx(d, q));
+            bad_stop = 1;
+        }
+    }
+    vuf_close(c);
+    gd_destroy(d);
+
+    double secs = (double)r.elapsed_ns / 1e9;
+    double iops = secs > 0 ? (double)r.ops / secs : 0;
+    double mbps = secs > 0 ? (double)r.bytes / secs / 1e6 : 0;
+    /* The load thread's CPU over the whole run (warm-up included), as a share
+     * of the wall clock, and that share of the measured time per request. */
+    double cpu_util = wall > 0 ? cpu / wall : 0;
+    double cpu_per_op_us = r.ops ? cpu_util * secs / (double)r.ops * 1e6 : 0;
+    if (o.json) {
+        printf("{\"socket\":\"%s\",\"rw\":\"%s\",\"bs\":%u,\"queues\":%u,\"depth\":%u,\"queue_size\":%u,"
+               "\"poll\":%s,\"event_idx\":%s,\"indirect\":%s,\"seconds\":%.3f,\"ops\":%" PRIu64
+               ",\"errors\":%" PRIu64 ",\"iops\":%.0f,\"mbps\":%.1f,"
+               "\"lat_us\":{\"p50\":%.2f,\"p99\":%.2f,\"p99.9\":%.2f},\"per_queue_iops\":[",
+               o.socket, rw_name(&o), o.block_size, o.queues, o.depth, o.queue_size, o.poll ? "true" : "false",
+               o.event_idx ? "true" : "false", indirect ? "true" : "false", secs, r.ops, r.errors, iops, mbps,
+               pct_us(r.hist, 50), pct_us(r.hist, 99), pct_us(r.hist, 99.9));
+        for (uint32_t q = 0; q < o.queues; q++)
+            printf("%s%.0f", q ? "," : "", secs > 0 ? (double)r.per_queue_ops[q] / secs : 0);
+        printf("],\"kicks\":%" PRIu64 ",\"waits\":%" PRIu64 ",\"client_cpu\":%.3f,\"client_cpu_us_per_op\":%.3f,"
+               "\"capacity_sectors\":%" PRIu64 ",\"features\":\"0x%" PRIx64 "\",\"protocol_features\":\"0x%" PRIx64
+               "\",\"clean_stop\":%s}\n",
+               r.kicks, r.waits, cpu_util, cpu_per_op_us, capacity, info.features, info.protocol, bad_stop ? "false" : "true");
+    } else {
+        printf("%s: %s %u bytes, %u queue(s) x depth %u, queue size %u, %s%s%s\n", o.socket, rw_name(&o),
+               o.block_size, o.queues, o.depth, o.queue_size, o.poll ? "busy-poll" : "blocking",
+               o.event_idx ? ", event_idx" : "", indirect ? ", indirect" : "");
+        printf("  %.0f IOPS  %.1f MB/s  latency p50 %.1f us  p99 %.1f us  p99.9 %.1f us\n", iops, mbps,
+               pct_us(r.hist, 50), pct_us(r.hist, 99), pct_us(r.hist, 99.9));
+        printf("  per queue IOPS:");
+        for (uint32_t q = 0; q < o.queues; q++)
+            printf(" q%u %.0f", q, secs > 0 ? (double)r.per_queue_ops[q] / secs : 0);
+        printf("\n  %" PRIu64 " ops in %.2f s, %" PRIu64 " errors, %" PRIu64 " kicks, %" PRIu64
+               " waits, client CPU %.0f%% (%.2f us/op)\n",
+               r.ops, secs, r.errors, r.kicks, r.waits, cpu_util * 100, cpu_per_op_us);
+    }
+    return r.errors || bad_stop ? 1 : 0;
+}
