@@ -30,7 +30,7 @@ let package = Package(
         .executableTarget(name: "dpctl", dependencies: ["DataPlane", "CDataPlaneSys"]),
         .executableTarget(name: "dataplane-example", dependencies: ["DataPlane", "CGuestDriver"], path: "Examples/InProcess"),
         .executableTarget(name: "dp-bench", dependencies: ["DataPlane", "CGuestDriver"], path: "bench/dp-bench"),
-        .testTarget(name: "DataPlaneTests", dependencies: ["DataPlane", "CDataPlane", "CDataPlaneSys", "CGuestDriver"]),
+        .testTarget(name: "DataPlaneTests", dependencies: ["DataPlane", "CDataPlane", "CDataPlaneSys", "CGuestDriver", "CVhostFrontend"]),
     ],
     swiftLanguageModes: [.v6],
     cLanguageStandard: .c11

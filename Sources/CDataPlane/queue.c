@@ -223,7 +223,7 @@ unsigned queue_pop_batch(struct dp_queue *q, uint64_t now)
         return 0;
     unsigned popped = 0;
     /* Requests in flight when the previous backend went away come first. */
-    while (q->resubmit_next < q->resubmit_count && q->free_count &&
+    while (q->resubmit_next < q->resubmit_count && q->free_count && !q->error_stopped &&
            queue_start(q, q->resubmit[q->resubmit_next], now)) {
         q->resubmit_next++;
         popped++;
@@ -234,6 +234,8 @@ unsigned queue_pop_batch(struct dp_queue *q, uint64_t now)
         return popped;
     }
     unsigned n = (unsigned)avail < q->free_count ? (unsigned)avail : q->free_count;
+    /* Like QEMU's werror=stop, the requests of a batch already fetched go
+     * on; an error-policy stop holds back the batches after it. */
     for (unsigned i = 0; i < n && queue_pop_one(q, now); i++)
         popped++;
 

@@ -231,7 +231,8 @@ static int get_config(struct vuf_conn *c, struct vuf_info *info)
     return 0;
 }
 
-static int setup_inflight(struct vuf_conn *c, struct gd_driver *d, uint32_t nq, struct vuf_info *info)
+static int setup_inflight(struct vuf_conn *c, struct gd_driver *d, uint32_t nq, const struct vuf_options *o,
+                          struct vuf_info *info)
 {
     struct dp_queue_config qc;
     gd_queue_config(d, 0, &qc);
@@ -240,6 +241,19 @@ static int setup_inflight(struct vuf_conn *c, struct gd_driver *d, uint32_t nq, 
     struct vuf_inflight m = { .num_queues = (uint16_t)nq, .queue_size = (uint16_t)qc.size };
     struct vuf_inflight r;
     int fd = -1;
+    if (o->reuse_inflight) {
+        fd = dup(o->inflight_fd);
+        if (fd < 0)
+            return _vuf_fail(c, -errno, "dup of the inflight fd");
+        if (c->inflight_fd >= 0)
+            close(c->inflight_fd);
+        c->inflight_fd = fd;
+        c->inflight_size = o->inflight_size;
+        info->inflight_size = o->inflight_size;
+        struct vuf_inflight s = { .mmap_size = o->inflight_size, .num_queues = (uint16_t)nq,
+                                  .queue_size = (uint16_t)qc.size };
+        return call(c, VUF_SET_INFLIGHT_FD, &s, sizeof(s), &fd, 1, NULL, 0, NULL);
+    }
     int rc = call(c, VUF_GET_INFLIGHT_FD, &m, sizeof(m), NULL, 0, &r, sizeof(r), &fd);
     if (rc < 0)
         return rc;
@@ -252,6 +266,7 @@ static int setup_inflight(struct vuf_conn *c, struct gd_driver *d, uint32_t nq, 
     if (c->inflight_fd >= 0)
         close(c->inflight_fd);
     c->inflight_fd = fd;
+    c->inflight_size = r.mmap_size;
     info->inflight_size = r.mmap_size;
     /* Hand the region back as QEMU does, with what the back-end said. */
     struct vuf_inflight s = { .mmap_size = r.mmap_size, .mmap_offset = r.mmap_offset,
@@ -361,7 +376,7 @@ int vuf_setup(struct vuf_conn *c, struct gd_driver *d, const struct vuf_options 
     if (rc == 0 && has(info.protocol, VUF_PF_CONFIG))
         rc = get_config(c, &info);
     if (rc == 0 && has(info.protocol, VUF_PF_INFLIGHT_SHMFD))
-        rc = setup_inflight(c, d, nq, &info);
+        rc = setup_inflight(c, d, nq, o, &info);
     if (rc == 0 && !o->features_early)
         rc = set_features(c, &info);
     if (rc == 0)
@@ -390,4 +405,16 @@ int vuf_stop_queue(struct vuf_conn *c, uint32_t q, uint16_t *last_avail)
     if (last_avail)
         *last_avail = (uint16_t)r.num;
     return 0;
+}
+
+int vuf_inflight_dup(const struct vuf_conn *c, uint64_t *size)
+{
+    if (c->inflight_fd < 0)
+        return -ENOENT;
+    int fd = dup(c->inflight_fd);
+    if (fd < 0)
+        return -errno;
+    if (size)
+        *size = c->inflight_size;
+    return fd;
 }

@@ -23,6 +23,7 @@ struct vuf_conn {
     bool reply_ack;  /* REPLY_ACK negotiated: no-reply messages ask for an ack */
     int timeout_ms;  /* for replies during vuf_setup and vuf_stop_queue */
     int inflight_fd; /* the inflight region's memfd, -1 without */
+    uint64_t inflight_size;
     char err[VUF_ERR_LEN];
 };
 

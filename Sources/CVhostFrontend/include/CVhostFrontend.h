@@ -176,6 +176,11 @@ struct vuf_options {
     bool features_early;  /* SET_FEATURES right after GET_FEATURES; else where QEMU sends it */
     bool no_reply_ack;    /* don't negotiate REPLY_ACK */
     int32_t timeout_ms;   /* per reply; 0 = 10 s */
+    /* Reconnect as QEMU does after a back-end restart: skip GET_INFLIGHT_FD and
+     * hand back this region (from vuf_inflight_dup on the old connection). */
+    bool reuse_inflight;
+    int32_t inflight_fd;
+    uint64_t inflight_size;
 };
 
 struct vuf_info {
@@ -213,6 +218,10 @@ int vuf_setup(struct vuf_conn *c, struct gd_driver *d, const struct vuf_options 
  * where it stopped popping. The back-end closes its copies of the queue's
  * eventfds. */
 int vuf_stop_queue(struct vuf_conn *c, uint32_t q, uint16_t *last_avail);
+
+/* A duplicate of the inflight region's fd (the caller's to close) and its
+ * size, or -ENOENT when there is none. */
+int vuf_inflight_dup(const struct vuf_conn *c, uint64_t *size);
 
 /* Name of a front-end request ("GET_FEATURES"), or "?" for an unknown one. */
 const char *vuf_request_name(uint32_t request);

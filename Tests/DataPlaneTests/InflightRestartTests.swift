@@ -1,0 +1,110 @@
+import CDataPlane
+import CGuestDriver
+import CVhostFrontend
+import Foundation
+import Testing
+
+/// A backend that dies with requests in flight: the next one resubmits them
+/// from the frontend's inflight region, in order, and none is lost or
+/// completed twice (vhost-user.rst "Inflight I/O tracking").
+@Suite(.serialized) struct InflightRestartTests {
+    @Test func killedBackendsRequestsAreResubmittedOnce() throws {
+        let image = try TestImage(size: 4 << 20)
+        do {
+            try run(image)
+        } catch {
+            let logs = ["dpctl1.log", "dpctl2.log"].map { (try? String(contentsOfFile: image.directory + "/" + $0, encoding: .utf8)) ?? "" }
+            Issue.record("\(error)\nfirst dpctl:\n\(logs[0])\nsecond dpctl:\n\(logs[1])")
+        }
+    }
+
+    func run(_ image: TestImage) throws {
+        let socket = image.directory + "/vu.sock"
+        // Writes fail and, under the stop policy, are held: in flight when we kill.
+        var first = try QEMUEndToEndTests.Instance(
+            ["--disk", image.path, "--socket", socket, "--num-queues", "1", "--werror", "stop",
+             "--fault", "errno=EIO,ops=write", "--control", image.directory + "/1.ctl"],
+            log: image.directory + "/dpctl1.log")
+        defer { _ = first.terminate() }
+        let g = try TestGuest(queues: 1, queueSize: 64)
+
+        var options = vuf_options()
+        options.inflight = true
+        let conn = try connect(socket, g, options)
+        // One batch, W R W R W R W R: the writes fail and are held (stop
+        // policy), the reads between them complete: completions out of pop
+        // order, which a restart from the used index alone would get wrong.
+        var writes: [UInt16: Int] = [:]
+        var reads: Set<UInt16> = []
+        for i in 0..<8 {
+            let last = i == 7
+            let buf = g.alloc(4096)
+            if i % 2 == 0 {
+                g.write(buf, pattern(4096, seed: UInt8(i)))
+                writes[try g.submit(type: UInt32(GD_BLK_T_OUT), sector: UInt64(i * 8), segments: [(buf, 4096)],
+                                    indirect: true, kick: last)] = i
+            } else {
+                reads.insert(try g.submit(type: UInt32(GD_BLK_T_IN), sector: UInt64(i * 8), segments: [(buf, 4096)],
+                                          indirect: true, kick: last))
+            }
+        }
+        var readsDone: Set<UInt16> = []
+        while readsDone.count < reads.count {
+            let c = try g.complete(timeout: 10)
+            #expect(reads.contains(c.head) && c.status == 0)
+            readsDone.insert(c.head)
+        }
+        #expect((try? g.complete(timeout: 0.3)) == nil, "writes are held")
+
+        var size: UInt64 = 0
+        let inflightFD = vuf_inflight_dup(conn, &size)
+        try #require(inflightFD >= 0)
+        defer { close(inflightFD) }
+        first.kill9()
+        vuf_close(conn)
+
+        // A new backend, no faults; the frontend hands back the region as QEMU does.
+        first = try QEMUEndToEndTests.Instance(["--disk", image.path, "--socket", socket, "--num-queues", "1",
+                                                "--control", image.directory + "/2.ctl"],
+                                               log: image.directory + "/dpctl2.log")
+        options.reuse_inflight = true
+        options.inflight_fd = inflightFD
+        options.inflight_size = size
+        let again = try connect(socket, g, options)
+        defer { vuf_close(again) }
+        var written: Set<UInt16> = []
+        while written.count < writes.count {
+            let c = try g.complete(timeout: 10) // an id completed twice fails here (not in flight)
+            #expect(writes[c.head] != nil && c.status == 0, "head \(c.head) status \(c.status)")
+            written.insert(c.head)
+        }
+        #expect((try? g.complete(timeout: 0.3)) == nil, "nothing completes twice")
+        for i in stride(from: 0, to: 8, by: 2) {
+            #expect(image.read(offset: i * 8 * 512, count: 4096) == pattern(4096, seed: UInt8(i)), "write \(i)")
+        }
+        // And the ring carries on where it should.
+        let buf = g.alloc(4096)
+        #expect(try g.run(type: UInt32(GD_BLK_T_IN), sector: 0, segments: [(buf, 4096)]).status == 0)
+        #expect(g.read(buf, 4096) == pattern(4096, seed: 0))
+        #expect(first.log.contains("queue 0 started"), "\(first.log)")
+    }
+
+    func connect(_ socket: String, _ g: TestGuest, _ options: vuf_options) throws -> OpaquePointer {
+        let deadline = Date().addingTimeInterval(10)
+        var conn: OpaquePointer?
+        var rc = vuf_connect(socket, &conn)
+        while rc != 0 && Date() < deadline {
+            usleep(20_000)
+            rc = vuf_connect(socket, &conn)
+        }
+        guard rc == 0, let conn else { throw TestFailure("connect \(socket): \(rc)") }
+        var o = options
+        let setup = vuf_setup(conn, g.driver, &o, nil)
+        guard setup == 0 else {
+            let message = String(cString: vuf_last_error(conn))
+            vuf_close(conn)
+            throw TestFailure("vuf_setup: \(setup) \(message)")
+        }
+        return conn
+    }
+}
