@@ -10,10 +10,10 @@ import CDataPlaneSys
 /// memory table, vrings, config space, inflight region. It turns messages
 /// into DataPlane calls; it never touches a request. One frontend at a time;
 /// `reset` returns it to its initial state for the next one.
-final class VhostUserBlkDevice {
-    struct Reply {
-        var payload: [UInt8]
-        var fds: [Int32] = []
+package final class VhostUserBlkDevice {
+    package struct Reply {
+        package var payload: [UInt8]
+        package var fds: [Int32] = []
     }
 
     private struct Vring {
@@ -56,7 +56,7 @@ final class VhostUserBlkDevice {
     private var vrings: [Vring]
     private var inflight: Inflight?
 
-    init(disk: Disk, plane: DataPlane, log: @escaping @Sendable (String) -> Void) {
+    package init(disk: Disk, plane: DataPlane, log: @escaping @Sendable (String) -> Void) {
         self.disk = disk
         self.plane = plane
         self.numQueues = disk.configuration.numQueues
@@ -122,6 +122,37 @@ final class VhostUserBlkDevice {
     }
 
     // MARK: - Messages
+
+    /// What one message led to: a reply (or REPLY_ACK) to send, a line to
+    /// log, and whether the connection must close.
+    package struct Outcome {
+        package var reply: Reply?
+        package var logLine: String?
+        package var closeReason: String?
+    }
+
+    /// Checks and handles one message as it came off the socket. Shared by
+    /// the server and the fuzz target, so both exercise the same path.
+    package func process(_ message: VhostUserMessage) -> Outcome {
+        guard let request = VhostUserRequest(rawValue: message.request) else {
+            return Outcome(closeReason: "unknown request \(message.request)")
+        }
+        let needReply = message.flags & VhostUserFlags.needReply != 0
+        let ackable = needReply && replyAckNegotiated && !Self.hasReply(request)
+        do throws(VhostUserError) {
+            let allowed = try Self.expectedFDs(request, payload: PayloadReader(bytes: message.payload))
+            guard allowed.contains(message.fds.count) else {
+                let expected = allowed.lowerBound == allowed.upperBound ? "\(allowed.lowerBound)" : "\(allowed)"
+                throw VhostUserError.malformed("\(request) carries \(message.fds.count) file descriptors (expects \(expected))")
+            }
+            if let reply = try handle(request, message) { return Outcome(reply: reply) }
+            return Outcome(reply: ackable ? Reply(payload: le64(0)) : nil)
+        } catch {
+            // REPLY_ACK tells the truth: non-zero for a message that failed.
+            return Outcome(reply: ackable ? Reply(payload: le64(1)) : nil, logLine: "\(request): \(error)",
+                           closeReason: error.closesConnection ? "\(request): \(error)" : nil)
+        }
+    }
 
     func handle(_ request: VhostUserRequest, _ message: VhostUserMessage) throws(VhostUserError) -> Reply? {
         let p = PayloadReader(bytes: message.payload)
@@ -439,7 +470,7 @@ final class VhostUserBlkDevice {
 
     /// Back to the state a new frontend expects: rings stopped (in-flight
     /// requests complete first), fds closed, memory unmapped.
-    func reset() {
+    package func reset() {
         resetRings()
         memory = nil
         regions = []

@@ -83,13 +83,13 @@ let maxMemorySlots = 32
 
 /// One message, its payload and the file descriptors that came with it.
 /// Descriptors not taken by a handler are closed when the message is dropped.
-final class VhostUserMessage {
+package final class VhostUserMessage {
     var request: UInt32
     var flags: UInt32
     var payload: [UInt8]
     private(set) var fds: [Int32]
 
-    init(request: UInt32, flags: UInt32, payload: [UInt8], fds: [Int32]) {
+    package init(request: UInt32, flags: UInt32, payload: [UInt8], fds: [Int32]) {
         self.request = request
         self.flags = flags
         self.payload = payload

@@ -235,36 +235,12 @@ public final class VhostUserServer: @unchecked Sendable {
 
     /// Handles one message; returns why the connection must close, or nil.
     private func process(_ export: Export, _ c: Connection, _ message: VhostUserMessage) -> String? {
-        let device = export.device
-        guard let request = VhostUserRequest(rawValue: message.request) else {
-            return "unknown request \(message.request)"
+        let outcome = export.device.process(message)
+        if let logLine = outcome.logLine { log("\(export.path): \(logLine)") }
+        if let reply = outcome.reply, !send(c, request: message.request, payload: reply.payload, fds: reply.fds) {
+            return "reply failed"
         }
-        let needReply = message.flags & VhostUserFlags.needReply != 0
-        let ackable = needReply && device.replyAckNegotiated && !VhostUserBlkDevice.hasReply(request)
-        do throws(VhostUserError) {
-            let allowed = try VhostUserBlkDevice.expectedFDs(request, payload: PayloadReader(bytes: message.payload))
-            guard allowed.contains(message.fds.count) else {
-                throw VhostUserError.malformed("\(request) carries \(message.fds.count) file descriptors (expects \(allowed.lowerBound == allowed.upperBound ? "\(allowed.lowerBound)" : "\(allowed)"))")
-            }
-            let reply = try device.handle(request, message)
-            if let reply {
-                if !send(c, request: message.request, payload: reply.payload, fds: reply.fds) { return "reply failed" }
-            } else if ackable {
-                if !send(c, request: message.request, payload: ack(0), fds: []) { return "reply failed" }
-            }
-            return nil
-        } catch {
-            log("\(export.path): \(request): \(error)")
-            // REPLY_ACK tells the truth: non-zero for a message that failed.
-            if ackable { _ = send(c, request: message.request, payload: ack(1), fds: []) }
-            return error.closesConnection ? "\(request): \(error)" : nil
-        }
-    }
-
-    private func ack(_ value: UInt64) -> [UInt8] {
-        var b: [UInt8] = []
-        b.appendLE(value)
-        return b
+        return outcome.closeReason
     }
 
     private func send(_ c: Connection, request: UInt32, payload: [UInt8], fds: [Int32]) -> Bool {
