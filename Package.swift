@@ -1,6 +1,10 @@
 // swift-tools-version:6.0
 import PackageDescription
 
+#if canImport(Glibc)
+import Glibc
+#endif
+
 let package = Package(
     name: "DataPlane",
     products: [
@@ -35,3 +39,11 @@ let package = Package(
     swiftLanguageModes: [.v6],
     cLanguageStandard: .c11
 )
+
+// The libFuzzer target over vhost-user message handling exists only for
+// fuzz/build.sh, which builds it with -sanitize=fuzzer (its entry point is
+// libFuzzer's, not a main).
+if getenv("DATAPLANE_FUZZ") != nil {
+    package.targets.append(.executableTarget(name: "vhost-user-fuzz", dependencies: ["DataPlane", "CDataPlaneSys"],
+                                             path: "fuzz/vhost_user"))
+}
