@@ -31,6 +31,9 @@ let package = Package(
         .target(name: "CVhostFrontend", dependencies: ["CGuestDriver", "CDataPlane"], cSettings: [.define("_GNU_SOURCE")]),
         .executableTarget(name: "dp-loadgen", dependencies: ["CVhostFrontend", "CGuestDriver"], path: "bench/loadgen",
                           cSettings: [.define("_GNU_SOURCE")]),
+        // Data-integrity soak: random I/O with checksums while dpctl is killed and restarted.
+        .executableTarget(name: "dp-soak", dependencies: ["CVhostFrontend", "CGuestDriver"], path: "bench/soak",
+                          exclude: ["run"], cSettings: [.define("_GNU_SOURCE")]),
         .executableTarget(name: "dpctl", dependencies: ["DataPlane", "CDataPlaneSys"]),
         .executableTarget(name: "dataplane-example", dependencies: ["DataPlane", "CGuestDriver"], path: "Examples/InProcess"),
         .executableTarget(name: "dp-bench", dependencies: ["DataPlane", "CGuestDriver"], path: "bench/dp-bench"),

@@ -6,6 +6,7 @@
 #include "vuf_internal.h"
 
 #include <errno.h>
+#include <fcntl.h>
 #include <stddef.h>
 #include <stdio.h>
 #include <string.h>
@@ -242,7 +243,7 @@ static int setup_inflight(struct vuf_conn *c, struct gd_driver *d, uint32_t nq, 
     struct vuf_inflight r;
     int fd = -1;
     if (o->reuse_inflight) {
-        fd = dup(o->inflight_fd);
+        fd = fcntl(o->inflight_fd, F_DUPFD_CLOEXEC, 0);
         if (fd < 0)
             return _vuf_fail(c, -errno, "dup of the inflight fd");
         if (c->inflight_fd >= 0)
@@ -411,7 +412,7 @@ int vuf_inflight_dup(const struct vuf_conn *c, uint64_t *size)
 {
     if (c->inflight_fd < 0)
         return -ENOENT;
-    int fd = dup(c->inflight_fd);
+    int fd = fcntl(c->inflight_fd, F_DUPFD_CLOEXEC, 0);
     if (fd < 0)
         return -errno;
     if (size)
