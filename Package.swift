@@ -36,7 +36,7 @@ let package = Package(
                           exclude: ["run"], cSettings: [.define("_GNU_SOURCE")]),
         .executableTarget(name: "dpctl", dependencies: ["DataPlane", "CDataPlaneSys"]),
         .executableTarget(name: "dataplane-example", dependencies: ["DataPlane", "CGuestDriver"], path: "Examples/InProcess"),
-        .executableTarget(name: "dp-bench", dependencies: ["DataPlane", "CGuestDriver"], path: "bench/dp-bench"),
+        .executableTarget(name: "dp-bench", dependencies: ["DataPlane", "CDataPlane", "CGuestDriver"], path: "bench/dp-bench"),
         .testTarget(name: "DataPlaneTests", dependencies: ["DataPlane", "CDataPlane", "CDataPlaneSys", "CGuestDriver", "CVhostFrontend"]),
     ],
     swiftLanguageModes: [.v6],
