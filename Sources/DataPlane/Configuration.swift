@@ -254,6 +254,11 @@ public struct DiskConfiguration: Sendable, Equatable {
     /// The capacity of a null-backend disk in bytes: a non-zero multiple of
     /// ``logicalBlockSize``. Ignored by the file backend.
     public var nullSizeBytes: UInt64
+    /// Whether the null backend fills read buffers with zeroes (the default).
+    /// `false` leaves the guest's buffers untouched, as QEMU's null-co does by
+    /// default (`read-zeroes=off`): the guest reads back its own memory, no
+    /// host data. Ignored by the file backend.
+    public var nullReadZeroes: Bool = true
     /// What a failed read does.
     public var readErrorPolicy: ErrorPolicy = .report
     /// What a failed write, flush, discard or write-zeroes does.

@@ -43,7 +43,7 @@ public final class Disk: @unchecked Sendable {
         case .null:
             cConfig.backend = Int32(DP_BACKEND_NULL.rawValue)
             cConfig.fd = -1
-            cConfig.null_read_zeroes = true
+            cConfig.null_read_zeroes = configuration.nullReadZeroes
             cConfig.capacity_sectors = configuration.nullSizeBytes / 512
             capacityBytes = configuration.nullSizeBytes
             usesDirectIO = false

@@ -15,6 +15,7 @@ struct InstanceConfiguration: Codable {
         var directIO: Bool?
         var logicalBlockSize: UInt32?
         var nullSize: UInt64?
+        var nullReadZeroes: Bool?
         var readErrorPolicy: ErrorPolicy?
         var writeErrorPolicy: ErrorPolicy?
         var fault: String?
@@ -52,6 +53,9 @@ enum StartCommand {
       --queue-size N      Largest ring size accepted, power of two (default 256)
       --backend file|null File I/O with io_uring (default), or complete without I/O (reads return zeroes)
       --null-size SIZE    Capacity of a null disk (default 1G)
+      --null-read-zeroes on|off
+                          Whether null-disk reads fill the buffers with zeroes (default on; off
+                          leaves the guest's buffers as they are, like QEMU null-co's default)
       --serial TEXT       Serial number the guest sees (at most 20 bytes; default: the file name)
       --block-size N      Logical block size, 512-65536 (default 512)
       --no-direct         Use the page cache instead of O_DIRECT
@@ -116,6 +120,14 @@ enum StartCommand {
             case "--null-size":
                 try needDisk(option)
                 current?.nullSize = try parseSize(try args.value(for: option, inline: inline), option: option)
+            case "--null-read-zeroes":
+                try needDisk(option)
+                let text = try args.value(for: option, inline: inline)
+                switch text {
+                case "on": current?.nullReadZeroes = true
+                case "off": current?.nullReadZeroes = false
+                default: throw CLIError("--null-read-zeroes \(text.debugDescription): use on or off", usage: true)
+                }
             case "--serial":
                 try needDisk(option)
                 current?.serial = try args.value(for: option, inline: inline)
@@ -170,6 +182,7 @@ enum StartCommand {
                                   logicalBlockSize: d.logicalBlockSize ?? 512, numQueues: d.numQueues ?? 16,
                                   queueSize: d.queueSize ?? 256)
         if let size = d.nullSize { c.nullSizeBytes = size }
+        if let zeroes = d.nullReadZeroes { c.nullReadZeroes = zeroes }
         if let p = d.readErrorPolicy { c.readErrorPolicy = p }
         if let p = d.writeErrorPolicy { c.writeErrorPolicy = p }
         return c

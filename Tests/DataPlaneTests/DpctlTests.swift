@@ -113,6 +113,7 @@ import Testing
         (["frobnicate"], "unknown command"),
         (["start", "--disk", "x", "--backend", "null", "--socket", "/tmp/x.sock", "--werror", "panic"], "use report, ignore, enospc or stop"),
         (["start", "--disk", "x", "--backend", "null", "--socket", "/tmp/x.sock", "--fault", "errno=EWHAT"], "use EIO, ENOSPC or a number"),
+        (["start", "--disk", "x", "--backend", "null", "--socket", "/tmp/x.sock", "--null-read-zeroes", "maybe"], "use on or off"),
     ] as [([String], String)])
     func badInputGetsAOneLineError(arguments: [String], message: String) throws {
         let r = try Self.dpctl(arguments)

@@ -224,6 +224,21 @@ import Testing
         #expect(past.status == UInt8(GD_BLK_S_IOERR))
     }
 
+    @Test func nullBackendCanLeaveReadBuffersAlone() throws {
+        let plane = try DataPlane(iothreads: [IOThreadConfiguration(name: "null-io", cpuset: CPUSet(parsing: "0"))])
+        defer { plane.stop() }
+        var config = DiskConfiguration(path: "", backend: .null, nullSizeBytes: 1 << 20)
+        config.nullReadZeroes = false
+        let disk = try plane.addDisk(config)
+        let g = try TestGuest()
+        try plane.startQueue(disk: disk, index: 0, memory: g.memory, configuration: g.queueConfiguration(0))
+        let buf = g.alloc(4096)
+        g.write(buf, [UInt8](repeating: 0xEE, count: 4096))
+        let r = try g.run(type: UInt32(GD_BLK_T_IN), sector: 8, segments: [(buf, 4096)])
+        #expect(r.status == UInt8(GD_BLK_S_OK))
+        #expect(g.read(buf, 4096) == [UInt8](repeating: 0xEE, count: 4096))
+    }
+
     @Test func bufferedIOWorksToo() throws {
         let image = try TestImage(size: Self.imageSize)
         let h = try makeHarness(directIO: false, image: image)
