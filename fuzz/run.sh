@@ -7,9 +7,13 @@
 #
 # Exits non-zero when the target crashes, times out or leaks; the reproducer
 # goes to fuzz/crashes/TARGET-<kind>-<sha1>. Extra libFuzzer flags can be given
-# in FUZZ_FLAGS; KEEP=1 keeps the working corpus (it is printed). The target
-# is rebuilt first (fuzz/build.sh).
+# in FUZZ_FLAGS (FUZZ_FLAGS=-fork=2 runs two workers; --runs then counts all
+# of theirs); KEEP=1 keeps the working corpus (it is printed). The target is
+# rebuilt first (fuzz/build.sh).
 set -euo pipefail
+# Braces: bash reads the whole script before running any of it, so editing
+# this file during a long campaign cannot change the running one.
+{
 cd "$(dirname "$0")/.."
 
 usage() { echo "usage: fuzz/run.sh TARGET SECONDS | fuzz/run.sh TARGET --runs N" >&2; exit 2; }
@@ -51,15 +55,25 @@ cov=$(sed -n 's/.* cov: \([0-9]*\).*/\1/p' <<<"$last")
 ft=$(sed -n 's/.* ft: \([0-9]*\).*/\1/p' <<<"$last")
 corp=$(sed -n 's/.* corp: \([^ ]*\).*/\1/p' <<<"$last")
 echo "target:     $target"
-echo "executions: $(stat number_of_executed_units)"
-echo "exec/s:     $(stat average_exec_per_sec)"
+if [[ $last =~ ^#([0-9]+):\ .*\ time:\ ([0-9]+)s ]]; then
+    # -fork=N (FUZZ_FLAGS): the parent's last line sums its workers.
+    echo "executions: ${BASH_REMATCH[1]} (fork mode: $(grep -oE -- '-fork=[0-9]+' <<<"${FUZZ_FLAGS:-}") workers)"
+    echo "exec/s:     $(( BASH_REMATCH[1] / (BASH_REMATCH[2] > 0 ? BASH_REMATCH[2] : 1) )) (all workers)"
+    echo "crashes:    $(sed -n 's/.*oom\/timeout\/crash: \([^ ]*\).*/\1/p' <<<"$last") (oom/timeout/crash)"
+else
+    echo "executions: $(stat number_of_executed_units)"
+    echo "exec/s:     $(stat average_exec_per_sec)"
+fi
 if [[ -n $cov ]]; then
-    echo "coverage:   cov $cov ft $ft, corpus ${corp%%/*} units (${corp#*/})"
+    size=""
+    [[ $corp == */* ]] && size=" (${corp#*/})"
+    echo "coverage:   cov $cov ft $ft, corpus ${corp%%/*} units$size"
 else
     echo "coverage:   none reported (stopped before the corpus was loaded)"
 fi
-echo "new units:  $(stat new_units_added)"
-echo "peak RSS:   $(stat peak_rss_mb) MB"
+units=$(stat new_units_added) rss=$(stat peak_rss_mb)
+[[ -n $units ]] && echo "new units:  $units"
+[[ -n $rss ]] && echo "peak RSS:   $rss MB"
 echo "log:        $log"
 [[ ${KEEP:-0} == 1 ]] && echo "corpus:     $work/corpus"
 
@@ -68,3 +82,5 @@ if [[ $status -ne 0 ]]; then
     grep -E 'ERROR|check failed|SUMMARY|Test unit written' "$log" >&2 || tail -40 "$log" >&2
     exit 1
 fi
+exit
+}
