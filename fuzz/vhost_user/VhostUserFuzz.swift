@@ -30,6 +30,9 @@ private let disk: Disk = {
 
 // libFuzzer calls the entry point from one thread only.
 nonisolated(unsafe) private var runs = 0
+/// VHOST_USER_FUZZ_TRACE=1: print each message, its outcome and the device's log
+/// (to see how far an input gets; e.g. with -runs=0 over a corpus).
+private let trace = getenv("VHOST_USER_FUZZ_TRACE") != nil
 nonisolated(unsafe) private var baselineFDs = -1
 
 /// The memfds and eventfds open: the kinds messages bring (other fds come
@@ -95,10 +98,11 @@ private func structuredPayload(_ request: UInt32, _ input: inout Input, memorySi
     case 8, 10, 18: // vring state
         let num: UInt32 = request == 8 ? 1 << (input.u8() % 10) : UInt32(input.u16() % 4)
         return le(index) + le(num)
-    case 9: // vring addr: desc, used, avail within the memory
-        let desc = userBase + UInt64(input.u8()) * 4096 % max(memorySize, 4096)
-        let used = userBase + UInt64(input.u8()) * 4096 % max(memorySize, 4096)
-        let avail = userBase + UInt64(input.u8()) * 4096 % max(memorySize, 4096)
+    case 9: // vring addr: desc, used, avail within the memory, in 64-byte steps
+        // (rings can then share the page one memfd chunk writes)
+        let desc = userBase + UInt64(input.u16()) * 64 % max(memorySize, 4096)
+        let used = userBase + UInt64(input.u16()) * 64 % max(memorySize, 4096)
+        let avail = userBase + UInt64(input.u16()) * 64 % max(memorySize, 4096)
         return le(index) + le(UInt32(0)) + le(desc) + le(used) + le(avail) + le(UInt64(0))
     case 11: return le(index) + le(UInt32(0))
     case 12, 13, 14: return le(UInt64(index) | (input.u8() & 1 == 1 ? 0x100 : 0))
@@ -120,7 +124,7 @@ public func fuzzOneInput(_ data: UnsafePointer<UInt8>, _ size: Int) -> CInt {
         _ = disk
         baselineFDs = openFDs()
     }
-    let device = VhostUserBlkDevice(disk: disk, plane: plane, log: { _ in })
+    let device = VhostUserBlkDevice(disk: disk, plane: plane, log: { if trace { print("  log: \($0)") } })
     let memorySize = UInt64(1 + input.u8() % 16) * 4096
     var messages = 0
     while !input.isAtEnd && messages < 48 {
@@ -146,6 +150,10 @@ public func fuzzOneInput(_ data: UnsafePointer<UInt8>, _ size: Int) -> CInt {
             }
         }
         let outcome = device.process(VhostUserMessage(request: request, flags: flags, payload: payload, fds: fds))
+        if trace {
+            print("request \(request) payload \(payload.count) B fds \(fds.count): reply \(outcome.reply?.payload.count ?? -1) B"
+                  + (outcome.closeReason.map { ", close: \($0)" } ?? ""))
+        }
         outcome.reply?.fds.forEach { close($0) }
         if outcome.closeReason != nil { break }
     }
