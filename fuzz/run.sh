@@ -8,8 +8,8 @@
 # Exits non-zero when the target crashes, times out or leaks; the reproducer
 # goes to fuzz/crashes/TARGET-<kind>-<sha1>. Extra libFuzzer flags can be given
 # in FUZZ_FLAGS (FUZZ_FLAGS=-fork=2 runs two workers; --runs then counts all
-# of theirs); KEEP=1 keeps the working corpus (it is printed). The target is
-# rebuilt first (fuzz/build.sh).
+# of theirs); KEEP=1 keeps the working corpus (it is printed); RESUME=DIR goes
+# on from such a corpus. The target is rebuilt first (fuzz/build.sh).
 set -euo pipefail
 # Braces: bash reads the whole script before running any of it, so editing
 # this file during a long campaign cannot change the running one.
@@ -40,14 +40,26 @@ bin=fuzz/out/$target
 work=$(mktemp -d "${TMPDIR:-/tmp}/fuzz-$target.XXXXXX")
 cleanup() { [[ ${KEEP:-0} == 1 ]] || rm -rf "$work"; }
 trap cleanup EXIT
-cp -r "$seeds" "$work/corpus"
+if [[ -n ${RESUME:-} ]]; then
+    # Go on from an earlier campaign's corpus (KEEP=1 printed it): it keeps
+    # growing in place, and the seeds are read alongside.
+    [[ -d $RESUME ]] || { echo "run.sh: RESUME=$RESUME is not a directory" >&2; exit 2; }
+    corpus=("$RESUME" "$seeds")
+else
+    cp -r "$seeds" "$work/corpus"
+    corpus=("$work/corpus")
+fi
+# Run a copy: a rebuild during a long campaign must not swap the binary that
+# -fork mode starts its jobs from.
+cp "$bin" "$work/$target"
+bin=$work/$target
 mkdir -p fuzz/crashes
 log=fuzz/out/$target.log
 
 status=0
 # shellcheck disable=SC2086
 "$bin" "${limit[@]}" -print_final_stats=1 -max_len=4096 -timeout=10 \
-    -artifact_prefix="fuzz/crashes/$target-" ${FUZZ_FLAGS:-} "$work/corpus" >"$log" 2>&1 || status=$?
+    -artifact_prefix="fuzz/crashes/$target-" ${FUZZ_FLAGS:-} "${corpus[@]}" >"$log" 2>&1 || status=$?
 
 stat() { sed -n "s/^stat::$1: *//p" "$log" | tail -1; }
 last=$(grep -E '^#[0-9]+' "$log" | tail -1 || true)
@@ -75,7 +87,7 @@ units=$(stat new_units_added) rss=$(stat peak_rss_mb)
 [[ -n $units ]] && echo "new units:  $units"
 [[ -n $rss ]] && echo "peak RSS:   $rss MB"
 echo "log:        $log"
-[[ ${KEEP:-0} == 1 ]] && echo "corpus:     $work/corpus"
+[[ ${KEEP:-0} == 1 || -n ${RESUME:-} ]] && echo "corpus:     ${corpus[0]}"
 
 if [[ $status -ne 0 ]]; then
     echo "FAILED (exit $status):" >&2

@@ -34,6 +34,7 @@ struct dp_iothread {
     uint32_t ring_entries;
     struct dp_queue *queues[DP_THREAD_MAX_QUEUES];
     uint32_t nqueues;
+    uint32_t first_queue;    /* where the next pass over the queues starts */
     struct blk_req *backlog_head; /* requests waiting for an SQE or a retry */
     struct blk_req *backlog_tail;
     struct ctl_msg *stop_waiter;
@@ -532,8 +533,14 @@ static void iothread_loop(struct dp_iothread *t)
         STAT_ADD(t->stats.iterations, 1);
         unsigned work = reap_completions(t, now);
 
-        for (uint32_t i = 0; i < t->nqueues; i++)
+        /* Start each pass at the next queue: a fixed order lets the first
+         * queue's guest refill and win every race for the thread. */
+        uint32_t nq = t->nqueues;
+        if (t->first_queue >= nq)
+            t->first_queue = 0;
+        for (uint32_t k = 0, i = t->first_queue; k < nq; k++, i = i + 1 == nq ? 0 : i + 1)
             work += queue_pop_batch(t->queues[i], now);
+        t->first_queue++;
         backlog_flush(t, now);
         /* Drains may detach queues: walk the array backwards. */
         for (uint32_t i = t->nqueues; i-- > 0;) {
