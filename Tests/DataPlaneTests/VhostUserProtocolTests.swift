@@ -172,12 +172,12 @@ func references(to name: String) -> (fds: Int, maps: Int) {
     }
 
     /// Negotiates features (optionally REPLY_ACK) as QEMU does.
-    func negotiate(_ f: RawFrontend, replyAck: Bool = true) throws {
+    func negotiate(_ f: RawFrontend, replyAck: Bool = true, moreProtocolFeatures: UInt64 = 0) throws {
         let offered = try #require(f.u64Reply(Self.getFeatures))
         f.send(Self.setFeatures, payload: le64(offered & ((1 << 32) | (1 << 30) | (1 << 28) | (1 << 29))))
         let protocolFeatures = try #require(f.u64Reply(Self.getProtocolFeatures))
         #expect(protocolFeatures & (1 << 3) != 0) // REPLY_ACK offered
-        f.send(Self.setProtocolFeatures, payload: le64(replyAck ? (1 << 3) | (1 << 9) : 0))
+        f.send(Self.setProtocolFeatures, payload: le64((replyAck ? (1 << 3) | (1 << 9) : 0) | moreProtocolFeatures))
         f.send(Self.setOwner)
     }
 
@@ -413,6 +413,29 @@ func references(to name: String) -> (fds: Int, maps: Int) {
         let second = try RawFrontend(path: h.socket)
         #expect(second.closedByServer())
         #expect(first.u64Reply(Self.getFeatures) != nil)
+    }
+
+    /// Fuzzer finding (fuzz/crashes/vhost_user-get-inflight-while-running):
+    /// GET_INFLIGHT_FD while a ring ran replaced the region the IOThread marks
+    /// requests in, unmapping it under the IOThread (SEGV in inflight_mark).
+    @Test func inflightRegionIsNotReplacedWhileRingsRun() throws {
+        let h = try ServerHarness()
+        let f = try RawFrontend(path: h.socket)
+        try negotiate(f, moreProtocolFeatures: 1 << 12)
+        var request: [UInt8] = []
+        request.appendLE(UInt64(0)); request.appendLE(UInt64(0)); request.appendLE(UInt16(1)); request.appendLE(UInt16(8))
+        request += [0, 0, 0, 0]
+        f.send(Self.getInflightFD, payload: request)
+        let region = try #require(f.receive())
+        #expect(region.fds.count == 1)
+        region.fds.forEach { close($0) }
+        close(sendMemory(f))
+        #expect(f.receive()?.payload == le64(0))
+        startRing(f, desc: 0x1000_0000, avail: 0x1000_1000, used: 0x1000_2000)
+        #expect(f.receive()?.payload == le64(0))
+        #expect(h.plane.queues(of: h.disk).count == 1)
+        f.send(Self.getInflightFD, payload: request)
+        try expectClosedAndServing(f, h, "GET_INFLIGHT_FD while rings run")
     }
 
     @Test func inflightRegionIsHandedOut() throws {

@@ -488,6 +488,9 @@ package final class VhostUserBlkDevice {
 
     private func getInflightFD(_ p: PayloadReader) throws(VhostUserError) -> Reply {
         guard hasProtocolFeature(.inflightShmfd) else { throw .outOfOrder("GET_INFLIGHT_FD without INFLIGHT_SHMFD") }
+        // A running ring marks requests in the current region: replacing it
+        // would unmap memory the IOThread writes (a fuzzer finding).
+        guard vrings.allSatisfy({ $0.queue == nil }) else { throw .outOfOrder("GET_INFLIGHT_FD while rings run") }
         let queues = Int(try p.u16(16))
         let queueSize = Int(try p.u16(18))
         guard queues > 0, queues <= numQueues, queueSize > 0, queueSize <= Int(DP_QUEUE_MAX_SIZE) else {
