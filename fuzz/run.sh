@@ -19,11 +19,13 @@ cd "$(dirname "$0")/.."
 usage() { echo "usage: fuzz/run.sh TARGET SECONDS | fuzz/run.sh TARGET --runs N" >&2; exit 2; }
 [[ $# -ge 2 ]] || usage
 target=$1
+campaign=
 shift
 case $1 in
 --runs)
     [[ $# -eq 2 && $2 =~ ^[0-9]+$ ]] || usage
     limit=(-runs="$2")
+    campaign=1
     # A long campaign: no allocation stacks in reports (unwinding on every
     # malloc costs ~10 % of exec/s); rerun a reproducer for the full report.
     export ASAN_OPTIONS=${ASAN_OPTIONS:-malloc_context_size=0}
@@ -54,7 +56,9 @@ fi
 cp "$bin" "$work/$target"
 bin=$work/$target
 mkdir -p fuzz/crashes
-log=fuzz/out/$target.log
+# A campaign logs apart, so that the test command's short runs, which write
+# fuzz/out/TARGET.log, cannot clobber a campaign running beside them.
+log=fuzz/out/$target${campaign:+-campaign}.log
 
 status=0
 # shellcheck disable=SC2086
