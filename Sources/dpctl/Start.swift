@@ -51,7 +51,7 @@ enum StartCommand {
       --readonly          Refuse writes (the guest sees a read-only disk)
       --num-queues N      Queues offered to the frontend, 1-64 (default 16: QEMU asks one per vCPU)
       --queue-size N      Largest ring size accepted, power of two (default 256)
-      --backend file|null File I/O with io_uring (default), or complete without I/O (reads return zeroes)
+      --backend file|null File I/O with io_uring (default), or complete without I/O (a null disk)
       --null-size SIZE    Capacity of a null disk (default 1G)
       --null-read-zeroes on|off
                           Whether null-disk reads fill the buffers with zeroes (default on; off

@@ -54,7 +54,7 @@ int dp_mem_translate_uva(const struct dp_mem *mem, uint64_t uva, uint64_t len, v
 
 enum dp_backend_kind {
     DP_BACKEND_FILE = 0, /* io_uring on a raw file or block device */
-    DP_BACKEND_NULL = 1, /* completes without I/O; reads return zeroes */
+    DP_BACKEND_NULL = 1, /* completes without I/O; reads zero-fill if null_read_zeroes */
 };
 
 #define DP_SERIAL_LEN 20 /* VIRTIO_BLK_ID_BYTES */
