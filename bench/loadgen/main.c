@@ -74,43 +74,18 @@ static _Noreturn void die_usage(const char *fmt, const char *arg)
     exit(2);
 }
 
-/* "4k", "64K", "1m", "1g", "4096" -> bytes; 0 on junk. */
-static uint64_t parse_size(const char *s)
-{
-    char *end;
-    errno = 0;
-    unsigned long long v = strtoull(s, &end, 10);
-    if (errno || end == s)
-        return 0;
-    unsigned shift = 0;
-    switch (*end) {
-    case 'k': case 'K': shift = 10; end++; break;
-    case 'm': case 'M': shift = 20; end++; break;
-    case 'g': case 'G': shift = 30; end++; break;
-    default: break;
-    }
-    if (*end == 'i' || *end == 'b' || *end == 'B')
-        end += *end == 'i' && (end[1] == 'b' || end[1] == 'B') ? 2 : 1;
-    if (*end || v > (UINT64_MAX >> shift))
-        return 0;
-    return (uint64_t)v << shift;
-}
-
 static uint64_t parse_uint(const char *opt, const char *s, uint64_t max)
 {
-    char *end;
-    errno = 0;
-    unsigned long long v = strtoull(s, &end, 0);
-    if (errno || end == s || *end || v > max || s[0] == '-')
+    uint64_t v;
+    if (vuf_parse_uint(s, max, &v))
         die_usage("bad value for %s", opt);
     return v;
 }
 
 static double parse_seconds(const char *opt, const char *s)
 {
-    char *end;
-    double v = strtod(s, &end);
-    if (end == s || *end || !(v >= 0) || v > 86400)
+    double v;
+    if (vuf_parse_double(s, 86400, &v))
         die_usage("bad value for %s", opt);
     return v;
 }
@@ -151,13 +126,13 @@ static void parse(int argc, char **argv, struct lg_opts *o)
             o->random = !strncmp(v, "rand", 4);
         } else if (!strcmp(a, "--bs")) {
             NEEDV();
-            uint64_t bs = parse_size(v);
+            uint64_t bs = vuf_parse_size(v);
             if (!bs || bs % 512 || bs > (64u << 20))
                 die_usage("--bs must be a multiple of 512 up to 64m, not %s", v);
             o->block_size = (uint32_t)bs;
         } else if (!strcmp(a, "--size")) {
             NEEDV();
-            o->size_limit = parse_size(v);
+            o->size_limit = vuf_parse_size(v);
             if (!o->size_limit)
                 die_usage("bad value for --size: %s", v);
         } else if (!strcmp(a, "--seconds")) {

@@ -116,45 +116,18 @@ static _Noreturn void die_usage(const char *fmt, const char *arg)
     exit(2);
 }
 
-/* "64k", "1m", "1g", "4096" -> bytes; 0 on junk. */
-static uint64_t parse_size(const char *s)
-{
-    char *end;
-    errno = 0;
-    unsigned long long v = strtoull(s, &end, 10);
-    if (errno || end == s || s[0] == '-')
-        return 0;
-    unsigned shift = 0;
-    switch (*end) {
-    case 'k': case 'K': shift = 10; end++; break;
-    case 'm': case 'M': shift = 20; end++; break;
-    case 'g': case 'G': shift = 30; end++; break;
-    default: break;
-    }
-    if (*end == 'i' && (end[1] == 'b' || end[1] == 'B'))
-        end += 2;
-    else if (*end == 'b' || *end == 'B')
-        end++;
-    if (*end || v > (UINT64_MAX >> shift))
-        return 0;
-    return (uint64_t)v << shift;
-}
-
 static uint64_t parse_uint(const char *opt, const char *s, uint64_t max)
 {
-    char *end;
-    errno = 0;
-    unsigned long long v = strtoull(s, &end, 0);
-    if (errno || end == s || *end || v > max || s[0] == '-')
+    uint64_t v;
+    if (vuf_parse_uint(s, max, &v))
         die_usage("bad value for %s", opt);
     return v;
 }
 
 static double parse_double(const char *opt, const char *s, double max)
 {
-    char *end;
-    double v = strtod(s, &end);
-    if (end == s || *end || !(v >= 0) || v > max)
+    double v;
+    if (vuf_parse_double(s, max, &v))
         die_usage("bad value for %s", opt);
     return v;
 }
@@ -182,7 +155,7 @@ static void parse(int argc, char **argv, struct sk_opts *o)
             o->seconds = parse_double(a, v, 7 * 24 * 3600);
         } else if (!strcmp(a, "--size")) {
             NEEDV();
-            o->size = parse_size(v);
+            o->size = vuf_parse_size(v);
             if (!o->size || o->size % SK_BUF)
                 die_usage("--size must be a multiple of 64k, not %s", v);
         } else if (!strcmp(a, "--dir")) {

@@ -226,6 +226,18 @@ int vuf_inflight_dup(const struct vuf_conn *c, uint64_t *size);
 /* Name of a front-end request ("GET_FEATURES"), or "?" for an unknown one. */
 const char *vuf_request_name(uint32_t request);
 
+/* ---------------------------------------------------------------- tool arguments */
+
+/* "4k", "64K", "1m", "1g", "4096", with an optional "b" or "ib" -> bytes;
+ * 0 for junk, a sign or an overflow. */
+uint64_t vuf_parse_size(const char *s);
+
+/* An integer (decimal, 0x hex or 0 octal) in [0, max]: 0, or -EINVAL. */
+int vuf_parse_uint(const char *s, uint64_t max, uint64_t *out);
+
+/* A number in [0, max]: 0, or -EINVAL. */
+int vuf_parse_double(const char *s, double max, double *out);
+
 #ifdef __cplusplus
 }
 #endif
