@@ -105,7 +105,7 @@ def session(rtype=T_IN, features=0, protocol=P_MQ | P_REPLY_ACK | P_CONFIG, infl
 
 
 def cases():
-    c = {
+    return {
         "seed-read": session(T_IN),
         "seed-write": session(T_OUT, sector=8),
         "seed-flush": session(T_FLUSH),
@@ -119,7 +119,6 @@ def cases():
         "seed-status": session(T_IN, teardown=message(SET_STATUS, u8(0) + u64(0x0F)) + message(SET_STATUS, u8(0) + u64(0))),
         "seed-restart-queue": session(T_IN, teardown=message(GET_VRING_BASE, u8(0)) + start_queue(0, base=1)),
     }
-    return c
 
 
 def main():
@@ -128,10 +127,11 @@ def main():
     for name in os.listdir(out):
         if name.startswith("seed-"):
             os.unlink(os.path.join(out, name))
-    for name, data in sorted(cases().items()):
+    seeds = cases()
+    for name, data in sorted(seeds.items()):
         with open(os.path.join(out, name), "wb") as f:
             f.write(data)
-    print(f"wrote {len(cases())} seeds to {out}")
+    print(f"wrote {len(seeds)} seeds to {out}")
 
 
 if __name__ == "__main__":

@@ -207,14 +207,22 @@ import Testing
         #expect(h.stats().readOnlyErrors == 3)
     }
 
-    @Test func nullBackendReadsZeroes() throws {
+    /// A null disk serving one queue; the guest's buffer holds 0xEE before each test reads into it.
+    private func nullDisk(readZeroes: Bool) throws -> (plane: DataPlane, guest: TestGuest, buffer: UInt64) {
         let plane = try DataPlane(iothreads: [IOThreadConfiguration(name: "null-io", cpuset: CPUSet(parsing: "0"))])
-        defer { plane.stop() }
-        let disk = try plane.addDisk(DiskConfiguration(path: "", backend: .null, nullSizeBytes: 1 << 20))
+        var config = DiskConfiguration(path: "", backend: .null, nullSizeBytes: 1 << 20)
+        config.nullReadZeroes = readZeroes
+        let disk = try plane.addDisk(config)
         let g = try TestGuest()
         try plane.startQueue(disk: disk, index: 0, memory: g.memory, configuration: g.queueConfiguration(0))
         let buf = g.alloc(4096)
         g.write(buf, [UInt8](repeating: 0xEE, count: 4096))
+        return (plane, g, buf)
+    }
+
+    @Test func nullBackendReadsZeroes() throws {
+        let (plane, g, buf) = try nullDisk(readZeroes: true)
+        defer { plane.stop() }
         let r = try g.run(type: UInt32(GD_BLK_T_IN), sector: 8, segments: [(buf, 4096)])
         #expect(r.status == UInt8(GD_BLK_S_OK))
         #expect(g.read(buf, 4096) == [UInt8](repeating: 0, count: 4096))
@@ -225,15 +233,8 @@ import Testing
     }
 
     @Test func nullBackendCanLeaveReadBuffersAlone() throws {
-        let plane = try DataPlane(iothreads: [IOThreadConfiguration(name: "null-io", cpuset: CPUSet(parsing: "0"))])
+        let (plane, g, buf) = try nullDisk(readZeroes: false)
         defer { plane.stop() }
-        var config = DiskConfiguration(path: "", backend: .null, nullSizeBytes: 1 << 20)
-        config.nullReadZeroes = false
-        let disk = try plane.addDisk(config)
-        let g = try TestGuest()
-        try plane.startQueue(disk: disk, index: 0, memory: g.memory, configuration: g.queueConfiguration(0))
-        let buf = g.alloc(4096)
-        g.write(buf, [UInt8](repeating: 0xEE, count: 4096))
         let r = try g.run(type: UInt32(GD_BLK_T_IN), sector: 8, segments: [(buf, 4096)])
         #expect(r.status == UInt8(GD_BLK_S_OK))
         #expect(g.read(buf, 4096) == [UInt8](repeating: 0xEE, count: 4096))

@@ -415,6 +415,13 @@ func references(to name: String) -> (fds: Int, maps: Int) {
         #expect(first.u64Reply(Self.getFeatures) != nil)
     }
 
+    /// GET_INFLIGHT_FD's payload as a front-end sends it: no region yet, its shape.
+    func inflightRequest(queues: UInt16, queueSize: UInt16) -> [UInt8] {
+        var request: [UInt8] = []
+        request.appendLE(UInt64(0)); request.appendLE(UInt64(0)); request.appendLE(queues); request.appendLE(queueSize)
+        return request + [0, 0, 0, 0]
+    }
+
     /// Fuzzer finding (fuzz/crashes/vhost_user-get-inflight-while-running):
     /// GET_INFLIGHT_FD while a ring ran replaced the region the IOThread marks
     /// requests in, unmapping it under the IOThread (SEGV in inflight_mark).
@@ -422,9 +429,7 @@ func references(to name: String) -> (fds: Int, maps: Int) {
         let h = try ServerHarness()
         let f = try RawFrontend(path: h.socket)
         try negotiate(f, moreProtocolFeatures: 1 << 12)
-        var request: [UInt8] = []
-        request.appendLE(UInt64(0)); request.appendLE(UInt64(0)); request.appendLE(UInt16(1)); request.appendLE(UInt16(8))
-        request += [0, 0, 0, 0]
+        let request = inflightRequest(queues: 1, queueSize: 8)
         f.send(Self.getInflightFD, payload: request)
         let region = try #require(f.receive())
         #expect(region.fds.count == 1)
@@ -444,10 +449,7 @@ func references(to name: String) -> (fds: Int, maps: Int) {
         let offered = try #require(f.u64Reply(Self.getFeatures))
         f.send(Self.setFeatures, payload: le64(offered & ((1 << 32) | (1 << 30))))
         f.send(Self.setProtocolFeatures, payload: le64(1 << 12))
-        var request: [UInt8] = []
-        request.appendLE(UInt64(0)); request.appendLE(UInt64(0)); request.appendLE(UInt16(2)); request.appendLE(UInt16(128))
-        request += [0, 0, 0, 0]
-        f.send(Self.getInflightFD, payload: request)
+        f.send(Self.getInflightFD, payload: inflightRequest(queues: 2, queueSize: 128))
         let reply = try #require(f.receive())
         #expect(reply.fds.count == 1)
         #expect(PayloadReaderForTests.u64(reply.payload, 0) == 2 * dpInflightQueueSize(128))
