@@ -9,7 +9,9 @@
 # goes to fuzz/crashes/TARGET-<kind>-<sha1>. Extra libFuzzer flags can be given
 # in FUZZ_FLAGS (FUZZ_FLAGS=-fork=2 runs two workers; --runs then counts all
 # of theirs); KEEP=1 keeps the working corpus (it is printed); RESUME=DIR goes
-# on from such a corpus. The target is rebuilt first (fuzz/build.sh).
+# on from such a corpus (two campaigns may share one: each reloads what the
+# other adds); FUZZ_LOG=FILE logs elsewhere than fuzz/out/TARGET-campaign.log.
+# The target is rebuilt first (fuzz/build.sh).
 set -euo pipefail
 # Braces: bash reads the whole script before running any of it, so editing
 # this file during a long campaign cannot change the running one.
@@ -58,7 +60,7 @@ bin=$work/$target
 mkdir -p fuzz/crashes
 # A campaign logs apart, so that the test command's short runs, which write
 # fuzz/out/TARGET.log, cannot clobber a campaign running beside them.
-log=fuzz/out/$target${campaign:+-campaign}.log
+log=${FUZZ_LOG:-fuzz/out/$target${campaign:+-campaign}.log}
 
 status=0
 # shellcheck disable=SC2086
