@@ -64,10 +64,28 @@ func parseSize(_ text: String, option: String) throws(CLIError) -> UInt64 {
 }
 
 /// Where the control socket of an instance is: --control, or SOCKET.ctl.
-func controlPath(control: String?, socket: String?) throws(CLIError) -> String {
-    if let control { return control }
-    if let socket { return socket + ".ctl" }
-    throw CLIError("say which instance: --control PATH or --socket PATH (its vhost-user socket)", usage: true)
+/// Which running instance status, stats, resume and stop talk to: --control
+/// PATH, or --socket PATH (a disk's vhost-user socket; its instance listens on
+/// PATH.ctl unless started with --control).
+struct InstanceOptions {
+    private var control: String?
+    private var socket: String?
+
+    /// Takes `option` when it is --control or --socket; false for any other.
+    mutating func parse(_ option: String, inline: String?, from args: inout Arguments) throws(CLIError) -> Bool {
+        switch option {
+        case "--control": control = try args.value(for: option, inline: inline)
+        case "--socket": socket = try args.value(for: option, inline: inline)
+        default: return false
+        }
+        return true
+    }
+
+    func controlPath() throws(CLIError) -> String {
+        if let control { return control }
+        if let socket { return socket + ".ctl" }
+        throw CLIError("say which instance: --control PATH or --socket PATH (its vhost-user socket)", usage: true)
+    }
 }
 
 func log(_ line: String) {

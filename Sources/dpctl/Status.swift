@@ -22,17 +22,16 @@ enum StatusCommand {
 
     static func run(_ words: [String], stats: Bool) throws -> Int32 {
         var args = Arguments(words)
-        var control: String?, socket: String?
+        var instance = InstanceOptions()
         var json = false, watch = false
         var interval = 1.0
         while let word = args.next() {
             let (option, inline) = Arguments.split(word)
+            if try instance.parse(option, inline: inline, from: &args) { continue }
             switch option {
             case "-h", "--help":
                 print(stats ? statsHelp : statusHelp)
                 return 0
-            case "--control": control = try args.value(for: option, inline: inline)
-            case "--socket": socket = try args.value(for: option, inline: inline)
             case "--json": json = true
             case "--watch" where stats: watch = true
             case "--interval" where stats:
@@ -45,7 +44,7 @@ enum StatusCommand {
                 throw CLIError("unknown option \(word.debugDescription) for \(stats ? "stats" : "status")", usage: true)
             }
         }
-        let path = try controlPath(control: control, socket: socket)
+        let path = try instance.controlPath()
         if !stats {
             let response = try controlCall(path, "status")
             if json {
@@ -198,19 +197,18 @@ enum ResumeCommand {
 
     static func run(_ words: [String]) throws -> Int32 {
         var args = Arguments(words)
-        var control: String?, socket: String?
+        var instance = InstanceOptions()
         while let word = args.next() {
             let (option, inline) = Arguments.split(word)
+            if try instance.parse(option, inline: inline, from: &args) { continue }
             switch option {
             case "-h", "--help":
                 print(help)
                 return 0
-            case "--control": control = try args.value(for: option, inline: inline)
-            case "--socket": socket = try args.value(for: option, inline: inline)
             default: throw CLIError("unknown option \(word.debugDescription) for resume", usage: true)
             }
         }
-        let response = try controlCall(try controlPath(control: control, socket: socket), "resume")
+        let response = try controlCall(try instance.controlPath(), "resume")
         StatusCommand.printStatus(response)
         return 0
     }
@@ -227,21 +225,20 @@ enum StopCommand {
 
     static func run(_ words: [String]) throws -> Int32 {
         var args = Arguments(words)
-        var control: String?, socket: String?
+        var instance = InstanceOptions()
         var timeout = 30
         while let word = args.next() {
             let (option, inline) = Arguments.split(word)
+            if try instance.parse(option, inline: inline, from: &args) { continue }
             switch option {
             case "-h", "--help":
                 print(help)
                 return 0
-            case "--control": control = try args.value(for: option, inline: inline)
-            case "--socket": socket = try args.value(for: option, inline: inline)
             case "--timeout": timeout = try parseInt(try args.value(for: option, inline: inline), option: option, range: 1...3600)
             default: throw CLIError("unknown option \(word.debugDescription) for stop", usage: true)
             }
         }
-        let path = try controlPath(control: control, socket: socket)
+        let path = try instance.controlPath()
         let response = try controlCall(path, "stop")
         let deadline = Date().addingTimeInterval(Double(timeout))
         while FileManager.default.fileExists(atPath: path) {
