@@ -5,10 +5,11 @@
 
 #include "guest_mem.h"
 
-/* True when [a, a + alen) and [b, b + blen) overlap; both ranges are known not to wrap. */
+/* True when [a, a + alen) and [b, b + blen) overlap; both ranges are known not
+ * to wrap. Compared by last bytes: a range may end exactly at 2^64. */
 static int ranges_overlap(uint64_t a, uint64_t alen, uint64_t b, uint64_t blen)
 {
-    return a < b + blen && b < a + alen;
+    return a <= b + (blen - 1) && b <= a + (alen - 1);
 }
 
 static int region_compare(const void *x, const void *y)

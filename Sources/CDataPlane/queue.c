@@ -279,7 +279,13 @@ int queue_map_rings(const struct dp_queue_config *cfg, const struct dp_mem *mem,
         ret = translate(mem, cfg->avail_addr, VRING_AVAIL_BYTES(cfg->size), avail);
     if (!ret)
         ret = translate(mem, cfg->used_addr, VRING_USED_BYTES(cfg->size), used);
-    return ret;
+    if (ret)
+        return ret;
+    /* Checked here, not only at start: a new memory table may map the same
+     * ring addresses elsewhere, and ring fields are accessed atomically. */
+    if (((uintptr_t)*desc & 15) || ((uintptr_t)*avail & 1) || ((uintptr_t)*used & 3))
+        return -EINVAL;
+    return 0;
 }
 
 /* ------------------------------------------------------------ control side */

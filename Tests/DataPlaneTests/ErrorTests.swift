@@ -89,6 +89,16 @@ import Testing
         #expect(throws: DataPlaneError.self) { try GuestMemory(regions: [region, second]) }
     }
 
+    /// Found in review: two regions that both end at 2^64 overlap, though
+    /// "start + size" wraps to 0 for them.
+    @Test func overlappingRegionsAtTheTopOfTheAddressSpaceAreRefused() throws {
+        let top = MemoryRegion(guestPhysicalAddress: 0 &- 8192, size: 8192, userAddress: 0x1000_0000, hostAddress: 0x7000_0000)
+        let inside = MemoryRegion(guestPhysicalAddress: 0 &- 4096, size: 4096, userAddress: 0x2000_0000, hostAddress: 0x7100_0000)
+        #expect(throws: DataPlaneError.self) { try GuestMemory(regions: [top, inside]) }
+        let below = MemoryRegion(guestPhysicalAddress: 0 &- 16384, size: 8192, userAddress: 0x2000_0000, hostAddress: 0x7100_0000)
+        _ = try GuestMemory(regions: [top, below]) // adjacent, not overlapping
+    }
+
     /// Found by fuzzing (fuzz/crashes/vring_blk-misaligned-indirect-table): a
     /// region whose host mapping is not congruent to its guest address would
     /// make aligned guest descriptors misaligned in our memory.
