@@ -119,6 +119,7 @@ enum ctl_type {
     CTL_PAUSE_QUEUE,
     CTL_RESUME_QUEUE,
     CTL_SET_MEM,
+    CTL_SET_NOTIFIERS,
     CTL_STOP_THREAD,
 };
 
@@ -126,6 +127,8 @@ struct ctl_msg {
     enum ctl_type type;
     struct dp_queue *queue;
     struct dp_mem *mem;
+    int32_t call_fd; /* CTL_SET_NOTIFIERS */
+    int32_t err_fd;
     int result;
     uint16_t last_avail_idx;
     bool done;

@@ -36,11 +36,14 @@ uint64_t dp_inflight_queue_size(uint32_t queue_size)
     return (bytes + 63) & ~(uint64_t)63;
 }
 
+/* The region outlives us: a backend killed between two stores leaves them in
+ * the region in program order (x86 keeps store order; the release stores
+ * keep the compiler from reordering). */
 void inflight_mark(struct dp_queue *q, uint16_t head)
 {
     struct inflight_desc *d = &q->inflight->desc[head];
     d->counter = ++q->inflight_counter;
-    d->inflight = 1;
+    __atomic_store_n(&d->inflight, 1, __ATOMIC_RELEASE); /* after its counter */
 }
 
 /* After publish: the guest can see these completions, so a restarted
@@ -50,13 +53,19 @@ void inflight_clear_published(struct dp_queue *q)
     for (uint32_t i = 0; i < q->pushed_count; i++)
         q->inflight->desc[q->pushed[i]].inflight = 0;
     q->pushed_count = 0;
-    q->inflight->used_idx = q->vr.used_idx;
+    /* After the clears: a used_idx ahead of a still-set flag would have the
+     * next backend run a published request again. */
+    __atomic_store_n(&q->inflight->used_idx, q->vr.used_idx, __ATOMIC_RELEASE);
 }
 
-static int counter_order(const void *a, const void *b, void *arg)
+struct resubmit_entry {
+    uint64_t counter;
+    uint16_t head;
+};
+
+static int counter_order(const void *a, const void *b)
 {
-    const struct inflight_desc *desc = arg;
-    uint64_t x = desc[*(const uint16_t *)a].counter, y = desc[*(const uint16_t *)b].counter;
+    uint64_t x = ((const struct resubmit_entry *)a)->counter, y = ((const struct resubmit_entry *)b)->counter;
     return (x > y) - (x < y);
 }
 
@@ -87,14 +96,26 @@ int inflight_recover(struct dp_queue *q)
     }
     r->used_idx = q->vr.used_idx;
 
+    /* Sorted on a private copy of the counters: the frontend can rewrite the
+     * shared region while we sort, and qsort needs a consistent order. */
+    struct resubmit_entry *order = malloc((size_t)size * sizeof(*order));
+    if (!order)
+        return -ENOMEM;
+    uint32_t n = 0;
     for (uint32_t head = 0; head < size; head++) {
-        if (r->desc[head].inflight != 1)
+        if (__atomic_load_n(&r->desc[head].inflight, __ATOMIC_RELAXED) != 1)
             continue;
-        q->resubmit[q->resubmit_count++] = (uint16_t)head;
-        if (r->desc[head].counter > q->inflight_counter)
-            q->inflight_counter = r->desc[head].counter;
+        order[n].counter = __atomic_load_n(&r->desc[head].counter, __ATOMIC_RELAXED);
+        order[n].head = (uint16_t)head;
+        if (order[n].counter > q->inflight_counter)
+            q->inflight_counter = order[n].counter;
+        n++;
     }
-    qsort_r(q->resubmit, q->resubmit_count, sizeof(uint16_t), counter_order, r->desc);
+    qsort(order, n, sizeof(*order), counter_order);
+    for (uint32_t i = 0; i < n; i++)
+        q->resubmit[i] = order[i].head;
+    q->resubmit_count = n;
+    free(order);
     /* Everything popped before is either used or about to be resubmitted. */
     q->vr.last_avail_idx = (uint16_t)(q->vr.used_idx + q->resubmit_count);
     q->vr.shadow_avail_idx = q->vr.last_avail_idx;

@@ -334,6 +334,18 @@ static void ctl_handle(struct dp_iothread *t, struct ctl_msg *msg)
         q->paused = true; /* drain first: in-flight requests point into the old table */
         q->drain_waiter = msg;
         break;
+    case CTL_SET_NOTIFIERS:
+        /* ctl_reply submits what was queued with the old call fd before the
+         * control side may close it. A spurious signal is harmless; a missed
+         * one hangs the guest. */
+        q->config.call_fd = msg->call_fd;
+        q->config.err_fd = msg->err_fd;
+        if (q->config.call_fd >= 0)
+            iothread_notify(t, q->config.call_fd);
+        if (q->broken && q->config.err_fd >= 0)
+            iothread_notify(t, q->config.err_fd);
+        ctl_reply(t, msg, 0);
+        return;
     case CTL_RESUME_QUEUE:
         q->paused = false;
         queue_retry_held(q, now_ns());

@@ -37,6 +37,12 @@ void queue_break(struct dp_queue *q, int reason)
 
 void queue_complete(struct dp_queue *q, struct blk_req *req, uint8_t status, uint64_t now)
 {
+    /* pushed[] holds nslots heads. One pass can complete more than that
+     * before its publish (reaped completions, then requests that finish at
+     * once while popping, resubmitted ones first): publish early then, before
+     * this request's used element, so no published head stays marked. */
+    if (q->inflight && q->pushed_count == q->nslots)
+        queue_publish_and_notify(q);
     uint32_t used_len = 0;
     if (req->status) {
         __atomic_store_n(req->status, status, __ATOMIC_RELAXED);
@@ -409,6 +415,14 @@ int dp_queue_set_mem(struct dp_queue *queue, struct dp_mem *mem)
     if (!queue || !mem)
         return -EINVAL;
     struct ctl_msg msg = {.type = CTL_SET_MEM, .queue = queue, .mem = mem};
+    return iothread_call(queue->thread, &msg);
+}
+
+int dp_queue_set_notifiers(struct dp_queue *queue, int32_t call_fd, int32_t err_fd)
+{
+    if (!queue)
+        return -EINVAL;
+    struct ctl_msg msg = {.type = CTL_SET_NOTIFIERS, .queue = queue, .call_fd = call_fd, .err_fd = err_fd};
     return iothread_call(queue->thread, &msg);
 }
 

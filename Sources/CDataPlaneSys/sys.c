@@ -1,6 +1,7 @@
 /* System-call shims for the Swift control path. */
 #include <errno.h>
 #include <fcntl.h>
+#include <stdio.h>
 #include <string.h>
 #include <sys/eventfd.h>
 #include <sys/mman.h>
@@ -130,15 +131,31 @@ ssize_t dps_send_fds(int sock, const void *buf, size_t len, const int *fds, int 
 
 int dps_memfd(const char *name, uint64_t size)
 {
-    int fd = memfd_create(name, MFD_CLOEXEC);
+    int fd = memfd_create(name, MFD_CLOEXEC | MFD_ALLOW_SEALING);
     if (fd < 0)
         return -errno;
-    if (ftruncate(fd, (off_t)size) < 0) {
+    /* Sealed at its size: whoever we hand it to (the frontend gets the
+     * inflight region) cannot shrink it under our mapping (SIGBUS). */
+    if (ftruncate(fd, (off_t)size) < 0 ||
+        fcntl(fd, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL) < 0) {
         int ret = -errno;
         close(fd);
         return ret;
     }
     return fd;
+}
+
+int dps_notifier_check(int fd, bool nonblock)
+{
+    char path[32], target[32];
+    snprintf(path, sizeof(path), "/proc/self/fd/%d", fd);
+    ssize_t n = readlink(path, target, sizeof(target) - 1);
+    if (n < 0)
+        return -errno;
+    target[n] = 0;
+    if (strcmp(target, "anon_inode:[eventfd]") != 0)
+        return -EINVAL;
+    return nonblock ? dps_set_nonblocking(fd, true) : 0;
 }
 
 int dps_eventfd(uint32_t initval, bool nonblock)

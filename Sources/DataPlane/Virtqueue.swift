@@ -125,6 +125,15 @@ public final class Virtqueue: @unchecked Sendable {
         if ret != 0 { throw .queue(disk: disk.name, index: index, errno: -ret) }
     }
 
+    /// Swaps the call and error eventfds of the running queue without draining
+    /// it: requests in flight, or held by the error policy, stay. The queue no
+    /// longer uses the old fds when this returns (the caller may close them);
+    /// the new call fd is signalled once.
+    public func setNotifiers(callFD: Int32, errorFD: Int32) throws(DataPlaneError) {
+        let ret = lock.withLock { stoppedAt == nil ? dp_queue_set_notifiers(handle, callFD, errorFD) : -ESHUTDOWN }
+        if ret != 0 { throw .queue(disk: disk.name, index: index, errno: -ret) }
+    }
+
     /// A snapshot of the queue's counters.
     public func statistics() -> QueueStatistics {
         var raw = dp_queue_stats()

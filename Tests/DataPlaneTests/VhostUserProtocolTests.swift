@@ -151,7 +151,7 @@ func references(to name: String) -> (fds: Int, maps: Int) {
     // Request numbers.
     static let getFeatures: UInt32 = 1, setFeatures: UInt32 = 2, setOwner: UInt32 = 3, setMemTable: UInt32 = 5
     static let setVringNum: UInt32 = 8, setVringAddr: UInt32 = 9, setVringBase: UInt32 = 10, getVringBase: UInt32 = 11
-    static let setVringKick: UInt32 = 12, setVringCall: UInt32 = 13, getProtocolFeatures: UInt32 = 15
+    static let setVringKick: UInt32 = 12, setVringCall: UInt32 = 13, setVringErr: UInt32 = 14, getProtocolFeatures: UInt32 = 15
     static let setProtocolFeatures: UInt32 = 16, getQueueNum: UInt32 = 17, setVringEnable: UInt32 = 18
     static let getConfig: UInt32 = 24, getInflightFD: UInt32 = 31, getMaxMemSlots: UInt32 = 36, addMemReg: UInt32 = 37
     static let needReply: UInt32 = 1 | 8
@@ -404,6 +404,47 @@ func references(to name: String) -> (fds: Int, maps: Int) {
         while references(to: name).maps > 0 && Date() < deadline { usleep(10_000) }
         #expect(references(to: name) == (0, 0))
         #expect(try h.stillServes())
+    }
+
+    /// Review finding: SET_VRING_CALL on a running ring closed the old call fd
+    /// before stopping the ring, so completions of the drain went to a closed
+    /// (or reused) fd number, and the restart failed requests the error policy
+    /// held. The call fd is now swapped in place: same queue, no drain, and the
+    /// new fd is signalled once so nothing signalled to the old one is missed.
+    @Test func callFDIsSwappedOnARunningRingWithoutRestartingIt() throws {
+        let h = try ServerHarness()
+        let f = try RawFrontend(path: h.socket)
+        try negotiate(f)
+        close(sendMemory(f))
+        #expect(f.receive()?.payload == le64(0))
+        startRing(f, desc: 0x1000_0000, avail: 0x1000_1000, used: 0x1000_2000)
+        #expect(f.receive()?.payload == le64(0))
+        let before = try #require(h.plane.queues(of: h.disk).first)
+        let call = dps_eventfd(0, true)
+        defer { close(call) }
+        f.send(Self.setVringCall, flags: Self.needReply, payload: le64(0), fds: [call])
+        #expect(f.receive()?.payload == le64(0))
+        let after = try #require(h.plane.queues(of: h.disk).first)
+        #expect(before === after, "the ring was restarted")
+        var count: UInt64 = 0
+        #expect(read(call, &count, 8) == 8 && count == 1, "the new call fd was not signalled")
+        #expect(fcntl(call, F_GETFL) & O_NONBLOCK != 0, "the IOThread could block writing it")
+    }
+
+    /// Review finding: any fd was taken as a notifier; a regular file as a kick
+    /// fd reads as an endless stream of kicks, and a blocking call fd whose
+    /// counter the frontend filled would block the IOThread.
+    @Test(arguments: [Self.setVringKick, Self.setVringCall, Self.setVringErr])
+    func notifierThatIsNotAnEventfdIsRefused(request: UInt32) throws {
+        let h = try ServerHarness()
+        let f = try RawFrontend(path: h.socket)
+        try negotiate(f)
+        let file = namedMemfd("dp-notifier", size: 4096)
+        f.send(request, flags: Self.needReply, payload: le64(0), fds: [file])
+        close(file)
+        #expect(f.receive().map { $0.payload != le64(0) } ?? true)
+        try expectClosedAndServing(f, h, "not a usable eventfd")
+        #expect(references(to: "dp-notifier").fds == 0)
     }
 
     @Test func secondFrontendIsRefusedWhileOneIsConnected() throws {

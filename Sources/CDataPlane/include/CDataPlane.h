@@ -238,6 +238,12 @@ int dp_queue_resume(struct dp_queue *queue);
 /* Swap the guest memory table; ring addresses are translated again. The old
  * table is no longer used by the queue when this returns. */
 int dp_queue_set_mem(struct dp_queue *queue, struct dp_mem *mem);
+/* Swap the call and err eventfds of a running queue (vhost-user SET_VRING_CALL
+ * or SET_VRING_ERR; QEMU sends them when the guest masks a vector). Nothing is
+ * drained: requests in flight or held by the error policy stay. The queue no
+ * longer uses the old fds when this returns; the new call fd is signalled
+ * once, so no completion signalled to the old one goes unseen. */
+int dp_queue_set_notifiers(struct dp_queue *queue, int32_t call_fd, int32_t err_fd);
 int dp_queue_get_stats(const struct dp_queue *queue, struct dp_queue_stats *out);
 
 /* A short description of a ring corruption reason (a negative errno from

@@ -31,8 +31,14 @@ ssize_t dps_recv_fds(int sock, void *buf, size_t len, int *fds, int max_fds, int
 /* sendmsg with nfds descriptors (0..8). Returns bytes sent. */
 ssize_t dps_send_fds(int sock, const void *buf, size_t len, const int *fds, int nfds);
 
-/* An anonymous memfd of the given size (close-on-exec). */
+/* An anonymous memfd of the given size (close-on-exec), sealed against
+ * growing and shrinking. */
 int dps_memfd(const char *name, uint64_t size);
+/* Checks that a notifier fd from a frontend (kick, call, err) is an eventfd
+ * (-EINVAL if not: a regular file would read as an endless stream of kicks)
+ * and, with nonblock, makes it non-blocking: the IOThread's writes to call
+ * and err fds must never block on a counter the frontend filled. */
+int dps_notifier_check(int fd, bool nonblock);
 /* An eventfd (close-on-exec; non-blocking on request). */
 int dps_eventfd(uint32_t initval, bool nonblock);
 /* Size of the file behind fd. */

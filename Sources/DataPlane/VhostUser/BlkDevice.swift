@@ -233,7 +233,7 @@ package final class VhostUserBlkDevice {
             vrings[i].used = try p.u64(16)
             vrings[i].avail = try p.u64(24)
             vrings[i].addressSet = true
-            try restartIfRunning(i)
+            if vrings[i].queue != nil { vrings[i].base = stopRing(i) } // restarted on the new addresses
             try startReadyQueues()
             return nil
         case .setVringBase:
@@ -397,26 +397,44 @@ package final class VhostUserBlkDevice {
         return Int(raw)
     }
 
+    /// An old fd is closed only once no running queue uses it: its number
+    /// could otherwise be reused by the next open, and get our writes.
     private func setNotifier(_ request: VhostUserRequest, ring i: Int, fd: Int32) throws(VhostUserError) {
-        switch request {
-        case .setVringKick:
-            if vrings[i].kick >= 0 { closeFD(vrings[i].kick) }
-            vrings[i].kick = fd
-        case .setVringCall:
-            if vrings[i].call >= 0 { closeFD(vrings[i].call) }
-            vrings[i].call = fd
-        default:
-            if vrings[i].err >= 0 { closeFD(vrings[i].err) }
-            vrings[i].err = fd
+        if fd >= 0 {
+            // Call and err fds are written by the IOThread: never let a write block.
+            let ret = dps_notifier_check(fd, request != .setVringKick)
+            if ret != 0 {
+                closeFD(fd)
+                throw .invalid("ring \(i): the fd of \(request) is not a usable eventfd (\(String(cString: strerror(-ret))))")
+            }
         }
-        // A running queue keeps the fds it started with: restart it on the new ones.
-        try restartIfRunning(i)
+        let old: Int32
+        if request == .setVringKick {
+            old = vrings[i].kick
+            vrings[i].kick = fd
+            // The IOThread waits on the kick fd: stop the ring (its requests
+            // complete) before the old one goes, then start on the new one.
+            if vrings[i].queue != nil { vrings[i].base = stopRing(i) }
+        } else {
+            if request == .setVringCall {
+                old = vrings[i].call
+                vrings[i].call = fd
+            } else {
+                old = vrings[i].err
+                vrings[i].err = fd
+            }
+            // Swapped in place (QEMU does this when the guest masks a vector):
+            // a restart would fail requests the error policy holds.
+            if let queue = vrings[i].queue {
+                do {
+                    try queue.setNotifiers(callFD: vrings[i].call, errorFD: vrings[i].err)
+                } catch {
+                    vrings[i].base = stopRing(i)
+                }
+            }
+        }
+        if old >= 0 { closeFD(old) }
         try startReadyQueues()
-    }
-
-    private func restartIfRunning(_ i: Int) throws(VhostUserError) {
-        guard vrings[i].queue != nil else { return }
-        vrings[i].base = stopRing(i)
     }
 
     /// Stops a ring (its in-flight requests complete) and returns where it stopped.
