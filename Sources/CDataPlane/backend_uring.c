@@ -21,12 +21,18 @@ static bool iov_aligned(const struct iovec *iov, uint32_t cnt, uint32_t align)
  * rare path (Linux guests align their buffers), so it may allocate. */
 static int bounce_setup(struct blk_req *req, uint32_t align)
 {
+    struct dp_queue *q = req->queue;
+    uint64_t size = req->len ? req->len : align;
+    if (q->bounce_bytes && size > DP_QUEUE_BOUNCE_BUDGET - q->bounce_bytes)
+        return -EAGAIN; /* waits in the backlog until a bounce buffer is freed */
     void *buf;
-    if (posix_memalign(&buf, align, req->len ? req->len : align))
+    if (posix_memalign(&buf, align, size))
         return -ENOMEM;
     if (req->op == DP_OP_WRITE)
         iov_to_buf(req->iov, req->iov_cnt, 0, buf, req->len);
     req->bounce = buf;
+    req->bounce_size = size;
+    q->bounce_bytes += size;
     STAT_ADD(req->queue->stats.bounces, 1);
     return 0;
 }
@@ -129,6 +135,8 @@ int backend_uring_complete(struct blk_req *req, int res)
 
 void backend_uring_release(struct blk_req *req)
 {
+    req->queue->bounce_bytes -= req->bounce_size;
+    req->bounce_size = 0;
     free(req->bounce);
     req->bounce = NULL;
 }

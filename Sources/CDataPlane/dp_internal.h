@@ -21,6 +21,10 @@
 #define DP_REQ_MAX_IOV 256
 /* In-flight requests per queue at most (slots are preallocated). */
 #define DP_QUEUE_MAX_SLOTS 256
+/* Bounce buffers one queue may hold before misaligned requests wait for one
+ * to be freed: a guest pointing many large requests at misaligned memory
+ * must not make us allocate gigabytes. One request is always admitted. */
+#define DP_QUEUE_BOUNCE_BUDGET (16u << 20)
 #define DP_THREAD_MAX_QUEUES 256
 
 #define VIRTIO_BLK_S_OK 0
@@ -64,6 +68,7 @@ struct blk_req {
     uint32_t data_in_len;       /* bytes written to guest buffers on success */
     int32_t falloc_mode;
     void *bounce;               /* aligned copy for buffers O_DIRECT refuses */
+    uint64_t bounce_size;       /* its bytes, counted in the queue's bounce_bytes */
     uint64_t start_ns;
 };
 
@@ -100,6 +105,7 @@ struct dp_queue {
     bool error_stopped;
     struct inflight_region *inflight; /* vhost-user inflight tracking, or NULL */
     uint64_t inflight_counter;  /* pop order, for resubmission */
+    uint64_t bounce_bytes;      /* bounce buffers in use (DP_QUEUE_BOUNCE_BUDGET) */
     uint16_t *resubmit;         /* heads to run again before popping (after a restart) */
     uint32_t resubmit_count;
     uint32_t resubmit_next;

@@ -35,6 +35,7 @@ struct dp_iothread {
     struct dp_queue *queues[DP_THREAD_MAX_QUEUES];
     uint32_t nqueues;
     uint32_t first_queue;    /* where the next pass over the queues starts */
+    bool rearm_pending;      /* a kick or control read found no SQE: arm before sleeping */
     struct blk_req *backlog_head; /* requests waiting for an SQE or a retry */
     struct blk_req *backlog_tail;
     struct ctl_msg *stop_waiter;
@@ -126,7 +127,8 @@ void iothread_submit_req(struct dp_iothread *t, struct blk_req *req)
         STAT_ADD(t->stats.submits, 1);
         ret = backend_uring_prep(&t->ring, req);
     }
-    if (ret == -EBUSY)
+    /* -EAGAIN: over the queue's bounce budget until a completion frees some. */
+    if (ret == -EBUSY || ret == -EAGAIN)
         backlog_push(t, req);
     else if (ret)
         iothread_fail_req(req, ret, now_ns());
@@ -137,7 +139,7 @@ static void backlog_flush(struct dp_iothread *t, uint64_t now)
     while (t->backlog_head) {
         struct blk_req *req = t->backlog_head;
         int ret = backend_uring_prep(&t->ring, req);
-        if (ret == -EBUSY)
+        if (ret == -EBUSY || ret == -EAGAIN)
             return;
         t->backlog_head = req->next;
         if (!t->backlog_head)
@@ -167,8 +169,10 @@ static void kick_arm(struct dp_iothread *t, struct dp_queue *q)
     if (q->kick_armed || q->kick_failed || q->stopping)
         return;
     struct io_uring_sqe *sqe = iothread_get_sqe(t);
-    if (!sqe)
-        return; /* retried at the next completion or control message */
+    if (!sqe) {
+        t->rearm_pending = true;
+        return;
+    }
     /* Reading the eventfd through io_uring consumes the kick with no extra
      * syscall. An O_NONBLOCK fd (some frontends set it) answers -EAGAIN
      * instead of waiting, so for those we poll first. */
@@ -197,8 +201,10 @@ static void ctl_arm(struct dp_iothread *t)
     if (t->ctl_armed)
         return;
     struct io_uring_sqe *sqe = iothread_get_sqe(t);
-    if (!sqe)
+    if (!sqe) {
+        t->rearm_pending = true;
         return;
+    }
     io_uring_prep_read(sqe, t->ctl_fd, &t->ctl_buf, sizeof(t->ctl_buf), 0);
     io_uring_sqe_set_data64(sqe, TAG_CTL);
     t->ctl_armed = true;
@@ -577,6 +583,14 @@ static void iothread_loop(struct dp_iothread *t)
             continue;
         if (enable_kicks(t)) {
             disable_kicks(t);
+            continue;
+        }
+        if (t->rearm_pending) {
+            /* Unarmed, a kick or a control message would never wake us. */
+            t->rearm_pending = false;
+            ctl_arm(t);
+            for (uint32_t i = 0; i < t->nqueues; i++)
+                kick_arm(t, t->queues[i]);
             continue;
         }
         uint64_t before = now_ns();
