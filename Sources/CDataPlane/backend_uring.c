@@ -23,7 +23,8 @@ static int bounce_setup(struct blk_req *req, uint32_t align)
 {
     struct dp_queue *q = req->queue;
     uint64_t size = req->len ? req->len : align;
-    if (q->bounce_bytes && size > DP_QUEUE_BOUNCE_BUDGET - q->bounce_bytes)
+    if (q->bounce_bytes && (q->bounce_bytes >= DP_QUEUE_BOUNCE_BUDGET ||
+                            size > DP_QUEUE_BOUNCE_BUDGET - q->bounce_bytes))
         return -EAGAIN; /* waits in the backlog until a bounce buffer is freed */
     void *buf;
     if (posix_memalign(&buf, align, size))

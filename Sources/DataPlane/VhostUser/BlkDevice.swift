@@ -405,7 +405,8 @@ package final class VhostUserBlkDevice {
             let ret = dps_notifier_check(fd, request != .setVringKick)
             if ret != 0 {
                 closeFD(fd)
-                throw .invalid("ring \(i): the fd of \(request) is not a usable eventfd (\(String(cString: strerror(-ret))))")
+                throw .invalid("ring \(i): the fd of \(request) is not a usable eventfd"
+                               + (ret == -EINVAL ? "" : " (\(DataPlaneError.message(-ret)))"))
             }
         }
         let old: Int32
