@@ -164,9 +164,13 @@ void queue_complete(struct dp_queue *q, struct blk_req *req, uint8_t status, uin
 void queue_submit_io(struct dp_queue *q, struct blk_req *req, uint64_t now);
 /* The backend finished req with 0 or a negative errno: apply the error policy. */
 void queue_io_done(struct dp_queue *q, struct blk_req *req, int res, uint64_t now);
-/* Retry held requests (resume) or fail them (stop, memory swap). */
+/* Retry held requests (resume) or fail them (stop). */
 void queue_retry_held(struct dp_queue *q, uint64_t now);
 void queue_fail_held(struct dp_queue *q, uint64_t now);
+/* Memory swap: held requests go back to be walked again on resume. */
+void queue_requeue_held(struct dp_queue *q);
+/* Stop: requeued requests fail (unless an inflight region keeps them). */
+void queue_fail_requeued(struct dp_queue *q, uint64_t now);
 /* Not paused, stopped, broken or out of slots: kicks and pops make sense. */
 bool queue_accepts_work(const struct dp_queue *q);
 bool queue_can_pop(const struct dp_queue *q);

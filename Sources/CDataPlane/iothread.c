@@ -261,11 +261,16 @@ static int queue_apply_mem(struct dp_queue *q, struct dp_mem *mem)
 static void queue_check_drained(struct dp_iothread *t, struct dp_queue *q)
 {
     struct ctl_msg *msg = q->drain_waiter;
-    /* Held requests never complete on their own: a stop or a memory swap
-     * (their buffers would dangle) fails them; a pause waits around them. */
-    if (q->held_count && (q->stopping || (msg && msg->type == CTL_SET_MEM))) {
-        queue_fail_held(q, now_ns());
+    /* Held requests never complete on their own: a stop fails them, a
+     * memory swap (their buffers would dangle) queues them to be walked
+     * again on resume; a pause waits around them. */
+    if (q->stopping && (q->held_count || q->resubmit_next < q->resubmit_count)) {
+        uint64_t now = now_ns();
+        queue_fail_held(q, now);
+        queue_fail_requeued(q, now);
         queue_publish_and_notify(q);
+    } else if (q->held_count && msg && msg->type == CTL_SET_MEM) {
+        queue_requeue_held(q);
     }
     if (q->in_flight - q->held_count || q->dirty)
         return;
@@ -334,6 +339,8 @@ static void ctl_handle(struct dp_iothread *t, struct ctl_msg *msg)
     case CTL_SET_MEM:
         if (q->paused) {
             /* Nothing is in flight on a drained, paused queue: swap now. */
+            if (q->held_count && q->in_flight == q->held_count)
+                queue_requeue_held(q);
             ctl_reply(t, msg, q->in_flight ? -EBUSY : queue_apply_mem(q, msg->mem));
             return;
         }

@@ -69,8 +69,9 @@ void queue_complete(struct dp_queue *q, struct blk_req *req, uint8_t status, uin
     q->dirty = true;
 }
 
-/* Starts the chain at head. Returns false when the ring is corrupt. */
-static bool queue_start(struct dp_queue *q, uint16_t head, uint64_t now)
+/* Starts the chain at head (with fail_io, a request that needs I/O fails
+ * instead). Returns false when the ring is corrupt. */
+static bool queue_start(struct dp_queue *q, uint16_t head, uint64_t now, bool fail_io)
 {
     /* The same head twice in flight would be pushed twice: the guest broke the ring. */
     if (q->head_slot[head]) {
@@ -104,10 +105,12 @@ static bool queue_start(struct dp_queue *q, uint16_t head, uint64_t now)
     int status = blk_parse(q->disk, &chain, req, &err);
     if (err != DP_ERR_COUNT)
         STAT_ADD(q->stats.errors[err], 1);
-    if (status == BLK_NEEDS_IO)
-        queue_submit_io(q, req, now);
-    else
+    if (status != BLK_NEEDS_IO)
         queue_complete(q, req, (uint8_t)status, now);
+    else if (fail_io)
+        queue_complete(q, req, VIRTIO_BLK_S_IOERR, now);
+    else
+        queue_submit_io(q, req, now);
     return true;
 }
 
@@ -211,6 +214,43 @@ void queue_fail_held(struct dp_queue *q, uint64_t now)
     }
 }
 
+/* Gives the held requests' slots back and queues their heads to run again,
+ * ahead of anything not yet resubmitted, when the queue resumes: their iovecs
+ * point into a memory table about to go, and a hot-plugged DIMM must not turn
+ * requests the error policy keeps into I/O errors. The queue stays stopped,
+ * and the stats keep counting them as held. */
+void queue_requeue_held(struct dp_queue *q)
+{
+    uint32_t n = q->held_count, rest = q->resubmit_count - q->resubmit_next;
+    /* Distinct heads, each in flight or waiting once: n + rest <= size. */
+    memmove(q->resubmit + n, q->resubmit + q->resubmit_next, rest * sizeof(q->resubmit[0]));
+    uint32_t i = 0;
+    for (struct blk_req *req = q->held_head; req; req = req->next) {
+        if (req->bounce)
+            backend_uring_release(req);
+        q->resubmit[i++] = req->head;
+        q->head_slot[req->head] = 0;
+        q->free_slots[q->free_count++] = (uint16_t)(req - q->reqs);
+        q->in_flight--;
+    }
+    q->held_head = q->held_tail = NULL;
+    q->held_count = 0;
+    q->resubmit_next = 0;
+    q->resubmit_count = n + rest;
+}
+
+/* A stop while requeued heads wait: without an inflight region nothing would
+ * run them again, so they fail as held requests do (used elements with
+ * IOERR). With one, they stay marked in it for the next backend. */
+void queue_fail_requeued(struct dp_queue *q, uint64_t now)
+{
+    if (q->inflight)
+        return;
+    while (q->resubmit_next < q->resubmit_count && q->free_count &&
+           queue_start(q, q->resubmit[q->resubmit_next], now, true))
+        q->resubmit_next++;
+}
+
 /* Pops one head off the avail ring and starts it. */
 static bool queue_pop_one(struct dp_queue *q, uint64_t now)
 {
@@ -220,7 +260,7 @@ static bool queue_pop_one(struct dp_queue *q, uint64_t now)
         queue_break(q, ret);
         return false;
     }
-    return queue_start(q, head, now);
+    return queue_start(q, head, now, false);
 }
 
 unsigned queue_pop_batch(struct dp_queue *q, uint64_t now)
@@ -230,7 +270,7 @@ unsigned queue_pop_batch(struct dp_queue *q, uint64_t now)
     unsigned popped = 0;
     /* Requests in flight when the previous backend went away come first. */
     while (q->resubmit_next < q->resubmit_count && q->free_count && !q->error_stopped &&
-           queue_start(q, q->resubmit[q->resubmit_next], now)) {
+           queue_start(q, q->resubmit[q->resubmit_next], now, false)) {
         q->resubmit_next++;
         popped++;
     }

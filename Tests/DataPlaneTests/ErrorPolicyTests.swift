@@ -103,6 +103,41 @@ import Testing
         #expect(try h.guest.complete().status == UInt8(GD_BLK_S_IOERR))
     }
 
+    /// Review finding: a memory-table swap (QEMU sends one for every memory
+    /// hot-plug) failed the requests the stop policy held, with IOERR. They
+    /// are now walked again in the new table when the queue resumes.
+    @Test func memorySwapKeepsHeldRequestsForResume() throws {
+        let image = try TestImage(size: 1 << 20)
+        let h = try harness(image, write: .stop)
+        let g = h.guest
+        h.disk.injectFaults(FaultInjection(errno: Self.EIO, operations: [.write]))
+        let held = try write(g, sector: 16, seed: 11)
+        expectNothingCompletes(g)
+        try h.queues[0].setMemory(try GuestMemory(regions: g.memory.regions))
+        expectNothingCompletes(g)
+        #expect(h.stats().stoppedOnError != nil && h.stats().heldRequests == 1)
+        h.disk.injectFaults(nil)
+        try h.plane.resume(disk: h.disk)
+        let done = try g.complete()
+        #expect(done.head == held && done.status == 0)
+        #expect(image.read(offset: 16 * 512, count: 4096) == pattern(4096, seed: 11))
+        #expect(h.stats().inFlight == 0 && h.stats().heldRequests == 0)
+    }
+
+    /// A stop after such a swap, before resume, still reports them.
+    @Test func stopAfterAMemorySwapFailsTheRequestsItKept() throws {
+        let image = try TestImage(size: 1 << 20)
+        let h = try harness(image, write: .stop)
+        let g = h.guest
+        h.disk.injectFaults(FaultInjection(errno: Self.EIO, operations: [.write]))
+        let held = try write(g, sector: 16, seed: 12)
+        expectNothingCompletes(g)
+        try h.queues[0].setMemory(try GuestMemory(regions: g.memory.regions))
+        #expect(h.queues[0].stop() == 1)
+        let done = try g.complete()
+        #expect(done.head == held && done.status == UInt8(GD_BLK_S_IOERR))
+    }
+
     @Test func fullFilesystemUnderTheEnospcPolicy() throws {
         // A 4 MiB tmpfs: the image (sparse, 3 MiB) plus a filler leave little room.
         let mountPoint = "/tmp/dp-full-" + UUID().uuidString.prefix(8)
