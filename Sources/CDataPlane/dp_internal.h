@@ -21,9 +21,10 @@
 #define DP_REQ_MAX_IOV 256
 /* In-flight requests per queue at most (slots are preallocated). */
 #define DP_QUEUE_MAX_SLOTS 256
-/* Bounce buffers one queue may hold before misaligned requests wait for one
- * to be freed: a guest pointing many large requests at misaligned memory
- * must not make us allocate gigabytes. One request is always admitted. */
+/* Bounce buffers one queue may hold before its misaligned requests wait for
+ * one to be freed: a guest pointing many large requests at misaligned memory
+ * must not make us allocate gigabytes. One request is always admitted. Only
+ * submitted requests hold budget (held ones give it back), so it frees up. */
 #define DP_QUEUE_BOUNCE_BUDGET (16u << 20)
 #define DP_THREAD_MAX_QUEUES 256
 
@@ -106,6 +107,8 @@ struct dp_queue {
     struct inflight_region *inflight; /* vhost-user inflight tracking, or NULL */
     uint64_t inflight_counter;  /* pop order, for resubmission */
     uint64_t bounce_bytes;      /* bounce buffers in use (DP_QUEUE_BOUNCE_BUDGET) */
+    struct blk_req *bounce_wait_head; /* requests waiting for bounce budget, in order */
+    struct blk_req *bounce_wait_tail;
     uint16_t *resubmit;         /* heads to run again before popping (after a restart) */
     uint32_t resubmit_count;
     uint32_t resubmit_next;

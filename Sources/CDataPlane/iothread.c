@@ -114,6 +114,35 @@ static void iothread_fail_req(struct blk_req *req, int err, uint64_t now)
     queue_io_done(req->queue, req, err, now);
 }
 
+/* Over its queue's bounce budget: waits on the queue, not in the thread's
+ * backlog, where it would hold up other queues and requests that already
+ * have their buffer (a short read going round again). */
+static void bounce_wait_push(struct dp_queue *q, struct blk_req *req)
+{
+    req->next = NULL;
+    if (q->bounce_wait_tail)
+        q->bounce_wait_tail->next = req;
+    else
+        q->bounce_wait_head = req;
+    q->bounce_wait_tail = req;
+}
+
+/* After completions gave budget back: start what waits for it, in order. */
+static void bounce_wait_flush(struct dp_iothread *t, struct dp_queue *q, uint64_t now)
+{
+    while (q->bounce_wait_head) {
+        struct blk_req *req = q->bounce_wait_head;
+        int ret = backend_uring_prep(&t->ring, req);
+        if (ret == -EAGAIN || ret == -EBUSY)
+            return; /* -EBUSY: no SQE this pass; the buffer, if made, stays with it */
+        q->bounce_wait_head = req->next;
+        if (!q->bounce_wait_head)
+            q->bounce_wait_tail = NULL;
+        if (ret)
+            iothread_fail_req(req, ret, now);
+    }
+}
+
 void iothread_submit_req(struct dp_iothread *t, struct blk_req *req)
 {
     /* Keep order: while older requests wait for SQEs, newer ones queue behind. */
@@ -127,9 +156,10 @@ void iothread_submit_req(struct dp_iothread *t, struct blk_req *req)
         STAT_ADD(t->stats.submits, 1);
         ret = backend_uring_prep(&t->ring, req);
     }
-    /* -EAGAIN: over the queue's bounce budget until a completion frees some. */
-    if (ret == -EBUSY || ret == -EAGAIN)
+    if (ret == -EBUSY)
         backlog_push(t, req);
+    else if (ret == -EAGAIN)
+        bounce_wait_push(req->queue, req);
     else if (ret)
         iothread_fail_req(req, ret, now_ns());
 }
@@ -139,12 +169,14 @@ static void backlog_flush(struct dp_iothread *t, uint64_t now)
     while (t->backlog_head) {
         struct blk_req *req = t->backlog_head;
         int ret = backend_uring_prep(&t->ring, req);
-        if (ret == -EBUSY || ret == -EAGAIN)
+        if (ret == -EBUSY)
             return;
         t->backlog_head = req->next;
         if (!t->backlog_head)
             t->backlog_tail = NULL;
-        if (ret)
+        if (ret == -EAGAIN)
+            bounce_wait_push(req->queue, req);
+        else if (ret)
             iothread_fail_req(req, ret, now);
     }
 }
@@ -563,8 +595,12 @@ static void iothread_loop(struct dp_iothread *t)
         uint32_t nq = t->nqueues;
         if (t->first_queue >= nq)
             t->first_queue = 0;
-        for (uint32_t k = 0, i = t->first_queue; k < nq; k++, i = i + 1 == nq ? 0 : i + 1)
-            work += queue_pop_batch(t->queues[i], now);
+        for (uint32_t k = 0, i = t->first_queue; k < nq; k++, i = i + 1 == nq ? 0 : i + 1) {
+            struct dp_queue *q = t->queues[i];
+            if (q->bounce_wait_head)
+                bounce_wait_flush(t, q, now);
+            work += queue_pop_batch(q, now);
+        }
         t->first_queue++;
         backlog_flush(t, now);
         /* Drains may detach queues: walk the array backwards. */

@@ -147,6 +147,12 @@ void queue_submit_io(struct dp_queue *q, struct blk_req *req, uint64_t now)
 
 static void held_push(struct dp_queue *q, struct blk_req *req)
 {
+    /* A held request gives its bounce budget back, or requests waiting for
+     * budget would wait until resume; the retry starts it over. */
+    if (req->bounce) {
+        backend_uring_release(req);
+        req->done = 0;
+    }
     req->next = NULL;
     if (q->held_tail)
         q->held_tail->next = req;

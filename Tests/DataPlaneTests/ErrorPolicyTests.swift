@@ -124,6 +124,27 @@ import Testing
         #expect(h.stats().inFlight == 0 && h.stats().heldRequests == 0)
     }
 
+    /// A held misaligned write is retried through a fresh bounce buffer copied
+    /// from the guest's memory (held requests give theirs back, so that
+    /// requests waiting for bounce budget do not wait until resume). Fault
+    /// injection fails before the backend, so only the retry bounces here.
+    @Test func heldMisalignedWriteIsRetriedFromTheGuestsBuffer() throws {
+        let image = try TestImage(size: 1 << 20)
+        let h = try harness(image, write: .stop)
+        let g = h.guest
+        h.disk.injectFaults(FaultInjection(errno: Self.EIO, operations: [.write]))
+        let buf = g.alloc(8192) + 3 // O_DIRECT refuses this address
+        g.write(buf, pattern(4096, seed: 13))
+        let held = try g.submit(type: UInt32(GD_BLK_T_OUT), sector: 24, segments: [(buf, 4096)])
+        expectNothingCompletes(g)
+        h.disk.injectFaults(nil)
+        try h.plane.resume(disk: h.disk)
+        let done = try g.complete()
+        #expect(done.head == held && done.status == 0)
+        #expect(image.read(offset: 24 * 512, count: 4096) == pattern(4096, seed: 13))
+        #expect(h.stats().bounces == 1)
+    }
+
     /// A stop after such a swap, before resume, still reports them.
     @Test func stopAfterAMemorySwapFailsTheRequestsItKept() throws {
         let image = try TestImage(size: 1 << 20)
