@@ -23,9 +23,12 @@ static int bounce_setup(struct blk_req *req, uint32_t align)
 {
     struct dp_queue *q = req->queue;
     uint64_t size = req->len ? req->len : align;
-    if (q->bounce_bytes && (q->bounce_bytes >= DP_QUEUE_BOUNCE_BUDGET ||
-                            size > DP_QUEUE_BOUNCE_BUDGET - q->bounce_bytes))
-        return -EAGAIN; /* waits in the backlog until a bounce buffer is freed */
+    /* Waiters go first, in order: smaller requests must not keep taking the
+     * budget a large one waits for. */
+    if ((q->bounce_wait_head && q->bounce_wait_head != req) ||
+        (q->bounce_bytes && (q->bounce_bytes >= DP_QUEUE_BOUNCE_BUDGET ||
+                             size > DP_QUEUE_BOUNCE_BUDGET - q->bounce_bytes)))
+        return -EAGAIN; /* waits on its queue until a bounce buffer is freed */
     void *buf;
     if (posix_memalign(&buf, align, size))
         return -ENOMEM;

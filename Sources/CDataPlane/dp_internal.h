@@ -170,8 +170,9 @@ void queue_io_done(struct dp_queue *q, struct blk_req *req, int res, uint64_t no
 /* Retry held requests (resume) or fail them (stop). */
 void queue_retry_held(struct dp_queue *q, uint64_t now);
 void queue_fail_held(struct dp_queue *q, uint64_t now);
-/* Memory swap: held requests go back to be walked again on resume. */
-void queue_requeue_held(struct dp_queue *q);
+/* Memory swap: held requests go back to be walked again on resume (false:
+ * the ring is broken, and they must be failed instead). */
+bool queue_requeue_held(struct dp_queue *q);
 /* Stop: requeued requests fail (unless an inflight region keeps them). */
 void queue_fail_requeued(struct dp_queue *q, uint64_t now);
 /* Not paused, stopped, broken or out of slots: kicks and pops make sense. */

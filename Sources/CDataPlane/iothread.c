@@ -221,8 +221,10 @@ static void kick_cancel(struct dp_iothread *t, struct dp_queue *q)
     if (!q->kick_armed || q->kick_cancelling)
         return;
     struct io_uring_sqe *sqe = iothread_get_sqe(t);
-    if (!sqe)
+    if (!sqe) {
+        t->rearm_pending = true; /* a stop waits for this cancel */
         return;
+    }
     q->kick_cancelling = true;
     io_uring_prep_cancel64(sqe, (uint64_t)(uintptr_t)q | TAG_KICK, 0);
     io_uring_sqe_set_data64(sqe, TAG_IGNORE);
@@ -301,8 +303,9 @@ static void queue_check_drained(struct dp_iothread *t, struct dp_queue *q)
         queue_fail_held(q, now);
         queue_fail_requeued(q, now);
         queue_publish_and_notify(q);
-    } else if (q->held_count && msg && msg->type == CTL_SET_MEM) {
-        queue_requeue_held(q);
+    } else if (q->held_count && msg && msg->type == CTL_SET_MEM && !queue_requeue_held(q)) {
+        queue_fail_held(q, now_ns());
+        queue_publish_and_notify(q);
     }
     if (q->in_flight - q->held_count || q->dirty)
         return;
@@ -371,8 +374,10 @@ static void ctl_handle(struct dp_iothread *t, struct ctl_msg *msg)
     case CTL_SET_MEM:
         if (q->paused) {
             /* Nothing is in flight on a drained, paused queue: swap now. */
-            if (q->held_count && q->in_flight == q->held_count)
-                queue_requeue_held(q);
+            if (q->held_count && q->in_flight == q->held_count && !queue_requeue_held(q)) {
+                queue_fail_held(q, now_ns());
+                queue_publish_and_notify(q);
+            }
             ctl_reply(t, msg, q->in_flight ? -EBUSY : queue_apply_mem(q, msg->mem));
             return;
         }
@@ -632,8 +637,13 @@ static void iothread_loop(struct dp_iothread *t)
             /* Unarmed, a kick or a control message would never wake us. */
             t->rearm_pending = false;
             ctl_arm(t);
-            for (uint32_t i = 0; i < t->nqueues; i++)
-                kick_arm(t, t->queues[i]);
+            for (uint32_t i = 0; i < t->nqueues; i++) {
+                struct dp_queue *q = t->queues[i];
+                if (q->stopping)
+                    kick_cancel(t, q);
+                else
+                    kick_arm(t, q);
+            }
             continue;
         }
         uint64_t before = now_ns();

@@ -225,10 +225,15 @@ void queue_fail_held(struct dp_queue *q, uint64_t now)
  * point into a memory table about to go, and a hot-plugged DIMM must not turn
  * requests the error policy keeps into I/O errors. The queue stays stopped,
  * and the stats keep counting them as held. */
-void queue_requeue_held(struct dp_queue *q)
+bool queue_requeue_held(struct dp_queue *q)
 {
     uint32_t n = q->held_count, rest = q->resubmit_count - q->resubmit_next;
-    /* Distinct heads, each in flight or waiting once: n + rest <= size. */
+    /* Distinct heads fit: n + rest <= size. More means the guest made a head
+     * that waits for resubmission available again: it broke the ring. */
+    if (n + rest > q->vr.size) {
+        queue_break(q, -EBUSY);
+        return false;
+    }
     memmove(q->resubmit + n, q->resubmit + q->resubmit_next, rest * sizeof(q->resubmit[0]));
     uint32_t i = 0;
     for (struct blk_req *req = q->held_head; req; req = req->next) {
@@ -243,6 +248,8 @@ void queue_requeue_held(struct dp_queue *q)
     q->held_count = 0;
     q->resubmit_next = 0;
     q->resubmit_count = n + rest;
+    STAT_SET(q->stats.in_flight, q->in_flight);
+    return true;
 }
 
 /* A stop while requeued heads wait: without an inflight region nothing would

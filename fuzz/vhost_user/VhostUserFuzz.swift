@@ -140,7 +140,9 @@ public func fuzzOneInput(_ data: UnsafePointer<UInt8>, _ size: Int) -> CInt {
         var fds: [Int32] = []
         for _ in 0..<Int(input.u8() % 4) {
             if input.u8() & 1 == 0 {
-                let fd = dps_memfd("fuzz-mem", memorySize)
+                // Room for every pwrite below (offsets up to 255 * 64 + 255):
+                // dps_memfd's files are sealed against growing.
+                let fd = dps_memfd("fuzz-mem", memorySize + 20480)
                 if fd >= 0 {
                     // Ring contents from the input: the IOThread will walk them.
                     let content = input.take(Int(input.u8()))
