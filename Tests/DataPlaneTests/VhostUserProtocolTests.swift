@@ -496,6 +496,10 @@ func references(to name: String) -> (fds: Int, maps: Int) {
         #expect(PayloadReaderForTests.u64(reply.payload, 0) == 2 * dpInflightQueueSize(128))
         var size: UInt64 = 0
         #expect(dps_fd_size(reply.fds[0], &size) == 0 && size == 2 * dpInflightQueueSize(128))
+        // Sealed: the frontend cannot shrink it under our mapping (SIGBUS).
+        // F_GET_SEALS = 1034, F_SEAL_SHRINK = 2, F_SEAL_GROW = 4 (linux/fcntl.h).
+        #expect(fcntl(reply.fds[0], 1034) & 6 == 6)
+        #expect(ftruncate(reply.fds[0], 0) != 0)
         reply.fds.forEach { close($0) }
     }
 }
