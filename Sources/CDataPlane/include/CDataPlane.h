@@ -10,8 +10,10 @@
  *
  * Threads: a dp_iothread owns its queues. All dp_queue_* calls below are made
  * from the control side; they reach the IOThread as messages handled between
- * batches and wait for its answer. dp_*_get_stats may be called from any
- * thread at any time.
+ * batches and wait for its answer. Calls on one queue must not overlap (the
+ * Swift Virtqueue serializes them): a stop, pause or memory swap drains, and
+ * a second call meanwhile gets -EBUSY, or, for a resume, ends the pause the
+ * drain relies on. dp_*_get_stats may be called from any thread at any time.
  */
 #ifndef CDATAPLANE_H
 #define CDATAPLANE_H
