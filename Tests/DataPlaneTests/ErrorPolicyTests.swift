@@ -103,17 +103,24 @@ import Testing
         #expect(try h.guest.complete().status == UInt8(GD_BLK_S_IOERR))
     }
 
+    /// A write held by the stop policy, then a memory-table swap (to a table
+    /// with the same regions): the harness, image and held head.
+    func heldWriteThroughAMemorySwap(seed: UInt8) throws -> (Harness, TestImage, UInt16) {
+        let image = try TestImage(size: 1 << 20)
+        let h = try harness(image, write: .stop)
+        h.disk.injectFaults(FaultInjection(errno: Self.EIO, operations: [.write]))
+        let held = try write(h.guest, sector: 16, seed: seed)
+        expectNothingCompletes(h.guest)
+        try h.queues[0].setMemory(try GuestMemory(regions: h.guest.memory.regions))
+        return (h, image, held)
+    }
+
     /// Review finding: a memory-table swap (QEMU sends one for every memory
     /// hot-plug) failed the requests the stop policy held, with IOERR. They
     /// are now walked again in the new table when the queue resumes.
     @Test func memorySwapKeepsHeldRequestsForResume() throws {
-        let image = try TestImage(size: 1 << 20)
-        let h = try harness(image, write: .stop)
+        let (h, image, held) = try heldWriteThroughAMemorySwap(seed: 11)
         let g = h.guest
-        h.disk.injectFaults(FaultInjection(errno: Self.EIO, operations: [.write]))
-        let held = try write(g, sector: 16, seed: 11)
-        expectNothingCompletes(g)
-        try h.queues[0].setMemory(try GuestMemory(regions: g.memory.regions))
         expectNothingCompletes(g)
         #expect(h.stats().stoppedOnError != nil && h.stats().heldRequests == 1)
         h.disk.injectFaults(nil)
@@ -122,6 +129,14 @@ import Testing
         #expect(done.head == held && done.status == 0)
         #expect(image.read(offset: 16 * 512, count: 4096) == pattern(4096, seed: 11))
         #expect(h.stats().inFlight == 0 && h.stats().heldRequests == 0)
+    }
+
+    /// A stop after such a swap, before resume, still reports them.
+    @Test func stopAfterAMemorySwapFailsTheRequestsItKept() throws {
+        let (h, _, held) = try heldWriteThroughAMemorySwap(seed: 12)
+        #expect(h.queues[0].stop() == 1)
+        let done = try h.guest.complete()
+        #expect(done.head == held && done.status == UInt8(GD_BLK_S_IOERR))
     }
 
     /// A held misaligned write is retried through a fresh bounce buffer copied
@@ -143,20 +158,6 @@ import Testing
         #expect(done.head == held && done.status == 0)
         #expect(image.read(offset: 24 * 512, count: 4096) == pattern(4096, seed: 13))
         #expect(h.stats().bounces == 1)
-    }
-
-    /// A stop after such a swap, before resume, still reports them.
-    @Test func stopAfterAMemorySwapFailsTheRequestsItKept() throws {
-        let image = try TestImage(size: 1 << 20)
-        let h = try harness(image, write: .stop)
-        let g = h.guest
-        h.disk.injectFaults(FaultInjection(errno: Self.EIO, operations: [.write]))
-        let held = try write(g, sector: 16, seed: 12)
-        expectNothingCompletes(g)
-        try h.queues[0].setMemory(try GuestMemory(regions: g.memory.regions))
-        #expect(h.queues[0].stop() == 1)
-        let done = try g.complete()
-        #expect(done.head == held && done.status == UInt8(GD_BLK_S_IOERR))
     }
 
     @Test func fullFilesystemUnderTheEnospcPolicy() throws {
