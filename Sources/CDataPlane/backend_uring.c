@@ -17,12 +17,23 @@ static bool iov_aligned(const struct iovec *iov, uint32_t cnt, uint32_t align)
     return (bits & (align - 1)) == 0;
 }
 
-/* Guest buffers O_DIRECT would refuse go through an aligned copy. This is the
+/* Where the bounce buffer's current window ends, as a request offset. */
+static uint64_t bounce_window_end(const struct blk_req *req)
+{
+    uint64_t end = req->bounce_off + req->bounce_size;
+    return end < req->len ? end : req->len;
+}
+
+/* Guest buffers O_DIRECT would refuse go through an aligned copy, a window
+ * of the request at a time, from where it stands (req->done). This is the
  * rare path (Linux guests align their buffers), so it may allocate. */
 static int bounce_setup(struct blk_req *req, uint32_t align)
 {
     struct dp_queue *q = req->queue;
-    uint64_t size = req->len ? req->len : align;
+    uint64_t rest = req->len - req->done;
+    uint64_t size = rest < DP_BOUNCE_WINDOW ? rest : DP_BOUNCE_WINDOW;
+    if (!size)
+        size = align;
     /* Waiters go first, in order: smaller requests must not keep taking the
      * budget a large one waits for. */
     if ((q->bounce_wait_head && q->bounce_wait_head != req) ||
@@ -32,12 +43,15 @@ static int bounce_setup(struct blk_req *req, uint32_t align)
     void *buf;
     if (posix_memalign(&buf, align, size))
         return -ENOMEM;
-    if (req->op == DP_OP_WRITE)
-        iov_to_buf(req->iov, req->iov_cnt, 0, buf, req->len);
     req->bounce = buf;
     req->bounce_size = size;
+    req->bounce_off = req->done;
+    if (req->op == DP_OP_WRITE)
+        iov_to_buf(req->iov, req->iov_cnt, 0, buf, bounce_window_end(req) - req->bounce_off);
     q->bounce_bytes += size;
-    STAT_ADD(req->queue->stats.bounces, 1);
+    STAT_ADD(q->stats.bounces, 1);
+    if (q->bounce_bytes > STAT_LOAD(q->stats.bounce_bytes_peak))
+        STAT_SET(q->stats.bounce_bytes_peak, q->bounce_bytes);
     return 0;
 }
 
@@ -46,8 +60,9 @@ int backend_uring_prep(struct io_uring *ring, struct blk_req *req)
     const struct dp_disk *disk = req->queue->disk;
     bool rw = req->op == DP_OP_READ || req->op == DP_OP_WRITE;
 
-    if (rw && !req->bounce && req->done == 0 && disk->mem_align &&
-        !iov_aligned(req->iov, req->iov_cnt, disk->mem_align)) {
+    /* Checked again after short I/O too: what is left may have lost its
+     * alignment. */
+    if (rw && !req->bounce && disk->mem_align && !iov_aligned(req->iov, req->iov_cnt, disk->mem_align)) {
         int ret = bounce_setup(req, disk->mem_align);
         if (ret)
             return ret;
@@ -62,8 +77,8 @@ int backend_uring_prep(struct io_uring *ring, struct blk_req *req)
     case DP_OP_WRITE: {
         bool write = req->op == DP_OP_WRITE;
         if (req->bounce) {
-            void *buf = (uint8_t *)req->bounce + req->done;
-            unsigned len = (unsigned)(req->len - req->done);
+            void *buf = (uint8_t *)req->bounce + (req->done - req->bounce_off);
+            unsigned len = (unsigned)(bounce_window_end(req) - req->done);
             if (write)
                 io_uring_prep_write(sqe, disk->fd, buf, len, offset);
             else
@@ -97,6 +112,26 @@ int backend_uring_prep(struct io_uring *ring, struct blk_req *req)
     return 0;
 }
 
+/* After a read or write through the bounce buffer: a short one goes on in
+ * the same window; a whole window is copied out (reads) and the next one in
+ * (writes). */
+static int bounce_window_done(struct blk_req *req)
+{
+    uint64_t end = bounce_window_end(req);
+    if (req->done < end)
+        return BACKEND_AGAIN;
+    size_t window = (size_t)(end - req->bounce_off);
+    if (req->op == DP_OP_READ)
+        iov_from_buf(req->iov, req->iov_cnt, req->bounce, window);
+    if (req->done >= req->len)
+        return 0;
+    req->iov = iov_advance(req->iov, &req->iov_cnt, window);
+    req->bounce_off = req->done;
+    if (req->op == DP_OP_WRITE)
+        iov_to_buf(req->iov, req->iov_cnt, 0, req->bounce, bounce_window_end(req) - req->bounce_off);
+    return BACKEND_AGAIN;
+}
+
 int backend_uring_complete(struct blk_req *req, int res)
 {
     if (res == -EAGAIN || res == -EINTR)
@@ -111,13 +146,12 @@ int backend_uring_complete(struct blk_req *req, int res)
         if (res == 0)
             return -EIO;
         req->done += (uint64_t)res;
+        if (req->bounce)
+            return bounce_window_done(req);
         if (req->done < req->len) {
-            if (!req->bounce)
-                req->iov = iov_advance(req->iov, &req->iov_cnt, (size_t)res);
+            req->iov = iov_advance(req->iov, &req->iov_cnt, (size_t)res);
             return BACKEND_AGAIN;
         }
-        if (req->op == DP_OP_READ && req->bounce)
-            iov_from_buf(req->iov, req->iov_cnt, req->bounce, req->len);
         return 0;
     case DP_OP_WRITE_ZEROES:
         /* Filesystems without FALLOC_FL_ZERO_RANGE (tmpfs): punch the range,

@@ -26,6 +26,10 @@
  * must not make us allocate gigabytes. One request is always admitted. Only
  * submitted requests hold budget (held ones give it back), so it frees up. */
 #define DP_QUEUE_BOUNCE_BUDGET (16u << 20)
+/* One bounce buffer spans at most this much of its request; a larger one
+ * moves through it a window at a time (a 1 GiB request may point 256 times
+ * at one misaligned 4 MiB buffer: it must not cost 1 GiB of ours). */
+#define DP_BOUNCE_WINDOW (4u << 20)
 #define DP_THREAD_MAX_QUEUES 256
 
 #define VIRTIO_BLK_S_OK 0
@@ -70,6 +74,7 @@ struct blk_req {
     int32_t falloc_mode;
     void *bounce;               /* aligned copy for buffers O_DIRECT refuses */
     uint64_t bounce_size;       /* its bytes, counted in the queue's bounce_bytes */
+    uint64_t bounce_off;        /* request offset of the window it holds; iov starts there */
     uint64_t start_ns;
 };
 
@@ -109,9 +114,10 @@ struct dp_queue {
     uint64_t bounce_bytes;      /* bounce buffers in use (DP_QUEUE_BOUNCE_BUDGET) */
     struct blk_req *bounce_wait_head; /* requests waiting for bounce budget, in order */
     struct blk_req *bounce_wait_tail;
-    uint16_t *resubmit;         /* heads to run again before popping (after a restart) */
+    uint16_t *resubmit;         /* heads to run again before popping (after a restart or a memory swap) */
     uint32_t resubmit_count;
     uint32_t resubmit_next;
+    uint32_t resubmit_held;     /* the first of those not yet run: held requests a memory swap requeued */
     uint16_t *pushed;           /* heads pushed since the last publish (inflight clearing) */
     uint32_t pushed_count;
     struct dp_queue_config config;

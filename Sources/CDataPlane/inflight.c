@@ -73,7 +73,7 @@ int inflight_recover(struct dp_queue *q)
 {
     struct inflight_region *r = q->inflight;
     uint16_t size = q->vr.size;
-    q->resubmit_count = q->resubmit_next = 0;
+    q->resubmit_count = q->resubmit_next = q->resubmit_held = 0;
     q->inflight_counter = 0;
 
     if (r->version != INFLIGHT_VERSION || r->desc_num != size) {

@@ -148,10 +148,10 @@ void queue_submit_io(struct dp_queue *q, struct blk_req *req, uint64_t now)
 static void held_push(struct dp_queue *q, struct blk_req *req)
 {
     /* A held request gives its bounce budget back, or requests waiting for
-     * budget would wait until resume; the retry starts it over. */
+     * budget would wait until resume; the retry starts its window over. */
     if (req->bounce) {
+        req->done = req->bounce_off;
         backend_uring_release(req);
-        req->done = 0;
     }
     req->next = NULL;
     if (q->held_tail)
@@ -160,7 +160,7 @@ static void held_push(struct dp_queue *q, struct blk_req *req)
         q->held_head = req;
     q->held_tail = req;
     q->held_count++;
-    STAT_SET(q->stats.error_held, q->held_count);
+    STAT_SET(q->stats.error_held, q->held_count + q->resubmit_held);
 }
 
 void queue_io_done(struct dp_queue *q, struct blk_req *req, int res, uint64_t now)
@@ -202,6 +202,12 @@ static struct blk_req *held_take_all(struct dp_queue *q)
 
 void queue_retry_held(struct dp_queue *q, uint64_t now)
 {
+    /* Requests a memory swap requeued failed before these: queue these
+     * behind them, and popping runs them all in order. */
+    if (q->resubmit_held && q->held_count && !queue_requeue_held(q)) {
+        queue_fail_held(q, now);
+        return;
+    }
     struct blk_req *req = held_take_all(q);
     while (req) {
         struct blk_req *next = req->next;
@@ -220,22 +226,25 @@ void queue_fail_held(struct dp_queue *q, uint64_t now)
     }
 }
 
-/* Gives the held requests' slots back and queues their heads to run again,
- * ahead of anything not yet resubmitted, when the queue resumes: their iovecs
- * point into a memory table about to go, and a hot-plugged DIMM must not turn
- * requests the error policy keeps into I/O errors. The queue stays stopped,
- * and the stats keep counting them as held. */
+/* Gives the held requests' slots back and queues their heads to run again
+ * when the queue resumes: their iovecs point into a memory table about to go,
+ * and a hot-plugged DIMM must not turn requests the error policy keeps into
+ * I/O errors. Order: held requests requeued before, then these (each in the
+ * order they failed), then recovered heads not yet started (popped after
+ * them all). The queue stays stopped, and the stats count them as held. */
 bool queue_requeue_held(struct dp_queue *q)
 {
-    uint32_t n = q->held_count, rest = q->resubmit_count - q->resubmit_next;
-    /* Distinct heads fit: n + rest <= size. More means the guest made a head
-     * that waits for resubmission available again: it broke the ring. */
-    if (n + rest > q->vr.size) {
+    uint32_t n = q->held_count, pending = q->resubmit_count - q->resubmit_next;
+    uint32_t before = q->resubmit_held;
+    /* Distinct heads fit: n + pending <= size. More means the guest made a
+     * head that waits for resubmission available again: it broke the ring. */
+    if (n + pending > q->vr.size) {
         queue_break(q, -EBUSY);
         return false;
     }
-    memmove(q->resubmit + n, q->resubmit + q->resubmit_next, rest * sizeof(q->resubmit[0]));
-    uint32_t i = 0;
+    memmove(q->resubmit, q->resubmit + q->resubmit_next, pending * sizeof(q->resubmit[0]));
+    memmove(q->resubmit + before + n, q->resubmit + before, (pending - before) * sizeof(q->resubmit[0]));
+    uint32_t i = before;
     for (struct blk_req *req = q->held_head; req; req = req->next) {
         if (req->bounce)
             backend_uring_release(req);
@@ -247,21 +256,32 @@ bool queue_requeue_held(struct dp_queue *q)
     q->held_head = q->held_tail = NULL;
     q->held_count = 0;
     q->resubmit_next = 0;
-    q->resubmit_count = n + rest;
+    q->resubmit_count = n + pending;
+    q->resubmit_held = before + n;
     STAT_SET(q->stats.in_flight, q->in_flight);
+    STAT_SET(q->stats.error_held, q->resubmit_held);
     return true;
 }
 
-/* A stop while requeued heads wait: without an inflight region nothing would
- * run them again, so they fail as held requests do (used elements with
- * IOERR). With one, they stay marked in it for the next backend. */
+/* Takes the next head to run again off the resubmit list (before it
+ * starts: failing again, it is counted as held once). */
+static uint16_t resubmit_take(struct dp_queue *q)
+{
+    if (q->resubmit_held)
+        q->resubmit_held--;
+    return q->resubmit[q->resubmit_next++];
+}
+
+/* A stop while requeued or recovered heads wait to run: they fail as held
+ * requests do (used elements with IOERR). Left marked in an inflight region
+ * instead, they would outlive a plain GET_VRING_BASE, which promises that
+ * everything before the index it returns is done (suspending into the
+ * region is GET_VRING_BASE_INFLIGHT's, which we do not offer). */
 void queue_fail_requeued(struct dp_queue *q, uint64_t now)
 {
-    if (q->inflight)
-        return;
     while (q->resubmit_next < q->resubmit_count && q->free_count &&
-           queue_start(q, q->resubmit[q->resubmit_next], now, true))
-        q->resubmit_next++;
+           queue_start(q, resubmit_take(q), now, true))
+        ;
 }
 
 /* Pops one head off the avail ring and starts it. */
@@ -283,10 +303,8 @@ unsigned queue_pop_batch(struct dp_queue *q, uint64_t now)
     unsigned popped = 0;
     /* Requests in flight when the previous backend went away come first. */
     while (q->resubmit_next < q->resubmit_count && q->free_count && !q->error_stopped &&
-           queue_start(q, q->resubmit[q->resubmit_next], now, false)) {
-        q->resubmit_next++;
+           queue_start(q, resubmit_take(q), now, false))
         popped++;
-    }
     int avail = vring_split_avail_count(&q->vr);
     if (avail < 0) {
         queue_break(q, avail);

@@ -23,6 +23,7 @@ void stats_queue_snapshot(const struct dp_queue_counters *c, struct dp_queue_sta
     out->notifies = STAT_LOAD(c->notifies);
     out->notifies_suppressed = STAT_LOAD(c->notifies_suppressed);
     out->bounces = STAT_LOAD(c->bounces);
+    out->bounce_bytes_peak = STAT_LOAD(c->bounce_bytes_peak);
     out->error_stopped = STAT_LOAD(c->error_stopped);
     out->error_stop_reason = STAT_LOAD(c->error_stop_reason);
     out->error_held = STAT_LOAD(c->error_held);

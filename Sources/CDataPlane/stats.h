@@ -21,6 +21,7 @@ struct dp_queue_counters {
     _Atomic uint64_t notifies;
     _Atomic uint64_t notifies_suppressed;
     _Atomic uint64_t bounces;
+    _Atomic uint64_t bounce_bytes_peak;
     _Atomic uint32_t error_stopped;
     _Atomic int32_t error_stop_reason;
     _Atomic uint64_t error_held;

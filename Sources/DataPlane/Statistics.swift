@@ -68,6 +68,9 @@ public struct QueueStatistics: Sendable, Equatable, Codable {
     public var notifies: UInt64 = 0
     public var notifiesSuppressed: UInt64 = 0
     public var bounces: UInt64 = 0
+    /// The most bounce-buffer memory a queue held at once (per queue; a
+    /// disk's total gives its largest queue's).
+    public var bouncePeakBytes: UInt64 = 0
     public var latency = LatencyHistogram()
     /// Set while the error policy holds failed requests (why, e.g. "No space left on device").
     public var stoppedOnError: String?
@@ -116,6 +119,7 @@ public struct QueueStatistics: Sendable, Equatable, Codable {
         notifies = raw.notifies
         notifiesSuppressed = raw.notifies_suppressed
         bounces = raw.bounces
+        bouncePeakBytes = raw.bounce_bytes_peak
         latency = LatencyHistogram(buckets: withUnsafeBytes(of: raw.latency_hist) { Array($0.bindMemory(to: UInt64.self)) })
         if raw.error_stopped != 0 {
             stoppedOnError = DataPlaneError.message(-raw.error_stop_reason)
@@ -148,6 +152,7 @@ public struct QueueStatistics: Sendable, Equatable, Codable {
             total.polled &+= p.polled; total.kicks &+= p.kicks
             total.notifies &+= p.notifies; total.notifiesSuppressed &+= p.notifiesSuppressed
             total.bounces &+= p.bounces
+            total.bouncePeakBytes = max(total.bouncePeakBytes, p.bouncePeakBytes)
             total.latency = total.latency.adding(p.latency)
             total.heldRequests &+= p.heldRequests
             total.ignoredErrors &+= p.ignoredErrors

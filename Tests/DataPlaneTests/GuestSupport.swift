@@ -161,15 +161,17 @@ final class TestImage: @unchecked Sendable {
     }
 }
 
-/// A data plane with `threads` IOThreads, one disk, and `queues` started queues.
+/// A data plane with `threads` IOThreads, one disk, and `queues` started queues
+/// (with `inflight`, each tracked in its own zeroed vhost-user inflight region).
 final class Harness: @unchecked Sendable {
     let plane: DataPlane
     let disk: Disk
     let guest: TestGuest
     var queues: [Virtqueue] = []
+    private var inflightRegions: [UnsafeMutableRawPointer] = []
 
     init(disk diskConfig: DiskConfiguration, threads: Int = 1, queues: Int = 1, queueSize: Int = 128,
-         eventIndex: Bool = true, pollMicroseconds: UInt32 = 0) throws {
+         eventIndex: Bool = true, pollMicroseconds: UInt32 = 0, inflight: Bool = false) throws {
         let cpus = try CPUSet(parsing: "0-\(ProcessInfo.processInfo.activeProcessorCount - 1)")
         plane = try DataPlane(iothreads: (0..<threads).map {
             IOThreadConfiguration(name: "test-io\($0)", cpuset: cpus, pollMaxMicroseconds: pollMicroseconds)
@@ -180,12 +182,29 @@ final class Harness: @unchecked Sendable {
         disk = try plane.addDisk(config)
         guest = try TestGuest(queues: queues, queueSize: queueSize, eventIndex: eventIndex)
         for q in 0..<queues {
+            var queueConfig = guest.queueConfiguration(q)
+            if inflight {
+                let size = Int(dp_inflight_queue_size(UInt32(queueSize)))
+                let region = UnsafeMutableRawPointer.allocate(byteCount: size, alignment: 64)
+                region.initializeMemory(as: UInt8.self, repeating: 0, count: size)
+                inflightRegions.append(region)
+                queueConfig.inflight = UInt(bitPattern: region)
+            }
             self.queues.append(try plane.startQueue(disk: disk, index: q, memory: guest.memory,
-                                                    configuration: guest.queueConfiguration(q)))
+                                                    configuration: queueConfig))
         }
     }
 
-    deinit { plane.stop() }
+    deinit {
+        plane.stop()
+        inflightRegions.forEach { $0.deallocate() }
+    }
+
+    /// Whether the inflight region marks a head as in flight (DescStateSplit's
+    /// first byte; the queue's region starts with a 16-byte header).
+    func inflightMarked(_ q: Int = 0, head: UInt16) -> Bool {
+        q < inflightRegions.count && inflightRegions[q].load(fromByteOffset: 16 + Int(head) * 16, as: UInt8.self) != 0
+    }
 
     func stats(_ q: Int = 0) -> QueueStatistics { queues[q].statistics() }
 }

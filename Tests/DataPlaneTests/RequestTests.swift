@@ -131,6 +131,39 @@ import Testing
             #expect(image.read(offset: i * size, count: size) == pattern(size, seed: UInt8(i)))
         }
         #expect(h.stats().bounces == 12)
+        #expect(h.stats().bouncePeakBytes <= 16 << 20)
+    }
+
+    /// Review finding: one bounce buffer spanned its whole request, so a 1 GiB
+    /// request pointing 256 times at one misaligned buffer cost 1 GiB of ours.
+    /// A request now moves through a window of at most 4 MiB: a 120 MiB write
+    /// whose 40 segments all point at one misaligned 3 MiB buffer holds no
+    /// more, and every window (they straddle segments) lands where it belongs;
+    /// a 15 MiB read through such windows fills five buffers right.
+    @Test func largeMisalignedRequestsMoveThroughOneWindow() throws {
+        let segment = 3 << 20, count = 40
+        let image = try TestImage(size: segment * count)
+        let h = try makeHarness(image: image)
+        let g = h.guest
+        let buf = g.alloc(UInt64(segment) + 4096) + 3 // O_DIRECT refuses this address
+        let data = pattern(segment, seed: 21)
+        g.write(buf, data)
+        let w = try g.run(type: UInt32(GD_BLK_T_OUT), segments: Array(repeating: (buf, UInt32(segment)), count: count))
+        #expect(w.status == UInt8(GD_BLK_S_OK))
+        for i in 0..<count {
+            #expect(image.read(offset: i * segment, count: segment) == data)
+        }
+
+        let contents = pattern(5 * segment, seed: 22)
+        image.write(offset: 0, contents)
+        let buffers = (0..<5).map { _ in g.alloc(UInt64(segment) + 4096) + 5 }
+        let r = try g.run(type: UInt32(GD_BLK_T_IN), segments: buffers.map { ($0, UInt32(segment)) })
+        #expect(r.status == UInt8(GD_BLK_S_OK))
+        for (i, b) in buffers.enumerated() {
+            #expect(g.read(b, segment) == Array(contents[i * segment..<(i + 1) * segment]))
+        }
+        #expect(h.stats().bounces == 2)
+        #expect(h.stats().bouncePeakBytes == 4 << 20)
     }
 
     @Test func flushGetIDAndUnsupported() throws {

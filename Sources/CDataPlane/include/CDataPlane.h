@@ -147,6 +147,7 @@ struct dp_queue_stats {
     uint64_t notifies;        /* call eventfd writes */
     uint64_t notifies_suppressed; /* batches that needed no call (EVENT_IDX, NO_INTERRUPT) */
     uint64_t bounces;         /* requests that went through a bounce buffer */
+    uint64_t bounce_bytes_peak; /* most bounce-buffer memory held at once */
     uint64_t latency_hist[DP_LATENCY_BUCKETS];
     uint32_t error_stopped;   /* 1 while stopped by the error policy, requests held */
     int32_t error_stop_reason; /* the negative errno that stopped it */

@@ -37,7 +37,8 @@ int dps_memfd(const char *name, uint64_t size);
 /* Checks that a notifier fd from a frontend (kick, call, err) is an eventfd
  * (-EINVAL if not: a regular file would read as an endless stream of kicks)
  * and, with nonblock, makes it non-blocking: the IOThread's writes to call
- * and err fds must never block on a counter the frontend filled. */
+ * and err fds must never block on a counter the frontend filled. Without
+ * /proc the kind cannot be checked and any open fd passes. */
 int dps_notifier_check(int fd, bool nonblock);
 /* An eventfd (close-on-exec; non-blocking on request). */
 int dps_eventfd(uint32_t initval, bool nonblock);
