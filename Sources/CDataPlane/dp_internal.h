@@ -103,6 +103,7 @@ struct dp_queue {
     bool kick_poll;             /* the kick fd is O_NONBLOCK: poll, then read() */
     bool kick_cancelling;
     bool kick_failed;
+    uint8_t signals_owed;       /* 1 << enum dp_signal: no SQE was free to send them */
     uint64_t kick_buf;
     struct ctl_msg *drain_waiter; /* stop/pause/set-mem waiting for in_flight == 0 */
     struct blk_req *held_head;  /* failed requests kept by the stop policy, in order */
@@ -179,7 +180,7 @@ void queue_fail_held(struct dp_queue *q, uint64_t now);
 /* Memory swap: held requests go back to be walked again on resume (false:
  * the ring is broken, and they must be failed instead). */
 bool queue_requeue_held(struct dp_queue *q);
-/* Stop: requeued requests fail (unless an inflight region keeps them). */
+/* Stop: requeued and recovered requests not yet run fail. */
 void queue_fail_requeued(struct dp_queue *q, uint64_t now);
 /* Not paused, stopped, broken or out of slots: kicks and pops make sense. */
 bool queue_accepts_work(const struct dp_queue *q);
@@ -196,7 +197,9 @@ void inflight_clear_published(struct dp_queue *q);
 
 /* iothread.c: services the queue layer uses. */
 void iothread_submit_req(struct dp_iothread *t, struct blk_req *req);
-void iothread_notify(struct dp_iothread *t, int call_fd);
+/* Signals the frontend through a queue's call or err eventfd. */
+enum dp_signal { DP_SIGNAL_CALL, DP_SIGNAL_ERR };
+void iothread_signal(struct dp_queue *q, enum dp_signal which);
 /* Sends a control message and waits for the answer; -ESHUTDOWN once the
  * thread has exited (it detached every queue first). */
 int iothread_call(struct dp_iothread *t, struct ctl_msg *msg);

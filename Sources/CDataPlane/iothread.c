@@ -181,16 +181,27 @@ static void backlog_flush(struct dp_iothread *t, uint64_t now)
     }
 }
 
-void iothread_notify(struct dp_iothread *t, int call_fd)
+/* The eventfd write rides along with the batch's io_uring_enter, with
+ * RWF_NOWAIT: O_NONBLOCK (set when the fd arrived) is shared with the
+ * frontend, which may clear it, and then a full counter would leave the
+ * write waiting in an io-wq worker, one more per batch. With RWF_NOWAIT it
+ * fails instead (a full counter already reads as signalled; a frontend
+ * that made the fd blocking loses its own signals, nobody else's). Without
+ * a free SQE the signal is owed, and sent before the thread sleeps. */
+void iothread_signal(struct dp_queue *q, enum dp_signal which)
 {
-    /* The eventfd write rides along with the batch's io_uring_enter. */
+    struct dp_iothread *t = q->thread;
+    int fd = which == DP_SIGNAL_ERR ? q->config.err_fd : q->config.call_fd;
+    if (fd < 0)
+        return;
     struct io_uring_sqe *sqe = iothread_get_sqe(t);
     if (!sqe) {
-        ssize_t r = write(call_fd, &notify_value, sizeof(notify_value));
-        (void)r;
+        q->signals_owed |= (uint8_t)(1u << which);
+        t->rearm_pending = true;
         return;
     }
-    io_uring_prep_write(sqe, call_fd, &notify_value, sizeof(notify_value), 0);
+    io_uring_prep_write(sqe, fd, &notify_value, sizeof(notify_value), 0);
+    sqe->rw_flags = RWF_NOWAIT;
     if (t->cqe_skip)
         sqe->flags |= IOSQE_CQE_SKIP_SUCCESS;
     io_uring_sqe_set_data64(sqe, TAG_IGNORE);
@@ -206,8 +217,9 @@ static void kick_arm(struct dp_iothread *t, struct dp_queue *q)
         return;
     }
     /* Reading the eventfd through io_uring consumes the kick with no extra
-     * syscall. An O_NONBLOCK fd (some frontends set it) answers -EAGAIN
-     * instead of waiting, so for those we poll first. */
+     * syscall. On some kernels an O_NONBLOCK fd (some frontends set it)
+     * answers -EAGAIN instead of waiting (6.18 waits), so for those we poll
+     * first. */
     if (q->kick_poll)
         io_uring_prep_poll_add(sqe, q->config.kick_fd, POLLIN);
     else
@@ -390,10 +402,9 @@ static void ctl_handle(struct dp_iothread *t, struct ctl_msg *msg)
          * one hangs the guest. */
         q->config.call_fd = msg->call_fd;
         q->config.err_fd = msg->err_fd;
-        if (q->config.call_fd >= 0)
-            iothread_notify(t, q->config.call_fd);
-        if (q->broken && q->config.err_fd >= 0)
-            iothread_notify(t, q->config.err_fd);
+        iothread_signal(q, DP_SIGNAL_CALL);
+        if (q->broken)
+            iothread_signal(q, DP_SIGNAL_ERR);
         ctl_reply(t, msg, 0);
         return;
     case CTL_RESUME_QUEUE:
@@ -474,9 +485,11 @@ static void complete_kick(struct dp_iothread *t, struct dp_queue *q, int res)
         return;
     } else if (res >= 0) {
         if (q->kick_poll) {
-            /* Readable: consume the counter. The fd is non-blocking, so this
-             * cannot stall the thread even if someone else read it first. */
-            ssize_t r = read(q->config.kick_fd, &q->kick_buf, sizeof(q->kick_buf));
+            /* Readable: consume the counter. RWF_NOWAIT, not the fd's
+             * O_NONBLOCK: the frontend shares that flag and may clear it,
+             * then read the counter first, and a plain read would wait. */
+            struct iovec iov = {.iov_base = &q->kick_buf, .iov_len = sizeof(q->kick_buf)};
+            ssize_t r = preadv2(q->config.kick_fd, &iov, 1, -1, RWF_NOWAIT);
             (void)r;
         }
         q->kicked = true;
@@ -643,6 +656,12 @@ static void iothread_loop(struct dp_iothread *t)
                     kick_cancel(t, q);
                 else
                     kick_arm(t, q);
+                uint8_t owed = q->signals_owed;
+                q->signals_owed = 0;
+                if (owed & (1u << DP_SIGNAL_CALL))
+                    iothread_signal(q, DP_SIGNAL_CALL);
+                if (owed & (1u << DP_SIGNAL_ERR))
+                    iothread_signal(q, DP_SIGNAL_ERR);
             }
             continue;
         }

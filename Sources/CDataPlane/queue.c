@@ -3,7 +3,6 @@
 #include <errno.h>
 #include <stdlib.h>
 #include <string.h>
-#include <unistd.h>
 
 #include "backend.h"
 #include "blk.h"
@@ -27,12 +26,7 @@ void queue_break(struct dp_queue *q, int reason)
     q->broken = true;
     STAT_SET(q->stats.broken_reason, reason);
     STAT_SET(q->stats.broken, 1);
-    if (q->config.err_fd >= 0) {
-        uint64_t one = 1;
-        /* Rare and cold: a plain write is fine. Nothing to do if it fails. */
-        ssize_t r = write(q->config.err_fd, &one, sizeof(one));
-        (void)r;
-    }
+    iothread_signal(q, DP_SIGNAL_ERR);
 }
 
 void queue_complete(struct dp_queue *q, struct blk_req *req, uint8_t status, uint64_t now)
@@ -339,7 +333,7 @@ void queue_publish_and_notify(struct dp_queue *q)
     STAT_SET(q->stats.used_idx, q->vr.used_idx);
     STAT_SET(q->stats.in_flight, q->in_flight);
     if (q->config.call_fd >= 0 && vring_split_should_notify(&q->vr)) {
-        iothread_notify(q->thread, q->config.call_fd);
+        iothread_signal(q, DP_SIGNAL_CALL);
         STAT_ADD(q->stats.notifies, 1);
     } else {
         STAT_ADD(q->stats.notifies_suppressed, 1);

@@ -225,6 +225,28 @@ import Testing
         try expectStillServes(s, queue: 1)
     }
 
+    /// Review finding: the err eventfd was written with a plain write(), but
+    /// O_NONBLOCK belongs to the open file, which the frontend shares and may
+    /// make blocking. A full counter then corrupt ring stalled the IOThread in
+    /// that write, and every queue on it. The signal now cannot wait.
+    @Test func errorEventfdMadeBlockingAndFullDoesNotStallTheIOThread() throws {
+        let errorFD = gd_eventfd()
+        defer { close(errorFD) }
+        let s = try setup(queues: 2, errorFD: errorFD)
+        #expect(fcntl(errorFD, F_SETFL, fcntl(errorFD, F_GETFL) & ~O_NONBLOCK) == 0)
+        var full: UInt64 = 0xffff_ffff_ffff_fffe
+        #expect(write(errorFD, &full, 8) == 8)
+        gd_set_avail_idx(s.g.driver, 0, UInt16(s.g.queueSize + 5))
+        gd_kick(s.g.driver, 0)
+        let deadline = Date().addingTimeInterval(5)
+        while !s.h.stats(0).broken && Date() < deadline { usleep(1000) }
+        #expect(s.h.stats(0).broken)
+        let served = Result { try expectStillServes(s, queue: 1) }
+        var value: UInt64 = 0
+        _ = read(errorFD, &value, 8) // a stalled IOThread goes on, so the test can end
+        try served.get()
+    }
+
     @Test func headIndexOutsideTheTableBreaksTheQueue() throws {
         let s = try setup()
         let g = s.g

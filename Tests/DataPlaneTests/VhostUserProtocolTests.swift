@@ -335,6 +335,46 @@ func references(to name: String) -> (fds: Int, maps: Int) {
         #expect(references(to: name) == (0, 0))
     }
 
+    /// Review finding: a region was mapped from its file's start, so a 4 KiB
+    /// region 8 TiB into a sparse memfd cost 8 TiB of address space (a few
+    /// such exhausted the process). Only the region's pages are mapped now.
+    @Test func regionDeepInASparseFileMapsOnlyItsPages() throws {
+        let h = try ServerHarness()
+        let name = "dp-deep-" + UUID().uuidString.prefix(8)
+        let f = try RawFrontend(path: h.socket)
+        try negotiate(f)
+        let offset: UInt64 = 8 << 40
+        let a = namedMemfd(name, size: offset + (1 << 20))
+        try #require(a >= 0)
+        f.send(Self.setMemTable, flags: Self.needReply,
+               payload: memTable([region(gpa: 0, size: 1 << 20, uaddr: 0x1000_0000, offset: offset)]), fds: [a])
+        close(a)
+        #expect(try #require(f.receive()).payload == le64(0))
+        let spans = ((try? String(contentsOfFile: "/proc/self/maps", encoding: .utf8)) ?? "")
+            .split(separator: "\n").filter { $0.contains(name) }.map { line -> UInt64 in
+                let bounds = line.split(separator: " ")[0].split(separator: "-").compactMap { UInt64($0, radix: 16) }
+                return bounds.count == 2 ? bounds[1] - bounds[0] : 0
+            }
+        #expect(spans == [1 << 20])
+        f.disconnect()
+    }
+
+    /// And all regions together may not exceed 16 TiB.
+    @Test func guestMemoryBeyondTheCapIsRefused() throws {
+        let h = try ServerHarness()
+        let name = "dp-huge-" + UUID().uuidString.prefix(8)
+        let f = try RawFrontend(path: h.socket)
+        try negotiate(f)
+        let size: UInt64 = 9 << 40
+        let a = namedMemfd(name, size: size), b = namedMemfd(name, size: size)
+        try #require(a >= 0 && b >= 0)
+        f.send(Self.setMemTable, payload: memTable([region(gpa: 0, size: size, uaddr: 0x1000_0000, offset: 0),
+                                                    region(gpa: 16 << 40, size: size, uaddr: 32 << 40, offset: 0)]), fds: [a, b])
+        close(a); close(b)
+        try expectClosedAndServing(f, h, "TiB in all")
+        #expect(references(to: name) == (0, 0))
+    }
+
     @Test func regionOffsetOverflows() throws {
         let h = try ServerHarness()
         let f = try RawFrontend(path: h.socket)

@@ -324,6 +324,13 @@ package final class VhostUserBlkDevice {
         let fds = message.takeFDs()
         var fresh: [Region] = []
         var failure: VhostUserError?
+        do throws(VhostUserError) {
+            var sizes: [UInt64] = []
+            for i in 0..<count { sizes.append(try readRegion(p, at: 8 + 32 * i).size) }
+            try checkGuestMemoryTotal(sizes)
+        } catch {
+            failure = error
+        }
         for i in 0..<count {
             if failure == nil {
                 do {
@@ -348,7 +355,19 @@ package final class VhostUserBlkDevice {
     private func addRegion(_ r: (gpa: UInt64, size: UInt64, uaddr: UInt64, mmapOffset: UInt64), fd: Int32) throws(VhostUserError) {
         defer { closeFD(fd) }
         guard regions.count < maxMemorySlots else { throw .invalid("more than \(maxMemorySlots) memory regions") }
+        try checkGuestMemoryTotal(regions.map(\.region.size) + [r.size])
         regions.append(try mapRegion(r, fd: fd))
+    }
+
+    private func checkGuestMemoryTotal(_ sizes: [UInt64]) throws(VhostUserError) {
+        var total: UInt64 = 0
+        for size in sizes {
+            let (sum, overflow) = total.addingReportingOverflow(size)
+            guard !overflow, sum <= maxGuestMemoryBytes else {
+                throw .invalid("guest memory of more than \(maxGuestMemoryBytes >> 40) TiB in all")
+            }
+            total = sum
+        }
     }
 
     /// Maps a region, checking its sizes against the file first.
@@ -362,8 +381,12 @@ package final class VhostUserBlkDevice {
         guard end <= fileSize else {
             throw .invalid("memory region [0x\(String(r.mmapOffset, radix: 16)), +0x\(String(r.size, radix: 16))) runs past its file (\(fileSize) bytes)")
         }
-        let mapping = try SharedMapping(fd: fd, length: end)
-        let host = UInt(bitPattern: mapping.base) + UInt(r.mmapOffset)
+        // From the page holding the region's start, not from the file's:
+        // an offset of terabytes into a sparse file must not cost that much
+        // address space.
+        let start = r.mmapOffset & ~(UInt64(sysconf(Int32(_SC_PAGESIZE))) - 1)
+        let mapping = try SharedMapping(fd: fd, offset: start, length: end - start)
+        let host = UInt(bitPattern: mapping.base) + UInt(r.mmapOffset - start)
         return Region(region: MemoryRegion(guestPhysicalAddress: r.gpa, size: r.size, userAddress: r.uaddr, hostAddress: host),
                       mapping: mapping)
     }
@@ -556,7 +579,8 @@ package final class VhostUserBlkDevice {
             throw .invalid("inflight fd is smaller than the \(size) bytes announced")
         }
         guard vrings.allSatisfy({ $0.queue == nil }) else { throw .outOfOrder("SET_INFLIGHT_FD while rings run") }
-        inflight = Inflight(mapping: try SharedMapping(fd: fd, length: size), numQueues: queues,
+        // Only what we use of it: the size announced may be far larger.
+        inflight = Inflight(mapping: try SharedMapping(fd: fd, length: perQueue * UInt64(queues)), numQueues: queues,
                             queueSize: queueSize, perQueue: perQueue)
     }
 

@@ -80,6 +80,10 @@ let vringNoFDFlag: UInt64 = 1 << 8
 let memTableMaxRegions = 8
 /// Memory slots offered with CONFIGURE_MEM_SLOTS.
 let maxMemorySlots = 32
+/// Guest memory one frontend may map into us, all its regions together.
+/// Mappings of a sparse file cost address space, not memory, but a process
+/// has only 128 TiB of that: one frontend must not take it all.
+let maxGuestMemoryBytes: UInt64 = 16 << 40
 
 /// One message, its payload and the file descriptors that came with it.
 /// Descriptors not taken by a handler are closed when the message is dropped.

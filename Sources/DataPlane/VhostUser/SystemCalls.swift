@@ -14,10 +14,13 @@ final class SharedMapping: @unchecked Sendable {
     let base: UnsafeMutableRawPointer
     let length: Int
 
-    /// Maps `length` bytes of `fd` from offset 0 (read-write, shared).
-    init(fd: Int32, length: UInt64) throws(VhostUserError) {
-        guard length > 0, length <= UInt64(Int.max) else { throw .invalid("mapping of \(length) bytes") }
-        let p = mmap(nil, Int(length), PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0)
+    /// Maps `length` bytes of `fd` from `offset`, a multiple of the page size
+    /// (read-write, shared).
+    init(fd: Int32, offset: UInt64 = 0, length: UInt64) throws(VhostUserError) {
+        guard length > 0, length <= UInt64(Int.max), offset <= UInt64(Int64.max) else {
+            throw .invalid("mapping of \(length) bytes at offset \(offset)")
+        }
+        let p = mmap(nil, Int(length), PROT_READ | PROT_WRITE, MAP_SHARED, fd, off_t(offset))
         guard let p, p != MAP_FAILED else { throw .system("mmap of \(length) bytes", errno) }
         base = p
         self.length = Int(length)
