@@ -1,6 +1,7 @@
 /* A virtqueue of a disk: pops chains, hands them to the blk layer and a
  * backend, pushes completions and notifies the guest once per batch. */
 #include <errno.h>
+#include <fcntl.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -361,13 +362,28 @@ int queue_map_rings(const struct dp_queue_config *cfg, const struct dp_mem *mem,
 
 /* ------------------------------------------------------------ control side */
 
+/* Signals are written with RWF_NOWAIT, which a blocking eventfd always
+ * refuses: call and err fds must be O_NONBLOCK. */
+static int notifiers_set_nonblocking(int32_t call_fd, int32_t err_fd)
+{
+    int32_t fds[2] = {call_fd, err_fd};
+    for (int i = 0; i < 2; i++) {
+        if (fds[i] < 0)
+            continue;
+        int flags = fcntl(fds[i], F_GETFL);
+        if (flags < 0 || (!(flags & O_NONBLOCK) && fcntl(fds[i], F_SETFL, flags | O_NONBLOCK) < 0))
+            return -errno;
+    }
+    return 0;
+}
+
 static int queue_config_check(const struct dp_queue_config *cfg)
 {
     if (cfg->size == 0 || cfg->size > DP_QUEUE_MAX_SIZE || (cfg->size & (cfg->size - 1)))
         return -EINVAL;
     if (cfg->kick_fd < 0)
         return -EBADF;
-    return 0;
+    return notifiers_set_nonblocking(cfg->call_fd, cfg->err_fd);
 }
 
 int dp_queue_create(struct dp_iothread *thread, const struct dp_queue_config *config,
@@ -487,6 +503,9 @@ int dp_queue_set_notifiers(struct dp_queue *queue, int32_t call_fd, int32_t err_
 {
     if (!queue)
         return -EINVAL;
+    int ret = notifiers_set_nonblocking(call_fd, err_fd);
+    if (ret)
+        return ret;
     struct ctl_msg msg = {.type = CTL_SET_NOTIFIERS, .queue = queue, .call_fd = call_fd, .err_fd = err_fd};
     return iothread_call(queue->thread, &msg);
 }

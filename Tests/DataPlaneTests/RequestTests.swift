@@ -166,6 +166,25 @@ import Testing
         #expect(h.stats().bouncePeakBytes == 4 << 20)
     }
 
+    /// Signals go out with RWF_NOWAIT, which a blocking eventfd always
+    /// refuses: the call and err fds a queue starts with are made non-blocking.
+    @Test func callAndErrFDsAreMadeNonBlocking() throws {
+        let image = try TestImage(size: Self.imageSize)
+        let h = try makeHarness(image: image)
+        var config = h.guest.queueConfiguration(0)
+        let errorFD = gd_eventfd()
+        defer { close(errorFD) }
+        config.errorFD = errorFD
+        for fd in [config.callFD, errorFD] {
+            #expect(fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) & ~O_NONBLOCK) == 0)
+        }
+        h.queues[0] = try h.plane.startQueue(disk: h.disk, index: 0, memory: h.guest.memory, configuration: config)
+        #expect(fcntl(config.callFD, F_GETFL) & O_NONBLOCK != 0)
+        #expect(fcntl(errorFD, F_GETFL) & O_NONBLOCK != 0)
+        let buf = h.guest.alloc(4096)
+        #expect(try h.guest.run(type: UInt32(GD_BLK_T_IN), segments: [(buf, 4096)]).status == UInt8(GD_BLK_S_OK))
+    }
+
     @Test func flushGetIDAndUnsupported() throws {
         let image = try TestImage(size: Self.imageSize)
         let h = try makeHarness(image: image)

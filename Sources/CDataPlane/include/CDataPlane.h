@@ -211,6 +211,7 @@ struct dp_queue_config {
     int32_t kick_fd;         /* eventfd the driver writes; -1 = rely on polling */
     int32_t call_fd;         /* eventfd we write on completions; -1 = none */
     int32_t err_fd;          /* eventfd we write when the ring breaks; -1 = none */
+                             /* (both are made O_NONBLOCK: we never wait to signal) */
     /* vhost-user inflight tracking (INFLIGHT_SHMFD): this queue's part of the
      * shared region, dp_inflight_queue_size(size) bytes, or NULL. When the
      * region holds requests from a previous backend or connection, they are
