@@ -6,18 +6,27 @@ import Musl
 import CDataPlaneSys
 
 /// A vhost-user-blk server: one unix socket per disk, one frontend at a time
-/// per disk, all served by one control thread that polls the sockets. The
-/// data path never passes through here.
+/// per disk, each disk served by its own control thread. A frontend can only
+/// hold up its own disk: a flood of messages, replies it does not read, or a
+/// drain that waits for its guest's slow requests (GET_VRING_BASE, memory
+/// changes) never delay another disk's frontend. The data path never passes
+/// through here.
 public final class VhostUserServer: @unchecked Sendable {
-    // Everything below `lock` is touched by the control thread only, except
-    // `exports` (appended before start) and `stopping`, which go under `lock`.
+    // An export's device and connection are touched by its own thread only;
+    // `exports`, `started`, `stopping`, each export's `thread` and its
+    // `connection` (for status) change under `lock`.
     public typealias Log = @Sendable (String) -> Void
+
+    /// Messages one wake-up handles before polling again (and seeing a stop).
+    private static let messagesPerWake = 64
 
     private final class Export {
         let device: VhostUserBlkDevice
         let path: String
         let listenFD: Int32
         var connection: Connection?
+        var thread: pthread_t?
+        var closed = false
 
         init(device: VhostUserBlkDevice, path: String, listenFD: Int32) {
             self.device = device
@@ -53,8 +62,9 @@ public final class VhostUserServer: @unchecked Sendable {
     private let log: Log
     private let lock = Lock()
     private var exports: [Export] = []
+    private var started = false
     private var stopping = false
-    private var thread: pthread_t?
+    /// Readable once stopping: every export's thread polls it.
     private let wakeFD: Int32
 
     public init(plane: DataPlane, log: @escaping Log) throws(DataPlaneError) {
@@ -70,8 +80,9 @@ public final class VhostUserServer: @unchecked Sendable {
         closeFD(wakeFD)
     }
 
-    /// Listens for a frontend of `disk` at `socketPath`. A stale socket file
-    /// (nobody listening) is replaced; a live one is an error.
+    /// Listens for a frontend of `disk` at `socketPath` (served at once when
+    /// the server has started). A stale socket file (nobody listening) is
+    /// replaced; a live one is an error.
     public func addExport(disk: Disk, socketPath: String) throws(DataPlaneError) {
         var fd = dps_unix_listen(socketPath, 4)
         if fd == -EADDRINUSE {
@@ -88,8 +99,17 @@ public final class VhostUserServer: @unchecked Sendable {
             fd = dps_unix_listen(socketPath, 4)
         }
         guard fd >= 0 else { throw .system(operation: "listening on \(socketPath)", errno: -fd) }
-        let device = VhostUserBlkDevice(disk: disk, plane: plane, log: log)
-        lock.withLock { exports.append(Export(device: device, path: socketPath, listenFD: fd)) }
+        let export = Export(device: VhostUserBlkDevice(disk: disk, plane: plane, log: log), path: socketPath, listenFD: fd)
+        let serveNow: Bool? = lock.withLock {
+            guard !stopping else { return nil }
+            exports.append(export)
+            return started
+        }
+        guard let serveNow else {
+            close(export)
+            throw .stopped
+        }
+        if serveNow { try launch(export) }
     }
 
     /// What each export serves and whether a frontend is connected.
@@ -113,62 +133,93 @@ public final class VhostUserServer: @unchecked Sendable {
         lock.withLock { exports.first { $0.path == socketPath }?.connection != nil }
     }
 
-    /// Starts the control thread.
+    /// Starts serving: a control thread for each export.
     public func start() throws(DataPlaneError) {
-        let box = Unmanaged.passRetained(self)
-        var tid = pthread_t()
-        let ret = pthread_create(&tid, nil, { arg in
-            let server = Unmanaged<VhostUserServer>.fromOpaque(arg!).takeRetainedValue()
-            server.run()
-            return nil
-        }, box.toOpaque())
+        let waiting: [Export] = lock.withLock {
+            started = true
+            return stopping ? [] : exports.filter { $0.thread == nil }
+        }
+        for export in waiting { try launch(export) }
+    }
+
+    /// What a new control thread is handed.
+    private final class Launch {
+        let server: VhostUserServer
+        let export: Export
+        init(server: VhostUserServer, export: Export) {
+            self.server = server
+            self.export = export
+        }
+    }
+
+    private func launch(_ export: Export) throws(DataPlaneError) {
+        let box = Unmanaged.passRetained(Launch(server: self, export: export))
+        // Held across the create: stop() must not miss the thread (it would
+        // close the socket under it).
+        let ret: Int32 = lock.withLock {
+            guard !stopping else { return ESHUTDOWN }
+            var tid = pthread_t()
+            let ret = pthread_create(&tid, nil, { arg in
+                let launch = Unmanaged<Launch>.fromOpaque(arg!).takeRetainedValue()
+                launch.server.run(launch.export)
+                return nil
+            }, box.toOpaque())
+            if ret == 0 { export.thread = tid }
+            return ret
+        }
         guard ret == 0 else {
             box.release()
-            throw .system(operation: "starting the vhost-user thread", errno: ret)
+            if ret == ESHUTDOWN { throw .stopped }
+            throw .system(operation: "starting the vhost-user thread of \(export.path)", errno: ret)
         }
-        lock.withLock { thread = tid }
     }
 
     /// Disconnects every frontend (their queues drain first), removes the
-    /// sockets and ends the control thread. Idempotent.
+    /// sockets and ends the control threads. Idempotent.
     public func stop() {
-        let tid: pthread_t? = lock.withLock {
+        let (threads, unserved): ([pthread_t], [Export]) = lock.withLock {
             stopping = true
-            defer { thread = nil }
-            return thread
+            let threads = exports.compactMap(\.thread)
+            let unserved = exports.filter { $0.thread == nil }
+            exports.forEach { $0.thread = nil }
+            return (threads, unserved)
         }
         var one: UInt64 = 1
         _ = write(wakeFD, &one, 8)
-        if let tid { pthread_join(tid, nil) }
+        threads.forEach { pthread_join($0, nil) }
+        unserved.forEach(close)
     }
 
-    // MARK: - The control thread
+    // MARK: - The control threads
 
-    private func run() {
+    private func run(_ export: Export) {
         while !lock.withLock({ stopping }) {
-            let current = lock.withLock { exports }
-            var fds = [pollfd(fd: wakeFD, events: Int16(POLLIN), revents: 0)]
-            for export in current {
-                fds.append(pollfd(fd: export.listenFD, events: Int16(POLLIN), revents: 0))
-                fds.append(pollfd(fd: export.connection?.fd ?? -1, events: Int16(POLLIN), revents: 0))
-            }
-            let n = poll(&fds, nfds_t(fds.count), -1)
-            if n < 0 && errno != EINTR {
-                log("vhost-user: poll failed: \(DataPlaneError.message(errno))")
+            var fds = [pollfd(fd: wakeFD, events: Int16(POLLIN), revents: 0),
+                       pollfd(fd: export.listenFD, events: Int16(POLLIN), revents: 0),
+                       pollfd(fd: export.connection?.fd ?? -1, events: Int16(POLLIN), revents: 0)]
+            if poll(&fds, nfds_t(fds.count), -1) < 0 {
+                if errno == EINTR { continue }
+                log("\(export.path): poll failed, no longer served: \(DataPlaneError.message(errno))")
                 break
             }
-            for (i, export) in current.enumerated() {
-                if fds[2 + 2 * i].revents != 0, let connection = export.connection {
-                    if let reason = serve(export, connection) { disconnect(export, reason: reason) }
-                }
-                if fds[1 + 2 * i].revents & Int16(POLLIN) != 0 { accept(export) }
+            if fds[2].revents != 0, let connection = export.connection, let reason = serve(export, connection) {
+                disconnect(export, reason: reason)
             }
+            if fds[1].revents & Int16(POLLIN) != 0 { accept(export) }
         }
-        for export in lock.withLock({ exports }) {
-            if export.connection != nil { disconnect(export, reason: "server stopping") }
-            closeFD(export.listenFD)
-            unlink(export.path)
+        if export.connection != nil { disconnect(export, reason: "server stopping") }
+        close(export)
+    }
+
+    /// Closes an export's socket and removes its path, once.
+    private func close(_ export: Export) {
+        let first: Bool = lock.withLock {
+            defer { export.closed = true }
+            return !export.closed
         }
+        guard first else { return }
+        closeFD(export.listenFD)
+        unlink(export.path)
     }
 
     private func accept(_ export: Export) {
@@ -189,10 +240,12 @@ public final class VhostUserServer: @unchecked Sendable {
         lock.withLock { export.connection = nil }
     }
 
-    /// Reads what is there; handles complete messages. Returns why the
+    /// Reads what is there; handles complete messages (a bounded number, so
+    /// a flood cannot keep the thread from seeing a stop). Returns why the
     /// connection must close, or nil to keep it.
     private func serve(_ export: Export, _ c: Connection) -> String? {
-        while true {
+        var handled = 0
+        while handled < Self.messagesPerWake {
             let inHeader = c.headerFilled < vhostUserHeaderSize
             let want = inHeader ? vhostUserHeaderSize - c.headerFilled : c.payload.count - c.payloadFilled
             if !inHeader && want == 0 {
@@ -200,6 +253,7 @@ public final class VhostUserServer: @unchecked Sendable {
                 c.fds = []
                 c.resetMessage()
                 if let reason = process(export, c, message) { return reason }
+                handled += 1
                 continue
             }
             var received = [Int32](repeating: -1, count: 8)
@@ -227,6 +281,7 @@ public final class VhostUserServer: @unchecked Sendable {
                 c.payloadFilled += r
             }
         }
+        return nil
     }
 
     private func header(_ c: Connection, _ offset: Int) -> UInt32 {
