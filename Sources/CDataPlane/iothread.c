@@ -25,6 +25,8 @@ struct dp_iothread {
     bool ring_ready;
     bool exiting;
     bool cqe_skip;           /* IORING_FEAT_CQE_SKIP: notify writes post no CQE */
+    bool signal_nowait;      /* io_uring eventfd writes take RWF_NOWAIT (probed) */
+    bool kick_nowait;        /* preadv2 on an eventfd takes RWF_NOWAIT (probed) */
     int numa_node;
     int ctl_fd;
     bool ctl_armed;
@@ -201,7 +203,8 @@ void iothread_signal(struct dp_queue *q, enum dp_signal which)
         return;
     }
     io_uring_prep_write(sqe, fd, &notify_value, sizeof(notify_value), 0);
-    sqe->rw_flags = RWF_NOWAIT;
+    if (t->signal_nowait)
+        sqe->rw_flags = RWF_NOWAIT;
     if (t->cqe_skip)
         sqe->flags |= IOSQE_CQE_SKIP_SUCCESS;
     io_uring_sqe_set_data64(sqe, TAG_IGNORE);
@@ -325,6 +328,10 @@ static void queue_check_drained(struct dp_iothread *t, struct dp_queue *q)
         kick_cancel(t, q);
         if (q->kick_armed)
             return; /* wait for the cancelled read to come back */
+        if (q->signals_owed) {
+            t->rearm_pending = true; /* the last completions must be signalled */
+            return;
+        }
         queue_detach(t, q);
         q->drain_waiter = NULL;
         if (msg) {
@@ -489,7 +496,8 @@ static void complete_kick(struct dp_iothread *t, struct dp_queue *q, int res)
              * O_NONBLOCK: the frontend shares that flag and may clear it,
              * then read the counter first, and a plain read would wait. */
             struct iovec iov = {.iov_base = &q->kick_buf, .iov_len = sizeof(q->kick_buf)};
-            ssize_t r = preadv2(q->config.kick_fd, &iov, 1, -1, RWF_NOWAIT);
+            ssize_t r = t->kick_nowait ? preadv2(q->config.kick_fd, &iov, 1, -1, RWF_NOWAIT)
+                                       : read(q->config.kick_fd, &q->kick_buf, sizeof(q->kick_buf));
             (void)r;
         }
         q->kicked = true;
@@ -696,6 +704,33 @@ static int iothread_pin(struct dp_iothread *t)
     return 0;
 }
 
+/* Eventfds take RWF_NOWAIT from Linux 5.12 on; before, it is refused
+ * (-EOPNOTSUPP) and would lose every signal and kick. Probed once, on a
+ * private eventfd, with the thread's own (still empty) ring; without it we
+ * rely on the fds' O_NONBLOCK alone. */
+static void iothread_probe_nowait(struct dp_iothread *t)
+{
+    int fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    if (fd < 0)
+        return;
+    uint64_t value = 0;
+    struct iovec iov = {.iov_base = &value, .iov_len = sizeof(value)};
+    t->kick_nowait = write(fd, &notify_value, sizeof(notify_value)) == sizeof(notify_value) &&
+                     preadv2(fd, &iov, 1, -1, RWF_NOWAIT) == sizeof(value);
+    struct io_uring_sqe *sqe = io_uring_get_sqe(&t->ring);
+    struct io_uring_cqe *cqe;
+    if (sqe) {
+        io_uring_prep_write(sqe, fd, &notify_value, sizeof(notify_value), 0);
+        sqe->rw_flags = RWF_NOWAIT;
+        io_uring_sqe_set_data64(sqe, TAG_IGNORE);
+        if (io_uring_submit_and_wait(&t->ring, 1) >= 0 && io_uring_peek_cqe(&t->ring, &cqe) == 0) {
+            t->signal_nowait = cqe->res == sizeof(notify_value);
+            io_uring_cqe_seen(&t->ring, cqe);
+        }
+    }
+    close(fd);
+}
+
 static int iothread_setup(struct dp_iothread *t)
 {
     int ret = iothread_pin(t);
@@ -719,6 +754,7 @@ static int iothread_setup(struct dp_iothread *t)
     t->ring_ready = true;
     t->cqe_skip = p.features & IORING_FEAT_CQE_SKIP;
     io_uring_register_ring_fd(&t->ring); /* saves an fget per enter; optional */
+    iothread_probe_nowait(t);
     ctl_arm(t);
     io_uring_submit(&t->ring);
     return 0;

@@ -197,12 +197,9 @@ static struct blk_req *held_take_all(struct dp_queue *q)
 
 void queue_retry_held(struct dp_queue *q, uint64_t now)
 {
-    /* Requests a memory swap requeued failed before these: queue these
-     * behind them, and popping runs them all in order. */
-    if (q->resubmit_held && q->held_count && !queue_requeue_held(q)) {
-        queue_fail_held(q, now);
-        return;
-    }
+    /* Held requests go ahead of requeued heads still waiting: a memory
+     * swap requeues what is held before it completes, so these were started
+     * from the resubmit list, ahead of the rest (popping waits for it). */
     struct blk_req *req = held_take_all(q);
     while (req) {
         struct blk_req *next = req->next;
@@ -300,17 +297,19 @@ unsigned queue_pop_batch(struct dp_queue *q, uint64_t now)
     while (q->resubmit_next < q->resubmit_count && q->free_count && !q->error_stopped &&
            queue_start(q, resubmit_take(q), now, false))
         popped++;
-    int avail = vring_split_avail_count(&q->vr);
-    if (avail < 0) {
-        queue_break(q, avail);
-        return popped;
+    /* Heads still waiting to run again were popped before anything new. */
+    if (q->resubmit_next >= q->resubmit_count) {
+        int avail = vring_split_avail_count(&q->vr);
+        if (avail < 0) {
+            queue_break(q, avail);
+            return popped;
+        }
+        unsigned n = (unsigned)avail < q->free_count ? (unsigned)avail : q->free_count;
+        /* Like QEMU's werror=stop, the requests of a batch already fetched go
+         * on; an error-policy stop holds back the batches after it. */
+        for (unsigned i = 0; i < n && queue_pop_one(q, now); i++)
+            popped++;
     }
-    unsigned n = (unsigned)avail < q->free_count ? (unsigned)avail : q->free_count;
-    /* Like QEMU's werror=stop, the requests of a batch already fetched go
-     * on; an error-policy stop holds back the batches after it. */
-    for (unsigned i = 0; i < n && queue_pop_one(q, now); i++)
-        popped++;
-
     if (popped) {
         STAT_ADD(q->stats.batches, 1);
         STAT_ADD(q->stats.batch_hist[stats_log2_bucket(popped, DP_BATCH_BUCKETS)], 1);

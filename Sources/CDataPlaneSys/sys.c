@@ -181,6 +181,16 @@ int dps_fd_size(int fd, uint64_t *size)
     return 0;
 }
 
+uint64_t dps_fd_map_alignment(int fd)
+{
+    uint64_t page = (uint64_t)sysconf(_SC_PAGESIZE);
+    struct stat st;
+    if (fstat(fd, &st) < 0 || st.st_blksize <= 0)
+        return page;
+    uint64_t block = (uint64_t)st.st_blksize;
+    return block >= page && !(block & (block - 1)) ? block : page;
+}
+
 int dps_set_nonblocking(int fd, bool on)
 {
     int flags = fcntl(fd, F_GETFL);

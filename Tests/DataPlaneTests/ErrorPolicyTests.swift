@@ -16,10 +16,10 @@ import Testing
         return try Harness(disk: config, inflight: inflight)
     }
 
-    func write(_ g: TestGuest, sector: UInt64, seed: UInt8, size: Int = 4096) throws -> UInt16 {
+    func write(_ g: TestGuest, sector: UInt64, seed: UInt8, size: Int = 4096, kick: Bool = true) throws -> UInt16 {
         let buf = g.alloc(UInt64(size))
         g.write(buf, pattern(size, seed: seed))
-        return try g.submit(type: UInt32(GD_BLK_T_OUT), sector: sector, segments: [(buf, UInt32(size))])
+        return try g.submit(type: UInt32(GD_BLK_T_OUT), sector: sector, segments: [(buf, UInt32(size))], kick: kick)
     }
 
     /// No completion arrives within the time.
@@ -136,6 +136,38 @@ import Testing
         #expect(image.read(offset: 16 * 512, count: 4096) == pattern(4096, seed: 11))
         #expect(h.stats().inFlight == 0 && h.stats().heldRequests == 0)
         #expect(!h.inflightMarked(head: held))
+    }
+
+    /// Two requests held through a memory swap (both failed in one batch). A
+    /// resume while the first still fails holds it again; the second, and a
+    /// request the guest added since, wait behind it (review finding: new
+    /// requests were popped ahead of requeued ones), and both count as held.
+    /// The next resume runs all three.
+    @Test func requestsHeldThroughAMemorySwapKeepTheirPlace() throws {
+        let image = try TestImage(size: 1 << 20)
+        let h = try harness(image, write: .stop)
+        let g = h.guest
+        h.disk.injectFaults(FaultInjection(errno: Self.EIO, operations: [.write]))
+        let first = try write(g, sector: 16, seed: 31, kick: false)
+        let second = try write(g, sector: 32, seed: 32)
+        expectNothingCompletes(g)
+        #expect(h.stats().heldRequests == 2)
+        try h.queues[0].setMemory(try GuestMemory(regions: g.memory.regions))
+        #expect(h.stats().heldRequests == 2)
+        h.disk.injectFaults(FaultInjection(errno: Self.EIO, operations: [.write], sectors: 16..<24))
+        let later = try write(g, sector: 64, seed: 33)
+        try h.plane.resume(disk: h.disk)
+        expectNothingCompletes(g)
+        #expect(h.stats().heldRequests == 2 && h.stats().stoppedOnError != nil)
+        h.disk.injectFaults(nil)
+        try h.plane.resume(disk: h.disk)
+        gd_kick(g.driver, 0)
+        let done = try (0..<3).map { _ in try g.complete() }
+        #expect(Set(done.map(\.head)) == [first, second, later] && done.allSatisfy { $0.status == 0 })
+        for (sector, seed) in [(16, 31), (32, 32), (64, 33)] as [(Int, UInt8)] {
+            #expect(image.read(offset: sector * 512, count: 4096) == pattern(4096, seed: seed))
+        }
+        #expect(h.stats().heldRequests == 0 && h.stats().inFlight == 0)
     }
 
     /// A stop after such a swap, before resume, still reports them; with an

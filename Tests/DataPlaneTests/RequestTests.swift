@@ -182,7 +182,10 @@ import Testing
         #expect(fcntl(config.callFD, F_GETFL) & O_NONBLOCK != 0)
         #expect(fcntl(errorFD, F_GETFL) & O_NONBLOCK != 0)
         let buf = h.guest.alloc(4096)
-        #expect(try h.guest.run(type: UInt32(GD_BLK_T_IN), segments: [(buf, 4096)]).status == UInt8(GD_BLK_S_OK))
+        let head = try h.guest.submit(type: UInt32(GD_BLK_T_IN), segments: [(buf, 4096)])
+        var p = pollfd(fd: config.callFD, events: Int16(POLLIN), revents: 0)
+        #expect(poll(&p, 1, 5000) == 1) // the completion was signalled
+        #expect(try h.guest.complete().head == head)
     }
 
     @Test func flushGetIDAndUnsupported() throws {

@@ -381,10 +381,10 @@ package final class VhostUserBlkDevice {
         guard end <= fileSize else {
             throw .invalid("memory region [0x\(String(r.mmapOffset, radix: 16)), +0x\(String(r.size, radix: 16))) runs past its file (\(fileSize) bytes)")
         }
-        // From the page holding the region's start, not from the file's:
-        // an offset of terabytes into a sparse file must not cost that much
-        // address space.
-        let start = r.mmapOffset & ~(UInt64(sysconf(Int32(_SC_PAGESIZE))) - 1)
+        // From the page holding the region's start (a huge page on
+        // hugetlbfs), not from the file's: an offset of terabytes into a
+        // sparse file must not cost that much address space.
+        let start = r.mmapOffset & ~(dps_fd_map_alignment(fd) - 1)
         let mapping = try SharedMapping(fd: fd, offset: start, length: end - start)
         let host = UInt(bitPattern: mapping.base) + UInt(r.mmapOffset - start)
         return Region(region: MemoryRegion(guestPhysicalAddress: r.gpa, size: r.size, userAddress: r.uaddr, hostAddress: host),

@@ -26,6 +26,7 @@ public final class VhostUserServer: @unchecked Sendable {
         let listenFD: Int32
         var connection: Connection?
         var thread: pthread_t?
+        var joined = false
         var closed = false
 
         init(device: VhostUserBlkDevice, path: String, listenFD: Int32) {
@@ -61,6 +62,8 @@ public final class VhostUserServer: @unchecked Sendable {
     private let plane: DataPlane
     private let log: Log
     private let lock = Lock()
+    /// Held through a whole stop(): a second one waits for the first.
+    private let stopLock = Lock()
     private var exports: [Export] = []
     private var started = false
     private var stopping = false
@@ -109,7 +112,14 @@ public final class VhostUserServer: @unchecked Sendable {
             close(export)
             throw .stopped
         }
-        if serveNow { try launch(export) }
+        guard serveNow else { return }
+        do {
+            try launch(export)
+        } catch {
+            lock.withLock { exports.removeAll { $0 === export } }
+            close(export)
+            throw error
+        }
     }
 
     /// What each export serves and whether a frontend is connected.
@@ -158,6 +168,7 @@ public final class VhostUserServer: @unchecked Sendable {
         // close the socket under it).
         let ret: Int32 = lock.withLock {
             guard !stopping else { return ESHUTDOWN }
+            guard export.thread == nil else { return EALREADY } // start() and addExport() raced
             var tid = pthread_t()
             let ret = pthread_create(&tid, nil, { arg in
                 let launch = Unmanaged<Launch>.fromOpaque(arg!).takeRetainedValue()
@@ -169,6 +180,7 @@ public final class VhostUserServer: @unchecked Sendable {
         }
         guard ret == 0 else {
             box.release()
+            if ret == EALREADY { return }
             if ret == ESHUTDOWN { throw .stopped }
             throw .system(operation: "starting the vhost-user thread of \(export.path)", errno: ret)
         }
@@ -177,17 +189,18 @@ public final class VhostUserServer: @unchecked Sendable {
     /// Disconnects every frontend (their queues drain first), removes the
     /// sockets and ends the control threads. Idempotent.
     public func stop() {
-        let (threads, unserved): ([pthread_t], [Export]) = lock.withLock {
-            stopping = true
-            let threads = exports.compactMap(\.thread)
-            let unserved = exports.filter { $0.thread == nil }
-            exports.forEach { $0.thread = nil }
-            return (threads, unserved)
+        stopLock.withLock {
+            let (threads, unserved): ([pthread_t], [Export]) = lock.withLock {
+                stopping = true
+                let running = exports.filter { $0.thread != nil && !$0.joined }
+                running.forEach { $0.joined = true }
+                return (running.compactMap(\.thread), exports.filter { $0.thread == nil })
+            }
+            var one: UInt64 = 1
+            _ = write(wakeFD, &one, 8)
+            threads.forEach { pthread_join($0, nil) }
+            unserved.forEach(close)
         }
-        var one: UInt64 = 1
-        _ = write(wakeFD, &one, 8)
-        threads.forEach { pthread_join($0, nil) }
-        unserved.forEach(close)
     }
 
     // MARK: - The control threads
@@ -211,15 +224,17 @@ public final class VhostUserServer: @unchecked Sendable {
         close(export)
     }
 
-    /// Closes an export's socket and removes its path, once.
+    /// Removes an export's path and closes its socket, once. In that order:
+    /// closed first, the path would look stale to another process, which
+    /// could take it over before our unlink removed its socket.
     private func close(_ export: Export) {
         let first: Bool = lock.withLock {
             defer { export.closed = true }
             return !export.closed
         }
         guard first else { return }
-        closeFD(export.listenFD)
         unlink(export.path)
+        closeFD(export.listenFD)
     }
 
     private func accept(_ export: Export) {
