@@ -27,6 +27,7 @@ struct dp_iothread {
     bool cqe_skip;           /* IORING_FEAT_CQE_SKIP: notify writes post no CQE */
     bool signal_nowait;      /* io_uring eventfd writes take RWF_NOWAIT (probed) */
     bool kick_nowait;        /* preadv2 on an eventfd takes RWF_NOWAIT (probed) */
+    uint64_t kick_drain_buf; /* without it, polled kicks are drained by io_uring reads into this */
     int numa_node;
     int ctl_fd;
     bool ctl_armed;
@@ -210,6 +211,17 @@ void iothread_signal(struct dp_queue *q, enum dp_signal which)
     io_uring_sqe_set_data64(sqe, TAG_IGNORE);
 }
 
+/* Sends the signals no SQE was free for; they stay owed if there is still none. */
+static void signals_flush(struct dp_queue *q)
+{
+    uint8_t owed = q->signals_owed;
+    q->signals_owed = 0;
+    if (owed & (1u << DP_SIGNAL_CALL))
+        iothread_signal(q, DP_SIGNAL_CALL);
+    if (owed & (1u << DP_SIGNAL_ERR))
+        iothread_signal(q, DP_SIGNAL_ERR);
+}
+
 static void kick_arm(struct dp_iothread *t, struct dp_queue *q)
 {
     if (q->kick_armed || q->kick_failed || q->stopping)
@@ -328,10 +340,10 @@ static void queue_check_drained(struct dp_iothread *t, struct dp_queue *q)
         kick_cancel(t, q);
         if (q->kick_armed)
             return; /* wait for the cancelled read to come back */
-        if (q->signals_owed) {
-            t->rearm_pending = true; /* the last completions must be signalled */
-            return;
-        }
+        /* The last completions must be signalled before the queue goes. */
+        signals_flush(q);
+        if (q->signals_owed)
+            return; /* still no SQE: the rearm pass and the next call retry */
         queue_detach(t, q);
         q->drain_waiter = NULL;
         if (msg) {
@@ -479,6 +491,27 @@ static void complete_req(struct dp_iothread *t, struct blk_req *req, int res, ui
     queue_io_done(req->queue, req, ret, now);
 }
 
+/* A polled kick fd is readable: consume the counter. Not with a plain read:
+ * the frontend shares the fd's O_NONBLOCK and may clear it, then read the
+ * counter first, and read() would wait. RWF_NOWAIT where the kernel has it;
+ * else an io_uring read, which waits (if it must) in the ring, into a
+ * buffer of the thread's that outlives the queue. Without an SQE the
+ * counter stays, and the next poll fires at once. */
+static void kick_drain(struct dp_iothread *t, struct dp_queue *q)
+{
+    if (t->kick_nowait) {
+        struct iovec iov = {.iov_base = &q->kick_buf, .iov_len = sizeof(q->kick_buf)};
+        ssize_t r = preadv2(q->config.kick_fd, &iov, 1, -1, RWF_NOWAIT);
+        (void)r;
+        return;
+    }
+    struct io_uring_sqe *sqe = iothread_get_sqe(t);
+    if (!sqe)
+        return;
+    io_uring_prep_read(sqe, q->config.kick_fd, &t->kick_drain_buf, sizeof(t->kick_drain_buf), 0);
+    io_uring_sqe_set_data64(sqe, TAG_IGNORE);
+}
+
 static void complete_kick(struct dp_iothread *t, struct dp_queue *q, int res)
 {
     q->kick_armed = false;
@@ -491,15 +524,8 @@ static void complete_kick(struct dp_iothread *t, struct dp_queue *q, int res)
         q->kick_failed = true; /* a bad fd; the queue is still served when polled */
         return;
     } else if (res >= 0) {
-        if (q->kick_poll) {
-            /* Readable: consume the counter. RWF_NOWAIT, not the fd's
-             * O_NONBLOCK: the frontend shares that flag and may clear it,
-             * then read the counter first, and a plain read would wait. */
-            struct iovec iov = {.iov_base = &q->kick_buf, .iov_len = sizeof(q->kick_buf)};
-            ssize_t r = t->kick_nowait ? preadv2(q->config.kick_fd, &iov, 1, -1, RWF_NOWAIT)
-                                       : read(q->config.kick_fd, &q->kick_buf, sizeof(q->kick_buf));
-            (void)r;
-        }
+        if (q->kick_poll)
+            kick_drain(t, q);
         q->kicked = true;
         STAT_ADD(q->stats.kicks, 1);
     }
@@ -664,12 +690,7 @@ static void iothread_loop(struct dp_iothread *t)
                     kick_cancel(t, q);
                 else
                     kick_arm(t, q);
-                uint8_t owed = q->signals_owed;
-                q->signals_owed = 0;
-                if (owed & (1u << DP_SIGNAL_CALL))
-                    iothread_signal(q, DP_SIGNAL_CALL);
-                if (owed & (1u << DP_SIGNAL_ERR))
-                    iothread_signal(q, DP_SIGNAL_ERR);
+                signals_flush(q);
             }
             continue;
         }

@@ -197,9 +197,9 @@ static struct blk_req *held_take_all(struct dp_queue *q)
 
 void queue_retry_held(struct dp_queue *q, uint64_t now)
 {
-    /* Held requests go ahead of requeued heads still waiting: a memory
-     * swap requeues what is held before it completes, so these were started
-     * from the resubmit list, ahead of the rest (popping waits for it). */
+    /* Held requests are retried at once, ahead of requeued heads still
+     * waiting: usually they were started from that list, ahead of the rest
+     * (virtio orders no requests that were in flight together anyway). */
     struct blk_req *req = held_take_all(q);
     while (req) {
         struct blk_req *next = req->next;

@@ -188,7 +188,8 @@ uint64_t dps_fd_map_alignment(int fd)
     if (fstat(fd, &st) < 0 || st.st_blksize <= 0)
         return page;
     uint64_t block = (uint64_t)st.st_blksize;
-    return block >= page && !(block & (block - 1)) ? block : page;
+    /* Huge pages are 2 MiB or 1 GiB; a stranger value gets the page size. */
+    return block >= page && block <= (1u << 30) && !(block & (block - 1)) ? block : page;
 }
 
 int dps_set_nonblocking(int fd, bool on)

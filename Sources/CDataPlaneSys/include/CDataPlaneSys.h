@@ -44,9 +44,9 @@ int dps_notifier_check(int fd, bool nonblock);
 int dps_eventfd(uint32_t initval, bool nonblock);
 /* Size of the file behind fd. */
 int dps_fd_size(int fd, uint64_t *size);
-/* The unit a mapping of fd must start on: its st_blksize when that is a power
- * of two of at least the page size (hugetlbfs reports its huge page size),
- * else the page size. */
+/* The unit a mapping of fd must start on and span: its st_blksize when that
+ * is a power of two from the page size to 1 GiB (hugetlbfs reports its huge
+ * page size), else the page size. */
 uint64_t dps_fd_map_alignment(int fd);
 /* Set or clear O_NONBLOCK. */
 int dps_set_nonblocking(int fd, bool on);

@@ -384,8 +384,13 @@ package final class VhostUserBlkDevice {
         // From the page holding the region's start (a huge page on
         // hugetlbfs), not from the file's: an offset of terabytes into a
         // sparse file must not cost that much address space.
-        let start = r.mmapOffset & ~(dps_fd_map_alignment(fd) - 1)
-        let mapping = try SharedMapping(fd: fd, offset: start, length: end - start)
+        // Whole units at both ends: munmap of a hugetlbfs mapping fails
+        // (and it stays) unless its length is huge pages.
+        let unit = dps_fd_map_alignment(fd)
+        let start = r.mmapOffset & ~(unit - 1)
+        let (rounded, tooLong) = (end - start).addingReportingOverflow(unit - 1)
+        guard !tooLong else { throw .invalid("memory region [0x\(String(r.mmapOffset, radix: 16)), +0x\(String(r.size, radix: 16))) is too large") }
+        let mapping = try SharedMapping(fd: fd, offset: start, length: rounded & ~(unit - 1))
         let host = UInt(bitPattern: mapping.base) + UInt(r.mmapOffset - start)
         return Region(region: MemoryRegion(guestPhysicalAddress: r.gpa, size: r.size, userAddress: r.uaddr, hostAddress: host),
                       mapping: mapping)

@@ -116,8 +116,13 @@ public final class VhostUserServer: @unchecked Sendable {
         do {
             try launch(export)
         } catch {
-            lock.withLock { exports.removeAll { $0 === export } }
-            close(export)
+            // Unless a start() racing us launched it after all.
+            let unserved: Bool = lock.withLock {
+                guard export.thread == nil else { return false }
+                exports.removeAll { $0 === export }
+                return true
+            }
+            if unserved { close(export) }
             throw error
         }
     }
