@@ -392,6 +392,7 @@ struct sk {
     uint64_t *gen;     /* last completed write per block; 0: never written */
     uint8_t *busy;     /* in a request in flight */
     uint8_t *unknown;  /* a write to it failed or was lost: contents not checked */
+    uint64_t injected; /* --inject-corruption's block, never written again (UINT64_MAX: none) */
     struct sk_queue q[SK_MAX_QUEUES];
     uint64_t readback_next; /* next block to read back */
     enum sk_phase phase;
@@ -650,7 +651,9 @@ static int choose(struct sk *s, enum sk_phase phase, struct sk_req *r)
     r->nblocks = rng_unit(&s->rng) < s->o.big_share ? SK_BIG : 1;
     for (int tries = 0; tries < 16; tries++) {
         r->block = rng_below(&s->rng, s->nblocks - r->nblocks + 1);
-        if (blocks_free(s, r->block, r->nblocks))
+        /* A write over the injected block would hide it from the checks. */
+        bool hides = r->type == GD_BLK_T_OUT && s->injected - r->block < r->nblocks;
+        if (!hides && blocks_free(s, r->block, r->nblocks))
             return 1;
     }
     return 0;
@@ -1054,6 +1057,7 @@ static void inject_corruption(struct sk *s)
         say("--inject-corruption: writing the image: %s", strerror(errno));
     } else {
         say("--inject-corruption: overwrote block %" PRIu64 " in the image behind dpctl's back", b);
+        s->injected = b;
         fdatasync(fd); /* for an O_DIRECT dpctl on a real file system */
     }
     if (fd >= 0)
@@ -1239,6 +1243,7 @@ static int setup(struct sk *s)
     s->unknown = calloc(s->nblocks, 1);
     if (!s->gen || !s->busy || !s->unknown)
         return -ENOMEM;
+    s->injected = UINT64_MAX;
 
     /* Guest memory: rings and slots in the first half (CGuestDriver puts them
      * there), then the data buffers, placed across the middle so that with
