@@ -56,6 +56,10 @@ final class ControlServer: @unchecked Sendable {
     private let lock = NSLock()
     private var stopping = false
     private var thread: Thread?
+    /// What was last logged of each queue's error state, and when the queues
+    /// were last looked at (the control thread's own).
+    private var loggedStates: [String: String] = [:]
+    private var lastWatch = Date.distantPast
 
     init(path: String, plane: DataPlane, server: VhostUserServer, cpus: [CPUSet]) throws {
         var fd = dps_unix_listen(path, 8)
@@ -92,6 +96,7 @@ final class ControlServer: @unchecked Sendable {
 
     private func run() {
         while !lock.withLock({ stopping }) {
+            logErrorStates()
             var p = pollfd(fd: listenFD, events: Int16(POLLIN), revents: 0)
             guard poll(&p, 1, 200) > 0 else { continue }
             let client = dps_accept(listenFD)
@@ -99,6 +104,29 @@ final class ControlServer: @unchecked Sendable {
             handle(client)
             close(client)
         }
+    }
+
+    /// Logs, once a second at most, a queue that stopped on an I/O error,
+    /// runs again, or broke: the log tells an operator without anyone
+    /// polling `dpctl status`.
+    private func logErrorStates() {
+        guard Date().timeIntervalSince(lastWatch) >= 1 else { return }
+        lastWatch = Date()
+        var states: [String: String] = [:]
+        for disk in plane.disks {
+            for queue in plane.queues(of: disk) {
+                let s = queue.statistics()
+                let key = "\(disk.name) queue \(s.queue)"
+                let state = s.brokenReason.map { "broken (\($0)): the guest must reset the device" }
+                    ?? s.stoppedOnError.map { "stopped on error: \($0); fix the cause, then 'dpctl resume'" }
+                    ?? "running"
+                states[key] = state
+                if state != loggedStates[key, default: "running"] {
+                    log("\(key): \(state)" + (s.stoppedOnError != nil ? " (\(s.heldRequests) request(s) held)" : ""))
+                }
+            }
+        }
+        loggedStates = states
     }
 
     private func handle(_ fd: Int32) {

@@ -1,3 +1,5 @@
+import CGuestDriver
+import CVhostFrontend
 import Foundation
 import Testing
 
@@ -75,6 +77,41 @@ import Testing
         let output = String(decoding: log.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
         #expect(output.contains("stop requested") && output.contains("stopped"))
         #expect(!FileManager.default.fileExists(atPath: socket))
+    }
+
+    /// A disk stopped by its error policy: `dpctl status` says so and why,
+    /// and so does dpctl's log, unasked.
+    @Test func aDiskStoppedOnErrorShowsInStatusAndLog() throws {
+        let image = try TestImage(size: 1 << 20)
+        let socket = image.directory + "/vu.sock"
+        let dp = try QEMUEndToEndTests.Instance(["--disk", image.path, "--socket", socket, "--num-queues", "1",
+                                                 "--werror", "stop", "--fault", "errno=EIO,ops=write,after=1"],
+                                                log: image.directory + "/dpctl.log")
+        defer { _ = dp.terminate() }
+        let g = try TestGuest(queues: 1, queueSize: 64)
+        let conn = try InflightRestartTests().connect(socket, g, vuf_options())
+        defer { vuf_close(conn) }
+        let buf = g.alloc(4096)
+        #expect(try g.run(type: UInt32(GD_BLK_T_OUT), segments: [(buf, 4096)]).status == 0) // the first gets through
+        let held = try g.submit(type: UInt32(GD_BLK_T_OUT), segments: [(buf, 4096)])
+        func waitForLog(_ text: String) {
+            let deadline = Date().addingTimeInterval(10)
+            while !dp.log.contains(text) && Date() < deadline { usleep(50_000) }
+        }
+        waitForLog("stopped on error")
+        #expect(dp.log.contains("\(image.path) queue 0: stopped on error: Input/output error; fix the cause, then 'dpctl resume' (1 request(s) held)"),
+                "\(dp.log)")
+        let status = try Self.dpctl(["status", "--socket", socket])
+        #expect(status.stdout.contains("STOPPED on error: Input/output error, 1 request(s) held"), "\(status.stdout)")
+        // Resumed with the fault still there (every write after the first
+        // fails), the write is held again.
+        #expect(try Self.dpctl(["resume", "--socket", socket]).status == 0)
+        #expect((try? g.complete(timeout: 0.5)) == nil)
+        #expect(try Self.dpctl(["status", "--socket", socket]).stdout.contains("1 request(s) held"))
+        // The guest's request is answered when the queue stops: nothing is lost.
+        #expect(dp.terminate() == 0)
+        let done = try g.complete()
+        #expect(done.head == held && done.status == UInt8(GD_BLK_S_IOERR))
     }
 
     @Test func guestConfigurationSnippets() throws {
