@@ -89,7 +89,7 @@ import Testing
                                                 log: image.directory + "/dpctl.log")
         defer { _ = dp.terminate() }
         let g = try TestGuest(queues: 1, queueSize: 64)
-        let conn = try InflightRestartTests().connect(socket, g, vuf_options())
+        let conn = try g.connectFrontend(socket)
         defer { vuf_close(conn) }
         let buf = g.alloc(4096)
         #expect(try g.run(type: UInt32(GD_BLK_T_OUT), segments: [(buf, 4096)]).status == 0) // the first gets through

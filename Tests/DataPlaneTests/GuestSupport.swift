@@ -1,5 +1,6 @@
 import CDataPlane
 import CGuestDriver
+import CVhostFrontend
 import Foundation
 import Testing
 
@@ -217,5 +218,28 @@ func pattern(_ count: Int, seed: UInt8) -> [UInt8] {
             buffer[i] = UInt8(truncatingIfNeeded: x)
         }
         initialized = count
+    }
+}
+
+extension TestGuest {
+    /// Connects a vhost-user frontend to `socket` (retrying while the
+    /// backend starts) and sets this guest's memory and queues up on it.
+    func connectFrontend(_ socket: String, options: vuf_options = vuf_options()) throws -> OpaquePointer {
+        let deadline = Date().addingTimeInterval(10)
+        var conn: OpaquePointer?
+        var rc = vuf_connect(socket, &conn)
+        while rc != 0 && Date() < deadline {
+            usleep(20_000)
+            rc = vuf_connect(socket, &conn)
+        }
+        guard rc == 0, let conn else { throw TestFailure("connect \(socket): \(rc)") }
+        var o = options
+        let setup = vuf_setup(conn, driver, &o, nil)
+        guard setup == 0 else {
+            let message = String(cString: vuf_last_error(conn))
+            vuf_close(conn)
+            throw TestFailure("vuf_setup: \(setup) \(message)")
+        }
+        return conn
     }
 }

@@ -30,7 +30,7 @@ import Testing
 
         var options = vuf_options()
         options.inflight = true
-        let conn = try connect(socket, g, options)
+        let conn = try g.connectFrontend(socket, options: options)
         // One batch, W R W R W R W R: the writes fail and are held (stop
         // policy), the reads between them complete: completions out of pop
         // order, which a restart from the used index alone would get wrong.
@@ -70,7 +70,7 @@ import Testing
         options.reuse_inflight = true
         options.inflight_fd = inflightFD
         options.inflight_size = size
-        let again = try connect(socket, g, options)
+        let again = try g.connectFrontend(socket, options: options)
         defer { vuf_close(again) }
         var written: Set<UInt16> = []
         while written.count < writes.count {
@@ -87,24 +87,5 @@ import Testing
         #expect(try g.run(type: UInt32(GD_BLK_T_IN), sector: 0, segments: [(buf, 4096)]).status == 0)
         #expect(g.read(buf, 4096) == pattern(4096, seed: 0))
         #expect(first.log.contains("queue 0 started"), "\(first.log)")
-    }
-
-    func connect(_ socket: String, _ g: TestGuest, _ options: vuf_options) throws -> OpaquePointer {
-        let deadline = Date().addingTimeInterval(10)
-        var conn: OpaquePointer?
-        var rc = vuf_connect(socket, &conn)
-        while rc != 0 && Date() < deadline {
-            usleep(20_000)
-            rc = vuf_connect(socket, &conn)
-        }
-        guard rc == 0, let conn else { throw TestFailure("connect \(socket): \(rc)") }
-        var o = options
-        let setup = vuf_setup(conn, g.driver, &o, nil)
-        guard setup == 0 else {
-            let message = String(cString: vuf_last_error(conn))
-            vuf_close(conn)
-            throw TestFailure("vuf_setup: \(setup) \(message)")
-        }
-        return conn
     }
 }
