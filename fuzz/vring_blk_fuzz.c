@@ -17,7 +17,9 @@
  * format; keep the two in step.
  *
  *   header
- *     u8  features     bit0 EVENT_IDX, bit1 INDIRECT_DESC, bit2 read-only disk
+ *     u8  features     bit0 EVENT_IDX, bit1 INDIRECT_DESC, bit2 read-only disk,
+ *                      bits 3-5 the chain limit (max_chain: seg_max + 2):
+ *                      130, 1, 2, 3, 4, 16, 64, 1024
  *     u8  size_log2    queue size = 1 << (v % 6): 1..32
  *     u8  regions      count = 1 + v % 3
  *     region * count
@@ -43,9 +45,12 @@
  *   desc  gpa addr, u32 len, u16 flags, u16 next
  *
  * Checks (abort() on violation, besides ASan/UBSan): every iovec the walker
- * returns lies inside one region's host buffer and is non-empty; counts stay
- * within iov_max; byte totals match out_len/in_len; tail_byte lies in a region
- * and is the last byte of the last writable iovec; blk_parse's req->iov is a
+ * returns lies inside one region's host buffer and is non-empty, also when it
+ * stopped at a fault; counts stay within iov_max; byte totals match
+ * out_len/in_len; the status byte lies in a region and is the last byte of
+ * the last writable iovec; a fault either finds the status byte (the
+ * request completes with IOERR written there) or breaks the ring, never
+ * completes a chain without one; blk_parse's req->iov is a
  * sub-range of the chain's iovecs (readable ones for writes, writable ones
  * minus the status byte for reads) whose bytes add up to req->len; requests
  * handed to the backend are within capacity, block aligned and <= 1 GiB; the
@@ -69,7 +74,7 @@
 #include "vring_split.h"
 
 #ifndef FZ_MAX_REGIONS
-#define FZ_MAX_REGIONS 3 /* -DFZ_MAX_REGIONS=12 reaches range_check's > 8 chunk loop */
+#define FZ_MAX_REGIONS 3
 #endif
 #define FZ_MAX_QUEUE 32
 #define FZ_MAX_OPS 512
@@ -170,6 +175,8 @@ struct fz {
     uint16_t used_idx_start;
     bool broken;
     struct iovec scratch[DP_REQ_MAX_IOV]; /* the chain's iovecs before blk_parse edits them */
+    struct vring_desc indirect_scratch[VRING_INDIRECT_MAX];
+    uint32_t max_chain;
 };
 
 /* VRING_BLK_FUZZ_VERBOSE=1 in the environment traces each chain (for seeds
@@ -322,7 +329,7 @@ static bool fz_setup_rings(struct fz *f, struct fz_input *in, bool event_idx, bo
     if ((uintptr_t)used & 3)
         return false; /* vring_split_init refuses it; don't store through it first */
     ((struct vring_used *)used)->idx = htole16(used_idx);
-    if (vring_split_init(&f->vr, f->size, desc, avail, used, last_avail, event_idx, indirect))
+    if (vring_split_init(&f->vr, f->size, desc, avail, used, last_avail, event_idx, indirect, f->max_chain))
         return false;
     FZ_CHECK(f->vr.used_idx == used_idx);
     f->used_idx_start = used_idx;
@@ -367,25 +374,20 @@ static void fz_check_chain(const struct fz *f, int ret, const struct vring_chain
         else
             in += c->iov[i].iov_len;
     }
-    if (c->tail_byte)
-        FZ_CHECK(fz_host_region(f, c->tail_byte, 1));
-    if (ret < 0) {
-        FZ_CHECK(ret == -ELOOP || ret == -E2BIG || ret == -EINVAL || ret == -EFAULT);
-        return;
-    }
-    FZ_CHECK(ret == 0);
-    FZ_CHECK(c->desc_count >= 1 && c->desc_count <= 2u * f->size);
-    if (c->truncated) {
-        FZ_CHECK(out <= c->out_len && in <= c->in_len);
-        return;
-    }
     FZ_CHECK(out == c->out_len);
     FZ_CHECK(in == c->in_len);
-    if (c->tail_byte) {
-        const struct iovec *last = &c->iov[n - 1];
-        FZ_CHECK(c->in_num > 0);
-        FZ_CHECK(c->tail_byte == (uint8_t *)last->iov_base + last->iov_len - 1);
+    /* Bounded work: the chain's descriptors, plus the one that points at an
+     * indirect table, each read once. */
+    FZ_CHECK(c->desc_reads >= 1 && c->desc_reads <= f->max_chain + f->size + 1);
+    if (c->status) {
+        FZ_CHECK(c->in_num > 0 && fz_host_region(f, c->status, 1));
+        FZ_CHECK(c->status == (uint8_t *)c->iov[n - 1].iov_base + c->iov[n - 1].iov_len - 1);
     }
+    if (ret < 0)
+        FZ_CHECK(ret == -ELOOP || ret == -E2BIG || ret == -EBADMSG || ret == -ENXIO || ret == -EFAULT ||
+                 ret == -ENOBUFS || ret == -EPROTO);
+    else
+        FZ_CHECK(ret == 0);
 }
 
 /* req->iov[0..cnt) against the chain's original iovecs orig[lo..hi): the
@@ -421,9 +423,9 @@ static void fz_check_parse(const struct fz *f, const struct vring_chain *c,
     FZ_CHECK(ok == (err == DP_ERR_COUNT));
     FZ_CHECK(err <= DP_ERR_COUNT);
     FZ_CHECK(req->op < DP_OP_COUNT);
-    FZ_CHECK(req->status == c->tail_byte);
+    FZ_CHECK(req->status == c->status && req->status);
     if (ok)
-        FZ_CHECK(req->status && !c->truncated && c->out_len >= 16);
+        FZ_CHECK(c->out_len >= 16);
 
     uint32_t n = c->out_num + c->in_num;
     if (req->op == DP_OP_WRITE) {
@@ -475,11 +477,11 @@ static void fz_check_parse(const struct fz *f, const struct vring_chain *c,
 static void fz_complete(struct fz *f, uint16_t slot, uint8_t status)
 {
     struct blk_req *req = &f->slots[slot].req;
-    uint32_t used_len = 0;
-    if (req->status) {
-        __atomic_store_n(req->status, status, __ATOMIC_RELAXED);
-        used_len = (status == VIRTIO_BLK_S_OK ? req->data_in_len : 0) + 1;
-    }
+    /* Never a chain without its status written: the guest would read a stale
+     * byte (0 is OK) as the answer. */
+    FZ_CHECK(req->status && fz_host_region(f, req->status, 1));
+    __atomic_store_n(req->status, status, __ATOMIC_RELAXED);
+    uint32_t used_len = (status == VIRTIO_BLK_S_OK ? req->data_in_len : 0) + 1;
     vring_split_push(&f->vr, req->head, used_len);
     f->pushed++;
     FZ_CHECK(f->vr.used_idx == (uint16_t)(f->used_idx_start + f->pushed));
@@ -526,15 +528,32 @@ static void fz_start(struct fz *f, uint16_t head)
     memset(req, 0, sizeof(*req));
     req->head = head;
 
-    struct vring_chain chain = {.iov = f->slots[slot].iov, .iov_max = f->iov_max};
+    struct vring_chain chain = {.iov = f->slots[slot].iov, .iov_max = f->iov_max, .scratch = f->indirect_scratch};
     int ret = vring_split_walk(&f->vr, f->mem, head, &chain);
-    FZ_TRACE("head %u: walk %d out %u/%llu in %u/%llu descs %u%s%s\n", head, ret, chain.out_num,
+    FZ_TRACE("head %u: walk %d out %u/%llu in %u/%llu reads %u%s\n", head, ret, chain.out_num,
              (unsigned long long)chain.out_len, chain.in_num, (unsigned long long)chain.in_len,
-             chain.desc_count, chain.truncated ? " truncated" : "",
-             chain.tail_byte ? " tail" : "");
+             chain.desc_reads, chain.status ? " status" : "");
     fz_check_chain(f, ret, &chain);
+    uint8_t *status_byte = ret == 0 ? chain.status : NULL;
     if (ret < 0) {
-        req->status = NULL;
+        uint32_t reads = chain.desc_reads;
+        int found = vring_split_status(&f->vr, f->mem, head, &chain, &status_byte);
+        FZ_TRACE("head %u: status search %d\n", head, found);
+        FZ_CHECK(chain.desc_reads > reads && chain.desc_reads - reads <= f->max_chain + f->size + 1);
+        if (found < 0)
+            status_byte = NULL;
+        else
+            FZ_CHECK(status_byte && fz_host_region(f, status_byte, 1));
+    }
+    if (!status_byte) { /* cannot be answered: queue_reject_chain breaks the ring */
+        FZ_TRACE("head %u: no status byte, ring broken\n", head);
+        f->head_slot[head] = 0;
+        f->free_slots[f->free_count++] = slot;
+        f->broken = true;
+        return;
+    }
+    if (ret < 0) {
+        req->status = status_byte;
         req->op = DP_OP_OTHER;
         fz_complete(f, slot, VIRTIO_BLK_S_IOERR);
         return;
@@ -686,6 +705,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     memset(&f, 0, sizeof(f));
 
     uint8_t features = fz_u8(&in);
+    static const uint32_t chain_limits[8] = {DP_SEG_MAX + 2, 1, 2, 3, 4, 16, 64, 1024};
+    f.max_chain = chain_limits[(features >> 3) & 7];
     f.size = (uint16_t)(1u << (fz_u8(&in) % 6));
     if (!fz_setup_memory(&f, &in)) {
         FZ_TRACE("skipped: memory layout refused\n");

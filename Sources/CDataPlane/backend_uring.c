@@ -55,7 +55,135 @@ static int bounce_setup(struct blk_req *req, uint32_t align)
     return 0;
 }
 
-int backend_uring_prep(struct io_uring *ring, struct blk_req *req)
+/* ------------------------------------------------------------ discard, write zeroes */
+
+/* io_uring's discard command for block devices (Linux 6.12; liburing 2.3
+ * predates it): _IO(0x12, 0). */
+#define BLOCK_URING_CMD_DISCARD 0x1200u
+
+/* How a DISCARD or WRITE_ZEROES is carried out (req->zero_phase), each step
+ * tried when the one before is not supported by the file or device. */
+enum zeroes_step {
+    STEP_START = 0,             /* chosen from the request and the disk */
+    STEP_DISCARD_CMD,           /* block device: a real discard (BLKDISCARD) */
+    STEP_PUNCH,                 /* fallocate(PUNCH_HOLE): discard, or zeroes with UNMAP */
+    STEP_ZERO_RANGE,            /* fallocate(ZERO_RANGE) */
+    STEP_ZERO_RANGE_AFTER_PUNCH, /* the same, once punching was refused */
+    STEP_PUNCH_THEN_ALLOCATE,   /* no ZERO_RANGE (tmpfs): punch, ... */
+    STEP_ALLOCATE,              /* ... then allocate the range again (reads zeroes) */
+    STEP_WRITE,                 /* nothing else works (ext2, vfat): write zeroes */
+};
+
+/* The source of STEP_WRITE: aligned for any O_DIRECT. */
+#define ZERO_CHUNK (64u << 10)
+#define ZERO_IOVS 16u
+static _Alignas(ZERO_CHUNK) const uint8_t zero_chunk[ZERO_CHUNK];
+_Static_assert(ZERO_IOVS <= DP_REQ_MAX_IOV, "the zero iovecs fit a request's iovec slot");
+
+static enum zeroes_step zeroes_first_step(const struct blk_req *req)
+{
+    const struct dp_disk *disk = req->queue->disk;
+    if (req->op == DP_OP_DISCARD)
+        return disk->is_block_device &&
+               !atomic_load_explicit(&disk->discard_cmd_unsupported, memory_order_relaxed)
+                   ? STEP_DISCARD_CMD
+                   : STEP_PUNCH;
+    return req->unmap ? STEP_PUNCH : STEP_ZERO_RANGE;
+}
+
+static void zeroes_prep(struct io_uring_sqe *sqe, struct blk_req *req)
+{
+    struct dp_queue *q = req->queue;
+    int fd = q->disk->fd;
+    if (req->zero_phase == STEP_START)
+        req->zero_phase = (uint8_t)zeroes_first_step(req);
+    switch (req->zero_phase) {
+    case STEP_DISCARD_CMD:
+        io_uring_prep_rw(IORING_OP_URING_CMD, sqe, fd, NULL, 0, 0);
+        sqe->cmd_op = BLOCK_URING_CMD_DISCARD;
+        sqe->addr = req->offset;
+        sqe->addr3 = req->len;
+        break;
+    case STEP_PUNCH:
+    case STEP_PUNCH_THEN_ALLOCATE:
+        io_uring_prep_fallocate(sqe, fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, req->offset, req->len);
+        break;
+    case STEP_ZERO_RANGE:
+    case STEP_ZERO_RANGE_AFTER_PUNCH:
+        io_uring_prep_fallocate(sqe, fd, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, req->offset, req->len);
+        break;
+    case STEP_ALLOCATE:
+        io_uring_prep_fallocate(sqe, fd, FALLOC_FL_KEEP_SIZE, req->offset, req->len);
+        break;
+    default: { /* STEP_WRITE: from where it stands (req->done), in the slot's iovecs */
+        struct iovec *iov = q->iov_pool + (size_t)(req - q->reqs) * DP_REQ_MAX_IOV;
+        uint64_t rest = req->len - req->done;
+        unsigned n = 0;
+        for (; n < ZERO_IOVS && rest; n++) {
+            iov[n].iov_base = (void *)zero_chunk;
+            iov[n].iov_len = rest < ZERO_CHUNK ? rest : ZERO_CHUNK;
+            rest -= iov[n].iov_len;
+        }
+        io_uring_prep_writev(sqe, fd, iov, n, req->offset + req->done);
+        break;
+    }
+    }
+}
+
+/* What the file or device does not do: try the next way. */
+static bool zeroes_unsupported(int res)
+{
+    return res == -EOPNOTSUPP || res == -EINVAL || res == -ENOTTY;
+}
+
+static int zeroes_complete(struct blk_req *req, int res)
+{
+    struct dp_disk *disk = req->queue->disk;
+    enum zeroes_step next;
+    switch (req->zero_phase) {
+    case STEP_DISCARD_CMD:
+        if (!zeroes_unsupported(res))
+            return res < 0 ? res : 0;
+        atomic_store_explicit(&disk->discard_cmd_unsupported, true, memory_order_relaxed);
+        next = STEP_PUNCH;
+        break;
+    case STEP_PUNCH:
+        /* A discard the file cannot do is still done (queue_io_done). */
+        if (req->op == DP_OP_DISCARD || !zeroes_unsupported(res))
+            return res < 0 ? res : 0;
+        next = STEP_ZERO_RANGE_AFTER_PUNCH;
+        break;
+    case STEP_ZERO_RANGE:
+    case STEP_ZERO_RANGE_AFTER_PUNCH:
+        if (!zeroes_unsupported(res))
+            return res < 0 ? res : 0;
+        next = req->zero_phase == STEP_ZERO_RANGE && !disk->is_block_device ? STEP_PUNCH_THEN_ALLOCATE
+                                                                              : STEP_WRITE;
+        break;
+    case STEP_PUNCH_THEN_ALLOCATE:
+        if (res < 0 && !zeroes_unsupported(res))
+            return res;
+        next = res < 0 ? STEP_WRITE : STEP_ALLOCATE;
+        break;
+    case STEP_ALLOCATE:
+        /* The hole reads as zeroes already; allocating it is a courtesy. */
+        return res < 0 && res != -EOPNOTSUPP ? res : 0;
+    default: /* STEP_WRITE */
+        if (res < 0)
+            return res;
+        if (res == 0)
+            return -EIO; /* the image shrank under us: never loop */
+        req->done += (uint64_t)res;
+        return req->done < req->len ? BACKEND_AGAIN : 0;
+    }
+    req->zero_phase = (uint8_t)next;
+    req->done = 0;
+    return BACKEND_AGAIN;
+}
+
+/* ------------------------------------------------------------ prep and complete */
+
+int backend_uring_prep(struct dp_iothread *t, struct blk_req *req)
 {
     const struct dp_disk *disk = req->queue->disk;
     bool rw = req->op == DP_OP_READ || req->op == DP_OP_WRITE;
@@ -67,7 +195,7 @@ int backend_uring_prep(struct io_uring *ring, struct blk_req *req)
         if (ret)
             return ret;
     }
-    struct io_uring_sqe *sqe = io_uring_get_sqe(ring);
+    struct io_uring_sqe *sqe = iothread_get_req_sqe(t);
     if (!sqe)
         return -EBUSY;
 
@@ -94,15 +222,9 @@ int backend_uring_prep(struct io_uring *ring, struct blk_req *req)
         io_uring_prep_fsync(sqe, disk->fd, IORING_FSYNC_DATASYNC);
         break;
     case DP_OP_DISCARD:
-    case DP_OP_WRITE_ZEROES: {
-        int mode = req->falloc_mode;
-        if (req->zero_phase == 1)
-            mode = FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE;
-        else if (req->zero_phase == 2)
-            mode = FALLOC_FL_KEEP_SIZE; /* allocate the zeroed range again */
-        io_uring_prep_fallocate(sqe, disk->fd, mode, req->offset, req->len);
+    case DP_OP_WRITE_ZEROES:
+        zeroes_prep(sqe, req);
         break;
-    }
     default:
         /* blk_parse never hands other ops to a backend. */
         io_uring_prep_nop(sqe);
@@ -153,18 +275,14 @@ int backend_uring_complete(struct blk_req *req, int res)
             return BACKEND_AGAIN;
         }
         return 0;
+    case DP_OP_DISCARD:
     case DP_OP_WRITE_ZEROES:
-        /* Filesystems without FALLOC_FL_ZERO_RANGE (tmpfs): punch the range,
-         * then allocate it again, which reads back as zeroes. */
-        if (req->zero_phase == 0 && (res == -EOPNOTSUPP || res == -EINVAL) &&
-            (req->falloc_mode & FALLOC_FL_ZERO_RANGE)) {
-            req->zero_phase = 1;
-            return BACKEND_AGAIN;
-        }
-        if (res >= 0 && req->zero_phase == 1) {
-            req->zero_phase = 2;
-            return BACKEND_AGAIN;
-        }
+        return zeroes_complete(req, res);
+    case DP_OP_FLUSH:
+        /* Without O_DIRECT a failed fdatasync leaves the pages it could not
+         * write marked clean: the next one would succeed without them. */
+        if (res < 0 && !req->queue->disk->mem_align)
+            atomic_store_explicit(&req->queue->disk->flush_error, res, memory_order_relaxed);
         return res < 0 ? res : 0;
     default:
         return res < 0 ? res : 0;

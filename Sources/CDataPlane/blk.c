@@ -2,7 +2,6 @@
  * memory once; everything after works on the copy. */
 #include <endian.h>
 #include <errno.h>
-#include <linux/falloc.h>
 #include <string.h>
 
 #include "blk.h"
@@ -119,10 +118,7 @@ static int blk_parse_discard(const struct dp_disk *disk, struct vring_chain *cha
 
     req->offset = sector * 512;
     req->len = bytes;
-    if (req->op == DP_OP_DISCARD || (flags & VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP))
-        req->falloc_mode = FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE;
-    else
-        req->falloc_mode = FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE;
+    req->unmap = flags & VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP;
     *err = DP_ERR_COUNT;
     return bytes ? BLK_NEEDS_IO : VIRTIO_BLK_S_OK;
 }
@@ -132,21 +128,18 @@ int blk_parse(const struct dp_disk *disk, struct vring_chain *chain, struct blk_
 {
     struct blk_outhdr hdr;
 
-    req->status = chain->tail_byte;
+    req->status = chain->status;
     req->op = DP_OP_OTHER;
     req->data_in_len = 0;
     req->done = 0;
     req->len = 0;
     req->bounce = NULL;
     req->zero_phase = 0;
+    req->unmap = false;
     req->iov = NULL;
     req->iov_cnt = 0;
 
-    /* Without a writable status byte the request cannot be answered; the
-     * caller still returns the chain (used length 0). Truncated chains
-     * (too many segments) cannot be served either. */
-    if (!req->status || chain->truncated)
-        return blk_fail(err, DP_ERR_BAD_REQUEST, VIRTIO_BLK_S_IOERR);
+    /* The caller only parses chains that have their status byte. */
     if (chain->out_len < sizeof(hdr))
         return blk_fail(err, DP_ERR_BAD_REQUEST, VIRTIO_BLK_S_IOERR);
     iov_to_buf(chain->iov, chain->out_num, 0, &hdr, sizeof(hdr));

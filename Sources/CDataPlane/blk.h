@@ -13,15 +13,19 @@
 #define VIRTIO_BLK_T_WRITE_ZEROES 13
 #define VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP 1u
 
+/* One request moves at most this much (the used length is 32-bit); what we
+ * announce (seg_max segments of size_max bytes) stays below it. */
 #define BLK_MAX_REQ_BYTES (1ull << 30)
+_Static_assert((uint64_t)DP_SEG_MAX * DP_SIZE_MAX <= BLK_MAX_REQ_BYTES, "announced limits fit a request");
+_Static_assert((uint64_t)DP_SEG_MAX * DP_SIZE_MAX / 512 <= 0xffff, "SeaBIOS's blocks-per-request count is a u16");
 
 /* blk_parse's answer when the request needs the backend. */
 #define BLK_NEEDS_IO 0x100
 
-/* Turns a walked chain into a request. Returns BLK_NEEDS_IO with req ready
- * for a backend, or a VIRTIO_BLK_S_* status to complete with at once (then
- * *err names the failure, or is DP_ERR_COUNT for success). Sets req->status
- * (NULL when the chain has no writable status byte) and req->op. */
+/* Turns a walked chain (one with a status byte) into a request. Returns
+ * BLK_NEEDS_IO with req ready for a backend, or a VIRTIO_BLK_S_* status to
+ * complete with at once (then *err names the failure, or is DP_ERR_COUNT
+ * for success). Sets req->status and req->op. */
 int blk_parse(const struct dp_disk *disk, struct vring_chain *chain, struct blk_req *req,
               enum dp_err *err);
 

@@ -65,6 +65,8 @@ int dp_disk_create(const struct dp_disk_config *config, struct dp_disk **out)
         return -EINVAL;
     if (config->backend != DP_BACKEND_FILE && config->backend != DP_BACKEND_NULL)
         return -EINVAL;
+    if (config->seg_max > DP_SEG_MAX)
+        return -EINVAL;
     if (config->read_policy < DP_POLICY_REPORT || config->read_policy > DP_POLICY_STOP ||
         config->write_policy < DP_POLICY_REPORT || config->write_policy > DP_POLICY_STOP)
         return -EINVAL;
@@ -75,13 +77,18 @@ int dp_disk_create(const struct dp_disk_config *config, struct dp_disk **out)
     disk->backend = config->backend;
     disk->fd = -1;
     if (config->backend == DP_BACKEND_FILE) {
+        struct stat st;
         disk->fd = fcntl(config->fd, F_DUPFD_CLOEXEC, 0);
-        if (disk->fd < 0) {
+        if (disk->fd < 0 || fstat(disk->fd, &st) < 0) {
             int err = -errno;
+            if (disk->fd >= 0)
+                close(disk->fd);
             free(disk);
             return err;
         }
+        disk->is_block_device = S_ISBLK(st.st_mode);
     }
+    disk->seg_max = config->seg_max ? config->seg_max : DP_SEG_MAX;
     disk->capacity_sectors = config->capacity_sectors;
     disk->logical_block_size = lbs;
     disk->mem_align = config->mem_align;
@@ -108,6 +115,11 @@ int dp_disk_set_fault(struct dp_disk *disk, const struct dp_fault_config *fault)
     atomic_store_explicit(&disk->fault_seen, 0, memory_order_relaxed);
     atomic_store_explicit(&disk->fault_error, fault->error, memory_order_release);
     return 0;
+}
+
+int dp_disk_flush_error(const struct dp_disk *disk)
+{
+    return disk ? atomic_load_explicit(&disk->flush_error, memory_order_relaxed) : -EINVAL;
 }
 
 void dp_disk_destroy(struct dp_disk *disk)

@@ -16,9 +16,20 @@
 #include "stats.h"
 #include "vring_split.h"
 
-/* A request may carry at most this many data iovecs (header and status
- * included); we advertise seg_max below it. More fails the request. */
-#define DP_REQ_MAX_IOV 256
+/* A request may carry at most this many iovecs (header and status
+ * included): seg_max + 2 descriptors, each split in two where it crosses
+ * into an adjacent region. More (a buffer spanning many regions) fails the
+ * request. */
+#define DP_REQ_MAX_IOV (2 * (DP_SEG_MAX + 2))
+/* What one queue may take of a pass of its IOThread, so that a queue full
+ * of long chains cannot hold up the other queues on the thread: at most
+ * this many descriptors read (256 four-descriptor requests, or 7 of the
+ * longest), and past DP_QUEUE_PASS_CLOCK_EVERY of them, at most
+ * DP_QUEUE_PASS_NS of time (the clock is read once per that many
+ * descriptors, so short chains never pay for it). */
+#define DP_QUEUE_PASS_BUDGET 1024
+#define DP_QUEUE_PASS_CLOCK_EVERY 64
+#define DP_QUEUE_PASS_NS 2000
 /* In-flight requests per queue at most (slots are preallocated). */
 #define DP_QUEUE_MAX_SLOTS 256
 /* Bounce buffers one queue may hold before its misaligned requests wait for
@@ -31,6 +42,9 @@
  * at one misaligned 4 MiB buffer: it must not cost 1 GiB of ours). */
 #define DP_BOUNCE_WINDOW (4u << 20)
 #define DP_THREAD_MAX_QUEUES 256
+/* The smallest completion queue of an IOThread: what it can have in flight
+ * at once (less a little for kicks, signals and control). */
+#define DP_THREAD_MIN_CQ 4096
 
 #define VIRTIO_BLK_S_OK 0
 #define VIRTIO_BLK_S_IOERR 1
@@ -39,14 +53,23 @@
 struct dp_disk {
     int backend;
     int fd;
+    bool is_block_device;
     uint64_t capacity_sectors;
     uint32_t logical_block_size;
     uint32_t mem_align;
+    uint32_t seg_max;
     bool read_only;
     bool read_zeroes;
     uint8_t serial[DP_SERIAL_LEN];
     int read_policy;
     int write_policy;
+    /* A flush of the page cache failed (no O_DIRECT): pages it could not
+     * write are now marked clean, so a later flush would succeed without
+     * them. Every FLUSH fails from then on (-errno here) until reopened. */
+    _Atomic int32_t flush_error;
+    /* Block devices: the kernel refused io_uring's discard command (before
+     * Linux 6.12); discards go through fallocate instead. */
+    _Atomic bool discard_cmd_unsupported;
     /* Fault injection: read on the hot path only while fault_error != 0. */
     _Atomic int32_t fault_error;
     _Atomic uint32_t fault_ops;
@@ -65,13 +88,13 @@ struct blk_req {
     uint32_t iov_cnt;
     uint16_t head;
     uint8_t op;                 /* enum dp_op */
-    uint8_t zero_phase;         /* write-zeroes fallback: 0 none, 1 punch, 2 allocate */
+    uint8_t zero_phase;         /* discard/write-zeroes fallback step (backend_uring.c) */
     uint8_t *status;            /* the guest's status byte, NULL when it has none */
     uint64_t offset;            /* bytes */
     uint64_t len;               /* bytes to transfer or to discard/zero */
     uint64_t done;              /* bytes transferred so far (short I/O) */
     uint32_t data_in_len;       /* bytes written to guest buffers on success */
-    int32_t falloc_mode;
+    bool unmap;                 /* write zeroes may deallocate (VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP) */
     void *bounce;               /* aligned copy for buffers O_DIRECT refuses */
     uint64_t bounce_size;       /* its bytes, counted in the queue's bounce_bytes */
     uint64_t bounce_off;        /* request offset of the window it holds; iov starts there */
@@ -88,6 +111,7 @@ struct dp_queue {
     struct dp_mem *mem;
     struct blk_req *reqs;       /* DP_QUEUE slots */
     struct iovec *iov_pool;     /* slots * DP_REQ_MAX_IOV */
+    struct vring_desc *indirect_scratch; /* VRING_INDIRECT_MAX: indirect tables read from a copy */
     uint16_t *free_slots;
     uint16_t *head_slot;        /* per head: slot + 1, or 0 when not in flight */
     uint32_t nslots;
@@ -99,6 +123,7 @@ struct dp_queue {
     bool broken;
     bool dirty;                 /* used elements pushed but not yet published */
     bool kicked;                /* a kick arrived since the last pop */
+    bool budget_spent;          /* the last pop stopped at its pass budget, work left */
     bool kick_armed;            /* a read or poll on the kick fd is outstanding */
     bool kick_poll;             /* the kick fd is O_NONBLOCK: poll, then read() */
     bool kick_cancelling;
@@ -121,6 +146,7 @@ struct dp_queue {
     uint32_t resubmit_held;     /* the first of those not yet run: held requests a memory swap requeued */
     uint16_t *pushed;           /* heads pushed since the last publish (inflight clearing) */
     uint32_t pushed_count;
+    uint32_t longest_chain;     /* most iovecs a request carried (statistics) */
     struct dp_queue_config config;
     /* --- control side --- */
     size_t alloc_size;
@@ -167,7 +193,8 @@ static inline uint64_t now_ns(void)
     return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
 }
 
-/* queue.c: the per-queue work of one loop iteration. */
+/* queue.c: the per-queue work of one loop iteration. Pops what the queue's
+ * share of a pass allows (q->budget_spent when work is left). */
 unsigned queue_pop_batch(struct dp_queue *q, uint64_t now);
 void queue_complete(struct dp_queue *q, struct blk_req *req, uint8_t status, uint64_t now);
 /* A parsed request goes to its disk's backend (or to fault injection). */
@@ -180,8 +207,11 @@ void queue_fail_held(struct dp_queue *q, uint64_t now);
 /* Memory swap: held requests go back to be walked again on resume (false:
  * the ring is broken, and they must be failed instead). */
 bool queue_requeue_held(struct dp_queue *q);
-/* Stop: requeued and recovered requests not yet run fail. */
+/* Stop without an inflight region: requeued and recovered requests not yet
+ * run fail. With one, held and waiting requests stay marked in it for the
+ * next owner of the ring instead, and their slots are given back. */
 void queue_fail_requeued(struct dp_queue *q, uint64_t now);
+void queue_release_held(struct dp_queue *q);
 /* Not paused, stopped, broken or out of slots: kicks and pops make sense. */
 bool queue_accepts_work(const struct dp_queue *q);
 bool queue_can_pop(const struct dp_queue *q);
@@ -196,6 +226,10 @@ void inflight_mark(struct dp_queue *q, uint16_t head);
 void inflight_clear_published(struct dp_queue *q);
 
 /* iothread.c: services the queue layer uses. */
+struct io_uring_sqe;
+/* An SQE for a request when the thread's CQ has room for its completion
+ * (and for the kicks and signals of its queues); NULL otherwise. */
+struct io_uring_sqe *iothread_get_req_sqe(struct dp_iothread *t);
 void iothread_submit_req(struct dp_iothread *t, struct blk_req *req);
 /* Signals the frontend through a queue's call or err eventfd. */
 enum dp_signal { DP_SIGNAL_CALL, DP_SIGNAL_ERR };

@@ -58,16 +58,24 @@ void dp_mem_destroy(struct dp_mem *mem)
     free(mem);
 }
 
-/* The region holding gpa, or NULL. Tables are small (a handful of regions),
- * so a linear scan beats anything cleverer. */
+/* The region holding gpa, or NULL. Regions are sorted by guest address and
+ * do not overlap: the last one starting at or below gpa is the only
+ * candidate (a binary search: a frontend may hand us 64 regions, and every
+ * descriptor a guest sends costs one lookup). */
 static const struct dp_mem_region *region_find(const struct dp_mem *mem, uint64_t gpa)
 {
-    for (uint32_t i = 0; i < mem->count; i++) {
-        const struct dp_mem_region *r = &mem->regions[i];
-        if (gpa >= r->guest_phys_addr && gpa - r->guest_phys_addr < r->size)
-            return r;
+    uint32_t lo = 0, hi = mem->count;
+    while (lo < hi) {
+        uint32_t mid = lo + (hi - lo) / 2;
+        if (mem->regions[mid].guest_phys_addr <= gpa)
+            lo = mid + 1;
+        else
+            hi = mid;
     }
-    return NULL;
+    if (lo == 0)
+        return NULL;
+    const struct dp_mem_region *r = &mem->regions[lo - 1];
+    return gpa - r->guest_phys_addr < r->size ? r : NULL;
 }
 
 int guest_mem_map(const struct dp_mem *mem, uint64_t gpa, uint64_t len, struct iovec *iov,
@@ -101,6 +109,25 @@ void *guest_mem_ptr(const struct dp_mem *mem, uint64_t gpa, uint64_t len)
     if (!r || len > r->size - (gpa - r->guest_phys_addr))
         return NULL;
     return (uint8_t *)r->host_addr + (gpa - r->guest_phys_addr);
+}
+
+int guest_mem_copy_from(const struct dp_mem *mem, uint64_t gpa, void *buf, uint64_t len)
+{
+    if (len && gpa + (len - 1) < gpa)
+        return -EFAULT;
+    uint8_t *out = buf;
+    while (len) {
+        const struct dp_mem_region *r = region_find(mem, gpa);
+        if (!r)
+            return -EFAULT;
+        uint64_t offset = gpa - r->guest_phys_addr;
+        uint64_t chunk = r->size - offset < len ? r->size - offset : len;
+        memcpy(out, (const uint8_t *)r->host_addr + offset, chunk);
+        out += chunk;
+        gpa += chunk;
+        len -= chunk;
+    }
+    return 0;
 }
 
 int dp_mem_translate_gpa(const struct dp_mem *mem, uint64_t gpa, uint64_t len, void **host)

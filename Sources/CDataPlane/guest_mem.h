@@ -22,4 +22,8 @@ int guest_mem_map(const struct dp_mem *mem, uint64_t gpa, uint64_t len, struct i
 /* Host pointer for [gpa, gpa + len) when it lies inside one region, else NULL. */
 void *guest_mem_ptr(const struct dp_mem *mem, uint64_t gpa, uint64_t len);
 
+/* Copies [gpa, gpa + len) out of guest memory, across adjacent regions.
+ * 0, or -EFAULT when a byte lies outside guest memory or the range wraps. */
+int guest_mem_copy_from(const struct dp_mem *mem, uint64_t gpa, void *buf, uint64_t len);
+
 #endif

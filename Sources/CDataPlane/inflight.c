@@ -3,7 +3,9 @@
  * we mark each head popped and clear it once its used element is published,
  * so a new backend knows exactly which requests were in flight. Layout as
  * docs/interop/vhost-user.rst describes (QueueRegionSplit / DescStateSplit). */
+#include <endian.h>
 #include <errno.h>
+#include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -50,8 +52,13 @@ void inflight_mark(struct dp_queue *q, uint16_t head)
  * backend must not run them again. */
 void inflight_clear_published(struct dp_queue *q)
 {
+    /* The used index was published before any flag clears: a backend that
+     * finds a flag clear after we die must find its used element published
+     * too, or the request would be neither run again nor seen done. Pairs
+     * with nothing of ours: the next reader is another process. */
+    atomic_thread_fence(memory_order_release);
     for (uint32_t i = 0; i < q->pushed_count; i++)
-        q->inflight->desc[q->pushed[i]].inflight = 0;
+        __atomic_store_n(&q->inflight->desc[q->pushed[i]].inflight, 0, __ATOMIC_RELAXED);
     q->pushed_count = 0;
     /* After the clears: a used_idx ahead of a still-set flag would have the
      * next backend run a published request again. */
@@ -90,9 +97,12 @@ int inflight_recover(struct dp_queue *q)
     if (pending > size)
         return -EINVAL; /* inconsistent with the ring: refuse rather than guess */
     for (uint16_t i = 0; i < pending; i++) {
-        uint32_t id = q->vr.used->ring[(uint16_t)(r->used_idx + i) & (size - 1)].id;
+        /* One load: the guest shares the used ring and may change the id
+         * between a check and a use. */
+        uint32_t id = le32toh(__atomic_load_n(&q->vr.used->ring[(uint16_t)(r->used_idx + i) & (size - 1)].id,
+                                              __ATOMIC_RELAXED));
         if (id < size)
-            r->desc[id].inflight = 0;
+            __atomic_store_n(&r->desc[id].inflight, 0, __ATOMIC_RELAXED);
     }
     r->used_idx = q->vr.used_idx;
 

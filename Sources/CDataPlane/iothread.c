@@ -24,7 +24,6 @@ struct dp_iothread {
     clockid_t cpu_clock;
     bool ring_ready;
     bool exiting;
-    bool cqe_skip;           /* IORING_FEAT_CQE_SKIP: notify writes post no CQE */
     bool signal_nowait;      /* io_uring eventfd writes take RWF_NOWAIT (probed) */
     bool kick_nowait;        /* preadv2 on an eventfd takes RWF_NOWAIT (probed) */
     uint64_t kick_drain_buf; /* without it, polled kicks are drained by io_uring reads into this */
@@ -35,6 +34,12 @@ struct dp_iothread {
     uint64_t poll_ns;
     uint64_t poll_max_ns;
     uint32_t ring_entries;
+    /* Every SQE we submit posts exactly one CQE; at most cq_entries may be
+     * owed at once, so the CQ never overflows (an overflowed CQ loses
+     * completions when the kernel cannot buffer them: requests that hang). */
+    uint32_t cq_entries;
+    uint32_t cqe_pending;    /* SQEs taken whose CQE has not been reaped */
+    int failed;              /* the io_uring failed us (-errno): every queue is broken */
     struct dp_queue *queues[DP_THREAD_MAX_QUEUES];
     uint32_t nqueues;
     uint32_t first_queue;    /* where the next pass over the queues starts */
@@ -100,16 +105,53 @@ static void backlog_push(struct dp_iothread *t, struct blk_req *req)
     t->backlog_tail = req;
 }
 
-/* Gets an SQE even when the SQ is full, by submitting what is queued. */
-static struct io_uring_sqe *iothread_get_sqe(struct dp_iothread *t)
+static void iothread_fail(struct dp_iothread *t, int err);
+
+/* Submits what is queued and, with wait_nr, waits for completions. Errors
+ * the kernel may clear on its own (no memory for a request, a CQ it is
+ * still flushing) leave the SQEs queued for the next call; others fail the
+ * thread, loudly: a silent error here would be a hang. */
+static int iothread_enter(struct dp_iothread *t, unsigned wait_nr)
 {
+    int ret;
+    do {
+        ret = wait_nr ? io_uring_submit_and_wait(&t->ring, wait_nr) : io_uring_submit(&t->ring);
+    } while (ret == -EINTR);
+    STAT_ADD(t->stats.submits, 1);
+    if (ret >= 0 || ret == -EAGAIN || ret == -EBUSY || ret == -ETIME)
+        return 0;
+    iothread_fail(t, ret);
+    return ret;
+}
+
+/* An SQE whose CQE has room, keeping `reserve` CQEs free for others; the SQ
+ * is submitted when full. NULL when there is no room (the caller owes it). */
+static struct io_uring_sqe *iothread_get_sqe_reserving(struct dp_iothread *t, uint32_t reserve)
+{
+    if (t->cqe_pending + reserve >= t->cq_entries)
+        return NULL;
     struct io_uring_sqe *sqe = io_uring_get_sqe(&t->ring);
     if (!sqe) {
-        io_uring_submit(&t->ring);
-        STAT_ADD(t->stats.submits, 1);
+        iothread_enter(t, 0);
         sqe = io_uring_get_sqe(&t->ring);
     }
+    if (sqe)
+        t->cqe_pending++;
     return sqe;
+}
+
+/* For kicks, signals, control and cancels: they may use the whole CQ. */
+static struct io_uring_sqe *iothread_get_sqe(struct dp_iothread *t)
+{
+    return iothread_get_sqe_reserving(t, 0);
+}
+
+/* Requests leave room for every queue's kick read, its cancel and drain,
+ * and a call and an err signal, and for control, so that those are never
+ * starved by I/O. What has no room waits in the backlog, in order. */
+struct io_uring_sqe *iothread_get_req_sqe(struct dp_iothread *t)
+{
+    return iothread_get_sqe_reserving(t, 8 + 5 * t->nqueues);
 }
 
 static void iothread_fail_req(struct blk_req *req, int err, uint64_t now)
@@ -135,7 +177,7 @@ static void bounce_wait_flush(struct dp_iothread *t, struct dp_queue *q, uint64_
 {
     while (q->bounce_wait_head) {
         struct blk_req *req = q->bounce_wait_head;
-        int ret = backend_uring_prep(&t->ring, req);
+        int ret = backend_uring_prep(t, req);
         if (ret == -EAGAIN || ret == -EBUSY)
             return; /* -EBUSY: no SQE this pass; the buffer, if made, stays with it */
         q->bounce_wait_head = req->next;
@@ -153,12 +195,7 @@ void iothread_submit_req(struct dp_iothread *t, struct blk_req *req)
         backlog_push(t, req);
         return;
     }
-    int ret = backend_uring_prep(&t->ring, req);
-    if (ret == -EBUSY) {
-        io_uring_submit(&t->ring);
-        STAT_ADD(t->stats.submits, 1);
-        ret = backend_uring_prep(&t->ring, req);
-    }
+    int ret = backend_uring_prep(t, req);
     if (ret == -EBUSY)
         backlog_push(t, req);
     else if (ret == -EAGAIN)
@@ -171,7 +208,7 @@ static void backlog_flush(struct dp_iothread *t, uint64_t now)
 {
     while (t->backlog_head) {
         struct blk_req *req = t->backlog_head;
-        int ret = backend_uring_prep(&t->ring, req);
+        int ret = backend_uring_prep(t, req);
         if (ret == -EBUSY)
             return;
         t->backlog_head = req->next;
@@ -206,8 +243,7 @@ void iothread_signal(struct dp_queue *q, enum dp_signal which)
     io_uring_prep_write(sqe, fd, &notify_value, sizeof(notify_value), 0);
     if (t->signal_nowait)
         sqe->rw_flags = RWF_NOWAIT;
-    if (t->cqe_skip)
-        sqe->flags |= IOSQE_CQE_SKIP_SUCCESS;
+    /* Not IOSQE_CQE_SKIP_SUCCESS: every SQE must post its CQE to be counted. */
     io_uring_sqe_set_data64(sqe, TAG_IGNORE);
 }
 
@@ -278,7 +314,7 @@ static void ctl_reply(struct dp_iothread *t, struct ctl_msg *msg, int result)
     /* Anything queued that names the queue's fds must reach the kernel
      * before the control side may close them. */
     if (io_uring_sq_ready(&t->ring))
-        io_uring_submit(&t->ring);
+        iothread_enter(t, 0);
     pthread_mutex_lock(&t->ctl_lock);
     msg->result = result;
     msg->done = true;
@@ -326,10 +362,14 @@ static void queue_check_drained(struct dp_iothread *t, struct dp_queue *q)
      * memory swap (their buffers would dangle) queues them to be walked
      * again on resume; a pause waits around them. */
     if (q->stopping && (q->held_count || q->resubmit_next < q->resubmit_count)) {
-        uint64_t now = now_ns();
-        queue_fail_held(q, now);
-        queue_fail_requeued(q, now);
-        queue_publish_and_notify(q);
+        if (q->inflight) {
+            queue_release_held(q);
+        } else {
+            uint64_t now = now_ns();
+            queue_fail_held(q, now);
+            queue_fail_requeued(q, now);
+            queue_publish_and_notify(q);
+        }
     } else if (q->held_count && msg && msg->type == CTL_SET_MEM && !queue_requeue_held(q)) {
         queue_fail_held(q, now_ns());
         queue_publish_and_notify(q);
@@ -536,6 +576,10 @@ static unsigned reap_completions(struct dp_iothread *t, uint64_t now)
 {
     struct io_uring_cqe *cqe;
     unsigned head, n = 0;
+    /* Cannot happen while every CQE has room (iothread_get_sqe); counted so
+     * that a test, or an operator, would see it. */
+    if (IO_URING_READ_ONCE(*t->ring.sq.kflags) & IORING_SQ_CQ_OVERFLOW)
+        STAT_ADD(t->stats.cq_overflows, 1);
     io_uring_for_each_cqe(&t->ring, head, cqe) {
         uint64_t data = io_uring_cqe_get_data64(cqe);
         void *ptr = (void *)(uintptr_t)(data & ~(uint64_t)TAG_MASK);
@@ -557,6 +601,7 @@ static unsigned reap_completions(struct dp_iothread *t, uint64_t now)
         n++;
     }
     io_uring_cq_advance(&t->ring, n);
+    t->cqe_pending -= n;
     return n;
 }
 
@@ -635,43 +680,76 @@ static void disable_kicks(struct dp_iothread *t)
         vring_split_disable_kicks(&t->queues[i]->vr);
 }
 
+/* Arms what found no SQE or CQ room before, and sends owed signals. Every
+ * pass: a queue waiting on a kick that is not armed would wait forever, and
+ * an owed call is a guest waiting. */
+static void iothread_rearm(struct dp_iothread *t)
+{
+    t->rearm_pending = false;
+    ctl_arm(t);
+    for (uint32_t i = 0; i < t->nqueues; i++) {
+        struct dp_queue *q = t->queues[i];
+        if (q->stopping)
+            kick_cancel(t, q);
+        else
+            kick_arm(t, q);
+        signals_flush(q);
+    }
+}
+
+/* One pass over the queues: pop, submit, publish and notify, finish drains.
+ * Returns the work done (requests popped and completions reaped). */
+static unsigned iothread_pass(struct dp_iothread *t, uint64_t now)
+{
+    STAT_ADD(t->stats.iterations, 1);
+    unsigned work = reap_completions(t, now);
+
+    /* Start each pass at the next queue: with a fixed order, two busy
+     * queues on one thread got 0.5-0.8x of each other's IOPS. A queue that
+     * spent its share of the pass goes last in the next one, so that the
+     * others never wait behind two of its shares in a row. */
+    uint32_t nq = t->nqueues;
+    if (t->first_queue >= nq)
+        t->first_queue = 0;
+    uint32_t next_first = t->first_queue + 1;
+    for (uint32_t k = 0, i = t->first_queue; k < nq; k++, i = i + 1 == nq ? 0 : i + 1) {
+        struct dp_queue *q = t->queues[i];
+        if (q->bounce_wait_head)
+            bounce_wait_flush(t, q, now);
+        work += queue_pop_batch(q, now);
+        if (q->budget_spent)
+            next_first = i + 1;
+        /* What completed (reaped above, or at once while popping) is
+         * published now, not after the other queues' pops: a queue's
+         * guest does not wait for its neighbours' work. */
+        queue_publish_and_notify(q);
+    }
+    t->first_queue = next_first;
+    backlog_flush(t, now);
+    /* Drains may detach queues: walk the array backwards. */
+    for (uint32_t i = t->nqueues; i-- > 0;) {
+        struct dp_queue *q = t->queues[i];
+        queue_publish_and_notify(q);
+        if (q->drain_waiter || q->stopping)
+            queue_check_drained(t, q);
+    }
+    if (t->rearm_pending)
+        iothread_rearm(t);
+    return work;
+}
+
 static void iothread_loop(struct dp_iothread *t)
 {
     for (;;) {
         uint64_t now = now_ns();
-        STAT_ADD(t->stats.iterations, 1);
-        unsigned work = reap_completions(t, now);
-
-        /* Start each pass at the next queue: with a fixed order, two busy
-         * queues on one thread got 0.5-0.8x of each other's IOPS. */
-        uint32_t nq = t->nqueues;
-        if (t->first_queue >= nq)
-            t->first_queue = 0;
-        for (uint32_t k = 0, i = t->first_queue; k < nq; k++, i = i + 1 == nq ? 0 : i + 1) {
-            struct dp_queue *q = t->queues[i];
-            if (q->bounce_wait_head)
-                bounce_wait_flush(t, q, now);
-            work += queue_pop_batch(q, now);
-        }
-        t->first_queue++;
-        backlog_flush(t, now);
-        /* Drains may detach queues: walk the array backwards. */
-        for (uint32_t i = t->nqueues; i-- > 0;) {
-            struct dp_queue *q = t->queues[i];
-            queue_publish_and_notify(q);
-            if (q->drain_waiter || q->stopping)
-                queue_check_drained(t, q);
-        }
+        unsigned work = iothread_pass(t, now);
         if (t->stop_waiter && t->nqueues == 0) {
             ctl_reply(t, t->stop_waiter, 0);
             return;
         }
-
         if (work) {
-            if (io_uring_sq_ready(&t->ring)) {
-                io_uring_submit(&t->ring);
-                STAT_ADD(t->stats.submits, 1);
-            }
+            if (io_uring_sq_ready(&t->ring))
+                iothread_enter(t, 0);
             continue;
         }
         if (poll_window(t, now))
@@ -681,25 +759,45 @@ static void iothread_loop(struct dp_iothread *t)
             continue;
         }
         if (t->rearm_pending) {
-            /* Unarmed, a kick or a control message would never wake us. */
-            t->rearm_pending = false;
-            ctl_arm(t);
-            for (uint32_t i = 0; i < t->nqueues; i++) {
-                struct dp_queue *q = t->queues[i];
-                if (q->stopping)
-                    kick_cancel(t, q);
-                else
-                    kick_arm(t, q);
-                signals_flush(q);
-            }
+            /* Unarmed, a kick or a control message would never wake us:
+             * reap what frees room, then arm again. */
+            iothread_enter(t, 0);
+            io_uring_get_events(&t->ring);
             continue;
         }
         uint64_t before = now_ns();
-        io_uring_submit_and_wait(&t->ring, 1);
-        STAT_ADD(t->stats.submits, 1);
         STAT_ADD(t->stats.waits, 1);
+        iothread_enter(t, 1);
         poll_adjust(t, now_ns() - before);
         disable_kicks(t);
+    }
+}
+
+/* The io_uring failed in a way that may have lost completions (-EBADR: the
+ * kernel dropped CQEs it could not buffer; the CQE accounting above keeps
+ * that from happening) or cannot go on. Requests may never complete: every
+ * queue is broken (its err fd written directly: the ring may not carry it)
+ * and the reason is kept for the control side to log. A drain still waits
+ * for what is in flight (the kernel may yet write into those buffers), but
+ * never silently. */
+static void iothread_fail(struct dp_iothread *t, int err)
+{
+    if (t->failed)
+        return;
+    t->failed = err;
+    STAT_SET(t->stats.failed, err);
+    for (uint32_t i = 0; i < t->nqueues; i++) {
+        struct dp_queue *q = t->queues[i];
+        if (q->broken)
+            continue;
+        q->broken = true;
+        STAT_SET(q->stats.broken_reason, err == -EBADR ? -EBADR : err);
+        STAT_SET(q->stats.broken, 1);
+        if (q->config.err_fd >= 0) {
+            uint64_t one = 1;
+            ssize_t r = write(q->config.err_fd, &one, sizeof(one));
+            (void)r;
+        }
     }
 }
 
@@ -761,23 +859,25 @@ static int iothread_setup(struct dp_iothread *t)
     memset(&p, 0, sizeof(p));
     p.flags = IORING_SETUP_CQSIZE | IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_COOP_TASKRUN |
               IORING_SETUP_TASKRUN_FLAG;
-    /* Room for every request of every queue plus kicks and notifies. */
-    p.cq_entries = t->ring_entries * 4;
+    /* Requests in flight are capped by the CQ (iothread_get_req_sqe); a
+     * large one keeps that cap out of the way of deep queues. */
+    uint32_t cq_entries = t->ring_entries * 4 > DP_THREAD_MIN_CQ ? t->ring_entries * 4 : DP_THREAD_MIN_CQ;
+    p.cq_entries = cq_entries;
     ret = io_uring_queue_init_params(t->ring_entries, &t->ring, &p);
     if (ret == -EINVAL) { /* older kernels: no SINGLE_ISSUER/COOP_TASKRUN */
         memset(&p, 0, sizeof(p));
         p.flags = IORING_SETUP_CQSIZE;
-        p.cq_entries = t->ring_entries * 4;
+        p.cq_entries = cq_entries;
         ret = io_uring_queue_init_params(t->ring_entries, &t->ring, &p);
     }
     if (ret)
         return ret;
     t->ring_ready = true;
-    t->cqe_skip = p.features & IORING_FEAT_CQE_SKIP;
+    t->cq_entries = p.cq_entries;
     io_uring_register_ring_fd(&t->ring); /* saves an fget per enter; optional */
     iothread_probe_nowait(t);
     ctl_arm(t);
-    io_uring_submit(&t->ring);
+    iothread_enter(t, 0);
     return 0;
 }
 

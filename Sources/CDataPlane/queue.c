@@ -64,44 +64,84 @@ void queue_complete(struct dp_queue *q, struct blk_req *req, uint8_t status, uin
     q->dirty = true;
 }
 
+/* A chain the guest cannot be answered on: no status byte to write, or a
+ * shape that needs guessing. Completing it would leave the guest reading
+ * whatever byte its status held (0 is VIRTIO_BLK_S_OK: a write it believes
+ * done), so the ring is broken instead (DEVICE_NEEDS_RESET), as QEMU does. */
+static bool queue_reject_chain(struct dp_queue *q, int reason)
+{
+    STAT_ADD(q->stats.errors[DP_ERR_BAD_REQUEST], 1);
+    queue_break(q, reason);
+    return false;
+}
+
+/* Takes a free slot for head and marks it in flight. */
+static struct blk_req *queue_take_slot(struct dp_queue *q, uint16_t head, uint64_t now)
+{
+    uint16_t slot = q->free_slots[--q->free_count];
+    struct blk_req *req = &q->reqs[slot];
+    q->head_slot[head] = (uint16_t)(slot + 1);
+    q->in_flight++;
+    if (q->inflight)
+        inflight_mark(q, head);
+    req->head = head;
+    req->start_ns = now;
+    return req;
+}
+
 /* Starts the chain at head (with fail_io, a request that needs I/O fails
- * instead). Returns false when the ring is corrupt. */
-static bool queue_start(struct dp_queue *q, uint16_t head, uint64_t now, bool fail_io)
+ * instead). Adds the descriptors it read to *cost. Returns false when the
+ * ring is broken. */
+static bool queue_start(struct dp_queue *q, uint16_t head, uint64_t now, bool fail_io, uint32_t *cost)
 {
     /* The same head twice in flight would be pushed twice: the guest broke the ring. */
     if (q->head_slot[head]) {
         queue_break(q, -EBUSY);
         return false;
     }
-    if (q->inflight)
-        inflight_mark(q, head);
-    uint16_t slot = q->free_slots[--q->free_count];
-    struct blk_req *req = &q->reqs[slot];
-    q->head_slot[head] = (uint16_t)(slot + 1);
-    q->in_flight++;
-    req->head = head;
-    req->start_ns = now;
-
+    /* Walked into the slot it will take; taken only once it can be answered. */
     struct vring_chain chain = {
-        .iov = q->iov_pool + (size_t)slot * DP_REQ_MAX_IOV,
+        .iov = q->iov_pool + (size_t)q->free_slots[q->free_count - 1] * DP_REQ_MAX_IOV,
         .iov_max = DP_REQ_MAX_IOV,
+        .scratch = q->indirect_scratch,
     };
     int ret = vring_split_walk(&q->vr, q->mem, head, &chain);
+    uint8_t *status = NULL;
+    if (ret == 0) {
+        status = chain.status;
+        if (!status)
+            ret = -ENOMSG;
+    } else {
+        /* Stopped at the first fault: is there a status byte to answer on? */
+        int found = vring_split_status(&q->vr, q->mem, head, &chain, &status);
+        if (found < 0)
+            ret = found;
+    }
+    *cost += chain.desc_reads;
+    if (!status)
+        return queue_reject_chain(q, ret);
+
+    struct blk_req *req = queue_take_slot(q, head, now);
     if (ret < 0) {
-        /* A malformed chain fails alone: back to the guest with length 0. */
-        req->status = NULL;
+        /* One buffer of a well-formed chain is bad: that request fails. */
+        req->status = status;
         req->op = DP_OP_OTHER;
         req->bounce = NULL;
         STAT_ADD(q->stats.errors[DP_ERR_BAD_REQUEST], 1);
         queue_complete(q, req, VIRTIO_BLK_S_IOERR, now);
         return true;
     }
+    uint32_t iovecs = chain.out_num + chain.in_num;
+    if (iovecs > q->longest_chain) {
+        q->longest_chain = iovecs;
+        STAT_SET(q->stats.longest_chain, iovecs);
+    }
     enum dp_err err;
-    int status = blk_parse(q->disk, &chain, req, &err);
+    int result = blk_parse(q->disk, &chain, req, &err);
     if (err != DP_ERR_COUNT)
         STAT_ADD(q->stats.errors[err], 1);
-    if (status != BLK_NEEDS_IO)
-        queue_complete(q, req, (uint8_t)status, now);
+    if (result != BLK_NEEDS_IO)
+        queue_complete(q, req, (uint8_t)result, now);
     else if (fail_io)
         queue_complete(q, req, VIRTIO_BLK_S_IOERR, now);
     else
@@ -132,6 +172,10 @@ static int fault_check(struct dp_disk *d, const struct blk_req *req)
 void queue_submit_io(struct dp_queue *q, struct blk_req *req, uint64_t now)
 {
     int fault = fault_check(q->disk, req);
+    /* After a failed flush of the page cache, no flush can succeed again:
+     * what it failed to write is lost to the next one (backend_uring.c). */
+    if (!fault && req->op == DP_OP_FLUSH)
+        fault = atomic_load_explicit(&q->disk->flush_error, memory_order_relaxed);
     if (fault)
         queue_io_done(q, req, fault, now);
     else if (q->disk->backend == DP_BACKEND_NULL)
@@ -160,6 +204,10 @@ static void held_push(struct dp_queue *q, struct blk_req *req)
 
 void queue_io_done(struct dp_queue *q, struct blk_req *req, int res, uint64_t now)
 {
+    /* DISCARD is advisory (QEMU treats it so): one the file or device
+     * cannot do is done, and never stops a queue. */
+    if (res == -EOPNOTSUPP && req->op == DP_OP_DISCARD)
+        res = 0;
     if (res >= 0) {
         queue_complete(q, req, VIRTIO_BLK_S_OK, now);
         return;
@@ -264,20 +312,37 @@ static uint16_t resubmit_take(struct dp_queue *q)
     return q->resubmit[q->resubmit_next++];
 }
 
-/* A stop while requeued or recovered heads wait to run: they fail as held
- * requests do (used elements with IOERR). Left marked in an inflight region
- * instead, they would outlive a plain GET_VRING_BASE, which promises that
- * everything before the index it returns is done (suspending into the
- * region is GET_VRING_BASE_INFLIGHT's, which we do not offer). */
+/* A stop while requeued or recovered heads wait to run, without an inflight
+ * region: they fail as held requests do (used elements with IOERR). */
 void queue_fail_requeued(struct dp_queue *q, uint64_t now)
 {
+    uint32_t cost = 0;
     while (q->resubmit_next < q->resubmit_count && q->free_count &&
-           queue_start(q, resubmit_take(q), now, true))
+           queue_start(q, resubmit_take(q), now, true, &cost))
         ;
 }
 
+/* A stop with an inflight region: requests held by the error policy, and
+ * heads waiting to run again, stay marked in the region and are not
+ * completed; whoever starts the ring next with it (this backend after a
+ * pause, a restarted one, a reconnected frontend) runs them again, as a
+ * SIGKILL would have left them. Their slots are given back. */
+void queue_release_held(struct dp_queue *q)
+{
+    for (struct blk_req *req = q->held_head; req; req = req->next) {
+        q->head_slot[req->head] = 0;
+        q->free_slots[q->free_count++] = (uint16_t)(req - q->reqs);
+        q->in_flight--;
+    }
+    q->held_head = q->held_tail = NULL;
+    q->held_count = 0;
+    q->error_stopped = false;
+    q->resubmit_count = q->resubmit_next = q->resubmit_held = 0;
+    STAT_SET(q->stats.in_flight, q->in_flight);
+}
+
 /* Pops one head off the avail ring and starts it. */
-static bool queue_pop_one(struct dp_queue *q, uint64_t now)
+static bool queue_pop_one(struct dp_queue *q, uint64_t now, uint32_t *cost)
 {
     uint16_t head;
     int ret = vring_split_pop_head(&q->vr, &head);
@@ -285,20 +350,45 @@ static bool queue_pop_one(struct dp_queue *q, uint64_t now)
         queue_break(q, ret);
         return false;
     }
-    return queue_start(q, head, now, false);
+    return queue_start(q, head, now, false, cost);
+}
+
+/* What the chains walked so far in this pass cost (descriptors read, and
+ * time once they are many), against the queue's share of a pass. What is
+ * left waits for the next pass, after the thread's other queues. */
+struct pass_budget {
+    uint32_t cost;
+    uint32_t next_clock; /* cost at which the clock is read next */
+    uint64_t start_ns;
+    bool spent;
+};
+
+static bool pass_budget_left(struct pass_budget *b)
+{
+    if (b->cost >= b->next_clock) {
+        b->next_clock = b->cost + DP_QUEUE_PASS_CLOCK_EVERY;
+        b->spent |= now_ns() - b->start_ns >= DP_QUEUE_PASS_NS;
+    }
+    b->spent |= b->cost >= DP_QUEUE_PASS_BUDGET;
+    return !b->spent;
 }
 
 unsigned queue_pop_batch(struct dp_queue *q, uint64_t now)
 {
+    q->budget_spent = false;
     if (!queue_can_pop(q))
         return 0;
     unsigned popped = 0;
+    /* One clock read per queue with work per pass: its own start (the
+     * pass's may be long past, spent on completions and other queues). */
+    struct pass_budget budget = {.next_clock = DP_QUEUE_PASS_CLOCK_EVERY, .start_ns = now_ns()};
+    uint32_t *cost = &budget.cost;
     /* Requests in flight when the previous backend went away come first. */
     while (q->resubmit_next < q->resubmit_count && q->free_count && !q->error_stopped &&
-           queue_start(q, resubmit_take(q), now, false))
+           pass_budget_left(&budget) && queue_start(q, resubmit_take(q), now, false, cost))
         popped++;
     /* Heads still waiting to run again were popped before anything new. */
-    if (q->resubmit_next >= q->resubmit_count) {
+    if (q->resubmit_next >= q->resubmit_count && pass_budget_left(&budget)) {
         int avail = vring_split_avail_count(&q->vr);
         if (avail < 0) {
             queue_break(q, avail);
@@ -307,9 +397,10 @@ unsigned queue_pop_batch(struct dp_queue *q, uint64_t now)
         unsigned n = (unsigned)avail < q->free_count ? (unsigned)avail : q->free_count;
         /* Like QEMU's werror=stop, the requests of a batch already fetched go
          * on; an error-policy stop holds back the batches after it. */
-        for (unsigned i = 0; i < n && queue_pop_one(q, now); i++)
+        for (unsigned i = 0; i < n && pass_budget_left(&budget) && queue_pop_one(q, now, cost); i++)
             popped++;
     }
+    q->budget_spent = budget.spent && queue_can_pop(q);
     if (popped) {
         STAT_ADD(q->stats.batches, 1);
         STAT_ADD(q->stats.batch_hist[stats_log2_bucket(popped, DP_BATCH_BUCKETS)], 1);
@@ -406,7 +497,8 @@ int dp_queue_create(struct dp_iothread *thread, const struct dp_queue_config *co
     size_t heads_off = free_off + nslots * sizeof(uint16_t);
     size_t pushed_off = heads_off + config->size * sizeof(uint16_t);
     size_t resubmit_off = pushed_off + nslots * sizeof(uint16_t);
-    size_t total = resubmit_off + config->size * sizeof(uint16_t);
+    size_t scratch_off = (resubmit_off + config->size * sizeof(uint16_t) + 15) & ~(size_t)15;
+    size_t total = scratch_off + VRING_INDIRECT_MAX * sizeof(struct vring_desc);
 
     int node;
     uint8_t *base = iothread_alloc(thread, total, &node);
@@ -419,6 +511,7 @@ int dp_queue_create(struct dp_iothread *thread, const struct dp_queue_config *co
     q->head_slot = (uint16_t *)(base + heads_off);
     q->pushed = (uint16_t *)(base + pushed_off);
     q->resubmit = (uint16_t *)(base + resubmit_off);
+    q->indirect_scratch = (struct vring_desc *)(base + scratch_off);
     q->inflight = config->inflight;
     q->alloc_size = total;
     q->numa_node = node;
@@ -432,8 +525,8 @@ int dp_queue_create(struct dp_iothread *thread, const struct dp_queue_config *co
         q->free_slots[i] = (uint16_t)(nslots - 1 - i);
     }
     q->free_count = nslots;
-    ret = vring_split_init(&q->vr, (uint16_t)config->size, desc, avail, used,
-                           config->last_avail_idx, config->event_idx, config->indirect);
+    ret = vring_split_init(&q->vr, (uint16_t)config->size, desc, avail, used, config->last_avail_idx,
+                           config->event_idx, config->indirect, disk->seg_max + 2);
     if (!ret && q->inflight)
         ret = inflight_recover(q);
     if (ret) {
@@ -528,6 +621,18 @@ const char *dp_ring_error_string(int reason)
         return "avail ring names a descriptor chain that is already in flight";
     case -EFAULT:
         return "ring lies outside guest memory";
+    case -ENOMSG:
+        return "descriptor chain has no device-writable status byte at its end";
+    case -ELOOP:
+        return "descriptor chain loops";
+    case -E2BIG:
+        return "descriptor chain has more descriptors than seg_max + 2, or an indirect table over 1024";
+    case -EBADMSG:
+        return "descriptor chain malformed (next outside its table, or a bad indirect descriptor)";
+    case -ENXIO:
+        return "indirect descriptor table outside guest memory";
+    case -EBADR:
+        return "the IOThread lost I/O completions (io_uring CQ overflow)";
     case 0:
         return "not broken";
     default:

@@ -24,6 +24,7 @@ void stats_queue_snapshot(const struct dp_queue_counters *c, struct dp_queue_sta
     out->notifies_suppressed = STAT_LOAD(c->notifies_suppressed);
     out->bounces = STAT_LOAD(c->bounces);
     out->bounce_bytes_peak = STAT_LOAD(c->bounce_bytes_peak);
+    out->longest_chain = STAT_LOAD(c->longest_chain);
     out->error_stopped = STAT_LOAD(c->error_stopped);
     out->error_stop_reason = STAT_LOAD(c->error_stop_reason);
     out->error_held = STAT_LOAD(c->error_held);
@@ -44,4 +45,6 @@ void stats_thread_snapshot(const struct dp_thread_counters *c, struct dp_iothrea
     out->poll_ns = STAT_LOAD(c->poll_ns);
     out->submits = STAT_LOAD(c->submits);
     out->queues = STAT_LOAD(c->queues);
+    out->failed = STAT_LOAD(c->failed);
+    out->cq_overflows = STAT_LOAD(c->cq_overflows);
 }

@@ -22,6 +22,7 @@ struct dp_queue_counters {
     _Atomic uint64_t notifies_suppressed;
     _Atomic uint64_t bounces;
     _Atomic uint64_t bounce_bytes_peak;
+    _Atomic uint32_t longest_chain;
     _Atomic uint32_t error_stopped;
     _Atomic int32_t error_stop_reason;
     _Atomic uint64_t error_held;
@@ -42,6 +43,8 @@ struct dp_thread_counters {
     _Atomic uint64_t poll_ns;
     _Atomic uint64_t submits;
     _Atomic uint32_t queues;
+    _Atomic int32_t failed;
+    _Atomic uint64_t cq_overflows;
 };
 
 #define STAT_LOAD(field) atomic_load_explicit(&(field), memory_order_relaxed)

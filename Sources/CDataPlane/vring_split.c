@@ -22,9 +22,9 @@ static uint16_t *avail_event_ptr(const struct vring_split *vr)
 }
 
 int vring_split_init(struct vring_split *vr, uint16_t size, void *desc, void *avail, void *used,
-                     uint16_t last_avail_idx, bool event_idx, bool indirect)
+                     uint16_t last_avail_idx, bool event_idx, bool indirect, uint32_t max_chain)
 {
-    if (size == 0 || (size & (size - 1)) || size > DP_QUEUE_MAX_SIZE)
+    if (size == 0 || (size & (size - 1)) || size > DP_QUEUE_MAX_SIZE || max_chain == 0)
         return -EINVAL;
     if (((uintptr_t)desc & 15) || ((uintptr_t)avail & 1) || ((uintptr_t)used & 3))
         return -EINVAL;
@@ -39,6 +39,7 @@ int vring_split_init(struct vring_split *vr, uint16_t size, void *desc, void *av
     vr->signalled_used_valid = false;
     vr->event_idx = event_idx;
     vr->indirect = indirect;
+    vr->max_chain = max_chain;
     return 0;
 }
 
@@ -74,21 +75,120 @@ static void desc_read(const struct vring_desc *table, uint32_t i, struct vring_d
     d->next = le16toh(READ_ONCE(&table[i].next));
 }
 
-/* Checks that [addr, addr + len) is guest memory without mapping it. */
-static int range_check(const struct dp_mem *mem, uint64_t addr, uint64_t len)
+/* Where a walk stands in a chain: the table it reads (the ring's, or an
+ * indirect one) and the bounds that keep a hostile chain finite. */
+struct chain_cursor {
+    const struct vring_desc *table;
+    uint32_t table_size;
+    uint32_t next;      /* index of the next descriptor to read */
+    uint32_t ttl;       /* reads left in this table before it must have looped */
+    uint32_t budget;    /* buffer descriptors the chain may still have */
+    bool in_indirect;
+    bool done;
+};
+
+static void cursor_init(const struct vring_split *vr, uint16_t head, struct chain_cursor *c)
 {
-    struct iovec scratch[8];
-    while (len) {
-        int n = guest_mem_map(mem, addr, len, scratch, 8);
-        if (n >= 0)
-            return 0;
-        if (n != -ENOBUFS)
-            return n;
-        uint64_t mapped = 0;
-        for (int i = 0; i < 8; i++)
-            mapped += scratch[i].iov_len;
-        addr += mapped;
-        len -= mapped;
+    c->table = vr->desc;
+    c->table_size = vr->size;
+    c->next = head;
+    /* 2.7.5.3.1: within one table a chain longer than the table revisits a
+     * descriptor, i.e. loops. */
+    c->ttl = vr->size;
+    c->budget = vr->max_chain;
+    c->in_indirect = false;
+    c->done = false;
+}
+
+/* Continues the walk in the indirect table d points to. */
+static int cursor_enter_indirect(const struct vring_split *vr, const struct dp_mem *mem,
+                                 struct chain_cursor *c, struct vring_desc *scratch,
+                                 const struct vring_desc *d)
+{
+    /* 2.7.5.3.1: only if negotiated, only one level, never with NEXT, a
+     * whole number of descriptors. Its length is bounded by our own limit,
+     * not by the queue size: Linux puts seg_max + 2 descriptors in one
+     * whatever the ring's size, and QEMU and libvhost-user accept that. */
+    if (!vr->indirect || c->in_indirect || (d->flags & VRING_DESC_F_NEXT))
+        return -EBADMSG;
+    if (d->len == 0 || d->len % sizeof(struct vring_desc))
+        return -EBADMSG;
+    uint32_t n = d->len / sizeof(struct vring_desc);
+    if (n > VRING_INDIRECT_MAX)
+        return -E2BIG;
+    const struct vring_desc *table = guest_mem_ptr(mem, d->addr, d->len);
+    /* Read in place when it lies in one region and the 64-bit fields are
+     * naturally aligned (a guest allocator promises 8, not 16); else read
+     * a private copy (the rare path: across two adjacent regions). */
+    if (!table || ((uintptr_t)table & 7)) {
+        if (guest_mem_copy_from(mem, d->addr, scratch, d->len) < 0)
+            return -ENXIO;
+        table = scratch;
+    }
+    c->table = table;
+    c->table_size = n;
+    c->ttl = n;
+    c->next = 0;
+    c->in_indirect = true;
+    return 0;
+}
+
+/* Reads the chain's next buffer descriptor into d, entering an indirect
+ * table on the way. Returns 1 with d filled, 0 past the last one, or a
+ * shape fault. */
+static int cursor_next(const struct vring_split *vr, const struct dp_mem *mem, struct chain_cursor *c,
+                       struct vring_chain *chain, struct vring_desc *d)
+{
+    while (!c->done) {
+        if (c->ttl == 0)
+            return -ELOOP;
+        c->ttl--;
+        desc_read(c->table, c->next, d);
+        chain->desc_reads++;
+        if (d->flags & VRING_DESC_F_INDIRECT) {
+            int ret = cursor_enter_indirect(vr, mem, c, chain->scratch, d);
+            if (ret)
+                return ret;
+            continue;
+        }
+        if (c->budget == 0)
+            return -E2BIG;
+        c->budget--;
+        if (!(d->flags & VRING_DESC_F_NEXT))
+            c->done = true;
+        else if (d->next >= c->table_size) /* 2.7.5: next indexes the same table */
+            return -EBADMSG;
+        else
+            c->next = d->next;
+        return 1;
+    }
+    return 0;
+}
+
+/* Appends the host iovecs of one buffer descriptor to the chain. */
+static int chain_map(const struct dp_mem *mem, const struct vring_desc *d, struct vring_chain *chain)
+{
+    bool writable = d->flags & VRING_DESC_F_WRITE;
+    /* 2.7.4.2: device-readable descriptors come before device-writable ones
+     * (counted in descriptors: an empty writable one counts too). */
+    if (!writable && chain->in_any)
+        return -EPROTO;
+    uint32_t used = chain->out_num + chain->in_num;
+    int n = guest_mem_map(mem, d->addr, d->len, chain->iov + used, chain->iov_max - used);
+    if (n < 0)
+        return n;
+    chain->status = NULL;
+    if (!writable) {
+        chain->out_num += (uint32_t)n;
+        chain->out_len += d->len;
+        return 0;
+    }
+    chain->in_num += (uint32_t)n;
+    chain->in_len += d->len;
+    chain->in_any = true;
+    if (n) {
+        const struct iovec *last = &chain->iov[used + (uint32_t)n - 1];
+        chain->status = (uint8_t *)last->iov_base + last->iov_len - 1;
     }
     return 0;
 }
@@ -96,98 +196,39 @@ static int range_check(const struct dp_mem *mem, uint64_t addr, uint64_t len)
 int vring_split_walk(const struct vring_split *vr, const struct dp_mem *mem, uint16_t head,
                      struct vring_chain *chain)
 {
-    const struct vring_desc *table = vr->desc;
-    uint32_t table_size = vr->size;
-    uint32_t i = head;
-    /* 2.7.5.3.1: a chain is at most queue-size descriptors long; anything longer
-     * within one table must revisit a descriptor, i.e. loop. */
-    uint32_t ttl = vr->size;
-    bool in_indirect = false;
-    bool seen_writable = false;
+    struct chain_cursor c;
+    struct vring_desc d;
+    int ret;
 
+    cursor_init(vr, head, &c);
     chain->out_num = chain->in_num = 0;
     chain->out_len = chain->in_len = 0;
-    chain->desc_count = 0;
-    chain->truncated = false;
-    chain->tail_byte = NULL;
-
-    for (;;) {
-        struct vring_desc d;
-        if (ttl == 0)
-            return -ELOOP;
-        ttl--;
-        desc_read(table, i, &d);
-        chain->desc_count++;
-        chain->tail_byte = NULL;
-
-        if (d.flags & VRING_DESC_F_INDIRECT) {
-            /* 2.7.5.3.1: only from the main table, never with NEXT, a whole
-             * number of 16-byte descriptors, and only if negotiated. */
-            if (!vr->indirect || in_indirect || (d.flags & VRING_DESC_F_NEXT))
-                return -EINVAL;
-            if (d.len == 0 || d.len % sizeof(struct vring_desc) || (d.addr & 15))
-                return -EINVAL;
-            if (d.len / sizeof(struct vring_desc) > vr->size)
-                return -E2BIG;
-            table = guest_mem_ptr(mem, d.addr, d.len);
-            if (!table)
-                return -EFAULT;
-            /* The guest address is aligned; the host mapping must be too
-             * (a frontend chooses how regions map). */
-            if ((uintptr_t)table & 15)
-                return -EINVAL;
-            table_size = d.len / sizeof(struct vring_desc);
-            ttl = table_size;
-            in_indirect = true;
-            i = 0;
-            continue;
-        }
-
-        bool writable = d.flags & VRING_DESC_F_WRITE;
-        /* 2.7.4.2: device-readable descriptors come before device-writable
-         * ones (counted in descriptors: an empty writable one counts too). */
-        if (!writable && seen_writable)
-            return -EINVAL;
-        seen_writable |= writable;
-        if (d.len && d.addr + (d.len - 1) < d.addr)
-            return -EFAULT;
-
-        int n;
-        uint32_t used = chain->out_num + chain->in_num;
-        if (chain->truncated) {
-            n = range_check(mem, d.addr, d.len);
-        } else {
-            n = guest_mem_map(mem, d.addr, d.len, chain->iov + used, chain->iov_max - used);
-            if (n == -ENOBUFS) {
-                chain->truncated = true;
-                n = range_check(mem, d.addr, d.len);
-            }
-        }
-        if (n < 0)
-            return n;
-        if (!chain->truncated) {
-            if (writable)
-                chain->in_num += (uint32_t)n;
-            else
-                chain->out_num += (uint32_t)n;
-        }
-        if (writable) {
-            chain->in_len += d.len;
-            if (d.len) {
-                struct iovec last;
-                if (guest_mem_map(mem, d.addr + d.len - 1, 1, &last, 1) == 1)
-                    chain->tail_byte = last.iov_base;
-            }
-        } else {
-            chain->out_len += d.len;
-        }
-
-        if (!(d.flags & VRING_DESC_F_NEXT))
-            return 0;
-        if (d.next >= table_size) /* 2.7.5: next indexes the same table */
-            return -EINVAL;
-        i = d.next;
+    chain->in_any = false;
+    chain->status = NULL;
+    while ((ret = cursor_next(vr, mem, &c, chain, &d)) == 1) {
+        ret = chain_map(mem, &d, chain);
+        if (ret)
+            return ret;
     }
+    return ret;
+}
+
+int vring_split_status(const struct vring_split *vr, const struct dp_mem *mem, uint16_t head,
+                       struct vring_chain *chain, uint8_t **status)
+{
+    struct chain_cursor c;
+    struct vring_desc d, last = {0};
+    int ret;
+
+    cursor_init(vr, head, &c);
+    while ((ret = cursor_next(vr, mem, &c, chain, &d)) == 1)
+        last = d;
+    if (ret < 0)
+        return ret;
+    if (!(last.flags & VRING_DESC_F_WRITE) || last.len == 0 || last.addr + (last.len - 1) < last.addr)
+        return -ENOMSG;
+    *status = guest_mem_ptr(mem, last.addr + (last.len - 1), 1);
+    return *status ? 0 : -ENOMSG;
 }
 
 void vring_split_push(struct vring_split *vr, uint16_t head, uint32_t len)

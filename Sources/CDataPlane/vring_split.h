@@ -42,6 +42,11 @@ struct vring_used {
     struct vring_used_elem ring[]; /* then le16 avail_event */
 };
 
+/* The most entries an indirect table may have (QEMU's VIRTQUEUE_MAX_SIZE).
+ * A chain is bounded by vring_split.max_chain anyway; this bounds the copy
+ * of a table that cannot be read in place. */
+#define VRING_INDIRECT_MAX 1024
+
 struct vring_split {
     struct vring_desc *desc;
     struct vring_avail *avail;
@@ -54,19 +59,23 @@ struct vring_split {
     bool signalled_used_valid;
     bool event_idx;
     bool indirect;
+    uint32_t max_chain;      /* buffer descriptors a chain may have: seg_max + 2 */
 };
 
 /* One popped chain, as host iovecs: device-readable ones first, then writable. */
 struct vring_chain {
     struct iovec *iov;
     uint32_t iov_max;
+    struct vring_desc *scratch; /* VRING_INDIRECT_MAX entries: where an indirect
+                                 * table that is misaligned or spans regions is
+                                 * copied to be read */
     uint32_t out_num;   /* device-readable iovecs */
     uint32_t in_num;    /* device-writable iovecs, after the readable ones */
     uint64_t out_len;   /* bytes */
     uint64_t in_len;
-    uint32_t desc_count;
-    bool truncated;     /* more iovecs than iov_max: the request must fail */
-    uint8_t *tail_byte; /* last byte of the last descriptor when it is writable and non-empty */
+    bool in_any;        /* a device-writable descriptor was seen (even an empty one) */
+    uint32_t desc_reads; /* descriptors read: what walking the chain cost */
+    uint8_t *status;    /* last byte of the last descriptor when it is writable and non-empty */
 };
 
 /* Bytes the rings of a queue of this size occupy (spec 2.7: desc, avail, used). */
@@ -75,9 +84,10 @@ struct vring_chain {
 #define VRING_USED_BYTES(n) (6 + 8 * (uint64_t)(n))
 
 /* Point the walker at translated rings; checks alignment (desc 16, avail 2, used 4).
- * used_idx resumes from the ring. */
+ * used_idx resumes from the ring. Chains longer than max_chain buffer
+ * descriptors are refused (the device announces seg_max = max_chain - 2). */
 int vring_split_init(struct vring_split *vr, uint16_t size, void *desc, void *avail, void *used,
-                     uint16_t last_avail_idx, bool event_idx, bool indirect);
+                     uint16_t last_avail_idx, bool event_idx, bool indirect, uint32_t max_chain);
 
 /* Number of new entries in the avail ring. -ERANGE when the guest moved its
  * index more than the queue size ahead (the ring is corrupt). Acquire: entries
@@ -87,13 +97,27 @@ int vring_split_avail_count(struct vring_split *vr);
 /* Takes the next head from the avail ring; -EINVAL when it is not < size. */
 int vring_split_pop_head(struct vring_split *vr, uint16_t *head);
 
-/* Walks the chain starting at head into chain->iov. Returns 0, or a
- * chain-level fault: -ELOOP (more descriptors than allowed: a loop), -E2BIG
- * (indirect table larger than the queue), -EINVAL (bad next index, nested or
- * misshapen indirect table, readable after writable), -EFAULT (an address
- * outside guest memory or wrapping). The chain's head is still valid then. */
+/* Walks the chain starting at head into chain->iov, stopping at the first
+ * fault. Returns 0 or a fault. Faults of the chain's shape (the request
+ * cannot be answered without guessing): -ELOOP (a table revisited: more
+ * descriptors than it holds), -E2BIG (more than max_chain buffer
+ * descriptors, or an indirect table over VRING_INDIRECT_MAX entries),
+ * -EBADMSG (next outside its table; an indirect table nested, chained,
+ * empty, not whole descriptors, or not negotiated), -ENXIO (an indirect
+ * table outside guest memory). Faults of one buffer (vring_split_status
+ * still finds the status byte): -EFAULT (an address outside guest memory or
+ * wrapping), -ENOBUFS (more iovecs than chain->iov_max), -EPROTO (readable
+ * after writable). */
 int vring_split_walk(const struct vring_split *vr, const struct dp_mem *mem, uint16_t head,
                      struct vring_chain *chain);
+
+/* After a fault: follows the chain's links only (no buffer is mapped) to its
+ * last descriptor and returns its last byte in *status when it is writable,
+ * non-empty and in guest memory. Same bounds and shape faults as the walk;
+ * -ENOMSG when the chain has no status byte. Adds its reads to
+ * chain->desc_reads. */
+int vring_split_status(const struct vring_split *vr, const struct dp_mem *mem, uint16_t head,
+                       struct vring_chain *chain, uint8_t **status);
 
 /* Fills the next used element; invisible to the guest until publish. */
 void vring_split_push(struct vring_split *vr, uint16_t head, uint32_t len);

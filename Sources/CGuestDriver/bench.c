@@ -36,6 +36,8 @@ struct bench {
     struct bench_queue *q;
     uint32_t nq;
     bool indirect;
+    uint32_t nsegs;
+    struct gd_seg *segs;    /* one request's data segments */
     uint64_t rng, cursor, nblocks, warm_end, last_done;
 };
 
@@ -73,9 +75,11 @@ static int bench_fill(struct bench *b, struct bench_queue *bq, uint64_t now)
         return 0;
     while (bq->nfree) {
         uint32_t slot = bq->free_slots[bq->nfree - 1];
-        struct gd_seg seg = { bq->buf[slot], b->p->block_size };
-        struct gd_req req = { .type = b->p->type, .sector = bench_next_sector(b), .segs = &seg,
-                              .nsegs = 1, .indirect = b->indirect };
+        uint32_t seg_len = b->p->block_size / b->nsegs;
+        for (uint32_t i = 0; i < b->nsegs; i++)
+            b->segs[i] = (struct gd_seg){ bq->buf[slot] + (uint64_t)i * seg_len, seg_len };
+        struct gd_req req = { .type = b->p->type, .sector = bench_next_sector(b), .segs = b->segs,
+                              .nsegs = b->nsegs, .indirect = b->indirect };
         uint16_t head;
         int rc = gd_request_add(b->d, bq->qi, &req, &head);
         if (rc < 0)
@@ -195,7 +199,10 @@ static int bench_setup(struct bench *b, struct pollfd *pfds)
     struct dp_queue_config qc;
     gd_queue_config(b->d, p->first_queue, &qc);
     uint32_t size = qc.size;
-    b->indirect = 3ull * p->depth > size; /* header, data, status per direct chain */
+    b->indirect = (b->nsegs + 2ull) * p->depth > size; /* header, data, status per direct chain */
+    b->segs = calloc(b->nsegs, sizeof(*b->segs));
+    if (!b->segs)
+        return -ENOMEM;
     for (uint32_t i = 0; i < b->nq; i++) {
         struct bench_queue *bq = &b->q[i];
         bq->qi = p->first_queue + i;
@@ -222,13 +229,15 @@ static int bench_setup(struct bench *b, struct pollfd *pfds)
 
 int gd_bench_run(struct gd_driver *d, const struct gd_bench_params *p, struct gd_bench_result *r)
 {
+    uint32_t nsegs = p->segments ? p->segments : 1;
     if (!d || !p || !r || !p->num_queues || !p->depth || p->first_queue > UINT32_MAX - p->num_queues ||
         (p->type != GD_BLK_T_IN && p->type != GD_BLK_T_OUT) || !p->block_size || p->block_size % 512 ||
-        p->capacity_sectors < p->block_size / 512)
+        p->block_size % nsegs || p->capacity_sectors < p->block_size / 512)
         return -EINVAL;
     struct dp_queue_config qc;
     gd_queue_config(d, p->first_queue + p->num_queues - 1, &qc);
-    if (!qc.size || p->depth > qc.size) /* the last queue exists, and one head per request */
+    /* The last queue exists, one head per request, a chain fits the ring. */
+    if (!qc.size || p->depth > qc.size || nsegs + 2ull > qc.size)
         return -EINVAL;
     memset(r, 0, sizeof(*r));
 
@@ -252,6 +261,7 @@ int gd_bench_run(struct gd_driver *d, const struct gd_bench_params *p, struct gd
         .d = d, .p = p, .r = r, .nq = p->num_queues,
         .rng = p->seed ? p->seed : 0x9E3779B97F4A7C15ull,
         .nblocks = p->capacity_sectors / (p->block_size / 512),
+        .nsegs = nsegs,
     };
     uint64_t mark = gd_alloc_mark(d);
     struct pollfd *pfds = calloc(b.nq, sizeof(*pfds));
@@ -273,6 +283,7 @@ int gd_bench_run(struct gd_driver *d, const struct gd_bench_params *p, struct gd
         free(bq->t_of_head);
     }
     free(b.q);
+    free(b.segs);
     free(pfds);
     /* After an error requests may still be in flight; keep their buffers then. */
     if (!in_flight)
@@ -280,6 +291,21 @@ int gd_bench_run(struct gd_driver *d, const struct gd_bench_params *p, struct gd
     if (pinned)
         pthread_setaffinity_np(pthread_self(), sizeof(old_set), &old_set);
     return rc;
+}
+
+int gd_pin_thread(int32_t cpu)
+{
+    if (cpu >= CPU_SETSIZE)
+        return -EINVAL;
+    cpu_set_t set;
+    CPU_ZERO(&set);
+    if (cpu >= 0) {
+        CPU_SET(cpu, &set);
+    } else {
+        for (int i = 0; i < CPU_SETSIZE; i++)
+            CPU_SET(i, &set);
+    }
+    return -pthread_setaffinity_np(pthread_self(), sizeof(set), &set);
 }
 
 uint32_t gd_hist_bucket(uint64_t ns)

@@ -1,3 +1,4 @@
+import CDataPlane
 #if canImport(Glibc)
 import Glibc
 #elseif canImport(Musl)
@@ -249,7 +250,11 @@ public struct DiskConfiguration: Sendable, Equatable {
     public var logicalBlockSize: UInt32
     /// The number of virtqueues: 1...64.
     public var numQueues: Int
-    /// The number of descriptors per virtqueue: a power of two in 1...32768.
+    /// The largest virtqueue a frontend may set up: a power of two in
+    /// 1...32768 (the default, 1024, is the largest QEMU makes). A larger
+    /// ring is refused. It also bounds what a request may carry
+    /// (``segmentsPerRequest``), so that a guest without indirect
+    /// descriptors can always fit one in its ring.
     public var queueSize: Int
     /// The capacity of a null-backend disk in bytes: a non-zero multiple of
     /// ``logicalBlockSize``. Ignored by the file backend.
@@ -277,7 +282,7 @@ public struct DiskConfiguration: Sendable, Equatable {
         serial: String? = nil,
         logicalBlockSize: UInt32 = 512,
         numQueues: Int = 1,
-        queueSize: Int = 256,
+        queueSize: Int = 1024,
         nullSizeBytes: UInt64 = 1 << 30
     ) {
         self.path = path
@@ -320,6 +325,14 @@ public struct DiskConfiguration: Sendable, Equatable {
         {
             throw .invalidNullSize(nullSizeBytes, logicalBlockSize: logicalBlockSize)
         }
+    }
+
+    /// The data segments one request may carry, announced to the guest as
+    /// seg_max: 128, or ``queueSize`` - 2 when that is smaller (a guest
+    /// without indirect descriptors must fit a request in its ring). A
+    /// guest sending more breaks its queue (DEVICE_NEEDS_RESET).
+    public var segmentsPerRequest: Int {
+        max(1, min(Int(DP_SEG_MAX), queueSize - 2))
     }
 
     static func isPrintableASCII(_ byte: UInt8) -> Bool {

@@ -31,6 +31,7 @@ public final class Disk: @unchecked Sendable {
         cConfig.read_only = configuration.readOnly
         cConfig.read_policy = configuration.readErrorPolicy.cValue
         cConfig.write_policy = configuration.writeErrorPolicy.cValue
+        cConfig.seg_max = UInt32(configuration.segmentsPerRequest)
         withUnsafeMutableBytes(of: &cConfig.serial) { serial in
             for (i, byte) in configuration.serial.utf8.prefix(Int(DP_SERIAL_LEN)).enumerated() {
                 serial[i] = byte
@@ -88,6 +89,15 @@ public final class Disk: @unchecked Sendable {
             throw .system(operation: "setting up disk \(configuration.path)", errno: -ret)
         }
         handle = disk
+    }
+
+    /// Set once a flush of the page cache failed (without O_DIRECT): the
+    /// pages it could not write are marked clean, so data the guest was told
+    /// is durable may be lost, and every later FLUSH fails until the disk is
+    /// opened again (restart dpctl). The errno of the failure.
+    public var flushFailure: Int32? {
+        let error = dp_disk_flush_error(handle)
+        return error < 0 ? -error : nil
     }
 
     /// Makes matching requests fail (for tests and rehearsals), or stops that with nil.

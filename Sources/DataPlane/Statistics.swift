@@ -71,6 +71,9 @@ public struct QueueStatistics: Sendable, Equatable, Codable {
     /// The most bounce-buffer memory a queue held at once (per queue; a
     /// disk's total gives its largest queue's).
     public var bouncePeakBytes: UInt64 = 0
+    /// The most iovecs one request carried, header and status included (a
+    /// Linux guest's largest requests carry seg_max + 2).
+    public var longestChain: UInt32 = 0
     public var latency = LatencyHistogram()
     /// Set while the error policy holds failed requests (why, e.g. "No space left on device").
     public var stoppedOnError: String?
@@ -120,6 +123,7 @@ public struct QueueStatistics: Sendable, Equatable, Codable {
         notifiesSuppressed = raw.notifies_suppressed
         bounces = raw.bounces
         bouncePeakBytes = raw.bounce_bytes_peak
+        longestChain = raw.longest_chain
         latency = LatencyHistogram(buckets: withUnsafeBytes(of: raw.latency_hist) { Array($0.bindMemory(to: UInt64.self)) })
         if raw.error_stopped != 0 {
             stoppedOnError = DataPlaneError.message(-raw.error_stop_reason)
@@ -153,6 +157,7 @@ public struct QueueStatistics: Sendable, Equatable, Codable {
             total.notifies &+= p.notifies; total.notifiesSuppressed &+= p.notifiesSuppressed
             total.bounces &+= p.bounces
             total.bouncePeakBytes = max(total.bouncePeakBytes, p.bouncePeakBytes)
+            total.longestChain = max(total.longestChain, p.longestChain)
             total.latency = total.latency.adding(p.latency)
             total.heldRequests &+= p.heldRequests
             total.ignoredErrors &+= p.ignoredErrors
@@ -208,6 +213,10 @@ public struct IOThreadStatistics: Sendable, Equatable, Codable {
     /// CPU time the thread has used.
     public var cpuNanoseconds: UInt64
     public var queues: Int
+    /// Set when the thread's io_uring failed it (its queues are broken): why.
+    public var failure: String?
+    /// Passes that found its io_uring completion queue overflowed (0 by design).
+    public var completionQueueOverflows: UInt64
 
     init(_ raw: dp_iothread_stats, name: String) {
         self.name = name
@@ -219,5 +228,7 @@ public struct IOThreadStatistics: Sendable, Equatable, Codable {
         submits = raw.submits
         cpuNanoseconds = raw.cpu_ns
         queues = Int(raw.queues)
+        failure = raw.failed != 0 ? DataPlaneError.message(-raw.failed) : nil
+        completionQueueOverflows = raw.cq_overflows
     }
 }

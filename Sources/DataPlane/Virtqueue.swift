@@ -77,7 +77,8 @@ public final class Virtqueue: @unchecked Sendable {
     init(disk: Disk, index: Int, thread: IOThread, memory: GuestMemory,
          configuration: VirtqueueConfiguration) throws(DataPlaneError) {
         var config = configuration.cValue
-        if config.size == 0 || config.size > UInt32(DP_QUEUE_MAX_SIZE) {
+        // The disk announced what a request may carry for rings up to its queue size.
+        if config.size == 0 || config.size > UInt32(DP_QUEUE_MAX_SIZE) || Int(config.size) > disk.configuration.queueSize {
             throw .queue(disk: disk.name, index: index, errno: EINVAL)
         }
         var queue: OpaquePointer?

@@ -225,7 +225,8 @@ struct DiskConfigurationTests {
         #expect(disk.serial == "vm1.qcow2")
         #expect(disk.logicalBlockSize == 512)
         #expect(disk.numQueues == 1)
-        #expect(disk.queueSize == 256)
+        #expect(disk.queueSize == 1024)
+        #expect(disk.segmentsPerRequest == 128)
         #expect(disk.nullSizeBytes == 1_073_741_824)
         try disk.validate()
     }

@@ -93,6 +93,8 @@ import Testing
         #expect(image.read(offset: 0, count: 4096) == pattern(4096, seed: 7))
     }
 
+    /// Without inflight tracking a stop (GET_VRING_BASE, disconnect, dpctl
+    /// stop) reports what the queue holds: nothing is left unanswered.
     @Test func stoppingAQueueFailsWhatItHolds() throws {
         let image = try TestImage(size: 1 << 20)
         let h = try harness(image, write: .stop)
@@ -102,6 +104,32 @@ import Testing
         let last = h.queues[0].stop() // drains: held requests are reported, never lost
         #expect(last == 1)
         #expect(try h.guest.complete().status == UInt8(GD_BLK_S_IOERR))
+    }
+
+    /// With the frontend's inflight region (QEMU negotiates it), a stop keeps
+    /// what a SIGKILL keeps: the held request stays marked there, unanswered,
+    /// and whoever starts the ring next with the region runs it again (QEMU
+    /// stops the rings on every VM pause: `virsh suspend` while the operator
+    /// frees space must not turn a full disk into guest I/O errors).
+    @Test func stoppingAQueueWithAnInflightRegionKeepsWhatItHolds() throws {
+        let image = try TestImage(size: 1 << 20)
+        let h = try harness(image, write: .stop, inflight: true)
+        let g = h.guest
+        h.disk.injectFaults(FaultInjection(errno: Self.ENOSPC, operations: [.write]))
+        let held = try write(g, sector: 0, seed: 9)
+        expectNothingCompletes(g)
+        let last = h.queues[0].stop()
+        #expect(last == 1)
+        expectNothingCompletes(g)
+        #expect(h.inflightMarked(head: held))
+        // The space is freed; the VM resumes.
+        h.disk.injectFaults(nil)
+        try h.restartQueue(lastAvailIndex: last)
+        let done = try g.complete()
+        #expect(done.head == held && done.status == 0)
+        #expect(image.read(offset: 0, count: 4096) == pattern(4096, seed: 9))
+        #expect(!h.inflightMarked(head: held))
+        #expect((try? g.complete(timeout: 0.3)) == nil, "completed once")
     }
 
     /// A write held by the stop policy, then a memory-table swap (to a table
@@ -170,17 +198,27 @@ import Testing
         #expect(h.stats().heldRequests == 0 && h.stats().inFlight == 0)
     }
 
-    /// A stop after such a swap, before resume, still reports them; with an
-    /// inflight region too (review finding: they were left marked in it and
-    /// unanswered, though a plain GET_VRING_BASE promises that everything
-    /// before the index it returns is done).
+    /// A stop after such a swap, before resume: without an inflight region it
+    /// reports them; with one they stay marked there for the next start (as
+    /// requests held without a swap do), and run then.
     @Test(arguments: [false, true])
-    func stopAfterAMemorySwapFailsTheRequestsItKept(inflight: Bool) throws {
-        let (h, _, held) = try heldWriteThroughAMemorySwap(seed: 12, inflight: inflight)
+    func stopAfterAMemorySwapKeepsOrReportsTheRequestsItHeld(inflight: Bool) throws {
+        let (h, image, held) = try heldWriteThroughAMemorySwap(seed: 12, inflight: inflight)
         #expect(h.inflightMarked(head: held) == inflight)
-        #expect(h.queues[0].stop() == 1)
+        let last = h.queues[0].stop()
+        #expect(last == 1)
+        guard inflight else {
+            let done = try h.guest.complete()
+            #expect(done.head == held && done.status == UInt8(GD_BLK_S_IOERR))
+            return
+        }
+        expectNothingCompletes(h.guest)
+        #expect(h.inflightMarked(head: held))
+        h.disk.injectFaults(nil)
+        try h.restartQueue(lastAvailIndex: last)
         let done = try h.guest.complete()
-        #expect(done.head == held && done.status == UInt8(GD_BLK_S_IOERR))
+        #expect(done.head == held && done.status == 0)
+        #expect(image.read(offset: 16 * 512, count: 4096) == pattern(4096, seed: 12))
         #expect(!h.inflightMarked(head: held))
     }
 
@@ -241,5 +279,53 @@ import Testing
         for i in 0..<32 {
             #expect(image.read(offset: i * 65536, count: 65536) == pattern(65536, seed: UInt8(i)), "write \(i)")
         }
+    }
+
+    /// Without O_DIRECT a failed fdatasync leaves the pages it could not
+    /// write marked clean, and the next one succeeds without them (Linux
+    /// reports a writeback error once). The failure is sticky: every later
+    /// FLUSH fails until the disk is opened again, so the guest is never told
+    /// data is durable that is not. A loop device over a file on a small
+    /// tmpfs: writes land in the loop device's page cache; writeback runs
+    /// out of space. Also under the stop policy: the held FLUSH never turns
+    /// into a success on resume.
+    @Test(arguments: [ErrorPolicy.report, .stop])
+    func failedFlushOfThePageCacheStaysFailed(policy: ErrorPolicy) throws {
+        let fs = try TmpfsMount(size: "4m")
+        let backing = fs.path + "/backing.raw"
+        #expect(FileManager.default.createFile(atPath: backing, contents: nil))
+        #expect(truncate(backing, 32 << 20) == 0)
+        let loop = try LoopDevice(backing: backing)
+        var config = DiskConfiguration(path: loop.path, directIO: false)
+        config.writeErrorPolicy = policy
+        let h = try Harness(disk: config)
+        let g = h.guest
+        // 8 MiB of writes into the page cache: twice the room behind it.
+        for i in 0..<128 {
+            _ = try write(g, sector: UInt64(i * 128), seed: UInt8(truncatingIfNeeded: i), size: 65536)
+            #expect(try g.complete().status == 0)
+        }
+        let flush = try g.submit(type: UInt32(GD_BLK_T_FLUSH))
+        if policy == .report {
+            let failed = try g.complete(timeout: 30)
+            #expect(failed.head == flush && failed.status == UInt8(GD_BLK_S_IOERR))
+        } else {
+            expectNothingCompletes(g, within: 3)
+            #expect(h.stats().heldRequests == 1)
+        }
+        #expect(h.disk.flushFailure != nil)
+        // Room again: Linux would now report the next fdatasync a success.
+        try fs.resize("64m")
+        if policy == .report {
+            #expect(try g.run(type: UInt32(GD_BLK_T_FLUSH)).status == UInt8(GD_BLK_S_IOERR))
+        } else {
+            try h.plane.resume(disk: h.disk)
+            expectNothingCompletes(g)
+            #expect(h.stats().stoppedOnError != nil && h.stats().heldRequests == 1)
+            _ = h.queues[0].stop() // reported, never a success
+            let done = try g.complete()
+            #expect(done.head == flush && done.status == UInt8(GD_BLK_S_IOERR))
+        }
+        #expect(h.disk.flushFailure != nil)
     }
 }

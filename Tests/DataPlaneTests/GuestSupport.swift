@@ -179,7 +179,7 @@ final class Harness: @unchecked Sendable {
         })
         var config = diskConfig
         config.numQueues = queues
-        config.queueSize = queueSize
+        config.queueSize = max(config.queueSize, queueSize) // the largest ring the disk takes
         disk = try plane.addDisk(config)
         guest = try TestGuest(queues: queues, queueSize: queueSize, eventIndex: eventIndex)
         for q in 0..<queues {
@@ -208,6 +208,15 @@ final class Harness: @unchecked Sendable {
     }
 
     func stats(_ q: Int = 0) -> QueueStatistics { queues[q].statistics() }
+
+    /// Starts a stopped queue again on the same rings and inflight region,
+    /// as a frontend does after GET_VRING_BASE (a VM pause, a reconnect).
+    func restartQueue(_ q: Int = 0, lastAvailIndex: UInt16) throws {
+        var config = guest.queueConfiguration(q)
+        config.lastAvailIndex = lastAvailIndex
+        if q < inflightRegions.count { config.inflight = UInt(bitPattern: inflightRegions[q]) }
+        queues[q] = try plane.startQueue(disk: disk, index: q, memory: guest.memory, configuration: config)
+    }
 }
 
 func pattern(_ count: Int, seed: UInt8) -> [UInt8] {

@@ -4,10 +4,13 @@ import Testing
 
 @testable import DataPlane
 
-/// A hostile guest gets a defined outcome: a bad chain fails alone (returned
-/// with used length 0 when it has no writable status byte, IOERR when it
-/// has), ring corruption marks the queue broken, and nothing outside the
-/// guest's buffers is touched.
+/// A hostile guest gets a defined outcome, and is never left reading a
+/// status byte nobody wrote (0 is VIRTIO_BLK_S_OK): a chain with a bad
+/// buffer but a status byte fails with IOERR written there; a chain that
+/// cannot be answered without guessing (no status byte, a loop, a chain
+/// longer than seg_max + 2, a malformed indirect table) breaks its queue
+/// (DEVICE_NEEDS_RESET); ring corruption breaks the queue; other queues
+/// keep running; nothing outside the guest's buffers is touched.
 @Suite struct HostileGuestTests {
     static let imageSize = 4 << 20
     static let sectors = UInt64(imageSize / 512)
@@ -25,7 +28,7 @@ import Testing
         var g: TestGuest { h.guest }
     }
 
-    func setup(queues: Int = 1, queueSize: Int = 64, errorFD: Int32 = -1) throws -> Setup {
+    func setup(queues: Int = 2, queueSize: Int = 64, errorFD: Int32 = -1) throws -> Setup {
         let image = try TestImage(size: Self.imageSize)
         image.write(offset: 0, Self.imageBytes)
         let h = try Harness(disk: DiskConfiguration(path: image.path), queues: queues, queueSize: queueSize)
@@ -46,6 +49,13 @@ import Testing
         return gpa
     }
 
+    /// A status byte holding 0xFF, so that whether we wrote it shows.
+    func statusByte(_ g: TestGuest) -> UInt64 {
+        let gpa = g.alloc(1)
+        g.write(gpa, [0xFF])
+        return gpa
+    }
+
     /// Writes descriptors first..first+n-1 chained in order (NEXT added
     /// automatically unless `chain` is false), puts `first` on the avail
     /// ring, publishes and kicks.
@@ -61,8 +71,10 @@ import Testing
         gd_kick(g.driver, queue)
     }
 
-    func writeTable(_ g: TestGuest, _ descs: [(addr: UInt64, len: UInt32, flags: UInt16, next: UInt16)]) -> UInt64 {
-        let gpa = g.alloc(UInt64(max(descs.count, 1) * 16), align: 16)
+    /// An indirect table in guest memory (at `at`, or allocated 16-aligned).
+    func writeTable(_ g: TestGuest, _ descs: [(addr: UInt64, len: UInt32, flags: UInt16, next: UInt16)],
+                    at: UInt64? = nil) -> UInt64 {
+        let gpa = at ?? g.alloc(UInt64(max(descs.count, 1) * 16), align: 16)
         var bytes: [UInt8] = []
         for d in descs {
             bytes += withUnsafeBytes(of: d.addr.littleEndian) { Array($0) }
@@ -72,6 +84,15 @@ import Testing
         }
         g.write(gpa, bytes)
         return gpa
+    }
+
+    /// An indirect chain: header, `segments` writes of 512 bytes from `data`, status.
+    func writeChain(_ g: TestGuest, sector: UInt64, data: UInt64, segments: Int, status: UInt64,
+                    at: UInt64? = nil) -> (gpa: UInt64, bytes: UInt32) {
+        var descs: [(addr: UInt64, len: UInt32, flags: UInt16, next: UInt16)] = [(header(g, type: 1, sector: sector), 16, Self.NEXT, 1)]
+        for i in 0..<segments { descs.append((data + UInt64(i) * 512, 512, Self.NEXT, UInt16(i + 2))) }
+        descs.append((status, 1, Self.W, 0))
+        return (writeTable(g, descs, at: at), UInt32(descs.count * 16))
     }
 
     /// A well-formed read still works after the hostile request.
@@ -89,19 +110,134 @@ import Testing
         #expect(!s.h.stats(queue).broken)
     }
 
-    /// A chain that cannot be answered comes back with used length 0.
-    func expectReturnedEmpty(_ s: Setup) throws {
+    /// The request failed alone: IOERR written to its status byte, used length 1.
+    func expectFailed(_ s: Setup, status: UInt64) throws {
         let used = try s.g.usedElement()
         #expect(used.id == 0)
-        #expect(used.length == 0)
+        #expect(used.length == 1)
+        #expect(s.g.read(status, 1) == [UInt8(GD_BLK_S_IOERR)])
         #expect(s.h.stats().badRequests == 1)
         #expect(!s.h.stats().broken)
+    }
+
+    /// The chain cannot be answered: its queue is broken (no used element,
+    /// no status written), and the disk's other queue goes on.
+    func expectBroken(_ s: Setup, reason: String, status: UInt64? = nil) throws {
+        let deadline = Date().addingTimeInterval(5)
+        while !s.h.stats().broken && Date() < deadline { usleep(1000) }
+        let stats = s.h.stats()
+        #expect(stats.brokenReason?.contains(reason) == true, "broken: \(stats.brokenReason ?? "no")")
+        #expect(stats.badRequests == 1)
+        #expect(stats.inFlight == 0)
+        var id: UInt32 = 0, len: UInt32 = 0
+        #expect(gd_used_pop(s.g.driver, 0, &id, &len) == 0, "the chain came back (used length \(len))")
+        if let status { #expect(s.g.read(status, 1) == [0xFF]) }
+        try expectStillServes(s, queue: 1)
     }
 
     func expectImageUntouched(_ s: Setup) {
         #expect(s.image.size == Self.imageSize)
         #expect(s.image.read(offset: 0, count: Self.imageSize) == Self.imageBytes)
     }
+
+    // MARK: - Chains the spec and real guests use are served
+
+    /// The write a Linux guest makes with `dd bs=1M oflag=direct` on QEMU's
+    /// default ring: 128 segments in a 130-entry indirect table, on a
+    /// 128-entry ring. Refused once as "longer than the ring", and answered
+    /// with no status written: the guest read 0 (OK) and lost the write.
+    @Test func indirectTableLongerThanTheRing() throws {
+        let s = try setup(queueSize: 128)
+        let g = s.g
+        let data = g.alloc(128 * 512)
+        let bytes = pattern(128 * 512, seed: 7)
+        g.write(data, bytes)
+        let status = statusByte(g)
+        let table = writeChain(g, sector: 16, data: data, segments: 128, status: status)
+        post(g, [(table.gpa, table.bytes, Self.INDIRECT)])
+        let used = try g.usedElement()
+        #expect(used.id == 0 && used.length == 1)
+        #expect(g.read(status, 1) == [UInt8(GD_BLK_S_OK)])
+        #expect(s.image.read(offset: 16 * 512, count: bytes.count) == bytes)
+        #expect(s.h.stats().longestChain == 130)
+        #expect(!s.h.stats().broken)
+    }
+
+    /// A guest allocator promises 8-byte alignment for an indirect table, not 16.
+    @Test func indirectTableAlignedTo8Bytes() throws {
+        let s = try setup()
+        let g = s.g
+        let data = g.alloc(4 * 512)
+        g.write(data, pattern(4 * 512, seed: 3))
+        let status = statusByte(g)
+        let at = g.alloc(6 * 16 + 8, align: 16) + 8
+        let table = writeChain(g, sector: 0, data: data, segments: 4, status: status, at: at)
+        post(g, [(table.gpa, table.bytes, Self.INDIRECT)])
+        let used = try g.usedElement()
+        #expect(used.length == 1 && g.read(status, 1) == [UInt8(GD_BLK_S_OK)])
+        #expect(s.image.read(offset: 0, count: 4 * 512) == pattern(4 * 512, seed: 3))
+    }
+
+    /// An indirect table, like any buffer, may run from one region into a
+    /// guest-physically adjacent one (mapped apart in our address space).
+    @Test func indirectTableSpanningTwoRegions() throws {
+        let s = try setup()
+        let g = s.g
+        let data = g.alloc(8 * 512)
+        g.write(data, pattern(8 * 512, seed: 5))
+        let status = statusByte(g)
+        let at = g.allocAt(g.boundary - 5 * 16, 10 * 16) // 5 entries in each region
+        let table = writeChain(g, sector: 64, data: data, segments: 8, status: status, at: at)
+        post(g, [(table.gpa, table.bytes, Self.INDIRECT)])
+        let used = try g.usedElement()
+        #expect(used.length == 1 && g.read(status, 1) == [UInt8(GD_BLK_S_OK)])
+        #expect(s.image.read(offset: 64 * 512, count: 8 * 512) == pattern(8 * 512, seed: 5))
+    }
+
+    // MARK: - A bad buffer fails its request, with the status written
+
+    @Test func addressOutsideGuestMemory() throws {
+        let s = try setup()
+        let g = s.g
+        let status = statusByte(g)
+        post(g, [(header(g, type: 1, sector: 0), 16, Self.R), (g.memorySize + 4096, 4096, Self.R), (status, 1, Self.W)])
+        try expectFailed(s, status: status)
+        expectImageUntouched(s)
+        try expectStillServes(s)
+    }
+
+    @Test func lengthRunsPastTheLastRegion() throws {
+        let s = try setup()
+        let g = s.g
+        let status = statusByte(g)
+        post(g, [(header(g, type: 0, sector: 0), 16, Self.R), (g.memorySize - 4096, 8192, Self.W), (status, 1, Self.W)])
+        try expectFailed(s, status: status)
+        try expectStillServes(s)
+    }
+
+    @Test func lengthWrapsTheAddressSpace() throws {
+        let s = try setup()
+        let g = s.g
+        let status = statusByte(g)
+        post(g, [(header(g, type: 0, sector: 0), 16, Self.R), (UInt64.max - 100, 4096, Self.W), (status, 1, Self.W)])
+        try expectFailed(s, status: status)
+        try expectStillServes(s)
+    }
+
+    /// Found by fuzzing (fuzz/crashes/vring_blk-readable-after-empty-writable):
+    /// an empty writable descriptor still counts as writable.
+    @Test func readableAfterEmptyWritable() throws {
+        let s = try setup()
+        let g = s.g
+        let status = statusByte(g)
+        post(g, [(header(g, type: 1, sector: 0), 16, Self.R), (g.alloc(16), 0, Self.W), (g.alloc(512), 512, Self.R),
+                 (status, 1, Self.W)])
+        try expectFailed(s, status: status)
+        expectImageUntouched(s)
+        try expectStillServes(s)
+    }
+
+    // MARK: - A chain that cannot be answered breaks its queue
 
     @Test func descriptorLoop() throws {
         let s = try setup()
@@ -112,9 +248,8 @@ import Testing
         gd_avail_add(g.driver, 0, 0)
         gd_avail_publish(g.driver, 0)
         gd_kick(g.driver, 0)
-        try expectReturnedEmpty(s)
+        try expectBroken(s, reason: "loops")
         expectImageUntouched(s)
-        try expectStillServes(s)
     }
 
     @Test func loopInsideIndirectTable() throws {
@@ -123,48 +258,20 @@ import Testing
         let table = writeTable(g, [(header(g, type: 0, sector: 0), 16, Self.NEXT, 1),
                                    (g.alloc(512), 512, Self.W | Self.NEXT, 0)])
         post(g, [(table, 32, Self.INDIRECT)])
-        try expectReturnedEmpty(s)
-        try expectStillServes(s)
+        try expectBroken(s, reason: "loops")
     }
 
-    @Test func chainLongerThanQueueSize() throws {
-        let s = try setup()
+    /// seg_max + 2 descriptors is what the config space announced (130 by
+    /// default); one more is refused, whatever the table's room.
+    @Test func chainLongerThanSegMaxPlusTwo() throws {
+        let s = try setup(queueSize: 256)
         let g = s.g
-        // An indirect table of 65 descriptors on a 64-entry queue.
-        let buf = g.alloc(512)
-        var descs: [(addr: UInt64, len: UInt32, flags: UInt16, next: UInt16)] = [(header(g, type: 1, sector: 0), 16, Self.NEXT, 1)]
-        for i in 1..<64 { descs.append((buf, 8, Self.NEXT, UInt16(i + 1))) }
-        descs.append((g.alloc(1), 1, Self.W, 0))
-        let table = writeTable(g, descs)
-        post(g, [(table, UInt32(descs.count * 16), Self.INDIRECT)])
-        try expectReturnedEmpty(s)
+        let data = g.alloc(129 * 512)
+        let status = statusByte(g)
+        let table = writeChain(g, sector: 0, data: data, segments: 129, status: status)
+        post(g, [(table.gpa, table.bytes, Self.INDIRECT)])
+        try expectBroken(s, reason: "seg_max", status: status)
         expectImageUntouched(s)
-        try expectStillServes(s)
-    }
-
-    @Test func addressOutsideGuestMemory() throws {
-        let s = try setup()
-        let g = s.g
-        post(g, [(header(g, type: 1, sector: 0), 16, Self.R), (g.memorySize + 4096, 4096, Self.R), (g.alloc(1), 1, Self.W)])
-        try expectReturnedEmpty(s)
-        expectImageUntouched(s)
-        try expectStillServes(s)
-    }
-
-    @Test func lengthRunsPastTheLastRegion() throws {
-        let s = try setup()
-        let g = s.g
-        post(g, [(header(g, type: 0, sector: 0), 16, Self.R), (g.memorySize - 4096, 8192, Self.W), (g.alloc(1), 1, Self.W)])
-        try expectReturnedEmpty(s)
-        try expectStillServes(s)
-    }
-
-    @Test func lengthWrapsTheAddressSpace() throws {
-        let s = try setup()
-        let g = s.g
-        post(g, [(header(g, type: 0, sector: 0), 16, Self.R), (UInt64.max - 100, 4096, Self.W), (g.alloc(1), 1, Self.W)])
-        try expectReturnedEmpty(s)
-        try expectStillServes(s)
     }
 
     @Test func indirectInsideIndirect() throws {
@@ -173,8 +280,7 @@ import Testing
         let inner = writeTable(g, [(header(g, type: 0, sector: 0), 16, 0, 0)])
         let outer = writeTable(g, [(inner, 16, Self.INDIRECT, 0)])
         post(g, [(outer, 16, Self.INDIRECT)])
-        try expectReturnedEmpty(s)
-        try expectStillServes(s)
+        try expectBroken(s, reason: "malformed")
     }
 
     @Test func indirectLengthNotMultipleOf16() throws {
@@ -182,29 +288,47 @@ import Testing
         let g = s.g
         let table = writeTable(g, [(header(g, type: 0, sector: 0), 16, Self.NEXT, 1), (g.alloc(1), 1, Self.W, 0)])
         post(g, [(table, 24, Self.INDIRECT)])
-        try expectReturnedEmpty(s)
-        try expectStillServes(s)
+        try expectBroken(s, reason: "malformed")
+    }
+
+    @Test func indirectTableOutsideGuestMemory() throws {
+        let s = try setup()
+        let g = s.g
+        post(g, [(g.memorySize - 16, 64, Self.INDIRECT)])
+        try expectBroken(s, reason: "indirect descriptor table outside guest memory")
     }
 
     @Test func readableAfterWritable() throws {
         let s = try setup()
         let g = s.g
         post(g, [(header(g, type: 1, sector: 0), 16, Self.R), (g.alloc(1), 1, Self.W), (g.alloc(512), 512, Self.R)])
-        try expectReturnedEmpty(s)
+        try expectBroken(s, reason: "status byte")
         expectImageUntouched(s)
-        try expectStillServes(s)
     }
 
-    /// Found by fuzzing (fuzz/crashes/vring_blk-readable-after-empty-writable):
-    /// an empty writable descriptor still counts as writable.
-    @Test func readableAfterEmptyWritable() throws {
+    @Test func statusDescriptorDeviceReadable() throws {
         let s = try setup()
         let g = s.g
-        post(g, [(header(g, type: 1, sector: 0), 16, Self.R), (g.alloc(16), 0, Self.W), (g.alloc(512), 512, Self.R),
-                 (g.alloc(1), 1, Self.W)])
-        try expectReturnedEmpty(s)
-        expectImageUntouched(s)
-        try expectStillServes(s)
+        let data = g.alloc(512)
+        g.write(data, [UInt8](repeating: 0x11, count: 512))
+        let status = statusByte(g)
+        post(g, [(header(g, type: 1, sector: 0), 16, Self.R), (data, 512, Self.R), (status, 1, Self.R)])
+        try expectBroken(s, reason: "status byte", status: status)
+        expectImageUntouched(s) // the write was not carried out
+    }
+
+    @Test func statusDescriptorMissing() throws {
+        let s = try setup()
+        let g = s.g
+        post(g, [(header(g, type: 4, sector: 0), 16, Self.R)])
+        try expectBroken(s, reason: "status byte")
+    }
+
+    @Test func statusDescriptorEmpty() throws {
+        let s = try setup()
+        let g = s.g
+        post(g, [(header(g, type: 0, sector: 0), 16, Self.R), (g.alloc(512), 512, Self.W), (g.alloc(1), 0, Self.W)])
+        try expectBroken(s, reason: "status byte")
     }
 
     @Test func availIndexTooFarAheadBreaksOnlyThatQueue() throws {
@@ -280,33 +404,6 @@ import Testing
         #expect(s.h.stats().inFlight == 0)
     }
 
-    @Test func statusDescriptorDeviceReadable() throws {
-        let s = try setup()
-        let g = s.g
-        let data = g.alloc(512)
-        g.write(data, [UInt8](repeating: 0x11, count: 512))
-        post(g, [(header(g, type: 1, sector: 0), 16, Self.R), (data, 512, Self.R), (g.alloc(1), 1, Self.R)])
-        try expectReturnedEmpty(s)
-        expectImageUntouched(s) // the write was not carried out
-        try expectStillServes(s)
-    }
-
-    @Test func statusDescriptorMissing() throws {
-        let s = try setup()
-        let g = s.g
-        post(g, [(header(g, type: 4, sector: 0), 16, Self.R)])
-        try expectReturnedEmpty(s)
-        try expectStillServes(s)
-    }
-
-    @Test func statusDescriptorEmpty() throws {
-        let s = try setup()
-        let g = s.g
-        post(g, [(header(g, type: 0, sector: 0), 16, Self.R), (g.alloc(512), 512, Self.W), (g.alloc(1), 0, Self.W)])
-        try expectReturnedEmpty(s)
-        try expectStillServes(s)
-    }
-
     @Test func headerShorterThan16Bytes() throws {
         let s = try setup()
         let g = s.g
@@ -369,26 +466,6 @@ import Testing
         let r = try g.run(type: UInt32(GD_BLK_T_GET_ID), segments: [(buf, 19)])
         #expect(r.status == UInt8(GD_BLK_S_IOERR))
         #expect(g.read(buf, 32) == [UInt8](repeating: 0x77, count: 32)) // nothing written
-        try expectStillServes(s)
-    }
-
-    @Test func moreSegmentsThanWeCarryFailsTheRequest() throws {
-        let s = try setup(queueSize: 512)
-        let g = s.g
-        // 300 sector-sized segments in one indirect table: a legal chain on a
-        // 512-entry queue, but more iovecs than a request carries (256).
-        let data = g.alloc(300 * 512)
-        var descs: [(addr: UInt64, len: UInt32, flags: UInt16, next: UInt16)] = [(header(g, type: 1, sector: 0), 16, Self.NEXT, 1)]
-        for i in 0..<300 { descs.append((data + UInt64(i) * 512, 512, Self.NEXT, UInt16(i + 2))) }
-        let status = g.alloc(1)
-        descs.append((status, 1, Self.W, 0))
-        let table = writeTable(g, descs)
-        post(g, [(table, UInt32(descs.count * 16), Self.INDIRECT)])
-        let used = try g.usedElement()
-        #expect(used.length == 1)
-        #expect(g.read(status, 1) == [UInt8(GD_BLK_S_IOERR)])
-        #expect(s.h.stats().badRequests == 1)
-        expectImageUntouched(s)
         try expectStillServes(s)
     }
 }

@@ -86,6 +86,7 @@ final class RawFrontend {
 
 enum PayloadReaderForTests {
     static func u64(_ b: [UInt8], _ o: Int) -> UInt64 { (0..<8).reduce(UInt64(0)) { $0 | UInt64(b[o + $1]) << (8 * UInt64($1)) } }
+    static func u32(_ b: [UInt8], _ o: Int) -> UInt32 { UInt32(truncatingIfNeeded: u64(b + [0, 0, 0, 0], o) & 0xffff_ffff) }
 }
 
 /// A server with one null disk on a fresh socket.
@@ -97,13 +98,13 @@ final class ServerHarness {
     let directory: String
     let logLines = LogLines()
 
-    init(numQueues: Int = 2, readOnly: Bool = false) throws {
+    init(numQueues: Int = 2, readOnly: Bool = false, queueSize: Int = 1024) throws {
         directory = NSTemporaryDirectory() + "/dp-vu-" + UUID().uuidString
         try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
         socket = directory + "/vhost.sock"
         plane = try DataPlane(iothreads: [IOThreadConfiguration(name: "vu-io", cpuset: CPUSet(parsing: "0-1"))])
         disk = try plane.addDisk(DiskConfiguration(path: "", backend: .null, readOnly: readOnly, numQueues: numQueues,
-                                                   nullSizeBytes: 64 << 20))
+                                                   queueSize: queueSize, nullSizeBytes: 64 << 20))
         let lines = logLines
         server = try VhostUserServer(plane: plane, log: { line in lines.append(line) })
         try server.addExport(disk: disk, socketPath: socket)
@@ -234,6 +235,45 @@ func procSelfMaps() -> String {
         f.send(Self.setVringNum, flags: Self.needReply, payload: state(0, 128))
         let ack = try #require(f.receive())
         #expect(ack.payload == le64(0))
+    }
+
+    /// What the config space announces is what the data plane takes:
+    /// seg_max segments (seg_max + 2 descriptors per chain, 128 by default,
+    /// fewer for a smaller --queue-size so that a guest without indirect
+    /// descriptors fits a request in its ring) of size_max bytes.
+    @Test(arguments: [(1024, 128), (64, 62)])
+    func configSpaceAnnouncesWhatTheDataPlaneTakes(queueSize: Int, segMax: UInt32) throws {
+        let h = try ServerHarness(queueSize: queueSize)
+        let f = try RawFrontend(path: h.socket)
+        let features = try #require(f.u64Reply(Self.getFeatures))
+        #expect(features & (1 << 1) != 0 && features & (1 << 2) != 0) // SIZE_MAX, SEG_MAX
+        try negotiate(f)
+        var request: [UInt8] = []
+        request.appendLE(UInt32(0)); request.appendLE(UInt32(16)); request.appendLE(UInt32(0))
+        f.send(Self.getConfig, payload: request + [UInt8](repeating: 0, count: 16))
+        let config = Array(try #require(f.receive()).payload[12...])
+        #expect(PayloadReaderForTests.u32(config, 8) == UInt32(DP_SIZE_MAX))
+        #expect(PayloadReaderForTests.u32(config, 12) == segMax)
+        #expect(h.disk.configuration.segmentsPerRequest == Int(segMax))
+        // A ring larger than the queue size those were worked out for is refused.
+        f.send(Self.setVringNum, flags: Self.needReply, payload: state(0, UInt32(queueSize * 2)))
+        #expect(try #require(f.receive()).payload != le64(0))
+        try expectClosedAndServing(f, h, "larger than the disk's queue size")
+    }
+
+    /// A GET_CONFIG beyond the config space gets an empty reply (as
+    /// libvhost-user answers a failed one); the connection stays.
+    @Test(arguments: [(UInt32(250), UInt32(10)), (UInt32(0), UInt32(257)), (UInt32.max, UInt32(4))])
+    func getConfigBeyondTheConfigSpaceGetsAnEmptyReply(offset: UInt32, size: UInt32) throws {
+        let h = try ServerHarness()
+        let f = try RawFrontend(path: h.socket)
+        try negotiate(f)
+        var request: [UInt8] = []
+        request.appendLE(offset); request.appendLE(size); request.appendLE(UInt32(0))
+        f.send(Self.getConfig, payload: request + [UInt8](repeating: 0, count: Int(min(size, 300))))
+        let reply = try #require(f.receive())
+        #expect(reply.payload.isEmpty)
+        #expect(f.u64Reply(Self.getQueueNum) == 2, "the connection still answers")
     }
 
     @Test func replyAckIsNonZeroForAFailedMessage() throws {

@@ -5,9 +5,10 @@
 #   Tests/e2e/boot.sh --socket SOCK --workload NAME --log FILE [options]
 #
 #   --socket SOCK        the backend's vhost-user socket (QEMU is the client)
-#   --workload NAME      write-verify | mq | long-io | smoke
+#   --workload NAME      write-verify | mq | long-io | dio-large | smoke
 #   --log FILE           serial console + QEMU messages go here
 #   --queues N           num-queues of the vhost-user-blk-pci device
+#   --queue-size N       queue-size of the device (QEMU's default: 128)
 #                        (default 1; 2 for mq); the guest checks it sees
 #                        min(N, 2) blk-mq queues
 #   --reconnect          add reconnect=1 to the chardev (survive backend restarts)
@@ -40,7 +41,7 @@ QEMU=${QEMU:-qemu-system-x86_64}
 die() { echo "boot.sh: error: $*" >&2; exit 2; }
 trap 'echo "boot.sh: error: unexpected failure at line $LINENO: $BASH_COMMAND" >&2' ERR
 
-socket= workload= log= queues= reconnect=0 seconds=20 timeout_s= seed= regions= region= slot=
+socket= workload= log= queues= queue_size= reconnect=0 seconds=20 timeout_s= seed= regions= region= slot=
 verify_image= wait_socket=10 stall= readers= exit_grace=20 kernel= initrd= append= show=0
 qemu_extra=()
 while [[ $# -gt 0 ]]; do
@@ -49,6 +50,7 @@ while [[ $# -gt 0 ]]; do
         --workload) workload=${2:?}; shift 2 ;;
         --log) log=${2:?}; shift 2 ;;
         --queues) queues=${2:?}; shift 2 ;;
+        --queue-size) queue_size=${2:?}; shift 2 ;;
         --reconnect) reconnect=1; shift ;;
         --seconds) seconds=${2:?}; shift 2 ;;
         --timeout) timeout_s=${2:?}; shift 2 ;;
@@ -73,10 +75,11 @@ done
 [[ -n $socket ]] || die "--socket is required"
 [[ -n $workload ]] || die "--workload is required"
 [[ -n $log ]] || die "--log is required"
-case $workload in write-verify|mq|long-io|smoke) ;; *) die "unknown workload '$workload'" ;; esac
+case $workload in write-verify|mq|long-io|dio-large|smoke) ;; *) die "unknown workload '$workload'" ;; esac
 [[ $seconds =~ ^[0-9]+$ ]] || die "--seconds must be a number"
 : "${queues:=$([[ $workload == mq ]] && echo 2 || echo 1)}"
 [[ $queues =~ ^[1-9][0-9]*$ ]] || die "--queues must be a positive number"
+[[ -z $queue_size || $queue_size =~ ^[1-9][0-9]*$ ]] || die "--queue-size must be a positive number"
 if [[ -z $timeout_s ]]; then
     if [[ $workload == long-io ]]; then timeout_s=$((seconds + 120)); else timeout_s=120; fi
 fi
@@ -127,7 +130,7 @@ qemu_cmd=(
     -kernel "$kernel" -initrd "$initrd"
     -append "$cmdline"
     -chardev "$chardev"
-    -device "vhost-user-blk-pci,chardev=c0,num-queues=$queues"
+    -device "vhost-user-blk-pci,chardev=c0,num-queues=$queues${queue_size:+,queue-size=$queue_size}"
     -smp $smp
     -serial stdio -display none -no-reboot -nodefaults
     "${qemu_extra[@]}"

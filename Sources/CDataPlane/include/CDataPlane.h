@@ -61,6 +61,18 @@ enum dp_backend_kind {
 
 #define DP_SERIAL_LEN 20 /* VIRTIO_BLK_ID_BYTES */
 
+/* What one request may carry, announced in the virtio-blk config space: at
+ * most seg_max data segments (DP_SEG_MAX, or fewer per disk) of at most
+ * DP_SIZE_MAX bytes each (size_max). A chain of more than seg_max + 2
+ * descriptors (header and status besides the data) breaks the queue. With
+ * indirect descriptors a chain is not bounded by its ring: Linux puts
+ * seg_max + 2 = 130 descriptors in one table on QEMU's 128-entry rings. */
+#define DP_SEG_MAX 128
+/* SeaBIOS divides size_max * seg_max by the block size into a u16 count of
+ * blocks per request: 0 (from 4 MiB * 128 / 512) made it loop forever on
+ * empty reads. 128 KiB keeps it at 32768 and requests at 16 MiB. */
+#define DP_SIZE_MAX (128u << 10)
+
 /* What a failed read or write does (QEMU's rerror/werror). */
 enum dp_error_policy {
     DP_POLICY_REPORT = 0, /* complete with VIRTIO_BLK_S_IOERR */
@@ -80,6 +92,7 @@ struct dp_disk_config {
     uint8_t serial[DP_SERIAL_LEN];
     int32_t read_policy;         /* enum dp_error_policy for reads */
     int32_t write_policy;        /* ... for writes, flushes, discards, write zeroes */
+    uint32_t seg_max;            /* segments per request announced, 1..DP_SEG_MAX; 0 = DP_SEG_MAX */
 };
 
 /* Fault injection, for tests and for rehearsing failures: matching requests
@@ -98,6 +111,9 @@ struct dp_disk;
 
 int dp_disk_create(const struct dp_disk_config *config, struct dp_disk **out);
 void dp_disk_destroy(struct dp_disk *disk);
+/* 0, or the negative errno of a failed flush of the page cache (no O_DIRECT):
+ * from then on every FLUSH fails, until the disk is opened again (any thread). */
+int dp_disk_flush_error(const struct dp_disk *disk);
 /* Changes fault injection while the disk is served (any thread). */
 int dp_disk_set_fault(struct dp_disk *disk, const struct dp_fault_config *fault);
 
@@ -148,6 +164,7 @@ struct dp_queue_stats {
     uint64_t notifies_suppressed; /* batches that needed no call (EVENT_IDX, NO_INTERRUPT) */
     uint64_t bounces;         /* requests that went through a bounce buffer */
     uint64_t bounce_bytes_peak; /* most bounce-buffer memory held at once */
+    uint32_t longest_chain;   /* most iovecs one request carried (header and status included) */
     uint64_t latency_hist[DP_LATENCY_BUCKETS];
     uint32_t error_stopped;   /* 1 while stopped by the error policy, requests held */
     int32_t error_stop_reason; /* the negative errno that stopped it */
@@ -168,6 +185,8 @@ struct dp_iothread_stats {
     uint64_t submits;     /* io_uring_enter calls */
     uint64_t cpu_ns;      /* the thread's CPU time */
     uint32_t queues;      /* queues attached */
+    int32_t failed;       /* a negative errno once its io_uring failed it (its queues are broken) */
+    uint64_t cq_overflows; /* passes that found its completion queue overflowed (never, by design) */
 };
 
 /* ---------------------------------------------------------------- IOThreads */

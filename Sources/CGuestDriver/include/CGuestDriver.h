@@ -193,6 +193,8 @@ struct gd_bench_params {
     uint64_t warmup_ns;        /* completions before this are not counted */
     bool busy_poll;            /* spin on used rings; else sleep on the call fds */
     int32_t cpu;               /* pin the calling thread here for the run; -1 = don't */
+    uint32_t segments;         /* data descriptors per request, splitting block_size
+                                  evenly (0 = 1); segments + 2 <= queue size */
 };
 
 struct gd_bench_result {
@@ -203,11 +205,15 @@ struct gd_bench_result {
 
 /* Keeps depth requests in flight on each queue from the calling thread until
  * duration_ns, then drains. Queues must be idle. Chains are direct when
- * 3 * depth fits the queue, else indirect. ops, bytes, hist and elapsed_ns
+ * (segments + 2) * depth fits the queue, else indirect. ops, bytes, hist and elapsed_ns
  * (warmup end to last completion) count completions after warmup; errors
  * (status != 0) count all. Data buffers come from the allocator and are
  * given back at the end. -ETIMEDOUT if the device completes nothing for 10 s. */
 int gd_bench_run(struct gd_driver *d, const struct gd_bench_params *p, struct gd_bench_result *r);
+/* Pins the calling thread to one CPU, or with cpu < 0 lets it run anywhere
+ * (tests that measure latency keep their client off the IOThread's CPU). */
+int gd_pin_thread(int32_t cpu);
+
 /* The histogram bucket of a latency, and the latency (bucket midpoint, ns) at
  * percentile pct (0..100); 0 for an empty histogram. */
 uint32_t gd_hist_bucket(uint64_t ns);

@@ -1,3 +1,5 @@
+import CDataPlane
+
 /// The virtio-blk configuration space (virtio 1.x 5.2.4), little-endian,
 /// as GET_CONFIG returns it. Every byte is written: nothing uninitialised leaks.
 struct BlkConfigSpace {
@@ -9,7 +11,7 @@ struct BlkConfigSpace {
         let sectorsPerBlock = blockSize / 512
         var b: [UInt8] = []
         b.appendLE(disk.capacityBytes / 512)          // capacity (512-byte sectors)
-        b.appendLE(UInt32(0))                         // size_max (not offered)
+        b.appendLE(UInt32(DP_SIZE_MAX))               // size_max: seg_max of these fit a request
         b.appendLE(segMax)                            // seg_max
         b.appendLE(UInt16(0)); b.append(0); b.append(0) // geometry (not offered)
         b.appendLE(blockSize)                         // blk_size

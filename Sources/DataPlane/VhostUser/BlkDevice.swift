@@ -70,7 +70,7 @@ package final class VhostUserBlkDevice {
 
     var offeredFeatures: UInt64 {
         var f = VirtioFeature.version1 | VirtioFeature.protocolFeatures | VirtioFeature.ringIndirectDesc
-            | VirtioFeature.ringEventIndex | VirtioFeature.blkSegMax | VirtioFeature.blkBlockSize
+            | VirtioFeature.ringEventIndex | VirtioFeature.blkSizeMax | VirtioFeature.blkSegMax | VirtioFeature.blkBlockSize
             | VirtioFeature.blkFlush | VirtioFeature.blkTopology | VirtioFeature.blkMultiQueue
         if disk.configuration.readOnly {
             f |= VirtioFeature.blkReadOnly
@@ -84,9 +84,10 @@ package final class VhostUserBlkDevice {
         ProtocolFeature.mq, .replyAck, .config, .inflightShmfd, .resetDevice, .configureMemSlots, .status,
     ].reduce(0) { $0 | $1.mask }
 
-    /// seg_max: what a request carries in iovecs, less header and status,
-    /// with room left for segments split across memory regions.
-    var segMax: UInt32 { 128 }
+    /// seg_max: the data segments a request may carry. The data plane
+    /// refuses a chain of more than seg_max + 2 descriptors, so this is
+    /// exactly what it accepts (DiskConfiguration.segmentsPerRequest).
+    var segMax: UInt32 { UInt32(disk.configuration.segmentsPerRequest) }
 
     func hasProtocolFeature(_ f: ProtocolFeature) -> Bool { protocolFeatures & f.mask != 0 }
 
@@ -223,6 +224,11 @@ package final class VhostUserBlkDevice {
             guard num > 0, num <= Int(DP_QUEUE_MAX_SIZE), num & (num - 1) == 0 else {
                 throw .invalid("ring size \(num) is not a power of two between 1 and \(DP_QUEUE_MAX_SIZE)")
             }
+            // What the config space announced (seg_max) was worked out for
+            // rings up to this size.
+            guard num <= disk.configuration.queueSize else {
+                throw .invalid("ring size \(num) is larger than the disk's queue size \(disk.configuration.queueSize) (dpctl --queue-size)")
+            }
             guard vrings[i].queue == nil else { throw .outOfOrder("SET_VRING_NUM on running ring \(i)") }
             vrings[i].num = num
             return nil
@@ -279,19 +285,7 @@ package final class VhostUserBlkDevice {
             }
             return nil
         case .getConfig:
-            let offset = Int(try p.u32(0))
-            let size = Int(try p.u32(4))
-            guard message.payload.count == 12 + size else {
-                throw .malformed("GET_CONFIG of \(size) bytes in a \(message.payload.count)-byte payload")
-            }
-            // Newer frontends know longer layouts (zoned fields): what we do
-            // not offer reads as zero, up to the largest config vhost-user carries.
-            var config = BlkConfigSpace.bytes(for: disk, numQueues: numQueues, segMax: segMax)
-            guard offset <= 256, size <= 256 - offset else {
-                throw .invalid("GET_CONFIG offset \(offset) size \(size) beyond the 256-byte config space")
-            }
-            config += [UInt8](repeating: 0, count: max(0, offset + size - config.count))
-            return Reply(payload: Array(message.payload.prefix(12)) + config[offset..<offset + size])
+            return getConfig(message, p)
         case .setConfig:
             throw .refused("the virtio-blk config space is read-only here (writeback is fixed on)")
         case .getInflightFD:
@@ -309,6 +303,30 @@ package final class VhostUserBlkDevice {
             throw .invalid("dirty logging was not offered")
         }
     }
+
+    // MARK: - Config space
+
+    /// GET_CONFIG. A request we cannot answer (offset or size beyond the
+    /// config space, a payload that disagrees with its size) gets an empty
+    /// reply, as libvhost-user gives: the frontend sees the failure, and the
+    /// connection and the disk's other state stay.
+    private func getConfig(_ message: VhostUserMessage, _ p: PayloadReader) -> Reply {
+        let header = Array(message.payload.prefix(12))
+        guard header.count == 12, let offset = try? Int(p.u32(0)), let size = try? Int(p.u32(4)),
+              message.payload.count == 12 + size, offset <= Self.configSpaceLimit, size <= Self.configSpaceLimit - offset
+        else {
+            log("disk \(disk.name): GET_CONFIG of \(message.payload.count) bytes asks for what the config space does not hold; answered empty")
+            return Reply(payload: [])
+        }
+        // Newer frontends know longer layouts (zoned fields): what we do
+        // not offer reads as zero, up to the largest config vhost-user carries.
+        var config = BlkConfigSpace.bytes(for: disk, numQueues: numQueues, segMax: segMax)
+        config += [UInt8](repeating: 0, count: max(0, offset + size - config.count))
+        return Reply(payload: header + config[offset..<offset + size])
+    }
+
+    /// The largest config space a vhost-user message carries.
+    static let configSpaceLimit = 256
 
     // MARK: - Memory
 
