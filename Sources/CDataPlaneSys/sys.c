@@ -59,6 +59,23 @@ int dps_unix_connect(const char *path)
     return fd;
 }
 
+int dps_unix_probe(const char *path)
+{
+    struct sockaddr_un addr;
+    int ret = unix_addr(path, &addr);
+    if (ret)
+        return ret;
+    /* Non-blocking: a live server whose backlog is full must not hang us. */
+    int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    if (fd < 0)
+        return -errno;
+    ret = connect(fd, (struct sockaddr *)&addr, sizeof(addr)) == 0 ? 1 : -errno;
+    close(fd);
+    if (ret == -EAGAIN || ret == -EINPROGRESS)
+        return 1; /* someone listens; its queue is just full */
+    return ret == -ECONNREFUSED ? 0 : ret;
+}
+
 int dps_accept(int listen_fd)
 {
     int fd = accept4(listen_fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);

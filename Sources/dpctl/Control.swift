@@ -62,18 +62,11 @@ final class ControlServer: @unchecked Sendable {
     private var lastWatch = Date.distantPast
 
     init(path: String, plane: DataPlane, server: VhostUserServer, cpus: [CPUSet]) throws {
-        var fd = dps_unix_listen(path, 8)
-        if fd == -EADDRINUSE {
-            let probe = dps_unix_connect(path)
-            if probe >= 0 {
-                close(probe)
-                throw CLIError("control socket \(path) is in use by another dpctl (stop it, or pass --control)")
-            }
-            unlink(path)
-            fd = dps_unix_listen(path, 8)
-        }
-        guard fd >= 0 else {
-            throw CLIError("cannot listen on control socket \(path): \(String(cString: strerror(-fd)))")
+        let fd: Int32
+        do {
+            fd = try UnixSocket.listen(at: path, backlog: 8)
+        } catch {
+            throw CLIError("control socket: \(error)")
         }
         self.path = path
         self.listenFD = fd

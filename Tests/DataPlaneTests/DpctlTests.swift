@@ -9,6 +9,8 @@ import Testing
         var status: Int32
         var stdout: String
         var stderr: String
+        /// It was still running at its deadline and was killed.
+        var timedOut = false
     }
 
     static func dpctl(_ arguments: [String]) throws -> Result {
@@ -23,6 +25,42 @@ import Testing
         let e = err.fileHandleForReading.readDataToEndOfFile()
         p.waitUntilExit()
         return Result(status: p.terminationStatus, stdout: String(decoding: o, as: UTF8.self), stderr: String(decoding: e, as: UTF8.self))
+    }
+
+    /// Runs dpctl with its output in files and a deadline: a test of a
+    /// refusal must fail, not hang, when dpctl starts serving instead.
+    /// `stderr` replaces the captured standard error (a closed pipe, /dev/full).
+    static func dpctl(_ arguments: [String], timeout: Double, stderr: FileHandle? = nil,
+                      wrapper: [String] = []) throws -> Result {
+        let dir = NSTemporaryDirectory() + "/dp-run-" + UUID().uuidString
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        _ = FileManager.default.createFile(atPath: dir + "/out", contents: nil)
+        _ = FileManager.default.createFile(atPath: dir + "/err", contents: nil)
+        let out = try FileHandle(forWritingTo: URL(fileURLWithPath: dir + "/out"))
+        let err = try FileHandle(forWritingTo: URL(fileURLWithPath: dir + "/err"))
+        let p = Process()
+        if let program = wrapper.first {
+            p.executableURL = URL(fileURLWithPath: program)
+            p.arguments = Array(wrapper.dropFirst()) + [QEMUEndToEndTests.dpctl] + arguments
+        } else {
+            p.executableURL = URL(fileURLWithPath: QEMUEndToEndTests.dpctl)
+            p.arguments = arguments
+        }
+        p.standardOutput = out
+        p.standardError = stderr ?? err
+        try p.run()
+        let deadline = Date().addingTimeInterval(timeout)
+        while p.isRunning && Date() < deadline { usleep(10_000) }
+        let timedOut = p.isRunning
+        if timedOut { p.terminate() }
+        p.waitUntilExit()
+        try out.close()
+        try err.close()
+        return Result(status: p.terminationStatus,
+                      stdout: (try? String(contentsOfFile: dir + "/out", encoding: .utf8)) ?? "",
+                      stderr: (try? String(contentsOfFile: dir + "/err", encoding: .utf8)) ?? "",
+                      timedOut: timedOut)
     }
 
     func scratch() throws -> String {
@@ -157,6 +195,26 @@ import Testing
         #expect(r.status != 0)
         #expect(r.stderr.contains(message), "\(arguments): \(r.stderr)")
         #expect(r.stderr.split(separator: "\n").count == 1, "one line: \(r.stderr)")
+    }
+
+    /// --control (or --socket) naming something that is not a socket is
+    /// refused, and the file is left as it was: dpctl used to unlink it.
+    @Test(arguments: ["--control", "--socket"])
+    func aPathThatIsNotASocketIsRefusedAndKept(option: String) throws {
+        let dir = try scratch()
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let precious = dir + "/precious.txt"
+        let contents = Data("someone's notes\n".utf8)
+        #expect(FileManager.default.createFile(atPath: precious, contents: contents))
+        let socket = option == "--socket" ? precious : dir + "/a.sock"
+        let control = option == "--control" ? precious : dir + "/a.ctl"
+        let r = try Self.dpctl(["start", "--disk", "x", "--backend", "null", "--socket", socket, "--control", control],
+                               timeout: 10)
+        #expect(!r.timedOut, "dpctl started serving over \(precious)")
+        #expect(r.status == 1, "\(r.stderr)")
+        #expect(r.stderr.contains("\(precious.debugDescription): it is a regular file, not a socket; it was left as it is"),
+                "\(r.stderr)")
+        #expect(FileManager.default.contents(atPath: precious) == contents)
     }
 
     @Test func socketPathInUse() throws {

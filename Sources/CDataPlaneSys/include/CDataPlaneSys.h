@@ -20,6 +20,10 @@ extern "C" {
 int dps_unix_listen(const char *path, int backlog);
 /* A connected unix stream socket (blocking, close-on-exec). */
 int dps_unix_connect(const char *path);
+/* Whether a process listens on the unix socket at path: 1 if one does (even
+ * with a full backlog), 0 if the socket is stale (ECONNREFUSED), -errno when
+ * that cannot be told (-ENOENT: nothing there). Never blocks. */
+int dps_unix_probe(const char *path);
 /* accept4(non-blocking, close-on-exec). */
 int dps_accept(int listen_fd);
 
