@@ -122,13 +122,12 @@ final class ControlServer: @unchecked Sendable {
         loggedStates = states
     }
 
+    /// How long a client may take to send its request, and to take its reply.
+    static let requestPatience: Duration = .seconds(2)
+    static let replyPatience: Duration = .seconds(5)
+
     private func handle(_ fd: Int32) {
-        _ = dps_set_nonblocking(fd, false)
-        var timeout = timeval(tv_sec: 2, tv_usec: 0)
-        setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &timeout, socklen_t(MemoryLayout<timeval>.size))
-        var line = Data()
-        var byte: UInt8 = 0
-        while line.count < 4096, read(fd, &byte, 1) == 1, byte != UInt8(ascii: "\n") { line.append(byte) }
+        let line = ControlIO.readLine(fd, limit: 4096, deadline: .now + Self.requestPatience)
         var response: ControlResponse
         var stopAfterReply = false
         if let request = try? JSONDecoder().decode(ControlRequest.self, from: line) {
@@ -155,7 +154,11 @@ final class ControlServer: @unchecked Sendable {
         }
         if var data = try? JSONEncoder().encode(response) {
             data.append(UInt8(ascii: "\n"))
-            data.withUnsafeBytes { _ = write(fd, $0.baseAddress, $0.count) }
+            // A client that hung up gets nothing (EPIPE, no SIGPIPE); one that
+            // stopped reading is given up on, so the next is served.
+            if ControlIO.send(fd, data, deadline: .now + Self.replyPatience) == ETIMEDOUT {
+                log("a control client did not take its \(data.count)-byte reply within \(Self.replyPatience); dropped it")
+            }
         }
         if stopAfterReply {
             log("stop requested on the control socket")
@@ -185,26 +188,25 @@ final class ControlServer: @unchecked Sendable {
     }
 }
 
+/// How long a client waits for an instance's answer.
+let controlReplyPatience: Duration = .seconds(30)
+
 /// Sends one request to a running instance and returns its answer.
 func controlCall(_ path: String, _ command: String) throws -> ControlResponse {
     let fd = dps_unix_connect(path)
     guard fd >= 0 else {
-        let reason = -fd == ENOENT || -fd == ECONNREFUSED ? "no dpctl is running there" : String(cString: strerror(-fd))
+        let reason = -fd == ENOENT || -fd == ECONNREFUSED ? "no dpctl is running there" : errnoText(-fd)
         throw CLIError("cannot reach control socket \(path): \(reason)")
     }
     defer { close(fd) }
     var data = try JSONEncoder().encode(ControlRequest(command: command))
     data.append(UInt8(ascii: "\n"))
-    guard data.withUnsafeBytes({ write(fd, $0.baseAddress, $0.count) }) == data.count else {
-        throw CLIError("cannot send to control socket \(path)")
-    }
-    var reply = Data()
-    var buffer = [UInt8](repeating: 0, count: 65536)
-    while true {
-        let n = read(fd, &buffer, buffer.count)
-        if n <= 0 { break }
-        reply.append(contentsOf: buffer[0..<n])
-        if reply.last == UInt8(ascii: "\n") { break }
+    let deadline = ContinuousClock.now + controlReplyPatience
+    let sent = ControlIO.send(fd, data, deadline: deadline)
+    guard sent == 0 else { throw CLIError("cannot send to control socket \(path): \(errnoText(sent))") }
+    let reply = ControlIO.readLine(fd, limit: 1 << 30, deadline: deadline)
+    if reply.last != UInt8(ascii: "\n") && ContinuousClock.now >= deadline {
+        throw CLIError("no answer from \(path) within \(controlReplyPatience) (the instance may be stuck: see its log)")
     }
     do {
         let response = try JSONDecoder().decode(ControlResponse.self, from: reply)
@@ -214,5 +216,72 @@ func controlCall(_ path: String, _ command: String) throws -> ControlResponse {
         throw error
     } catch {
         throw CLIError("unreadable answer from \(path): \(error)")
+    }
+}
+
+/// Control-socket I/O under one deadline per exchange, so neither side
+/// waits forever on the other. Sends use MSG_NOSIGNAL: a peer that hung up is
+/// EPIPE, not SIGPIPE. Blocking or not, the fd is never waited on outside poll.
+enum ControlIO {
+    /// Sends every byte of `data`, continuing after short writes. Returns 0,
+    /// ETIMEDOUT when the deadline passed first, or the errno that ended it.
+    static func send(_ fd: Int32, _ data: Data, deadline: ContinuousClock.Instant) -> Int32 {
+        var offset = 0
+        while offset < data.count {
+            guard let wait = milliseconds(until: deadline) else { return ETIMEDOUT }
+            var p = pollfd(fd: fd, events: Int16(POLLOUT), revents: 0)
+            let ready = poll(&p, 1, wait)
+            if ready < 0 {
+                if errno == EINTR { continue }
+                return errno
+            }
+            if ready == 0 { continue } // the deadline check says when to stop
+            let n = data.withUnsafeBytes { raw -> Int in
+                guard let base = raw.baseAddress else { return 0 }
+                return Glibc.send(fd, base + offset, raw.count - offset, Int32(MSG_NOSIGNAL | MSG_DONTWAIT))
+            }
+            if n < 0 {
+                if errno == EINTR || errno == EAGAIN { continue }
+                return errno
+            }
+            offset += n
+        }
+        return 0
+    }
+
+    /// Reads up to and including the first newline, at most `limit` bytes.
+    /// What came before an end of file, an error or the deadline is returned
+    /// as it is (without its newline: incomplete).
+    static func readLine(_ fd: Int32, limit: Int, deadline: ContinuousClock.Instant) -> Data {
+        var line = Data()
+        var buffer = [UInt8](repeating: 0, count: 65536)
+        while line.count < limit && line.last != UInt8(ascii: "\n") {
+            guard let wait = milliseconds(until: deadline) else { break }
+            var p = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
+            let ready = poll(&p, 1, wait)
+            if ready < 0 && errno != EINTR { break }
+            if ready <= 0 { continue }
+            // Never past the newline: a request line is all we take.
+            let want = min(buffer.count, limit - line.count)
+            let n = buffer.withUnsafeMutableBytes { recv(fd, $0.baseAddress, want, Int32(MSG_DONTWAIT | MSG_PEEK)) }
+            if n < 0 {
+                if errno == EINTR || errno == EAGAIN { continue }
+                break
+            }
+            if n == 0 { break }
+            let take = (buffer[0..<n].firstIndex(of: UInt8(ascii: "\n")).map { $0 + 1 }) ?? n
+            let got = buffer.withUnsafeMutableBytes { recv(fd, $0.baseAddress, take, Int32(MSG_DONTWAIT)) }
+            guard got > 0 else { break }
+            line.append(contentsOf: buffer[0..<got])
+        }
+        return line
+    }
+
+    /// Milliseconds left until `deadline` for poll (at least 1), or nil once it passed.
+    private static func milliseconds(until deadline: ContinuousClock.Instant) -> Int32? {
+        let left = ContinuousClock.now.duration(to: deadline)
+        guard left > .zero else { return nil }
+        let (seconds, attoseconds) = left.components
+        return Int32(clamping: max(1, seconds * 1000 + attoseconds / 1_000_000_000_000_000))
     }
 }

@@ -1,3 +1,4 @@
+import CDataPlaneSys
 import CGuestDriver
 import CVhostFrontend
 import Foundation
@@ -215,6 +216,95 @@ import Testing
         #expect(r.stderr.contains("\(precious.debugDescription): it is a regular file, not a socket; it was left as it is"),
                 "\(r.stderr)")
         #expect(FileManager.default.contents(atPath: precious) == contents)
+    }
+
+    /// Waits until `path` exists; false at the deadline.
+    static func waitFor(_ path: String, seconds: Double = 10) -> Bool {
+        let deadline = Date().addingTimeInterval(seconds)
+        while !FileManager.default.fileExists(atPath: path) {
+            if Date() > deadline { return false }
+            usleep(20_000)
+        }
+        return true
+    }
+
+    /// Sends a raw request line on a control socket and returns the fd, reply unread.
+    static func sendWithoutReading(_ control: String, _ command: String) throws -> Int32 {
+        let fd = dps_unix_connect(control)
+        guard fd >= 0 else { throw TestFailure("connect \(control): \(fd)") }
+        let line = Array("{\"command\":\"\(command)\"}\n".utf8)
+        guard line.withUnsafeBytes({ write(fd, $0.baseAddress, $0.count) }) == line.count else {
+            close(fd)
+            throw TestFailure("send to \(control)")
+        }
+        return fd
+    }
+
+    /// Control clients that hang up before their reply, or never read it,
+    /// cost the instance nothing: no SIGPIPE, and the control thread gives up
+    /// on a reader that stalls and serves the next client. The reply (stats
+    /// of 40 disks with 3.8 KB paths) is larger than a socket buffer.
+    @Test func controlClientsThatDoNotReadTheirReplyCostNothing() throws {
+        let dir = try scratch()
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let image = dir + "/img.raw"
+        _ = FileManager.default.createFile(atPath: image, contents: Data(count: 1 << 20))
+        var arguments = ["--control", dir + "/c.ctl"]
+        for i in 0..<40 {
+            let longPath = dir + "/" + String(repeating: "./", count: 1900 + i) + "img.raw"
+            arguments += ["--disk", longPath, "--socket", dir + "/s\(i)", "--num-queues", "1", "--readonly", "--no-direct"]
+        }
+        let dp = try QEMUEndToEndTests.Instance(arguments, log: dir + "/dpctl.log")
+        defer { _ = dp.terminate() }
+        #expect(Self.waitFor(dir + "/c.ctl"), "\(dp.log.suffix(2000))")
+
+        // Hangs up at once: the reply is written to a closed socket.
+        for command in ["stats", "status", "stats"] {
+            close(try Self.sendWithoutReading(dir + "/c.ctl", command))
+        }
+        usleep(300_000)
+        #expect(dp.process.isRunning, "a client that hung up killed dpctl: \(dp.log.suffix(2000))")
+
+        // Stays connected and never reads: the reply fills the socket buffer.
+        let stalled = try Self.sendWithoutReading(dir + "/c.ctl", "stats")
+        defer { close(stalled) }
+        let next = try Self.dpctl(["status", "--control", dir + "/c.ctl"], timeout: 20)
+        #expect(!next.timedOut && next.status == 0, "the control thread stayed stuck on a client that does not read: \(next.stderr)")
+        #expect(dp.log.contains("a control client did not take its"), "\(dp.log.suffix(2000))")
+        #expect(dp.process.isRunning)
+    }
+
+    /// Logging to a standard error that fails (a pipe nobody reads any more,
+    /// a full device) loses log lines, not the instance.
+    @Test(arguments: ["closed pipe", "/dev/full"])
+    func startKeepsServingWhenItsStandardErrorFails(stderr kind: String) throws {
+        let dir = try scratch()
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let control = dir + "/c.ctl"
+        let start = Process()
+        start.executableURL = URL(fileURLWithPath: QEMUEndToEndTests.dpctl)
+        start.arguments = ["start", "--disk", "x", "--backend", "null", "--socket", dir + "/a.sock", "--control", control]
+        let sink: FileHandle
+        if kind == "/dev/full" {
+            sink = try #require(FileHandle(forWritingAtPath: "/dev/full"))
+        } else {
+            let pipe = Pipe()
+            try pipe.fileHandleForReading.close()
+            sink = pipe.fileHandleForWriting
+        }
+        start.standardError = sink
+        try start.run()
+        try sink.close()
+        defer { if start.isRunning { start.terminate() } }
+        #expect(Self.waitFor(control))
+        // Each of these logs a line as well.
+        #expect(try Self.dpctl(["resume", "--control", control], timeout: 10).status == 0)
+        let status = try Self.dpctl(["status", "--control", control], timeout: 10)
+        #expect(status.status == 0 && status.stdout.contains("disk null"), "\(status.stderr)")
+        #expect(start.isRunning, "dpctl died writing to a failing standard error")
+        #expect(try Self.dpctl(["stop", "--control", control], timeout: 20).status == 0)
+        start.waitUntilExit()
+        #expect(start.terminationReason == .exit && start.terminationStatus == 0)
     }
 
     @Test func socketPathInUse() throws {
