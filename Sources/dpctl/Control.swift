@@ -40,6 +40,10 @@ struct ControlResponse: Codable {
     var ok: Bool
     var error: String?
     var pid: Int32?
+    /// In the answer to "stop": the instance keeps this connection open until
+    /// it exits, so the client's end of file means "exited". Older instances
+    /// leave it out (and close at once).
+    var closesAtExit: Bool?
     var threads: [ThreadStatus]?
     var disks: [DiskStatus]?
     var snapshot: DataPlane.Snapshot?
@@ -60,6 +64,10 @@ final class ControlServer: @unchecked Sendable {
     /// were last looked at (the control thread's own).
     private var loggedStates: [String: String] = [:]
     private var lastWatch = Date.distantPast
+    /// Connections of "stop" clients, never closed: they close when the
+    /// process exits (close-on-exec, so no child keeps them), which is what
+    /// those clients wait for. The control thread's own.
+    private var stopClients: [Int32] = []
 
     init(path: String, plane: DataPlane, server: VhostUserServer, cpus: [CPUSet]) throws {
         let fd: Int32
@@ -94,8 +102,11 @@ final class ControlServer: @unchecked Sendable {
             guard poll(&p, 1, 200) > 0 else { continue }
             let client = dps_accept(listenFD)
             guard client >= 0 else { continue }
-            handle(client)
-            close(client)
+            if handle(client) == .keepOpenUntilExit {
+                stopClients.append(client)
+            } else {
+                close(client)
+            }
         }
     }
 
@@ -126,7 +137,9 @@ final class ControlServer: @unchecked Sendable {
     static let requestPatience: Duration = .seconds(2)
     static let replyPatience: Duration = .seconds(5)
 
-    private func handle(_ fd: Int32) {
+    private enum AfterReply { case close, keepOpenUntilExit }
+
+    private func handle(_ fd: Int32) -> AfterReply {
         let line = ControlIO.readLine(fd, limit: 4096, deadline: .now + Self.requestPatience)
         var response: ControlResponse
         var stopAfterReply = false
@@ -137,7 +150,7 @@ final class ControlServer: @unchecked Sendable {
                 response = status()
                 response.snapshot = plane.statistics()
             case "stop":
-                response = ControlResponse(ok: true, pid: getpid())
+                response = ControlResponse(ok: true, pid: getpid(), closesAtExit: true)
                 stopAfterReply = true
             case "resume":
                 var failures: [String] = []
@@ -160,10 +173,10 @@ final class ControlServer: @unchecked Sendable {
                 log("a control client did not take its \(data.count)-byte reply within \(Self.replyPatience); dropped it")
             }
         }
-        if stopAfterReply {
-            log("stop requested on the control socket")
-            kill(getpid(), SIGTERM)
-        }
+        guard stopAfterReply else { return .close }
+        log("stop requested on the control socket")
+        kill(getpid(), SIGTERM)
+        return .keepOpenUntilExit
     }
 
     private func status() -> ControlResponse {
@@ -193,29 +206,60 @@ let controlReplyPatience: Duration = .seconds(30)
 
 /// Sends one request to a running instance and returns its answer.
 func controlCall(_ path: String, _ command: String) throws -> ControlResponse {
-    let fd = dps_unix_connect(path)
-    guard fd >= 0 else {
-        let reason = -fd == ENOENT || -fd == ECONNREFUSED ? "no dpctl is running there" : errnoText(-fd)
-        throw CLIError("cannot reach control socket \(path): \(reason)")
+    try ControlConnection(path).request(command)
+}
+
+/// A connection to a running instance's control socket.
+final class ControlConnection {
+    let path: String
+    private let fd: Int32
+
+    init(_ path: String) throws(CLIError) {
+        let fd = dps_unix_connect(path)
+        guard fd >= 0 else {
+            let reason = -fd == ENOENT || -fd == ECONNREFUSED ? "no dpctl is running there" : errnoText(-fd)
+            throw CLIError("cannot reach control socket \(path): \(reason)")
+        }
+        self.path = path
+        self.fd = fd
     }
-    defer { close(fd) }
-    var data = try JSONEncoder().encode(ControlRequest(command: command))
-    data.append(UInt8(ascii: "\n"))
-    let deadline = ContinuousClock.now + controlReplyPatience
-    let sent = ControlIO.send(fd, data, deadline: deadline)
-    guard sent == 0 else { throw CLIError("cannot send to control socket \(path): \(errnoText(sent))") }
-    let reply = ControlIO.readLine(fd, limit: 1 << 30, deadline: deadline)
-    if reply.last != UInt8(ascii: "\n") && ContinuousClock.now >= deadline {
-        throw CLIError("no answer from \(path) within \(controlReplyPatience) (the instance may be stuck: see its log)")
+
+    deinit { close(fd) }
+
+    /// Sends a request and returns the answer, or throws the instance's refusal.
+    func request(_ command: String) throws -> ControlResponse {
+        var data = try JSONEncoder().encode(ControlRequest(command: command))
+        data.append(UInt8(ascii: "\n"))
+        let deadline = ContinuousClock.now + controlReplyPatience
+        let sent = ControlIO.send(fd, data, deadline: deadline)
+        guard sent == 0 else { throw CLIError("cannot send to control socket \(path): \(errnoText(sent))") }
+        let reply = ControlIO.readLine(fd, limit: 1 << 30, deadline: deadline)
+        if reply.last != UInt8(ascii: "\n") && ContinuousClock.now >= deadline {
+            throw CLIError("no answer from \(path) within \(controlReplyPatience) (the instance may be stuck: see its log)")
+        }
+        do {
+            let response = try JSONDecoder().decode(ControlResponse.self, from: reply)
+            if !response.ok { throw CLIError(response.error ?? "the instance refused the request") }
+            return response
+        } catch let error as CLIError {
+            throw error
+        } catch {
+            throw CLIError("unreadable answer from \(path): \(error)")
+        }
     }
-    do {
-        let response = try JSONDecoder().decode(ControlResponse.self, from: reply)
-        if !response.ok { throw CLIError(response.error ?? "the instance refused the request") }
-        return response
-    } catch let error as CLIError {
-        throw error
-    } catch {
-        throw CLIError("unreadable answer from \(path): \(error)")
+
+    /// Waits until the instance closes the connection; false at the deadline.
+    func waitForClose(deadline: ContinuousClock.Instant) -> Bool {
+        var buffer = [UInt8](repeating: 0, count: 4096)
+        while let wait = ControlIO.milliseconds(until: deadline) {
+            var p = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
+            let ready = poll(&p, 1, wait)
+            if ready < 0 && errno != EINTR { return true } // cannot wait on it: nothing left to see
+            if ready <= 0 { continue }
+            let n = buffer.withUnsafeMutableBytes { recv(fd, $0.baseAddress, $0.count, Int32(MSG_DONTWAIT)) }
+            if n == 0 || (n < 0 && errno != EINTR && errno != EAGAIN) { return true }
+        }
+        return false
     }
 }
 
@@ -278,7 +322,7 @@ enum ControlIO {
     }
 
     /// Milliseconds left until `deadline` for poll (at least 1), or nil once it passed.
-    private static func milliseconds(until deadline: ContinuousClock.Instant) -> Int32? {
+    static func milliseconds(until deadline: ContinuousClock.Instant) -> Int32? {
         let left = ContinuousClock.now.duration(to: deadline)
         guard left > .zero else { return nil }
         let (seconds, attoseconds) = left.components

@@ -219,8 +219,9 @@ enum StopCommand {
     USAGE: dpctl stop (--control PATH | --socket PATH) [--timeout SECONDS]
 
     Asks a running instance to stop: in-flight requests complete, frontends are
-    disconnected, then it exits. Waits until its control socket is gone
-    (default timeout 30 s).
+    disconnected, then it exits. Returns once the process has exited, so its
+    sockets are free for the next 'dpctl start' (exit status 1 if it has not
+    exited within --timeout, default 30 s).
     """
 
     static func run(_ words: [String]) throws -> Int32 {
@@ -238,14 +239,32 @@ enum StopCommand {
             default: throw CLIError("unknown option \(word.debugDescription) for stop", usage: true)
             }
         }
-        let path = try instance.controlPath()
-        let response = try controlCall(path, "stop")
-        let deadline = Date().addingTimeInterval(Double(timeout))
-        while FileManager.default.fileExists(atPath: path) {
-            if Date() > deadline { throw CLIError("dpctl pid \(response.pid ?? 0) did not stop within \(timeout) s") }
-            usleep(50_000)
-        }
-        print("stopped dpctl pid \(response.pid.map(String.init) ?? "?")")
+        let connection = try ControlConnection(try instance.controlPath())
+        let response = try connection.request("stop")
+        let deadline = ContinuousClock.now + .seconds(timeout)
+        let pid = response.pid.map(String.init) ?? "?"
+        // The instance holds this connection until it exits; an older one
+        // closes it at once, and then only its pid tells.
+        let closed = connection.waitForClose(deadline: deadline)
+        let exited = closed && (response.closesAtExit == true || waitForExit(response.pid, deadline: deadline))
+        guard exited else { throw CLIError("dpctl pid \(pid) did not exit within \(timeout) s (it may still be draining: see its log)") }
+        print("stopped dpctl pid \(pid)")
         return 0
+    }
+
+    /// Polls until the process is gone or a zombie; false at the deadline.
+    /// Without a pid there is nothing to poll: true.
+    static func waitForExit(_ pid: Int32?, deadline: ContinuousClock.Instant) -> Bool {
+        guard let pid, pid > 0 else { return true }
+        while ContinuousClock.now < deadline {
+            if kill(pid, 0) != 0 && errno == ESRCH { return true }
+            let stat = (try? String(contentsOfFile: "/proc/\(pid)/stat", encoding: .utf8)) ?? ""
+            if let end = stat.lastIndex(of: ")"), let state = stat[stat.index(after: end)...].first(where: { $0 != " " }),
+               state == "Z" || state == "X" {
+                return true
+            }
+            usleep(10_000)
+        }
+        return false
     }
 }

@@ -307,6 +307,58 @@ import Testing
         #expect(start.terminationReason == .exit && start.terminationStatus == 0)
     }
 
+    /// Whether the process has exited: gone, or a zombie its parent has not reaped.
+    static func hasExited(_ pid: Int32) -> Bool {
+        if kill(pid, 0) != 0 { return errno == ESRCH }
+        let stat = (try? String(contentsOfFile: "/proc/\(pid)/stat", encoding: .utf8)) ?? ""
+        guard let close = stat.lastIndex(of: ")") else { return true }
+        let state = stat[stat.index(after: close)...].trimmingCharacters(in: .whitespaces).first
+        return state == "Z" || state == "X"
+    }
+
+    /// `dpctl stop` returns once the instance has exited, so a new one can
+    /// take the same sockets at once; it used to return when the control
+    /// socket went, at the start of the drain, and the next start found the
+    /// disk socket still served. Each round has a frontend connected (the
+    /// drain resets a device) and, before the stop, fills the instance's
+    /// log pipe: each line of the drain then waits out its 250 ms before it
+    /// is dropped, so the drain takes long enough that returning early is
+    /// seen every time, not one run in ten.
+    @Test func stopThenStartOnTheSameSocketsWorksEveryTime() throws {
+        let dir = try scratch()
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let socket = dir + "/disk.sock", control = dir + "/ctl"
+        for round in 0..<10 {
+            var ends: [Int32] = [-1, -1]
+            #expect(pipe(&ends) == 0)
+            ends.forEach { _ = fcntl($0, F_SETFD, FD_CLOEXEC) }
+            defer { ends.forEach { close($0) } }
+            let start = Process()
+            start.executableURL = URL(fileURLWithPath: QEMUEndToEndTests.dpctl)
+            start.arguments = ["start", "--disk", "x", "--backend", "null", "--null-size", "16M", "--socket", socket,
+                               "--num-queues", "2", "--control", control]
+            start.standardError = FileHandle(fileDescriptor: ends[1], closeOnDealloc: false)
+            try start.run()
+            defer { if start.isRunning { start.terminate(); start.waitUntilExit() } }
+            #expect(Self.waitFor(control), "round \(round): no control socket")
+            let g = try TestGuest(queues: 2, queueSize: 64)
+            let conn = try g.connectFrontend(socket)
+            defer { vuf_close(conn) }
+            #expect(try g.run(type: UInt32(GD_BLK_T_FLUSH)).status == 0, "round \(round)")
+            // A writer of our own (O_NONBLOCK on its own open file) fills the pipe.
+            let filler = open("/proc/self/fd/\(ends[1])", O_WRONLY | O_NONBLOCK | O_CLOEXEC)
+            #expect(filler >= 0)
+            let block = [UInt8](repeating: UInt8(ascii: "."), count: 4096)
+            while block.withUnsafeBytes({ write(filler, $0.baseAddress, $0.count) }) > 0 {}
+            close(filler)
+            let stop = try Self.dpctl(["stop", "--control", control], timeout: 30)
+            #expect(stop.status == 0, "round \(round): \(stop.stderr)")
+            let exited = Self.hasExited(start.processIdentifier)
+            #expect(exited, "round \(round): dpctl stop returned while the instance still ran")
+            if !exited || stop.status != 0 { break }
+        }
+    }
+
     @Test func socketPathInUse() throws {
         let dir = try scratch()
         defer { try? FileManager.default.removeItem(atPath: dir) }
