@@ -7,8 +7,19 @@ enum StatusCommand {
 
     Shows the IOThreads (CPUs, NUMA node), each disk (socket, frontend
     connected or not, size, mode) and its running queues (IOThread, ring
-    indices, requests in flight, broken rings).
+    indices, requests in flight, broken rings, queues stopped on error).
+
+    EXIT STATUS (a health check):
+      0  every queue runs
+      3  a queue is broken (the guest corrupted its ring and must reset the
+         device) or stopped on an I/O error by --rerror/--werror (fix the
+         cause, then 'dpctl resume')
+      1  the instance could not be asked (not running, no answer)
+      2  usage error
     """
+
+    /// The exit status of `dpctl status` when a queue is broken or stopped on error.
+    static let unhealthyExitStatus: Int32 = 3
 
     static let statsHelp = """
     USAGE: dpctl stats (--control PATH | --socket PATH) [--json] [--watch] [--interval SECONDS]
@@ -52,7 +63,9 @@ enum StatusCommand {
             } else {
                 printStatus(response)
             }
-            return 0
+            let queues = (response.disks ?? []).flatMap(\.queues)
+            let unhealthy = queues.contains { $0.broken != nil || $0.stoppedOnError != nil }
+            return unhealthy ? unhealthyExitStatus : 0
         }
         repeat {
             let before = try controlCall(path, "stats")

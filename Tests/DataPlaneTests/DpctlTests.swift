@@ -142,6 +142,8 @@ import Testing
                 "\(dp.log)")
         let status = try Self.dpctl(["status", "--socket", socket])
         #expect(status.stdout.contains("STOPPED on error: Input/output error, 1 request(s) held"), "\(status.stdout)")
+        #expect(status.status == 3, "status is a health check: a queue stopped on error exits 3")
+        #expect(try Self.dpctl(["status", "--socket", socket, "--json"]).status == 3)
         // Resumed with the fault still there (every write after the first
         // fails), the write is held again.
         #expect(try Self.dpctl(["resume", "--socket", socket]).status == 0)
@@ -151,6 +153,34 @@ import Testing
         #expect(dp.terminate() == 0)
         let done = try g.complete()
         #expect(done.head == held && done.status == UInt8(GD_BLK_S_IOERR))
+    }
+
+    /// A guest that corrupts its ring breaks the queue: `dpctl status` says
+    /// so and exits 3; it exited 0 before anything was wrong.
+    @Test func aBrokenQueueMakesStatusExit3() throws {
+        let dir = try scratch()
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let socket = dir + "/vu.sock"
+        let dp = try QEMUEndToEndTests.Instance(["--disk", "x", "--backend", "null", "--null-size", "16M", "--socket", socket,
+                                                 "--num-queues", "2"], log: dir + "/dpctl.log")
+        defer { _ = dp.terminate() }
+        let g = try TestGuest(queues: 2, queueSize: 64)
+        let conn = try g.connectFrontend(socket)
+        defer { vuf_close(conn) }
+        #expect(try g.run(type: UInt32(GD_BLK_T_FLUSH)).status == 0)
+        let healthy = try Self.dpctl(["status", "--socket", socket])
+        #expect(healthy.status == 0 && healthy.stdout.contains("queue 0 on iothread0: running"), "\(healthy.stdout)")
+        gd_set_avail_idx(g.driver, 0, UInt16(g.queueSize + 5))
+        gd_kick(g.driver, 0)
+        let deadline = Date().addingTimeInterval(10)
+        var status = try Self.dpctl(["status", "--socket", socket])
+        while !status.stdout.contains("BROKEN") && Date() < deadline {
+            usleep(50_000)
+            status = try Self.dpctl(["status", "--socket", socket])
+        }
+        #expect(status.stdout.contains("queue 0 on iothread0: BROKEN"), "\(status.stdout)")
+        #expect(status.status == 3, "\(status.stdout)")
+        #expect(try Self.dpctl(["status", "--socket", socket, "--json"]).status == 3)
     }
 
     @Test func guestConfigurationSnippets() throws {
