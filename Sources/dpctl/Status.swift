@@ -135,14 +135,17 @@ struct StatsReport: Codable {
     var disks: [Row]
     var queues: [Row]
 
+    /// Every difference saturates at 0: counters that went backwards (the
+    /// instance was restarted between the samples) show no activity rather
+    /// than 1.8e19 IOPS.
     init(before a: DataPlane.Snapshot, after b: DataPlane.Snapshot) {
-        seconds = Double(b.monotonicNanoseconds &- a.monotonicNanoseconds) / 1e9
-        let s = seconds
+        seconds = Double(counterIncrease(from: a.monotonicNanoseconds, to: b.monotonicNanoseconds)) / 1e9
+        let s = max(seconds, 1e-9)
         func row(_ name: String, _ x: QueueStatistics?, _ y: QueueStatistics) -> Row {
             let r = y.rates(since: x ?? QueueStatistics(disk: y.disk, queue: y.queue, thread: y.thread), seconds: s)
             return Row(name: name, iops: r.iops, readMBps: r.readMBps, writeMBps: r.writeMBps,
                        p50Microseconds: r.p50Microseconds, p99Microseconds: r.p99Microseconds,
-                       polledShare: r.polledShare, errors: y.errors &- (x?.errors ?? 0))
+                       polledShare: r.polledShare, errors: counterIncrease(from: x?.errors ?? 0, to: y.errors))
         }
         disks = b.disks.map { d in row(d.disk, a.disks.first { $0.disk == d.disk }, d) }
         queues = b.queues.map { q in
@@ -150,12 +153,12 @@ struct StatsReport: Codable {
         }
         threads = b.threads.map { t in
             let old = a.threads.first { $0.name == t.name }
-            let cpu = Double(t.cpuNanoseconds &- (old?.cpuNanoseconds ?? 0))
-            let served = b.thread(t.name).requests &- a.thread(t.name).requests
+            let cpu = Double(counterIncrease(from: old?.cpuNanoseconds ?? 0, to: t.cpuNanoseconds))
+            let served = counterIncrease(from: a.thread(t.name).requests, to: b.thread(t.name).requests)
             return ThreadRow(
                 name: t.name, cpuPercent: cpu / (s * 1e9) * 100,
-                wakeupsPerSecond: Double(t.waits &- (old?.waits ?? 0)) / s,
-                pollHitsPerSecond: Double(t.pollHits &- (old?.pollHits ?? 0)) / s,
+                wakeupsPerSecond: Double(counterIncrease(from: old?.waits ?? 0, to: t.waits)) / s,
+                pollHitsPerSecond: Double(counterIncrease(from: old?.pollHits ?? 0, to: t.pollHits)) / s,
                 pollWindowMicroseconds: Double(t.pollWindowNanoseconds) / 1000,
                 cpuMicrosecondsPerRequest: served > 0 ? cpu / Double(served) / 1000 : nil,
                 iops: Double(served) / s)

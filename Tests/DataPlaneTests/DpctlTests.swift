@@ -389,6 +389,101 @@ import Testing
         }
     }
 
+    /// `dpctl stats --json` started in the background; `finish()` waits for
+    /// it and returns the parsed report.
+    final class BackgroundStats {
+        let process = Process()
+        let output: String
+
+        init(control: String, interval: Double, in dir: String) throws {
+            output = dir + "/stats-\(UUID().uuidString.prefix(6)).json"
+            _ = FileManager.default.createFile(atPath: output, contents: nil)
+            process.executableURL = URL(fileURLWithPath: QEMUEndToEndTests.dpctl)
+            process.arguments = ["stats", "--control", control, "--interval", "\(interval)", "--json"]
+            process.standardOutput = try FileHandle(forWritingTo: URL(fileURLWithPath: output))
+            process.standardError = FileHandle.nullDevice
+            try process.run()
+        }
+
+        func finish() throws -> [String: Any] {
+            process.waitUntilExit()
+            let data = FileManager.default.contents(atPath: output) ?? Data()
+            guard process.terminationStatus == 0, let report = try JSONSerialization.jsonObject(with: data) as? [String: Any] else {
+                throw TestFailure("dpctl stats exited \(process.terminationStatus): \(String(decoding: data, as: UTF8.self))")
+            }
+            return report
+        }
+
+        /// Every rate of every row, named.
+        static func rates(_ report: [String: Any]) -> [(String, Double)] {
+            var all: [(String, Double)] = []
+            for table in ["threads", "disks", "queues"] {
+                for row in report[table] as? [[String: Any]] ?? [] {
+                    for key in ["iops", "readMBps", "writeMBps", "cpuPercent", "wakeupsPerSecond", "pollHitsPerSecond"] {
+                        if let v = row[key] as? Double { all.append(("\(table) \(row["name"] ?? "?") \(key)", v)) }
+                    }
+                }
+            }
+            return all
+        }
+    }
+
+    /// A frontend that reconnects (every ring restarts) during a `dpctl stats`
+    /// interval: the disk's rate counts exactly the requests of the interval.
+    /// Its counters used to start from zero again with the new rings.
+    @Test func statsCountEveryRequestOnceAcrossAReconnect() throws {
+        let dir = try scratch()
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let socket = dir + "/vu.sock", control = dir + "/ctl"
+        let dp = try QEMUEndToEndTests.Instance(["--disk", "x", "--backend", "null", "--null-size", "16M", "--socket", socket,
+                                                 "--num-queues", "1", "--control", control], log: dir + "/dpctl.log")
+        defer { _ = dp.terminate() }
+        let first = try TestGuest(queues: 1, queueSize: 64)
+        let before = try first.connectFrontend(socket)
+        for _ in 0..<20 { #expect(try first.run(type: UInt32(GD_BLK_T_FLUSH)).status == 0) }
+        let stats = try BackgroundStats(control: control, interval: 2, in: dir)
+        usleep(400_000)
+        vuf_close(before)
+        let second = try TestGuest(queues: 1, queueSize: 64)
+        let after = try second.connectFrontend(socket)
+        defer { vuf_close(after) }
+        for _ in 0..<5 { #expect(try second.run(type: UInt32(GD_BLK_T_FLUSH)).status == 0) }
+        let report = try stats.finish()
+        let seconds = try #require(report["seconds"] as? Double)
+        let disk = try #require((report["disks"] as? [[String: Any]])?.first)
+        let served = (disk["iops"] as? Double ?? -1) * seconds
+        #expect(abs(served - 5) < 0.01, "the interval saw 5 requests; stats say \(served): \(report)")
+    }
+
+    /// `dpctl stats --watch` across a restart of the instance (the second
+    /// sample comes from a new process with smaller counters): no rate is
+    /// negative or astronomical.
+    @Test func statsAcrossAnInstanceRestartShowNoHugeRates() throws {
+        let dir = try scratch()
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let socket = dir + "/vu.sock", control = dir + "/ctl"
+        let arguments = ["--disk", "x", "--backend", "null", "--null-size", "16M", "--socket", socket, "--num-queues", "1",
+                         "--control", control]
+        let first = try QEMUEndToEndTests.Instance(arguments, log: dir + "/first.log")
+        defer { _ = first.terminate() }
+        let g = try TestGuest(queues: 1, queueSize: 64)
+        let conn = try g.connectFrontend(socket)
+        for _ in 0..<50 { #expect(try g.run(type: UInt32(GD_BLK_T_FLUSH)).status == 0) }
+        let stats = try BackgroundStats(control: control, interval: 3, in: dir)
+        usleep(400_000)
+        #expect(try Self.dpctl(["stop", "--control", control], timeout: 20).status == 0)
+        vuf_close(conn)
+        let second = try QEMUEndToEndTests.Instance(arguments, log: dir + "/second.log")
+        defer { _ = second.terminate() }
+        #expect(Self.waitFor(control))
+        let report = try stats.finish()
+        let rates = BackgroundStats.rates(report)
+        #expect(rates.count >= 4, "\(report)")
+        for (name, value) in rates {
+            #expect(value >= 0 && value < 1e9, "\(name) = \(value)")
+        }
+    }
+
     @Test func socketPathInUse() throws {
         let dir = try scratch()
         defer { try? FileManager.default.removeItem(atPath: dir) }
