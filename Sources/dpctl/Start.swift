@@ -39,8 +39,11 @@ enum StartCommand {
 
     INSTANCE OPTIONS:
       --iothreads N       IOThreads to run (default 1); queues are spread over them round-robin
+                          (more IOThreads than --cpuset CPUs share CPUs: logged as a warning)
       --cpuset LIST       CPUs the IOThreads are pinned to, like taskset: 5,6 or 0-3,8;
-                          IOThread i gets the i-th CPU (round-robin). Default: all online CPUs
+                          IOThread i gets the i-th CPU (round-robin). Default: every CPU this
+                          process may run on (what taskset, systemd AllowedCPUs= or the
+                          container's cpuset leave it); CPUs outside those are refused
       --poll-us N         Busy-poll window upper bound in microseconds, adaptive (default 32; 0 = never poll)
       --control PATH      Control socket for status/stats/stop (default: FIRST-SOCKET.ctl)
       --config FILE       Read everything from a JSON file instead (see README); no --disk then
@@ -225,13 +228,35 @@ enum StartCommand {
         return fault
     }
 
+    /// The IOThreads' CPUs: --cpuset, checked to be online and allowed to
+    /// this process, or by default every CPU the process may run on (so
+    /// taskset, systemd's AllowedCPUs= and a container's cpuset are obeyed).
+    static func resolveCPUSet(_ text: String?) throws -> CPUSet {
+        let allowed: CPUSet
+        do { allowed = try CPUSet.allowed() } catch { throw CLIError("\(error)") }
+        guard let text else { return allowed }
+        let cpuset: CPUSet
+        do { cpuset = try CPUSet(parsing: text) } catch { throw CLIError("--cpuset: \(error)", usage: true) }
+        do {
+            // Offline CPUs are named as such; sysfs may be missing in a sandbox.
+            if let online = try? CPUSet.online() { try cpuset.validateOnline(online) }
+            try cpuset.validateAllowed(allowed)
+        } catch {
+            throw CLIError("--cpuset: \(error)")
+        }
+        return cpuset
+    }
+
+    /// A warning when IOThreads outnumber their CPUs, or nil.
+    static func sharedCPUWarning(threads: Int, cpuset: CPUSet) -> String? {
+        guard threads > cpuset.cpus.count else { return nil }
+        return "warning: \(threads) IOThreads on \(cpuset.cpus.count) CPU(s) (\(cpuset)): IOThreads take the CPUs round-robin "
+            + "and share them, which costs latency; use --iothreads \(cpuset.cpus.count) or more CPUs"
+    }
+
     static func run(_ words: [String]) throws -> Int32 {
         let config = try parse(words)
-        let online = try CPUSet.online()
-        let cpuset = try config.cpuset.map { text throws -> CPUSet in
-            do { return try CPUSet(parsing: text) } catch { throw CLIError("--cpuset: \(error)", usage: true) }
-        } ?? online
-        do { try cpuset.validateOnline(online) } catch { throw CLIError("--cpuset: \(error)") }
+        let cpuset = try resolveCPUSet(config.cpuset)
         let threadCount = config.iothreads ?? 1
         let disks = try config.disks.map(diskConfiguration)
         let totalQueues = disks.reduce(0) { $0 + $1.numQueues }
@@ -278,6 +303,7 @@ enum StartCommand {
             throw error
         }
         try server.start()
+        if let warning = sharedCPUWarning(threads: threadCount, cpuset: cpuset) { log(warning) }
         for (i, t) in plane.threads.enumerated() {
             log("\(t.configuration.name): CPU \(threads[i].cpuset), NUMA node \(t.numaNode.map(String.init) ?? "unknown"), poll window up to \(t.configuration.pollMaxMicroseconds) us")
         }

@@ -484,6 +484,50 @@ import Testing
         }
     }
 
+    static let twoCPUs = ProcessInfo.processInfo.activeProcessorCount > 1
+
+    /// Under `taskset -c 1` (as under systemd's AllowedCPUs= or a container's
+    /// cpuset) the default cpuset is CPU 1: it used to be every online CPU,
+    /// and the IOThread went to CPU 0, where the process may not run.
+    @Test(.enabled(if: twoCPUs)) func theDefaultCPUSetIsWhatTheProcessMayRunOn() throws {
+        let dir = try scratch()
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let control = dir + "/ctl"
+        let start = Process()
+        start.executableURL = URL(fileURLWithPath: "/usr/bin/taskset")
+        start.arguments = ["-c", "1", QEMUEndToEndTests.dpctl, "start", "--disk", "x", "--backend", "null",
+                           "--socket", dir + "/a.sock", "--control", control]
+        _ = FileManager.default.createFile(atPath: dir + "/log", contents: nil)
+        start.standardError = try FileHandle(forWritingTo: URL(fileURLWithPath: dir + "/log"))
+        try start.run()
+        defer { if start.isRunning { start.terminate(); start.waitUntilExit() } }
+        #expect(Self.waitFor(control))
+        let status = try Self.dpctl(["status", "--control", control], timeout: 10)
+        #expect(status.stdout.contains("iothread0: CPU 1,"), "\(status.stdout)")
+        let log = (try? String(contentsOfFile: dir + "/log", encoding: .utf8)) ?? ""
+        #expect(log.contains("iothread0: CPU 1,"), "\(log)")
+    }
+
+    @Test(.enabled(if: twoCPUs)) func aCPUSetOutsideTheAllowedCPUsIsRefusedNamingThem() throws {
+        let r = try Self.dpctl(["start", "--cpuset", "0-1", "--disk", "x", "--backend", "null", "--socket", "/tmp/dp-never.sock"],
+                               timeout: 10, wrapper: ["/usr/bin/taskset", "-c", "1"])
+        #expect(!r.timedOut && r.status == 1)
+        #expect(r.stderr == "dpctl: error: --cpuset: CPU 0 is outside the CPUs this process may run on (1); taskset, "
+            + "systemd's AllowedCPUs=/CPUAffinity= or the container's cpuset set those\n", "\(r.stderr)")
+    }
+
+    @Test func moreIOThreadsThanCPUsIsLoggedAsAWarning() throws {
+        let dir = try scratch()
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let dp = try QEMUEndToEndTests.Instance(["--iothreads", "3", "--cpuset", "0", "--disk", "x", "--backend", "null",
+                                                 "--socket", dir + "/a.sock"], log: dir + "/log")
+        defer { _ = dp.terminate() }
+        #expect(Self.waitFor(dir + "/a.sock.ctl"))
+        let deadline = Date().addingTimeInterval(5)
+        while !dp.log.contains("ready") && Date() < deadline { usleep(20_000) }
+        #expect(dp.log.contains("warning: 3 IOThreads on 1 CPU(s) (0): IOThreads take the CPUs round-robin"), "\(dp.log)")
+    }
+
     @Test func socketPathInUse() throws {
         let dir = try scratch()
         defer { try? FileManager.default.removeItem(atPath: dir) }

@@ -54,6 +54,10 @@ int dps_fd_size(int fd, uint64_t *size);
 uint64_t dps_fd_map_alignment(int fd);
 /* Set or clear O_NONBLOCK. */
 int dps_set_nonblocking(int fd, bool on);
+/* The CPUs below max_cpus the process may run on (its main thread's affinity
+ * mask: taskset, a cgroup cpuset, systemd's AllowedCPUs=/CPUAffinity=), in
+ * ascending order into cpus. Returns their count. */
+int dps_allowed_cpus(int32_t *cpus, int max_cpus);
 
 #ifdef __cplusplus
 }
