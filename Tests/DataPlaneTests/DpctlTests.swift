@@ -32,7 +32,7 @@ import Testing
     /// refusal must fail, not hang, when dpctl starts serving instead.
     /// `stderr` replaces the captured standard error (a closed pipe, /dev/full).
     static func dpctl(_ arguments: [String], timeout: Double, stderr: FileHandle? = nil,
-                      wrapper: [String] = []) throws -> Result {
+                      wrapper: [String] = [], environment: [String: String]? = nil) throws -> Result {
         let dir = NSTemporaryDirectory() + "/dp-run-" + UUID().uuidString
         try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
         defer { try? FileManager.default.removeItem(atPath: dir) }
@@ -50,6 +50,7 @@ import Testing
         }
         p.standardOutput = out
         p.standardError = stderr ?? err
+        if let environment { p.environment = environment }
         try p.run()
         let deadline = Date().addingTimeInterval(timeout)
         while p.isRunning && Date() < deadline { usleep(10_000) }
@@ -184,7 +185,7 @@ import Testing
     }
 
     @Test func guestConfigurationSnippets() throws {
-        let q = try Self.dpctl(["qemu-args", "--socket", "/run/x.sock", "--num-queues", "4", "--memory", "2G"])
+        let q = try Self.dpctl(["qemu-args", "--socket", "/run/x.sock", "--num-queues", "4", "--memory", "2G", "--qemu-version", "7.2"])
         #expect(q.status == 0)
         #expect(q.stdout.contains("memory-backend-memfd,id=mem,size=2G,share=on"))
         #expect(q.stdout.contains("-chardev socket,id=dp0,path=/run/x.sock,reconnect=1"))
