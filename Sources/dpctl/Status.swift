@@ -84,7 +84,7 @@ enum StatusCommand {
 
     static func printJSON<T: Encodable>(_ value: T) {
         let encoder = JSONEncoder()
-        encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
+        encoder.outputFormatting = [.prettyPrinted, .sortedKeys, .withoutEscapingSlashes]
         if let data = try? encoder.encode(value), let text = String(data: data, encoding: .utf8) { print(text) }
     }
 
@@ -206,9 +206,10 @@ enum ResumeCommand {
     static let help = """
     USAGE: dpctl resume (--control PATH | --socket PATH)
 
-    Resumes every queue of a running instance: queues stopped by the error
-    policy (--werror/--rerror stop or enospc) retry the requests they hold, in
-    order; paused queues take requests again. Prints the status afterwards.
+    Restarts the queues the error policy stopped (--rerror/--werror stop, or
+    enospc on ENOSPC): each retries the requests it holds, in order, then takes
+    new ones; a request that fails again stops its queue again. Running queues
+    are not affected. Prints the status afterwards.
     """
 
     static func run(_ words: [String]) throws -> Int32 {
