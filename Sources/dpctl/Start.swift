@@ -98,7 +98,8 @@ enum StartCommand {
                           container's cpuset leave it; CPUs outside those are refused)
       --poll-us N         Busy-poll window upper bound in microseconds, adaptive, 0-1000000
                           (default \(defaultPollMicroseconds); 0 = never poll)
-      --control PATH      Control socket for status, stats, resume and stop (default FIRST-SOCKET.ctl)
+      --control PATH      Control socket for status, stats, resume and stop (default
+                          FIRST-SOCKET.ctl); like --socket, it replaces only a stale socket
       --config FILE       Read the instance and its disks from a JSON file. Its keys are the
                           names of these options without the dashes, with the values they
                           take: "iothreads", "cpuset", "poll-us", "control", and "disks", a
@@ -114,7 +115,9 @@ enum StartCommand {
 
     DISK OPTIONS (apply to the --disk before them):
       --disk PATH         Raw image file or block device (a name, with --backend null)
-      --socket PATH       vhost-user socket to listen on (required per disk)
+      --socket PATH       vhost-user socket to listen on (required per disk). A socket nobody
+                          listens on is replaced; a live one, or anything else (a file), is
+                          refused and left as it is
       --readonly          Refuse writes (the guest sees a read-only disk)
       --num-queues N      Queues offered to the frontend, 1-64 (default \(defaultNumQueues): QEMU asks
                           one per vCPU and refuses to start when offered fewer)
