@@ -1,6 +1,7 @@
 /* System-call shims for the Swift control path. */
 #include <errno.h>
 #include <fcntl.h>
+#include <sched.h>
 #include <stdio.h>
 #include <string.h>
 #include <sys/eventfd.h>
@@ -57,6 +58,23 @@ int dps_unix_connect(const char *path)
         return ret;
     }
     return fd;
+}
+
+int dps_unix_probe(const char *path)
+{
+    struct sockaddr_un addr;
+    int ret = unix_addr(path, &addr);
+    if (ret)
+        return ret;
+    /* Non-blocking: a live server whose backlog is full must not hang us. */
+    int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    if (fd < 0)
+        return -errno;
+    ret = connect(fd, (struct sockaddr *)&addr, sizeof(addr)) == 0 ? 1 : -errno;
+    close(fd);
+    if (ret == -EAGAIN || ret == -EINPROGRESS)
+        return 1; /* someone listens; its queue is just full */
+    return ret == -ECONNREFUSED ? 0 : ret;
 }
 
 int dps_accept(int listen_fd)
@@ -199,4 +217,29 @@ int dps_set_nonblocking(int fd, bool on)
         return -errno;
     flags = on ? (flags | O_NONBLOCK) : (flags & ~O_NONBLOCK);
     return fcntl(fd, F_SETFL, flags) < 0 ? -errno : 0;
+}
+
+int dps_allowed_cpus(int32_t *cpus, int max_cpus)
+{
+    if (!cpus || max_cpus <= 0)
+        return -EINVAL;
+    /* Sized for max_cpus, not cpu_set_t's 1024: machines have more. */
+    cpu_set_t *set = CPU_ALLOC((size_t)max_cpus);
+    if (!set)
+        return -ENOMEM;
+    size_t size = CPU_ALLOC_SIZE((size_t)max_cpus);
+    CPU_ZERO_S(size, set);
+    /* The main thread's mask (its tid is the pid): the process's, whichever
+     * thread asks. */
+    if (sched_getaffinity(getpid(), size, set) < 0) {
+        int ret = -errno;
+        CPU_FREE(set);
+        return ret;
+    }
+    int count = 0;
+    for (int cpu = 0; cpu < max_cpus; cpu++)
+        if (CPU_ISSET_S((size_t)cpu, size, set))
+            cpus[count++] = cpu;
+    CPU_FREE(set);
+    return count;
 }

@@ -22,6 +22,13 @@ public final class DataPlane: Sendable {
         var ordinal: Int
         var threadIndices: [Int]?
         var queues: [Int: Virtqueue] = [:]
+        /// Queues being stopped: their counters still count, live, until
+        /// they move into `stoppedCounters` in one step.
+        var draining: [Virtqueue] = []
+        /// By queue index, the final counters of every queue stopped there:
+        /// a ring restart (GET_VRING_BASE, SET_VRING_ADDR, a reconnect) makes
+        /// a new queue, and statistics must not start again from zero.
+        var stoppedCounters: [Int: QueueStatistics] = [:]
     }
 
     private struct State {
@@ -107,11 +114,26 @@ public final class DataPlane: Sendable {
     }
 
     /// Stops a queue after its in-flight requests complete; returns the avail
-    /// index where it stopped, or nil when no such queue runs.
+    /// index where it stopped, or nil when no such queue runs. Its counters
+    /// stay in the disk's and the queue index's statistics.
     @discardableResult
     public func stopQueue(disk: Disk, index: Int) -> UInt16? {
-        let queue = state.withLock { $0.disks[ObjectIdentifier(disk)]?.queues.removeValue(forKey: index) }
-        return queue?.stop()
+        let id = ObjectIdentifier(disk)
+        let queue: Virtqueue? = state.withLock { state in
+            guard let queue = state.disks[id]?.queues.removeValue(forKey: index) else { return nil }
+            state.disks[id]?.draining.append(queue)
+            return queue
+        }
+        guard let queue else { return nil }
+        let last = queue.stop()
+        let final = queue.statistics().countersOnly
+        state.withLock { state in
+            guard var entry = state.disks[id] else { return }
+            entry.draining.removeAll { $0 === queue }
+            entry.stoppedCounters[index] = entry.stoppedCounters[index].map { $0.addingCounters(of: final) } ?? final
+            state.disks[id] = entry
+        }
+        return last
     }
 
     /// Removes a disk, stopping its queues first.
@@ -142,20 +164,39 @@ public final class DataPlane: Sendable {
         state.withLock { state in state.disks.values.sorted { $0.ordinal < $1.ordinal }.map(\.disk) }
     }
 
-    /// Counters of every thread, queue and disk at one moment.
+    /// Counters of every thread, queue and disk at one moment. Counters
+    /// are monotonic per disk and per queue index: those of stopped queues
+    /// are added to the running queue's at that index (or reported in
+    /// ``Snapshot/stoppedQueues`` while none runs there). Gauges come from
+    /// the running queue only.
     public func statistics() -> Snapshot {
+        // One copy under the lock: a queue moving from running to stopped
+        // is counted exactly once, before or after.
         let entries = state.withLock { state in state.disks.values.sorted { $0.ordinal < $1.ordinal } }
         var queueStats: [QueueStatistics] = []
+        var stoppedStats: [QueueStatistics] = []
         var diskStats: [QueueStatistics] = []
         for entry in entries {
-            let perQueue = entry.queues.sorted { $0.key < $1.key }.map { $0.value.statistics() }
-            queueStats += perQueue
-            diskStats.append(QueueStatistics.sum(perQueue, disk: entry.disk.name, thread: "*"))
+            var history = entry.stoppedCounters
+            for queue in entry.draining {
+                let counters = queue.statistics().countersOnly
+                history[queue.index] = history[queue.index].map { $0.addingCounters(of: counters) } ?? counters
+            }
+            var perIndex: [QueueStatistics] = []
+            for (index, queue) in entry.queues.sorted(by: { $0.key < $1.key }) {
+                let live = queue.statistics()
+                perIndex.append(history.removeValue(forKey: index).map { live.addingCounters(of: $0) } ?? live)
+            }
+            queueStats += perIndex
+            let stopped = history.sorted { $0.key < $1.key }.map(\.value)
+            stoppedStats += stopped
+            diskStats.append(QueueStatistics.sum(perIndex + stopped, disk: entry.disk.name, thread: "*"))
         }
         return Snapshot(
             monotonicNanoseconds: Self.monotonicNanoseconds(),
             threads: threads.map { $0.statistics() },
             queues: queueStats,
+            stoppedQueues: stoppedStats,
             disks: diskStats)
     }
 
@@ -174,13 +215,41 @@ public final class DataPlane: Sendable {
     public struct Snapshot: Sendable, Codable {
         public var monotonicNanoseconds: UInt64
         public var threads: [IOThreadStatistics]
+        /// The running queues, each with the counters of the queues stopped
+        /// before it at its index.
         public var queues: [QueueStatistics]
-        /// One entry per disk: the sum of its queues.
+        /// The counters of queue indices where no queue runs now (the ring
+        /// stopped, the frontend went away): kept so that sums stay monotonic.
+        public var stoppedQueues: [QueueStatistics]
+        /// One entry per disk: the sum of its queues, running and stopped.
         public var disks: [QueueStatistics]
 
-        /// The queues an IOThread serves, summed.
+        public init(monotonicNanoseconds: UInt64, threads: [IOThreadStatistics], queues: [QueueStatistics],
+                    stoppedQueues: [QueueStatistics] = [], disks: [QueueStatistics]) {
+            self.monotonicNanoseconds = monotonicNanoseconds
+            self.threads = threads
+            self.queues = queues
+            self.stoppedQueues = stoppedQueues
+            self.disks = disks
+        }
+
+        private enum CodingKeys: String, CodingKey {
+            case monotonicNanoseconds, threads, queues, stoppedQueues, disks
+        }
+
+        /// Decodes what older versions sent too (without `stoppedQueues`).
+        public init(from decoder: any Decoder) throws {
+            let c = try decoder.container(keyedBy: CodingKeys.self)
+            monotonicNanoseconds = try c.decode(UInt64.self, forKey: .monotonicNanoseconds)
+            threads = try c.decode([IOThreadStatistics].self, forKey: .threads)
+            queues = try c.decode([QueueStatistics].self, forKey: .queues)
+            stoppedQueues = try c.decodeIfPresent([QueueStatistics].self, forKey: .stoppedQueues) ?? []
+            disks = try c.decode([QueueStatistics].self, forKey: .disks)
+        }
+
+        /// The queues an IOThread serves and served, summed.
         public func thread(_ name: String) -> QueueStatistics {
-            QueueStatistics.sum(queues.filter { $0.thread == name }, disk: "*", thread: name)
+            QueueStatistics.sum((queues + stoppedQueues).filter { $0.thread == name }, disk: "*", thread: name)
         }
     }
 

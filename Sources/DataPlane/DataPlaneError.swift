@@ -19,6 +19,9 @@ public enum DataPlaneError: Error, Equatable, CustomStringConvertible {
     case threadStart(name: String, errno: Int32)
     /// A virtqueue was rejected (ring addresses, size, fds).
     case queue(disk: String, index: Int, errno: Int32)
+    /// A socket path cannot be listened on: another process serves it, or it
+    /// is not a socket (and is left alone).
+    case socketPath(path: String, reason: String)
     /// A request named a disk, queue or thread that does not exist.
     case notFound(String)
     /// The data plane was already stopped.
@@ -45,6 +48,8 @@ public enum DataPlaneError: Error, Equatable, CustomStringConvertible {
                 : err == EINVAL ? "invalid queue size or misaligned ring"
                 : Self.message(err)
             return "cannot start queue \(index) of disk \(disk.debugDescription): \(detail)"
+        case .socketPath(let path, let reason):
+            return "cannot listen on \(path.debugDescription): \(reason)"
         case .notFound(let what):
             return "\(what) does not exist"
         case .stopped:

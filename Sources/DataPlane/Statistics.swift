@@ -28,9 +28,10 @@ public struct LatencyHistogram: Sendable, Equatable, Codable {
         return nil
     }
 
-    /// Counts added since `earlier`.
+    /// Counts added since `earlier`; a bucket that went backwards (a
+    /// different source) counts 0.
     public func subtracting(_ earlier: LatencyHistogram) -> LatencyHistogram {
-        LatencyHistogram(buckets: zip(buckets, earlier.buckets).map { $0 &- $1 })
+        LatencyHistogram(buckets: zip(buckets, earlier.buckets).map { counterIncrease(from: $1, to: $0) })
     }
 
     public func adding(_ other: LatencyHistogram) -> LatencyHistogram {
@@ -137,30 +138,52 @@ public struct QueueStatistics: Sendable, Equatable, Codable {
         usedIndex = raw.used_idx
     }
 
-    /// Sums counters (for a disk's or a thread's queues).
+    /// This one's counters plus `other`'s; the gauges (in flight, held,
+    /// stopped or broken state, ring indices) stay this one's.
+    public func addingCounters(of other: QueueStatistics) -> QueueStatistics {
+        var total = self
+        total.reads &+= other.reads; total.writes &+= other.writes; total.flushes &+= other.flushes
+        total.getIDs &+= other.getIDs; total.discards &+= other.discards; total.writeZeroes &+= other.writeZeroes
+        total.otherRequests &+= other.otherRequests
+        total.bytesRead &+= other.bytesRead; total.bytesWritten &+= other.bytesWritten
+        total.ioErrors &+= other.ioErrors; total.badRequests &+= other.badRequests
+        total.rangeErrors &+= other.rangeErrors; total.readOnlyErrors &+= other.readOnlyErrors
+        total.unsupported &+= other.unsupported
+        total.batches &+= other.batches
+        if total.batchHistogram.count < other.batchHistogram.count {
+            total.batchHistogram += Array(repeating: 0, count: other.batchHistogram.count - total.batchHistogram.count)
+        }
+        for (i, n) in other.batchHistogram.enumerated() { total.batchHistogram[i] &+= n }
+        total.polled &+= other.polled; total.kicks &+= other.kicks
+        total.notifies &+= other.notifies; total.notifiesSuppressed &+= other.notifiesSuppressed
+        total.bounces &+= other.bounces
+        total.bouncePeakBytes = max(total.bouncePeakBytes, other.bouncePeakBytes)
+        total.longestChain = max(total.longestChain, other.longestChain)
+        total.latency = total.latency.adding(other.latency)
+        total.ignoredErrors &+= other.ignoredErrors
+        return total
+    }
+
+    /// The counters alone, the gauges zeroed: what a stopped queue leaves behind.
+    public var countersOnly: QueueStatistics {
+        var counters = self
+        counters.inFlight = 0
+        counters.heldRequests = 0
+        counters.stoppedOnError = nil
+        counters.brokenReason = nil
+        counters.lastAvailIndex = 0
+        counters.usedIndex = 0
+        return counters
+    }
+
+    /// Sums counters and gauges (for a disk's or a thread's queues).
     public static func sum(_ parts: [QueueStatistics], disk: String, thread: String) -> QueueStatistics {
         var total = QueueStatistics(disk: disk, queue: -1, thread: thread)
         total.batchHistogram = Array(repeating: 0, count: Int(DP_BATCH_BUCKETS))
         for p in parts {
-            total.reads &+= p.reads; total.writes &+= p.writes; total.flushes &+= p.flushes
-            total.getIDs &+= p.getIDs; total.discards &+= p.discards; total.writeZeroes &+= p.writeZeroes
-            total.otherRequests &+= p.otherRequests
-            total.bytesRead &+= p.bytesRead; total.bytesWritten &+= p.bytesWritten
-            total.ioErrors &+= p.ioErrors; total.badRequests &+= p.badRequests
-            total.rangeErrors &+= p.rangeErrors; total.readOnlyErrors &+= p.readOnlyErrors
-            total.unsupported &+= p.unsupported
-            total.inFlight &+= p.inFlight; total.batches &+= p.batches
-            for (i, n) in p.batchHistogram.enumerated() where i < total.batchHistogram.count {
-                total.batchHistogram[i] &+= n
-            }
-            total.polled &+= p.polled; total.kicks &+= p.kicks
-            total.notifies &+= p.notifies; total.notifiesSuppressed &+= p.notifiesSuppressed
-            total.bounces &+= p.bounces
-            total.bouncePeakBytes = max(total.bouncePeakBytes, p.bouncePeakBytes)
-            total.longestChain = max(total.longestChain, p.longestChain)
-            total.latency = total.latency.adding(p.latency)
+            total = total.addingCounters(of: p)
+            total.inFlight &+= p.inFlight
             total.heldRequests &+= p.heldRequests
-            total.ignoredErrors &+= p.ignoredErrors
             if total.stoppedOnError == nil, let reason = p.stoppedOnError {
                 total.stoppedOnError = "queue \(p.queue): \(reason)"
             }
@@ -172,21 +195,30 @@ public struct QueueStatistics: Sendable, Equatable, Codable {
     }
 
     /// Rates between an earlier snapshot of the same queue(s) and this one.
+    /// A counter lower than before (the two snapshots come from different
+    /// processes) counts as no increase: a rate is never negative or huge.
     public func rates(since earlier: QueueStatistics, seconds: Double) -> Rates {
         let interval = max(seconds, 1e-9)
         let window = latency.subtracting(earlier.latency)
         return Rates(
-            iops: Double(requests &- earlier.requests) / interval,
-            readMBps: Double(bytesRead &- earlier.bytesRead) / interval / 1e6,
-            writeMBps: Double(bytesWritten &- earlier.bytesWritten) / interval / 1e6,
+            iops: Double(counterIncrease(from: earlier.requests, to: requests)) / interval,
+            readMBps: Double(counterIncrease(from: earlier.bytesRead, to: bytesRead)) / interval / 1e6,
+            writeMBps: Double(counterIncrease(from: earlier.bytesWritten, to: bytesWritten)) / interval / 1e6,
             p50Microseconds: window.percentile(50).map { $0 / 1000 },
             p99Microseconds: window.percentile(99).map { $0 / 1000 },
             polledShare: {
-                let polled = Double(self.polled &- earlier.polled)
-                let kicked = Double(kicks &- earlier.kicks)
+                let polled = Double(counterIncrease(from: earlier.polled, to: self.polled))
+                let kicked = Double(counterIncrease(from: earlier.kicks, to: kicks))
                 return polled + kicked > 0 ? polled / (polled + kicked) : nil
             }())
     }
+}
+
+/// How much a monotonic counter grew from `earlier` to `later`: 0 when it
+/// went backwards (the two readings come from different processes or
+/// queues) instead of wrapping to nearly 2^64.
+public func counterIncrease(from earlier: UInt64, to later: UInt64) -> UInt64 {
+    later >= earlier ? later - earlier : 0
 }
 
 /// Throughput and latency over an interval.

@@ -90,5 +90,10 @@ struct InstanceOptions {
 
 func log(_ line: String) {
     let stamp = ISO8601DateFormatter.string(from: Date(), timeZone: .current, formatOptions: [.withTime, .withColonSeparatorInTime])
-    FileHandle.standardError.write(Data("[\(stamp)] \(line)\n".utf8))
+    StandardError.write("[\(stamp)] \(line)\n")
+}
+
+/// The text of an errno value ("Broken pipe").
+func errnoText(_ code: Int32) -> String {
+    String(cString: strerror(code))
 }

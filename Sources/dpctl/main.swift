@@ -20,6 +20,9 @@ Run 'dpctl <command> --help' for a command's options.
 """
 
 func run() -> Int32 {
+    // A control client or log reader that hangs up must cost us a failed
+    // write (EPIPE), not the process and the guests it serves.
+    signal(SIGPIPE, SIG_IGN)
     var words = Array(CommandLine.arguments.dropFirst())
     guard let command = words.first else {
         print(usage)
@@ -42,13 +45,13 @@ func run() -> Int32 {
             throw CLIError("unknown command \(command.debugDescription); commands: start, status, stats, resume, stop, qemu-args, libvirt-xml", usage: true)
         }
     } catch let error as CLIError {
-        FileHandle.standardError.write(Data("dpctl: error: \(error.description)\n".utf8))
+        StandardError.write("dpctl: error: \(error.description)\n")
         return error.usage ? 2 : 1
     } catch let error as DataPlaneError {
-        FileHandle.standardError.write(Data("dpctl: error: \(error.description)\n".utf8))
+        StandardError.write("dpctl: error: \(error.description)\n")
         return 1
     } catch {
-        FileHandle.standardError.write(Data("dpctl: error: \(error)\n".utf8))
+        StandardError.write("dpctl: error: \(error)\n")
         return 1
     }
 }

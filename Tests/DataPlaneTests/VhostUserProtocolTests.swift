@@ -276,6 +276,24 @@ func procSelfMaps() -> String {
         #expect(f.u64Reply(Self.getQueueNum) == 2, "the connection still answers")
     }
 
+    /// A frontend that hangs up with replies owed gets none: the server's
+    /// sends are MSG_NOSIGNAL, so the process sees EPIPE, not SIGPIPE (which
+    /// would kill this test process as it would kill dpctl).
+    @Test func frontendThatHangsUpBeforeItsRepliesCostsNothing() throws {
+        let h = try ServerHarness()
+        for _ in 0..<3 {
+            let f = try RawFrontend(path: h.socket)
+            var burst: [UInt8] = []
+            for _ in 0..<50 { burst.appendLE(Self.getFeatures); burst.appendLE(UInt32(1)); burst.appendLE(UInt32(0)) }
+            f.sendRaw(burst)
+            f.disconnect()
+        }
+        let deadline = Date().addingTimeInterval(5)
+        while !h.log.contains("reply failed") && Date() < deadline { usleep(10_000) }
+        #expect(h.log.contains("reply failed"), "no reply went to a closed socket, so this proves nothing: \(h.log)")
+        #expect(try h.stillServes())
+    }
+
     @Test func replyAckIsNonZeroForAFailedMessage() throws {
         let h = try ServerHarness()
         let f = try RawFrontend(path: h.socket)

@@ -20,6 +20,10 @@ extern "C" {
 int dps_unix_listen(const char *path, int backlog);
 /* A connected unix stream socket (blocking, close-on-exec). */
 int dps_unix_connect(const char *path);
+/* Whether a process listens on the unix socket at path: 1 if one does (even
+ * with a full backlog), 0 if the socket is stale (ECONNREFUSED), -errno when
+ * that cannot be told (-ENOENT: nothing there). Never blocks. */
+int dps_unix_probe(const char *path);
 /* accept4(non-blocking, close-on-exec). */
 int dps_accept(int listen_fd);
 
@@ -50,6 +54,10 @@ int dps_fd_size(int fd, uint64_t *size);
 uint64_t dps_fd_map_alignment(int fd);
 /* Set or clear O_NONBLOCK. */
 int dps_set_nonblocking(int fd, bool on);
+/* The CPUs below max_cpus the process may run on (its main thread's affinity
+ * mask: taskset, a cgroup cpuset, systemd's AllowedCPUs=/CPUAffinity=), in
+ * ascending order into cpus. Returns their count. */
+int dps_allowed_cpus(int32_t *cpus, int max_cpus);
 
 #ifdef __cplusplus
 }

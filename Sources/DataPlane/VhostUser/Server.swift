@@ -85,23 +85,10 @@ public final class VhostUserServer: @unchecked Sendable {
 
     /// Listens for a frontend of `disk` at `socketPath` (served at once when
     /// the server has started). A stale socket file (nobody listening) is
-    /// replaced; a live one is an error.
+    /// replaced; a live one, or a path that is not a socket, is an error
+    /// (see ``UnixSocket/listen(at:backlog:)``).
     public func addExport(disk: Disk, socketPath: String) throws(DataPlaneError) {
-        var fd = dps_unix_listen(socketPath, 4)
-        if fd == -EADDRINUSE {
-            var st = stat()
-            guard lstat(socketPath, &st) == 0, (st.st_mode & S_IFMT) == S_IFSOCK else {
-                throw .unusableImage(path: socketPath, reason: "the socket path exists and is not a socket")
-            }
-            let probe = dps_unix_connect(socketPath)
-            if probe >= 0 {
-                closeFD(probe)
-                throw .system(operation: "listening on \(socketPath) (another process serves it)", errno: EADDRINUSE)
-            }
-            unlink(socketPath)
-            fd = dps_unix_listen(socketPath, 4)
-        }
-        guard fd >= 0 else { throw .system(operation: "listening on \(socketPath)", errno: -fd) }
+        let fd = try UnixSocket.listen(at: socketPath, backlog: 4)
         let export = Export(device: VhostUserBlkDevice(disk: disk, plane: plane, log: log), path: socketPath, listenFD: fd)
         let serveNow: Bool? = lock.withLock {
             guard !stopping else { return nil }
