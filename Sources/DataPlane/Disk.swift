@@ -100,6 +100,9 @@ public final class Disk: @unchecked Sendable {
         return error < 0 ? -error : nil
     }
 
+    /// ``flushFailure`` as text (e.g. "Input/output error").
+    public var flushFailureReason: String? { flushFailure.map { DataPlaneError.message($0) } }
+
     /// Makes matching requests fail (for tests and rehearsals), or stops that with nil.
     public func injectFaults(_ fault: FaultInjection?) {
         var c = dp_fault_config()

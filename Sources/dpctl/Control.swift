@@ -12,6 +12,8 @@ struct ThreadStatus: Codable {
     var cpus: String
     var numaNode: Int?
     var pollMaxMicroseconds: UInt32
+    /// Set when the thread's io_uring failed it (every queue on it is broken).
+    var failure: String?
 }
 
 struct QueueStatus: Codable {
@@ -33,6 +35,8 @@ struct DiskStatus: Codable {
     var capacityBytes: UInt64
     var maxQueues: Int
     var directIO: Bool
+    /// Set once a flush of the page cache failed: every later FLUSH fails.
+    var flushFailure: String?
     var queues: [QueueStatus]
 }
 
@@ -40,6 +44,10 @@ struct ControlResponse: Codable {
     var ok: Bool
     var error: String?
     var pid: Int32?
+    /// In the answer to "stop": the instance keeps this connection open until
+    /// it exits, so the client's end of file means "exited". Older instances
+    /// leave it out (and close at once).
+    var closesAtExit: Bool?
     var threads: [ThreadStatus]?
     var disks: [DiskStatus]?
     var snapshot: DataPlane.Snapshot?
@@ -60,20 +68,17 @@ final class ControlServer: @unchecked Sendable {
     /// were last looked at (the control thread's own).
     private var loggedStates: [String: String] = [:]
     private var lastWatch = Date.distantPast
+    /// Connections of "stop" clients, never closed: they close when the
+    /// process exits (close-on-exec, so no child keeps them), which is what
+    /// those clients wait for. The control thread's own.
+    private var stopClients: [Int32] = []
 
     init(path: String, plane: DataPlane, server: VhostUserServer, cpus: [CPUSet]) throws {
-        var fd = dps_unix_listen(path, 8)
-        if fd == -EADDRINUSE {
-            let probe = dps_unix_connect(path)
-            if probe >= 0 {
-                close(probe)
-                throw CLIError("control socket \(path) is in use by another dpctl (stop it, or pass --control)")
-            }
-            unlink(path)
-            fd = dps_unix_listen(path, 8)
-        }
-        guard fd >= 0 else {
-            throw CLIError("cannot listen on control socket \(path): \(String(cString: strerror(-fd)))")
+        let fd: Int32
+        do {
+            fd = try UnixSocket.listen(at: path, backlog: 8)
+        } catch {
+            throw CLIError("control socket: \(error)")
         }
         self.path = path
         self.listenFD = fd
@@ -101,8 +106,11 @@ final class ControlServer: @unchecked Sendable {
             guard poll(&p, 1, 200) > 0 else { continue }
             let client = dps_accept(listenFD)
             guard client >= 0 else { continue }
-            handle(client)
-            close(client)
+            if handle(client) == .keepOpenUntilExit {
+                stopClients.append(client)
+            } else {
+                close(client)
+            }
         }
     }
 
@@ -113,7 +121,15 @@ final class ControlServer: @unchecked Sendable {
         guard Date().timeIntervalSince(lastWatch) >= 1 else { return }
         lastWatch = Date()
         var states: [String: String] = [:]
+        for thread in plane.threads {
+            let key = thread.configuration.name
+            states[key] = thread.statistics().failure.map { "FAILED (\($0)): its queues are broken; restart dpctl" } ?? "running"
+            if states[key] != loggedStates[key, default: "running"] { log("\(key): \(states[key] ?? "")") }
+        }
         for disk in plane.disks {
+            let key = "\(disk.name) flush"
+            states[key] = disk.flushFailureReason.map(Self.flushFailureText) ?? "running"
+            if states[key] != loggedStates[key, default: "running"] { log("\(disk.name): \(states[key] ?? "")") }
             for queue in plane.queues(of: disk) {
                 let s = queue.statistics()
                 let key = "\(disk.name) queue \(s.queue)"
@@ -129,13 +145,19 @@ final class ControlServer: @unchecked Sendable {
         loggedStates = states
     }
 
-    private func handle(_ fd: Int32) {
-        _ = dps_set_nonblocking(fd, false)
-        var timeout = timeval(tv_sec: 2, tv_usec: 0)
-        setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &timeout, socklen_t(MemoryLayout<timeval>.size))
-        var line = Data()
-        var byte: UInt8 = 0
-        while line.count < 4096, read(fd, &byte, 1) == 1, byte != UInt8(ascii: "\n") { line.append(byte) }
+    /// What an operator must know of a failed flush of the page cache.
+    static func flushFailureText(_ reason: String) -> String {
+        "FLUSH FAILED (\(reason)): writes the guest was told are durable may be lost; every flush now fails until dpctl is restarted"
+    }
+
+    /// How long a client may take to send its request, and to take its reply.
+    static let requestPatience: Duration = .seconds(2)
+    static let replyPatience: Duration = .seconds(5)
+
+    private enum AfterReply { case close, keepOpenUntilExit }
+
+    private func handle(_ fd: Int32) -> AfterReply {
+        let line = ControlIO.readLine(fd, limit: 4096, deadline: .now + Self.requestPatience)
         var response: ControlResponse
         var stopAfterReply = false
         if let request = try? JSONDecoder().decode(ControlRequest.self, from: line) {
@@ -145,7 +167,7 @@ final class ControlServer: @unchecked Sendable {
                 response = status()
                 response.snapshot = plane.statistics()
             case "stop":
-                response = ControlResponse(ok: true, pid: getpid())
+                response = ControlResponse(ok: true, pid: getpid(), closesAtExit: true)
                 stopAfterReply = true
             case "resume":
                 var failures: [String] = []
@@ -162,18 +184,22 @@ final class ControlServer: @unchecked Sendable {
         }
         if var data = try? JSONEncoder().encode(response) {
             data.append(UInt8(ascii: "\n"))
-            data.withUnsafeBytes { _ = write(fd, $0.baseAddress, $0.count) }
+            // A client that hung up gets nothing (EPIPE, no SIGPIPE); one that
+            // stopped reading is given up on, so the next is served.
+            if ControlIO.send(fd, data, deadline: .now + Self.replyPatience) == ETIMEDOUT {
+                log("a control client did not take its \(data.count)-byte reply within \(Self.replyPatience); dropped it")
+            }
         }
-        if stopAfterReply {
-            log("stop requested on the control socket")
-            kill(getpid(), SIGTERM)
-        }
+        guard stopAfterReply else { return .close }
+        log("stop requested on the control socket")
+        kill(getpid(), SIGTERM)
+        return .keepOpenUntilExit
     }
 
     private func status() -> ControlResponse {
         let threads = plane.threads.enumerated().map { i, t in
             ThreadStatus(name: t.configuration.name, cpus: cpus[i].description, numaNode: t.numaNode,
-                         pollMaxMicroseconds: t.configuration.pollMaxMicroseconds)
+                         pollMaxMicroseconds: t.configuration.pollMaxMicroseconds, failure: t.statistics().failure)
         }
         let exports = server.exportStatus
         let disks = zip(plane.disks, exports).map { disk, export in
@@ -181,6 +207,7 @@ final class ControlServer: @unchecked Sendable {
                 path: disk.name, socket: export.socketPath, connected: export.connected,
                 readOnly: disk.configuration.readOnly, capacityBytes: disk.capacityBytes,
                 maxQueues: disk.configuration.numQueues, directIO: disk.usesDirectIO,
+                flushFailure: disk.flushFailureReason,
                 queues: plane.queues(of: disk).map { q in
                     let s = q.statistics()
                     return QueueStatus(index: q.index, thread: q.thread.configuration.name, lastAvailIndex: s.lastAvailIndex,
@@ -192,34 +219,131 @@ final class ControlServer: @unchecked Sendable {
     }
 }
 
+/// How long a client waits for an instance's answer.
+let controlReplyPatience: Duration = .seconds(30)
+
 /// Sends one request to a running instance and returns its answer.
 func controlCall(_ path: String, _ command: String) throws -> ControlResponse {
-    let fd = dps_unix_connect(path)
-    guard fd >= 0 else {
-        let reason = -fd == ENOENT || -fd == ECONNREFUSED ? "no dpctl is running there" : String(cString: strerror(-fd))
-        throw CLIError("cannot reach control socket \(path): \(reason)")
+    try ControlConnection(path).request(command)
+}
+
+/// A connection to a running instance's control socket.
+final class ControlConnection {
+    let path: String
+    private let fd: Int32
+
+    init(_ path: String) throws(CLIError) {
+        let fd = dps_unix_connect(path)
+        guard fd >= 0 else {
+            let reason = -fd == ENOENT || -fd == ECONNREFUSED ? "no dpctl is running there" : errnoText(-fd)
+            throw CLIError("cannot reach control socket \(path): \(reason)")
+        }
+        self.path = path
+        self.fd = fd
     }
-    defer { close(fd) }
-    var data = try JSONEncoder().encode(ControlRequest(command: command))
-    data.append(UInt8(ascii: "\n"))
-    guard data.withUnsafeBytes({ write(fd, $0.baseAddress, $0.count) }) == data.count else {
-        throw CLIError("cannot send to control socket \(path)")
+
+    deinit { close(fd) }
+
+    /// Sends a request and returns the answer, or throws the instance's refusal.
+    func request(_ command: String) throws -> ControlResponse {
+        var data = try JSONEncoder().encode(ControlRequest(command: command))
+        data.append(UInt8(ascii: "\n"))
+        let deadline = ContinuousClock.now + controlReplyPatience
+        let sent = ControlIO.send(fd, data, deadline: deadline)
+        guard sent == 0 else { throw CLIError("cannot send to control socket \(path): \(errnoText(sent))") }
+        let reply = ControlIO.readLine(fd, limit: 1 << 30, deadline: deadline)
+        if reply.last != UInt8(ascii: "\n") && ContinuousClock.now >= deadline {
+            throw CLIError("no answer from \(path) within \(controlReplyPatience) (the instance may be stuck: see its log)")
+        }
+        do {
+            let response = try JSONDecoder().decode(ControlResponse.self, from: reply)
+            if !response.ok { throw CLIError(response.error ?? "the instance refused the request") }
+            return response
+        } catch let error as CLIError {
+            throw error
+        } catch {
+            throw CLIError("unreadable answer from \(path): \(error)")
+        }
     }
-    var reply = Data()
-    var buffer = [UInt8](repeating: 0, count: 65536)
-    while true {
-        let n = read(fd, &buffer, buffer.count)
-        if n <= 0 { break }
-        reply.append(contentsOf: buffer[0..<n])
-        if reply.last == UInt8(ascii: "\n") { break }
+
+    /// Waits until the instance closes the connection; false at the deadline.
+    func waitForClose(deadline: ContinuousClock.Instant) -> Bool {
+        var buffer = [UInt8](repeating: 0, count: 4096)
+        while let wait = ControlIO.milliseconds(until: deadline) {
+            var p = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
+            let ready = poll(&p, 1, wait)
+            if ready < 0 && errno != EINTR { return true } // cannot wait on it: nothing left to see
+            if ready <= 0 { continue }
+            let n = buffer.withUnsafeMutableBytes { recv(fd, $0.baseAddress, $0.count, Int32(MSG_DONTWAIT)) }
+            if n == 0 || (n < 0 && errno != EINTR && errno != EAGAIN) { return true }
+        }
+        return false
     }
-    do {
-        let response = try JSONDecoder().decode(ControlResponse.self, from: reply)
-        if !response.ok { throw CLIError(response.error ?? "the instance refused the request") }
-        return response
-    } catch let error as CLIError {
-        throw error
-    } catch {
-        throw CLIError("unreadable answer from \(path): \(error)")
+}
+
+/// Control-socket I/O under one deadline per exchange, so neither side
+/// waits forever on the other. Sends use MSG_NOSIGNAL: a peer that hung up is
+/// EPIPE, not SIGPIPE. Blocking or not, the fd is never waited on outside poll.
+enum ControlIO {
+    /// Sends every byte of `data`, continuing after short writes. Returns 0,
+    /// ETIMEDOUT when the deadline passed first, or the errno that ended it.
+    static func send(_ fd: Int32, _ data: Data, deadline: ContinuousClock.Instant) -> Int32 {
+        var offset = 0
+        while offset < data.count {
+            guard let wait = milliseconds(until: deadline) else { return ETIMEDOUT }
+            var p = pollfd(fd: fd, events: Int16(POLLOUT), revents: 0)
+            let ready = poll(&p, 1, wait)
+            if ready < 0 {
+                if errno == EINTR { continue }
+                return errno
+            }
+            if ready == 0 { continue } // the deadline check says when to stop
+            let n = data.withUnsafeBytes { raw -> Int in
+                guard let base = raw.baseAddress else { return 0 }
+                return Glibc.send(fd, base + offset, raw.count - offset, Int32(MSG_NOSIGNAL | MSG_DONTWAIT))
+            }
+            if n < 0 {
+                if errno == EINTR || errno == EAGAIN { continue }
+                return errno
+            }
+            offset += n
+        }
+        return 0
+    }
+
+    /// Reads up to and including the first newline, at most `limit` bytes.
+    /// What came before an end of file, an error or the deadline is returned
+    /// as it is (without its newline: incomplete).
+    static func readLine(_ fd: Int32, limit: Int, deadline: ContinuousClock.Instant) -> Data {
+        var line = Data()
+        var buffer = [UInt8](repeating: 0, count: 65536)
+        while line.count < limit && line.last != UInt8(ascii: "\n") {
+            guard let wait = milliseconds(until: deadline) else { break }
+            var p = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
+            let ready = poll(&p, 1, wait)
+            if ready < 0 && errno != EINTR { break }
+            if ready <= 0 { continue }
+            // Never past the newline: a request line is all we take.
+            let want = min(buffer.count, limit - line.count)
+            let n = buffer.withUnsafeMutableBytes { recv(fd, $0.baseAddress, want, Int32(MSG_DONTWAIT | MSG_PEEK)) }
+            if n < 0 {
+                if errno == EINTR || errno == EAGAIN { continue }
+                break
+            }
+            if n == 0 { break }
+            let take = (buffer[0..<n].firstIndex(of: UInt8(ascii: "\n")).map { $0 + 1 }) ?? n
+            let got = buffer.withUnsafeMutableBytes { recv(fd, $0.baseAddress, take, Int32(MSG_DONTWAIT)) }
+            guard got > 0 else { break }
+            line.append(contentsOf: buffer[0..<got])
+        }
+        return line
+    }
+
+    /// Milliseconds left until `deadline` for poll (at least 1), or nil once it passed.
+    static func milliseconds(until deadline: ContinuousClock.Instant) -> Int32? {
+        let left = ContinuousClock.now.duration(to: deadline)
+        guard left > .zero else { return nil }
+        let (seconds, attoseconds) = left.components
+        return Int32(clamping: max(1, seconds * 1000 + attoseconds / 1_000_000_000_000_000))
     }
 }

@@ -2,9 +2,10 @@ import CDataPlaneSys
 import DataPlane
 import Foundation
 
-/// What `dpctl start` serves: from the command line or a --config file.
-struct InstanceConfiguration: Codable {
-    struct DiskEntry: Codable {
+/// What `dpctl start` serves: from the command line or a --config file
+/// (see ConfigFile). Unset settings take the defaults.
+struct InstanceConfiguration {
+    struct DiskEntry {
         var path: String
         var socket: String
         var readOnly: Bool?
@@ -26,43 +27,117 @@ struct InstanceConfiguration: Codable {
     var pollMicroseconds: UInt32?
     var control: String?
     var disks: [DiskEntry]
+    /// --check: print the configuration and exit without serving.
+    var checkOnly = false
+}
+
+/// The configuration `dpctl start --check` prints: a --config file with every
+/// default filled in, keys named as the flags.
+struct EffectiveConfiguration: Encodable {
+    struct Disk: Encodable {
+        var path: String
+        var socket: String
+        var readonly: Bool
+        var numQueues: Int
+        var queueSize: Int
+        var backend: String
+        var nullSize: UInt64
+        var nullReadZeroes: Bool
+        var serial: String
+        var direct: Bool
+        var blockSize: UInt32
+        var rerror: ErrorPolicy
+        var werror: ErrorPolicy
+        var fault: String?
+
+        enum CodingKeys: String, CodingKey {
+            case path, socket, readonly, backend, serial, direct, rerror, werror, fault
+            case numQueues = "num-queues", queueSize = "queue-size", nullSize = "null-size"
+            case nullReadZeroes = "null-read-zeroes", blockSize = "block-size"
+        }
+    }
+
+    var iothreads: Int
+    var cpuset: String
+    var pollMicroseconds: UInt32
+    var control: String
+    var disks: [Disk]
+
+    enum CodingKeys: String, CodingKey {
+        case iothreads, cpuset, control, disks
+        case pollMicroseconds = "poll-us"
+    }
 }
 
 enum StartCommand {
+    /// dpctl's own defaults (the disk's others are DiskConfiguration's); the
+    /// help shows these values.
+    static let defaultIOThreads = 1
+    static let defaultPollMicroseconds: UInt32 = 32
+    /// QEMU asks for one queue per vCPU and refuses to start when offered fewer.
+    static let defaultNumQueues = 16
+    /// QEMU's largest virtqueue (VIRTQUEUE_MAX_SIZE).
+    static let defaultQueueSize = 1024
+
     static let help = """
     USAGE: dpctl start [--iothreads N] [--cpuset LIST] [--poll-us N] [--control PATH]
                        --disk PATH --socket PATH [disk options] [--disk PATH --socket PATH ...]
            dpctl start --config FILE
+           dpctl start ... --check
 
     Serves each disk as a vhost-user-blk device on its unix socket, in the
     foreground. SIGINT or SIGTERM (or 'dpctl stop') drain in-flight I/O and exit.
 
     INSTANCE OPTIONS:
-      --iothreads N       IOThreads to run (default 1); queues are spread over them round-robin
+      --iothreads N       IOThreads to run, 1-256 (default \(defaultIOThreads)); queues are spread over them
+                          round-robin (more IOThreads than CPUs in the cpuset share CPUs: logged
+                          as a warning)
       --cpuset LIST       CPUs the IOThreads are pinned to, like taskset: 5,6 or 0-3,8;
-                          IOThread i gets the i-th CPU (round-robin). Default: all online CPUs
-      --poll-us N         Busy-poll window upper bound in microseconds, adaptive (default 32; 0 = never poll)
-      --control PATH      Control socket for status/stats/stop (default: FIRST-SOCKET.ctl)
-      --config FILE       Read everything from a JSON file instead (see README); no --disk then
+                          IOThread i gets the i-th CPU (round-robin). (default: every CPU this
+                          process may run on, what taskset, systemd AllowedCPUs= or the
+                          container's cpuset leave it; CPUs outside those are refused)
+      --poll-us N         Busy-poll window upper bound in microseconds, adaptive, 0-1000000
+                          (default \(defaultPollMicroseconds); 0 = never poll)
+      --control PATH      Control socket for status, stats, resume and stop (default
+                          FIRST-SOCKET.ctl); like --socket, it replaces only a stale socket
+      --config FILE       Read the instance and its disks from a JSON file. Its keys are the
+                          names of these options without the dashes, with the values they
+                          take: "iothreads", "cpuset", "poll-us", "control", and "disks", a
+                          list of objects with "path", "socket", "readonly", "num-queues",
+                          "queue-size", "backend", "null-size" ("1G" or bytes),
+                          "null-read-zeroes", "serial", "direct" (false for --no-direct),
+                          "block-size", "rerror", "werror", "fault". An unknown key is an
+                          error. --iothreads, --cpuset, --poll-us and --control override the
+                          file; --disk cannot be combined with it.
+      --check             Check the options (no image is opened, no socket made), print the
+                          configuration with every default filled in, as a --config file,
+                          and exit
 
     DISK OPTIONS (apply to the --disk before them):
       --disk PATH         Raw image file or block device (a name, with --backend null)
-      --socket PATH       vhost-user socket to listen on (required per disk)
+      --socket PATH       vhost-user socket to listen on (required per disk). A socket nobody
+                          listens on is replaced; a live one, or anything else (a file), is
+                          refused and left as it is
       --readonly          Refuse writes (the guest sees a read-only disk)
-      --num-queues N      Queues offered to the frontend, 1-64 (default 16: QEMU asks one per vCPU)
-      --queue-size N      Largest ring size accepted, power of two (default 256)
-      --backend file|null File I/O with io_uring (default), or complete without I/O (a null disk)
-      --null-size SIZE    Capacity of a null disk (default 1G)
+      --num-queues N      Queues offered to the frontend, 1-64 (default \(defaultNumQueues): QEMU asks
+                          one per vCPU and refuses to start when offered fewer)
+      --queue-size N      Largest ring a frontend may set, a power of two 1-32768 (default
+                          \(defaultQueueSize), QEMU's maximum); a larger SET_VRING_NUM is refused. The
+                          guest is told seg_max = min(128, N-2) segments per request
+      --backend file|null file: I/O on the image with io_uring (default file); null: complete
+                          without I/O (a null disk)
+      --null-size SIZE    Capacity of a null disk, e.g. 64M (default 1G)
       --null-read-zeroes on|off
                           Whether null-disk reads fill the buffers with zeroes (default on; off
                           leaves the guest's buffers as they are, like QEMU null-co's default)
-      --serial TEXT       Serial number the guest sees (at most 20 bytes; default: the file name)
-      --block-size N      Logical block size, 512-65536 (default 512)
-      --no-direct         Use the page cache instead of O_DIRECT
-      --rerror POLICY     A failed read: report (default: the guest gets an I/O error), ignore,
-                          enospc, or stop (hold it; 'dpctl resume' retries it)
-      --werror POLICY     A failed write/flush/discard: enospc (default: stop only when the
-                          host is out of space), report, ignore, or stop
+      --serial TEXT       Serial number the guest sees, at most 20 bytes (default the image's
+                          file name)
+      --block-size N      Logical block size, a power of two 512-65536 (default 512)
+      --no-direct         Use the page cache instead of O_DIRECT (default O_DIRECT)
+      --rerror POLICY     A failed read: report (the guest gets an I/O error), ignore, enospc,
+                          or stop (hold it; 'dpctl resume' retries it) (default report)
+      --werror POLICY     A failed write/flush/discard: enospc (stop only when the host is out
+                          of space, else report), report, ignore, or stop (default enospc)
       --fault SPEC        Inject failures, e.g. errno=EIO,ops=write,sectors=0-2048,after=10,every=2
                           (errno EIO|ENOSPC|number; ops read+write+flush+discard+write-zeroes)
     """
@@ -88,6 +163,7 @@ enum StartCommand {
                 print(help)
                 exit(0)
             case "--config": configFile = try args.value(for: option, inline: inline)
+            case "--check": config.checkOnly = true
             case "--iothreads": config.iothreads = try parseInt(try args.value(for: option, inline: inline), option: option, range: 1...256)
             case "--cpuset": config.cpuset = try args.value(for: option, inline: inline)
             case "--poll-us":
@@ -156,16 +232,13 @@ enum StartCommand {
             guard let data = FileManager.default.contents(atPath: configFile) else {
                 throw CLIError("cannot read config file \(configFile.debugDescription)")
             }
-            do {
-                var fromFile = try JSONDecoder().decode(InstanceConfiguration.self, from: data)
-                fromFile.iothreads = config.iothreads ?? fromFile.iothreads
-                fromFile.cpuset = config.cpuset ?? fromFile.cpuset
-                fromFile.pollMicroseconds = config.pollMicroseconds ?? fromFile.pollMicroseconds
-                fromFile.control = config.control ?? fromFile.control
-                config = fromFile
-            } catch {
-                throw CLIError("config file \(configFile): \(error)")
-            }
+            var fromFile = try ConfigFile.parse(data, file: configFile)
+            fromFile.iothreads = config.iothreads ?? fromFile.iothreads
+            fromFile.cpuset = config.cpuset ?? fromFile.cpuset
+            fromFile.pollMicroseconds = config.pollMicroseconds ?? fromFile.pollMicroseconds
+            fromFile.control = config.control ?? fromFile.control
+            fromFile.checkOnly = config.checkOnly
+            config = fromFile
         }
         if config.disks.isEmpty { throw CLIError("nothing to serve: give --disk PATH --socket PATH (or --config FILE)", usage: true) }
         let sockets = config.disks.map(\.socket)
@@ -177,10 +250,12 @@ enum StartCommand {
         guard let backend = BackendKind(rawValue: d.backend ?? "file") else {
             throw CLIError("backend \(d.backend ?? "").debugDescription) of \(d.path): use file or null")
         }
-        var c = DiskConfiguration(path: d.path, backend: backend, readOnly: d.readOnly ?? false,
-                                  directIO: d.directIO ?? true, serial: d.serial,
-                                  logicalBlockSize: d.logicalBlockSize ?? 512, numQueues: d.numQueues ?? 16,
-                                  queueSize: d.queueSize ?? 256)
+        var c = DiskConfiguration(path: d.path, backend: backend, serial: d.serial)
+        if let readOnly = d.readOnly { c.readOnly = readOnly }
+        if let direct = d.directIO { c.directIO = direct }
+        if let size = d.logicalBlockSize { c.logicalBlockSize = size }
+        c.numQueues = d.numQueues ?? defaultNumQueues
+        c.queueSize = d.queueSize ?? defaultQueueSize
         if let size = d.nullSize { c.nullSizeBytes = size }
         if let zeroes = d.nullReadZeroes { c.nullReadZeroes = zeroes }
         if let p = d.readErrorPolicy { c.readErrorPolicy = p }
@@ -225,18 +300,58 @@ enum StartCommand {
         return fault
     }
 
+    /// The IOThreads' CPUs: --cpuset, checked to be online and allowed to
+    /// this process, or by default every CPU the process may run on (so
+    /// taskset, systemd's AllowedCPUs= and a container's cpuset are obeyed).
+    static func resolveCPUSet(_ text: String?) throws -> CPUSet {
+        let allowed: CPUSet
+        do { allowed = try CPUSet.allowed() } catch { throw CLIError("\(error)") }
+        guard let text else { return allowed }
+        let cpuset: CPUSet
+        do { cpuset = try CPUSet(parsing: text) } catch { throw CLIError("--cpuset: \(error)", usage: true) }
+        do {
+            // Offline CPUs are named as such; sysfs may be missing in a sandbox.
+            if let online = try? CPUSet.online() { try cpuset.validateOnline(online) }
+            try cpuset.validateAllowed(allowed)
+        } catch {
+            throw CLIError("--cpuset: \(error)")
+        }
+        return cpuset
+    }
+
+    /// A warning when IOThreads outnumber their CPUs, or nil.
+    static func sharedCPUWarning(threads: Int, cpuset: CPUSet) -> String? {
+        guard threads > cpuset.cpus.count else { return nil }
+        return "warning: \(threads) IOThreads on \(cpuset.cpus.count) CPU(s) (\(cpuset)): IOThreads take the CPUs round-robin "
+            + "and share them, which costs latency; use --iothreads \(cpuset.cpus.count) or more CPUs"
+    }
+
     static func run(_ words: [String]) throws -> Int32 {
         let config = try parse(words)
-        let online = try CPUSet.online()
-        let cpuset = try config.cpuset.map { text throws -> CPUSet in
-            do { return try CPUSet(parsing: text) } catch { throw CLIError("--cpuset: \(error)", usage: true) }
-        } ?? online
-        do { try cpuset.validateOnline(online) } catch { throw CLIError("--cpuset: \(error)") }
-        let threadCount = config.iothreads ?? 1
+        let cpuset = try resolveCPUSet(config.cpuset)
+        let threadCount = config.iothreads ?? defaultIOThreads
+        let pollMicroseconds = config.pollMicroseconds ?? defaultPollMicroseconds
         let disks = try config.disks.map(diskConfiguration)
         let totalQueues = disks.reduce(0) { $0 + $1.numQueues }
         if totalQueues > threadCount * 256 {
             throw CLIError("\(totalQueues) queues are more than \(threadCount) IOThread(s) serve (256 each): add --iothreads or lower --num-queues")
+        }
+        let controlPath = config.control ?? config.disks[0].socket + ".ctl"
+        if config.checkOnly {
+            for (entry, disk) in zip(config.disks, disks) {
+                do { try disk.validate() } catch { throw CLIError("disk \(entry.path): \(error)") }
+            }
+            let effective = EffectiveConfiguration(
+                iothreads: threadCount, cpuset: cpuset.description, pollMicroseconds: pollMicroseconds, control: controlPath,
+                disks: zip(config.disks, disks).map { entry, d in
+                    EffectiveConfiguration.Disk(
+                        path: d.path, socket: entry.socket, readonly: d.readOnly, numQueues: d.numQueues, queueSize: d.queueSize,
+                        backend: d.backend.rawValue, nullSize: d.nullSizeBytes, nullReadZeroes: d.nullReadZeroes, serial: d.serial,
+                        direct: d.directIO, blockSize: d.logicalBlockSize, rerror: d.readErrorPolicy, werror: d.writeErrorPolicy,
+                        fault: entry.fault)
+                })
+            StatusCommand.printJSON(effective)
+            return 0
         }
 
         // Signals are taken by sigwait in this thread; every other thread inherits the mask.
@@ -248,7 +363,7 @@ enum StartCommand {
 
         let threads = (0..<threadCount).map { i in
             IOThreadConfiguration(name: "iothread\(i)", cpuset: cpuset.individualCPUs[i % cpuset.cpus.count],
-                                  pollMaxMicroseconds: config.pollMicroseconds ?? 32)
+                                  pollMaxMicroseconds: pollMicroseconds)
         }
         let plane = try DataPlane(iothreads: threads)
         let server = try VhostUserServer(plane: plane, log: { log($0) })
@@ -268,7 +383,6 @@ enum StartCommand {
             plane.stop()
             throw error
         }
-        let controlPath = config.control ?? config.disks[0].socket + ".ctl"
         let control: ControlServer
         do {
             control = try ControlServer(path: controlPath, plane: plane, server: server, cpus: threads.map { $0.cpuset })
@@ -278,6 +392,7 @@ enum StartCommand {
             throw error
         }
         try server.start()
+        if let warning = sharedCPUWarning(threads: threadCount, cpuset: cpuset) { log(warning) }
         for (i, t) in plane.threads.enumerated() {
             log("\(t.configuration.name): CPU \(threads[i].cpuset), NUMA node \(t.numaNode.map(String.init) ?? "unknown"), poll window up to \(t.configuration.pollMaxMicroseconds) us")
         }

@@ -6,9 +6,23 @@ enum StatusCommand {
     USAGE: dpctl status (--control PATH | --socket PATH) [--json]
 
     Shows the IOThreads (CPUs, NUMA node), each disk (socket, frontend
-    connected or not, size, mode) and its running queues (IOThread, ring
-    indices, requests in flight, broken rings).
+    connected or not, size, mode, a failed flush) and its running queues
+    (IOThread, ring indices, requests in flight, broken rings, queues
+    stopped on error).
+
+    EXIT STATUS (a health check):
+      0  every queue runs
+      3  a queue is broken (the guest corrupted its ring and must reset the
+         device) or stopped on an I/O error by --rerror/--werror (fix the
+         cause, then 'dpctl resume'); or a disk's flush of the page cache
+         failed (--no-direct: writes may be lost, every flush fails until
+         dpctl is restarted); or an IOThread's io_uring failed
+      1  the instance could not be asked (not running, no answer)
+      2  usage error
     """
+
+    /// The exit status of `dpctl status` when something needs an operator.
+    static let unhealthyExitStatus: Int32 = 3
 
     static let statsHelp = """
     USAGE: dpctl stats (--control PATH | --socket PATH) [--json] [--watch] [--interval SECONDS]
@@ -52,7 +66,11 @@ enum StatusCommand {
             } else {
                 printStatus(response)
             }
-            return 0
+            let queues = (response.disks ?? []).flatMap(\.queues)
+            let unhealthy = queues.contains { $0.broken != nil || $0.stoppedOnError != nil }
+                || (response.disks ?? []).contains { $0.flushFailure != nil }
+                || (response.threads ?? []).contains { $0.failure != nil }
+            return unhealthy ? unhealthyExitStatus : 0
         }
         repeat {
             let before = try controlCall(path, "stats")
@@ -71,19 +89,21 @@ enum StatusCommand {
 
     static func printJSON<T: Encodable>(_ value: T) {
         let encoder = JSONEncoder()
-        encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
+        encoder.outputFormatting = [.prettyPrinted, .sortedKeys, .withoutEscapingSlashes]
         if let data = try? encoder.encode(value), let text = String(data: data, encoding: .utf8) { print(text) }
     }
 
     static func printStatus(_ r: ControlResponse) {
         print("dpctl pid \(r.pid.map(String.init) ?? "?")")
         for t in r.threads ?? [] {
-            print("  \(t.name): CPU \(t.cpus), NUMA node \(t.numaNode.map(String.init) ?? "unknown"), poll up to \(t.pollMaxMicroseconds) us")
+            print("  \(t.name): CPU \(t.cpus), NUMA node \(t.numaNode.map(String.init) ?? "unknown"), poll up to \(t.pollMaxMicroseconds) us"
+                  + (t.failure.map { "; FAILED (\($0)): its queues are broken, restart dpctl" } ?? ""))
         }
         for d in r.disks ?? [] {
             let size = binarySize(d.capacityBytes)
             print("disk \(d.path): \(size), \(d.readOnly ? "read-only" : "read-write"), \(d.directIO ? "O_DIRECT" : "page cache"), up to \(d.maxQueues) queues")
             print("  socket \(d.socket): \(d.connected ? "frontend connected" : "waiting for a frontend")")
+            if let reason = d.flushFailure { print("  \(ControlServer.flushFailureText(reason))") }
             for q in d.queues {
                 let state = q.broken.map { "BROKEN (\($0)): the guest must reset the device" }
                     ?? q.stoppedOnError.map { "STOPPED on error: \($0), \(q.heldRequests ?? 0) request(s) held; fix the cause, then 'dpctl resume'" }
@@ -122,14 +142,17 @@ struct StatsReport: Codable {
     var disks: [Row]
     var queues: [Row]
 
+    /// Every difference saturates at 0: counters that went backwards (the
+    /// instance was restarted between the samples) show no activity rather
+    /// than 1.8e19 IOPS.
     init(before a: DataPlane.Snapshot, after b: DataPlane.Snapshot) {
-        seconds = Double(b.monotonicNanoseconds &- a.monotonicNanoseconds) / 1e9
-        let s = seconds
+        seconds = Double(counterIncrease(from: a.monotonicNanoseconds, to: b.monotonicNanoseconds)) / 1e9
+        let s = max(seconds, 1e-9)
         func row(_ name: String, _ x: QueueStatistics?, _ y: QueueStatistics) -> Row {
             let r = y.rates(since: x ?? QueueStatistics(disk: y.disk, queue: y.queue, thread: y.thread), seconds: s)
             return Row(name: name, iops: r.iops, readMBps: r.readMBps, writeMBps: r.writeMBps,
                        p50Microseconds: r.p50Microseconds, p99Microseconds: r.p99Microseconds,
-                       polledShare: r.polledShare, errors: y.errors &- (x?.errors ?? 0))
+                       polledShare: r.polledShare, errors: counterIncrease(from: x?.errors ?? 0, to: y.errors))
         }
         disks = b.disks.map { d in row(d.disk, a.disks.first { $0.disk == d.disk }, d) }
         queues = b.queues.map { q in
@@ -137,12 +160,12 @@ struct StatsReport: Codable {
         }
         threads = b.threads.map { t in
             let old = a.threads.first { $0.name == t.name }
-            let cpu = Double(t.cpuNanoseconds &- (old?.cpuNanoseconds ?? 0))
-            let served = b.thread(t.name).requests &- a.thread(t.name).requests
+            let cpu = Double(counterIncrease(from: old?.cpuNanoseconds ?? 0, to: t.cpuNanoseconds))
+            let served = counterIncrease(from: a.thread(t.name).requests, to: b.thread(t.name).requests)
             return ThreadRow(
                 name: t.name, cpuPercent: cpu / (s * 1e9) * 100,
-                wakeupsPerSecond: Double(t.waits &- (old?.waits ?? 0)) / s,
-                pollHitsPerSecond: Double(t.pollHits &- (old?.pollHits ?? 0)) / s,
+                wakeupsPerSecond: Double(counterIncrease(from: old?.waits ?? 0, to: t.waits)) / s,
+                pollHitsPerSecond: Double(counterIncrease(from: old?.pollHits ?? 0, to: t.pollHits)) / s,
                 pollWindowMicroseconds: Double(t.pollWindowNanoseconds) / 1000,
                 cpuMicrosecondsPerRequest: served > 0 ? cpu / Double(served) / 1000 : nil,
                 iops: Double(served) / s)
@@ -190,9 +213,10 @@ enum ResumeCommand {
     static let help = """
     USAGE: dpctl resume (--control PATH | --socket PATH)
 
-    Resumes every queue of a running instance: queues stopped by the error
-    policy (--werror/--rerror stop or enospc) retry the requests they hold, in
-    order; paused queues take requests again. Prints the status afterwards.
+    Restarts the queues the error policy stopped (--rerror/--werror stop, or
+    enospc on ENOSPC): each retries the requests it holds, in order, then takes
+    new ones; a request that fails again stops its queue again. Running queues
+    are not affected. Prints the status afterwards.
     """
 
     static func run(_ words: [String]) throws -> Int32 {
@@ -219,8 +243,9 @@ enum StopCommand {
     USAGE: dpctl stop (--control PATH | --socket PATH) [--timeout SECONDS]
 
     Asks a running instance to stop: in-flight requests complete, frontends are
-    disconnected, then it exits. Waits until its control socket is gone
-    (default timeout 30 s).
+    disconnected, then it exits. Returns once the process has exited, so its
+    sockets are free for the next 'dpctl start' (exit status 1 if it has not
+    exited within --timeout, default 30 s).
     """
 
     static func run(_ words: [String]) throws -> Int32 {
@@ -238,14 +263,32 @@ enum StopCommand {
             default: throw CLIError("unknown option \(word.debugDescription) for stop", usage: true)
             }
         }
-        let path = try instance.controlPath()
-        let response = try controlCall(path, "stop")
-        let deadline = Date().addingTimeInterval(Double(timeout))
-        while FileManager.default.fileExists(atPath: path) {
-            if Date() > deadline { throw CLIError("dpctl pid \(response.pid ?? 0) did not stop within \(timeout) s") }
-            usleep(50_000)
-        }
-        print("stopped dpctl pid \(response.pid.map(String.init) ?? "?")")
+        let connection = try ControlConnection(try instance.controlPath())
+        let response = try connection.request("stop")
+        let deadline = ContinuousClock.now + .seconds(timeout)
+        let pid = response.pid.map(String.init) ?? "?"
+        // The instance holds this connection until it exits; an older one
+        // closes it at once, and then only its pid tells.
+        let closed = connection.waitForClose(deadline: deadline)
+        let exited = closed && (response.closesAtExit == true || waitForExit(response.pid, deadline: deadline))
+        guard exited else { throw CLIError("dpctl pid \(pid) did not exit within \(timeout) s (it may still be draining: see its log)") }
+        print("stopped dpctl pid \(pid)")
         return 0
+    }
+
+    /// Polls until the process is gone or a zombie; false at the deadline.
+    /// Without a pid there is nothing to poll: true.
+    static func waitForExit(_ pid: Int32?, deadline: ContinuousClock.Instant) -> Bool {
+        guard let pid, pid > 0 else { return true }
+        while ContinuousClock.now < deadline {
+            if kill(pid, 0) != 0 && errno == ESRCH { return true }
+            let stat = (try? String(contentsOfFile: "/proc/\(pid)/stat", encoding: .utf8)) ?? ""
+            if let end = stat.lastIndex(of: ")"), let state = stat[stat.index(after: end)...].first(where: { $0 != " " }),
+               state == "Z" || state == "X" {
+                return true
+            }
+            usleep(10_000)
+        }
+        return false
     }
 }
