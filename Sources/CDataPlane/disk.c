@@ -6,6 +6,7 @@
 #include <string.h>
 #include <sys/ioctl.h>
 #include <sys/stat.h>
+#include <sys/vfs.h>
 #include <unistd.h>
 
 #include "dp_internal.h"
@@ -17,36 +18,60 @@ int dp_open_image(const char *path, bool read_only, bool direct)
     return fd < 0 ? -errno : fd;
 }
 
-int dp_fd_probe(int fd, uint64_t *size_bytes, uint32_t *logical_block_size, uint32_t *dio_align)
+/* A block size we can serve: a power of two from 512 to 64 KiB. */
+static bool is_block_size(uint64_t size)
 {
+    return size >= 512 && size <= 65536 && (size & (size - 1)) == 0;
+}
+
+int dp_fd_probe(int fd, struct dp_fd_info *info)
+{
+    if (!info)
+        return -EINVAL;
     struct stat st;
     if (fstat(fd, &st) < 0)
         return -errno;
     uint64_t size = 0;
-    uint32_t lbs = 512, align = 512;
+    uint32_t logical = 512, physical = 0, mem_align = 512;
     if (S_ISBLK(st.st_mode)) {
         if (ioctl(fd, BLKGETSIZE64, &size) < 0)
             return -errno;
-        int ssz = 0;
-        if (ioctl(fd, BLKSSZGET, &ssz) == 0 && ssz >= 512)
-            lbs = align = (uint32_t)ssz;
+        int sector = 0;
+        if (ioctl(fd, BLKSSZGET, &sector) == 0 && sector >= 512)
+            logical = mem_align = (uint32_t)sector;
+        unsigned int pbs = 0;
+        if (ioctl(fd, BLKPBSZGET, &pbs) == 0 && (pbs & (pbs - 1)) == 0)
+            physical = pbs;
     } else if (S_ISREG(st.st_mode)) {
         size = (uint64_t)st.st_size;
 #ifdef STATX_DIOALIGN
+        /* A file on a filesystem over a 4K-sector device takes O_DIRECT only
+         * at 4K offsets: the offset alignment, not the memory one, sets it. */
         struct statx sx;
-        if (statx(fd, "", AT_EMPTY_PATH, STATX_DIOALIGN, &sx) == 0 &&
-            (sx.stx_mask & STATX_DIOALIGN) && sx.stx_dio_mem_align)
-            align = sx.stx_dio_mem_align;
+        if (statx(fd, "", AT_EMPTY_PATH, STATX_DIOALIGN, &sx) == 0 && (sx.stx_mask & STATX_DIOALIGN)) {
+            uint32_t offset_align = sx.stx_dio_offset_align;
+            if (offset_align > 512 && (offset_align & (offset_align - 1)) == 0)
+                logical = offset_align;
+            if (sx.stx_dio_mem_align)
+                mem_align = sx.stx_dio_mem_align;
+        }
 #endif
+        /* A write smaller than a filesystem block into a hole or an unwritten
+         * extent makes the filesystem zero the rest of the block and
+         * serialize the file's direct I/O: that block is the file's physical
+         * block. Larger "blocks" (NFS reports its transfer size) are not. */
+        struct statfs sf;
+        if (fstatfs(fd, &sf) == 0 && is_block_size((uint64_t)sf.f_bsize))
+            physical = (uint32_t)sf.f_bsize;
     } else {
         return -EINVAL;
     }
-    if (size_bytes)
-        *size_bytes = size;
-    if (logical_block_size)
-        *logical_block_size = lbs;
-    if (dio_align)
-        *dio_align = align;
+    memset(info, 0, sizeof(*info));
+    info->size_bytes = size;
+    info->logical_block_size = logical;
+    info->physical_block_size = physical > logical ? physical : logical;
+    info->dio_mem_align = mem_align;
+    info->block_device = S_ISBLK(st.st_mode);
     return 0;
 }
 

@@ -245,14 +245,17 @@ public struct DiskConfiguration: Sendable, Equatable {
     public var directIO: Bool
     /// The serial the guest sees: at most 20 bytes of printable ASCII.
     public var serial: String
-    /// The logical block size in bytes: a power of two in 512...65536.
-    public var logicalBlockSize: UInt32
+    /// The logical block size the guest sees, in bytes: a power of two in
+    /// 512...65536. `nil` (the default) follows the image: what its device,
+    /// or with ``directIO`` its filesystem, takes (``Disk/logicalBlockSize``
+    /// is the size chosen). A size smaller than the image takes is refused.
+    public var logicalBlockSize: UInt32?
     /// The number of virtqueues: 1...64.
     public var numQueues: Int
     /// The number of descriptors per virtqueue: a power of two in 1...32768.
     public var queueSize: Int
     /// The capacity of a null-backend disk in bytes: a non-zero multiple of
-    /// ``logicalBlockSize``. Ignored by the file backend.
+    /// ``logicalBlockSize`` (512 when that is `nil`). Ignored by the file backend.
     public var nullSizeBytes: UInt64
     /// Whether the null backend fills read buffers with zeroes (the default).
     /// `false` leaves the guest's buffers untouched, as QEMU's null-co does by
@@ -275,7 +278,7 @@ public struct DiskConfiguration: Sendable, Equatable {
         readOnly: Bool = false,
         directIO: Bool = true,
         serial: String? = nil,
-        logicalBlockSize: UInt32 = 512,
+        logicalBlockSize: UInt32? = nil,
         numQueues: Int = 1,
         queueSize: Int = 256,
         nullSizeBytes: UInt64 = 1 << 30
@@ -306,7 +309,7 @@ public struct DiskConfiguration: Sendable, Equatable {
         if !serial.utf8.allSatisfy(Self.isPrintableASCII) {
             throw .invalidSerial(serial, reason: "it contains a non-printable or non-ASCII character")
         }
-        if !(512...65536).contains(logicalBlockSize) || logicalBlockSize.nonzeroBitCount != 1 {
+        if let logicalBlockSize, !(512...65536).contains(logicalBlockSize) || logicalBlockSize.nonzeroBitCount != 1 {
             throw .invalidBlockSize(logicalBlockSize)
         }
         if !(1...Self.maxQueues).contains(numQueues) {
@@ -315,10 +318,11 @@ public struct DiskConfiguration: Sendable, Equatable {
         if !(1...32768).contains(queueSize) || queueSize.nonzeroBitCount != 1 {
             throw .invalidQueueSize(queueSize)
         }
+        let nullBlockSize = logicalBlockSize ?? 512
         if backend == .null,
-            nullSizeBytes == 0 || !nullSizeBytes.isMultiple(of: UInt64(logicalBlockSize))
+            nullSizeBytes == 0 || !nullSizeBytes.isMultiple(of: UInt64(nullBlockSize))
         {
-            throw .invalidNullSize(nullSizeBytes, logicalBlockSize: logicalBlockSize)
+            throw .invalidNullSize(nullSizeBytes, logicalBlockSize: nullBlockSize)
         }
     }
 

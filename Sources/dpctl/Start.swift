@@ -57,7 +57,9 @@ enum StartCommand {
                           Whether null-disk reads fill the buffers with zeroes (default on; off
                           leaves the guest's buffers as they are, like QEMU null-co's default)
       --serial TEXT       Serial number the guest sees (at most 20 bytes; default: the file name)
-      --block-size N      Logical block size, 512-65536 (default 512)
+      --block-size N      Logical block size, 512-65536 (default: what the image takes: its
+                          device's sector size, or with O_DIRECT its filesystem's direct-I/O
+                          alignment; 512 for most images, 4096 on 4K-sector storage)
       --no-direct         Use the page cache instead of O_DIRECT
       --rerror POLICY     A failed read: report (default: the guest gets an I/O error), ignore,
                           enospc, or stop (hold it; 'dpctl resume' retries it)
@@ -179,7 +181,7 @@ enum StartCommand {
         }
         var c = DiskConfiguration(path: d.path, backend: backend, readOnly: d.readOnly ?? false,
                                   directIO: d.directIO ?? true, serial: d.serial,
-                                  logicalBlockSize: d.logicalBlockSize ?? 512, numQueues: d.numQueues ?? 16,
+                                  logicalBlockSize: d.logicalBlockSize, numQueues: d.numQueues ?? 16,
                                   queueSize: d.queueSize ?? 256)
         if let size = d.nullSize { c.nullSizeBytes = size }
         if let zeroes = d.nullReadZeroes { c.nullReadZeroes = zeroes }
@@ -282,7 +284,7 @@ enum StartCommand {
             log("\(t.configuration.name): CPU \(threads[i].cpuset), NUMA node \(t.numaNode.map(String.init) ?? "unknown"), poll window up to \(t.configuration.pollMaxMicroseconds) us")
         }
         for (disk, socket) in opened {
-            log("serving \(disk.name) (\(disk.capacityBytes) bytes, \(disk.configuration.readOnly ? "read-only" : "read-write"), \(disk.usesDirectIO ? "O_DIRECT" : "page cache"), up to \(disk.configuration.numQueues) queues) on \(socket)")
+            log("serving \(disk.name) (\(disk.capacityBytes) bytes, \(disk.configuration.readOnly ? "read-only" : "read-write"), \(disk.usesDirectIO ? "O_DIRECT" : "page cache"), \(disk.logicalBlockSize)-byte blocks, up to \(disk.configuration.numQueues) queues) on \(socket)")
         }
         log("control socket \(controlPath); ready")
 

@@ -223,7 +223,7 @@ struct DiskConfigurationTests {
         #expect(disk.readOnly == false)
         #expect(disk.directIO == true)
         #expect(disk.serial == "vm1.qcow2")
-        #expect(disk.logicalBlockSize == 512)
+        #expect(disk.logicalBlockSize == nil)
         #expect(disk.numQueues == 1)
         #expect(disk.queueSize == 256)
         #expect(disk.nullSizeBytes == 1_073_741_824)

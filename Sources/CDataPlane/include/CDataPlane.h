@@ -105,9 +105,26 @@ int dp_disk_set_fault(struct dp_disk *disk, const struct dp_fault_config *fault)
  * with O_DIRECT when direct is set. Returns the fd or a negative errno. */
 int dp_open_image(const char *path, bool read_only, bool direct);
 
-/* Size in bytes of a regular file or block device, and the direct-I/O
- * alignment its filesystem or device asks for (512 when unknown). */
-int dp_fd_probe(int fd, uint64_t *size_bytes, uint32_t *logical_block_size, uint32_t *dio_align);
+/* What an image needs and offers, as dp_fd_probe finds it. Block sizes are
+ * powers of two, 512 at least; physical_block_size >= logical_block_size. */
+struct dp_fd_info {
+    uint64_t size_bytes;
+    /* The smallest unit of offset and length O_DIRECT takes: a block
+     * device's logical sector size (BLKSSZGET), a regular file's direct-I/O
+     * offset alignment (statx STATX_DIOALIGN); 512 when unknown. */
+    uint32_t logical_block_size;
+    /* The unit below which a write costs a read-modify-write: a block
+     * device's physical block size (BLKPBSZGET), a regular file's filesystem
+     * block size (fstatfs f_bsize, when a power of two up to 64 KiB);
+     * logical_block_size when unknown. */
+    uint32_t physical_block_size;
+    /* The buffer alignment O_DIRECT needs (512 when unknown). */
+    uint32_t dio_mem_align;
+    bool block_device;
+};
+
+/* Fills info for a regular file or block device; -EINVAL for anything else. */
+int dp_fd_probe(int fd, struct dp_fd_info *info);
 
 /* ---------------------------------------------------------------- statistics */
 
