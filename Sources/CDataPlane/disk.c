@@ -75,6 +75,71 @@ int dp_fd_probe(int fd, struct dp_fd_info *info)
     return 0;
 }
 
+/* QEMU's lock bytes (block/file-posix.c RAW_LOCK_PERM_BASE/SHARED_BASE):
+ * byte PERM_BASE + i is held by every open that has permission bit i, byte
+ * SHARED_BASE + i by every open that does not share it. All are read locks,
+ * so any number of opens can hold a byte; a conflict is found by asking
+ * whether a write lock on it would be refused. */
+#define LOCK_PERM_BASE 100
+#define LOCK_SHARED_BASE 200
+#define LOCK_PERM_COUNT 4 /* DP_PERM_ALL's bits */
+
+static int ofd_lock(int fd, short type, off_t offset, off_t len)
+{
+    struct flock fl = {.l_type = type, .l_whence = SEEK_SET, .l_start = offset, .l_len = len};
+    return fcntl(fd, F_OFD_SETLK, &fl) < 0 ? -errno : 0;
+}
+
+/* 1 when another open file description holds a lock on the byte, 0 when not. */
+static int ofd_byte_taken(int fd, off_t offset)
+{
+    struct flock fl = {.l_type = F_WRLCK, .l_whence = SEEK_SET, .l_start = offset, .l_len = 1};
+    if (fcntl(fd, F_OFD_GETLK, &fl) < 0)
+        return -errno;
+    return fl.l_type != F_UNLCK;
+}
+
+static void image_unlock(int fd)
+{
+    ofd_lock(fd, F_UNLCK, LOCK_PERM_BASE, LOCK_PERM_COUNT);
+    ofd_lock(fd, F_UNLCK, LOCK_SHARED_BASE, LOCK_PERM_COUNT);
+}
+
+int dp_image_lock(int fd, uint32_t perm, uint32_t shared, struct dp_lock_conflict *conflict)
+{
+    if ((perm | shared) & ~DP_PERM_ALL)
+        return -EINVAL;
+    uint32_t unshared = ~shared & DP_PERM_ALL;
+    int ret = 0;
+    /* Ours first, then theirs: two opens racing each see the other's bytes. */
+    for (int i = 0; i < LOCK_PERM_COUNT && ret == 0; i++) {
+        if (perm & (1u << i))
+            ret = ofd_lock(fd, F_RDLCK, LOCK_PERM_BASE + i, 1);
+        if (ret == 0 && (unshared & (1u << i)))
+            ret = ofd_lock(fd, F_RDLCK, LOCK_SHARED_BASE + i, 1);
+    }
+    /* Someone who does not share what we need, then someone who has what
+     * we do not share (QEMU's raw_check_lock_bytes order and messages). */
+    for (int i = 0; i < LOCK_PERM_COUNT && ret == 0; i++) {
+        if (!(perm & (1u << i)))
+            continue;
+        ret = ofd_byte_taken(fd, LOCK_SHARED_BASE + i);
+        if (ret == 1 && conflict)
+            *conflict = (struct dp_lock_conflict){.perm = 1u << i, .held_by_other = false};
+    }
+    for (int i = 0; i < LOCK_PERM_COUNT && ret == 0; i++) {
+        if (!(unshared & (1u << i)))
+            continue;
+        ret = ofd_byte_taken(fd, LOCK_PERM_BASE + i);
+        if (ret == 1 && conflict)
+            *conflict = (struct dp_lock_conflict){.perm = 1u << i, .held_by_other = true};
+    }
+    if (ret == 0)
+        return 0;
+    image_unlock(fd);
+    return ret == 1 ? -EAGAIN : ret;
+}
+
 int dp_disk_create(const struct dp_disk_config *config, struct dp_disk **out)
 {
     if (!config || !out)

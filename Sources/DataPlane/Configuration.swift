@@ -266,6 +266,14 @@ public struct DiskConfiguration: Sendable, Equatable {
     public var readErrorPolicy: ErrorPolicy = .report
     /// What a failed write, flush, discard or write-zeroes does.
     public var writeErrorPolicy: ErrorPolicy = .enospc
+    /// Whether the image is locked as QEMU locks it (`locking=on`), so that
+    /// no QEMU (guest, qemu-img, qemu-io, qemu-storage-daemon) or other disk
+    /// writes it behind this one's back: a writable disk refuses, and is
+    /// refused by, any other writer and any user that shares no writer (a
+    /// QEMU guest drive, a read-only disk); read-only disks share an image.
+    /// Turn it off only for storage shared on purpose, where something else
+    /// keeps writers apart. Ignored by the null backend.
+    public var locking: Bool = true
 
     /// Creates a disk configuration; nothing is checked until ``validate()``.
     ///

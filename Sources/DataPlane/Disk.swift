@@ -43,6 +43,8 @@ public final class Disk: @unchecked Sendable {
                 serial[i] = byte
             }
         }
+        // The disk keeps a dup of this fd: one open file description, whose
+        // image locks last until the disk closes its copy in deinit.
         var fd: Int32 = -1
         defer { if fd >= 0 { close(fd) } }
 
@@ -67,6 +69,9 @@ public final class Disk: @unchecked Sendable {
                 throw .unusableImage(path: path, reason: "not a regular file or block device")
             }
             if ret < 0 { throw .system(operation: "probing \(path)", errno: -ret) }
+            if configuration.locking {
+                try Self.lock(fd: fd, path: path, readOnly: configuration.readOnly)
+            }
             // A block device takes nothing below its sector, page cache or
             // not; a file's filesystem asks for its alignment only of O_DIRECT.
             let required = info.block_device || configuration.directIO ? info.logical_block_size : 512
@@ -112,6 +117,29 @@ public final class Disk: @unchecked Sendable {
             throw .system(operation: "setting up disk \(configuration.path)", errno: -ret)
         }
         handle = disk
+    }
+
+    /// Takes QEMU's image locks (block/file-posix.c) as a guest drive does,
+    /// except that resizing is never shared either (we do not follow a size
+    /// change). A writer needs read and write and shares neither write nor
+    /// resize; unlike a qemu-storage-daemon export it refuses while another
+    /// writer holds the image. A read-only disk needs read and shares no
+    /// writer, so any number of read-only disks share an image.
+    private static func lock(fd: Int32, path: String, readOnly: Bool) throws(DataPlaneError) {
+        let perm = DP_PERM_CONSISTENT_READ.rawValue | (readOnly ? 0 : DP_PERM_WRITE.rawValue)
+        let shared = DP_PERM_CONSISTENT_READ.rawValue | DP_PERM_WRITE_UNCHANGED.rawValue
+        var conflict = dp_lock_conflict()
+        let ret = dp_image_lock(fd, perm, shared, &conflict)
+        if ret == -EAGAIN {
+            throw .imageLocked(path: path, permission: ImagePermission(conflict.perm),
+                               heldByOther: conflict.held_by_other)
+        }
+        if ret < 0 {
+            throw .unusableImage(
+                path: path,
+                reason: "it cannot be locked (\(DataPlaneError.message(-ret))): its filesystem may lack "
+                    + "byte-range locks; if nothing else writes it, turn locking off (--locking off)")
+        }
     }
 
     /// Makes matching requests fail (for tests and rehearsals), or stops that with nil.

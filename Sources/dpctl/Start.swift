@@ -19,6 +19,7 @@ struct InstanceConfiguration: Codable {
         var readErrorPolicy: ErrorPolicy?
         var writeErrorPolicy: ErrorPolicy?
         var fault: String?
+        var locking: Bool?
     }
 
     var iothreads: Int?
@@ -61,6 +62,10 @@ enum StartCommand {
                           device's sector size, or with O_DIRECT its filesystem's direct-I/O
                           alignment; 512 for most images, 4096 on 4K-sector storage)
       --no-direct         Use the page cache instead of O_DIRECT
+      --locking on|off    Lock the image as QEMU's locking=on does (default on): two writers,
+                          or a writer and a read-only user, exclude each other, whether QEMU,
+                          qemu-img, qemu-storage-daemon or dpctl; off only for storage shared
+                          on purpose, where something else keeps writers apart
       --rerror POLICY     A failed read: report (default: the guest gets an I/O error), ignore,
                           enospc, or stop (hold it; 'dpctl resume' retries it)
       --werror POLICY     A failed write/flush/discard: enospc (default: stop only when the
@@ -145,6 +150,13 @@ enum StartCommand {
                 let text = try args.value(for: option, inline: inline)
                 _ = try parseFault(text)
                 current?.fault = text
+            case "--locking":
+                try needDisk(option)
+                let text = try args.value(for: option, inline: inline)
+                guard text == "on" || text == "off" else {
+                    throw CLIError("--locking \(text.debugDescription): use on or off", usage: true)
+                }
+                current?.locking = text == "on"
             case "--block-size":
                 try needDisk(option)
                 current?.logicalBlockSize = UInt32(try parseInt(try args.value(for: option, inline: inline), option: option, range: 512...65536))
@@ -187,6 +199,7 @@ enum StartCommand {
         if let zeroes = d.nullReadZeroes { c.nullReadZeroes = zeroes }
         if let p = d.readErrorPolicy { c.readErrorPolicy = p }
         if let p = d.writeErrorPolicy { c.writeErrorPolicy = p }
+        if let locking = d.locking { c.locking = locking }
         return c
     }
 

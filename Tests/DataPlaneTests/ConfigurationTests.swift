@@ -224,6 +224,7 @@ struct DiskConfigurationTests {
         #expect(disk.directIO == true)
         #expect(disk.serial == "vm1.qcow2")
         #expect(disk.logicalBlockSize == nil)
+        #expect(disk.locking == true)
         #expect(disk.numQueues == 1)
         #expect(disk.queueSize == 256)
         #expect(disk.nullSizeBytes == 1_073_741_824)

@@ -174,3 +174,60 @@ struct AnnouncedTopology: Equatable {
     }
 }
 
+/// The byte ranges any process holds locked in `path` (from /proc/locks).
+func lockedRanges(of path: String) -> [ClosedRange<Int>] {
+    var st = stat()
+    guard stat(path, &st) == 0, let text = try? String(contentsOfFile: "/proc/locks", encoding: .utf8) else { return [] }
+    // "1: OFDLCK ADVISORY  READ -1 fe:00:16221606 100 101"; waiters have "->".
+    return text.split(separator: "\n").compactMap { line -> ClosedRange<Int>? in
+        let fields = line.split(separator: " ")
+        guard !line.contains("->"), fields.count >= 8, fields[5].hasSuffix(":\(st.st_ino)"),
+              let start = Int(fields[6]), let end = Int(fields[7]), start <= end
+        else { return nil }
+        return start...end
+    }
+}
+
+/// A QEMU program (qemu-io, qemu-storage-daemon, a paused guest) that holds
+/// an image open, its locks taken, until stopped.
+final class QEMUHolder {
+    private let process = Process()
+    private let input = Pipe()
+    let logPath: String
+
+    /// Starts the program and waits until `lockedByte` of the image is locked.
+    init(_ tool: String, _ arguments: [String], image: String, lockedByte: Int, log: String) throws {
+        logPath = log
+        _ = FileManager.default.createFile(atPath: log, contents: nil)
+        let handle = try FileHandle(forWritingTo: URL(fileURLWithPath: log))
+        process.executableURL = URL(fileURLWithPath: try toolPath(tool))
+        process.arguments = arguments
+        process.standardInput = input // qemu-io reads commands until end of input
+        process.standardOutput = handle
+        process.standardError = handle
+        try process.run()
+        let deadline = Date().addingTimeInterval(20)
+        while !lockedRanges(of: image).contains(where: { $0.contains(lockedByte) }) {
+            guard process.isRunning, Date() < deadline else {
+                stop()
+                throw TestFailure("\(tool) did not lock byte \(lockedByte) of \(image): \(self.log)")
+            }
+            usleep(20_000)
+        }
+    }
+
+    var log: String { (try? String(contentsOfFile: logPath, encoding: .utf8)) ?? "" }
+
+    /// Ends the program: end of input (qemu-io quits on it), then SIGKILL.
+    /// Not SIGTERM: children of the test process inherit its blocked
+    /// signals, and qemu-storage-daemon and QEMU never see one.
+    func stop() {
+        try? input.fileHandleForWriting.close()
+        let deadline = Date().addingTimeInterval(0.5)
+        while process.isRunning && Date() < deadline { usleep(10_000) }
+        if process.isRunning { kill(process.processIdentifier, SIGKILL) }
+        process.waitUntilExit()
+    }
+
+    deinit { stop() }
+}

@@ -126,6 +126,34 @@ struct dp_fd_info {
 /* Fills info for a regular file or block device; -EINVAL for anything else. */
 int dp_fd_probe(int fd, struct dp_fd_info *info);
 
+/* Image locking, compatible with QEMU's (block/file-posix.c, locking=on):
+ * open file description (OFD) read locks on one byte per permission, byte
+ * 100 + i for each permission bit i held and byte 200 + i for each bit not
+ * shared with others. The bits are QEMU 7.2's BLK_PERM_* bits. */
+enum dp_image_perm {
+    DP_PERM_CONSISTENT_READ = 1u << 0,
+    DP_PERM_WRITE = 1u << 1,
+    DP_PERM_WRITE_UNCHANGED = 1u << 2,
+    DP_PERM_RESIZE = 1u << 3,
+    DP_PERM_ALL = 0xfu,
+};
+
+/* Why dp_image_lock refused: one permission, and whose side it is on. */
+struct dp_lock_conflict {
+    uint32_t perm;       /* the one DP_PERM_* bit */
+    bool held_by_other;  /* true: another open holds perm, which we do not share;
+                          * false: we need perm, and another open does not share it */
+};
+
+/* Locks fd's image for perm (DP_PERM_* bits), sharing `shared` with others:
+ * takes our bytes first, then checks the others' (as QEMU does, so of two
+ * racing openers at least one sees the other). -EAGAIN on a conflict, with
+ * *conflict filled (may be NULL); other errors are the filesystem's (no
+ * byte-range locks: -ENOLCK, -EOPNOTSUPP, ...). On failure nothing stays
+ * locked. The locks belong to fd's open file description: they last until
+ * every fd sharing it (dup'ed ones too) is closed. */
+int dp_image_lock(int fd, uint32_t perm, uint32_t shared, struct dp_lock_conflict *conflict);
+
 /* ---------------------------------------------------------------- statistics */
 
 enum dp_op {
