@@ -6,6 +6,7 @@
 #include <string.h>
 #include <sys/ioctl.h>
 #include <sys/stat.h>
+#include <sys/vfs.h>
 #include <unistd.h>
 
 #include "dp_internal.h"
@@ -17,37 +18,126 @@ int dp_open_image(const char *path, bool read_only, bool direct)
     return fd < 0 ? -errno : fd;
 }
 
-int dp_fd_probe(int fd, uint64_t *size_bytes, uint32_t *logical_block_size, uint32_t *dio_align)
+/* A block size we can serve: a power of two from 512 to 64 KiB. */
+static bool is_block_size(uint64_t size)
 {
+    return size >= 512 && size <= 65536 && (size & (size - 1)) == 0;
+}
+
+int dp_fd_probe(int fd, struct dp_fd_info *info)
+{
+    if (!info)
+        return -EINVAL;
     struct stat st;
     if (fstat(fd, &st) < 0)
         return -errno;
     uint64_t size = 0;
-    uint32_t lbs = 512, align = 512;
+    uint32_t logical = 512, physical = 0, mem_align = 512;
     if (S_ISBLK(st.st_mode)) {
         if (ioctl(fd, BLKGETSIZE64, &size) < 0)
             return -errno;
-        int ssz = 0;
-        if (ioctl(fd, BLKSSZGET, &ssz) == 0 && ssz >= 512)
-            lbs = align = (uint32_t)ssz;
+        int sector = 0;
+        if (ioctl(fd, BLKSSZGET, &sector) == 0 && sector >= 512)
+            logical = mem_align = (uint32_t)sector;
+        unsigned int pbs = 0;
+        if (ioctl(fd, BLKPBSZGET, &pbs) == 0 && (pbs & (pbs - 1)) == 0)
+            physical = pbs;
     } else if (S_ISREG(st.st_mode)) {
         size = (uint64_t)st.st_size;
 #ifdef STATX_DIOALIGN
+        /* A file on a filesystem over a 4K-sector device takes O_DIRECT only
+         * at 4K offsets: the offset alignment, not the memory one, sets it. */
         struct statx sx;
-        if (statx(fd, "", AT_EMPTY_PATH, STATX_DIOALIGN, &sx) == 0 &&
-            (sx.stx_mask & STATX_DIOALIGN) && sx.stx_dio_mem_align)
-            align = sx.stx_dio_mem_align;
+        if (statx(fd, "", AT_EMPTY_PATH, STATX_DIOALIGN, &sx) == 0 && (sx.stx_mask & STATX_DIOALIGN)) {
+            uint32_t offset_align = sx.stx_dio_offset_align;
+            if (offset_align > 512 && (offset_align & (offset_align - 1)) == 0)
+                logical = offset_align;
+            if (sx.stx_dio_mem_align)
+                mem_align = sx.stx_dio_mem_align;
+        }
 #endif
+        /* A write smaller than a filesystem block into a hole or an unwritten
+         * extent makes the filesystem zero the rest of the block and
+         * serialize the file's direct I/O: that block is the file's physical
+         * block. Larger "blocks" (NFS reports its transfer size) are not. */
+        struct statfs sf;
+        if (fstatfs(fd, &sf) == 0 && is_block_size((uint64_t)sf.f_bsize))
+            physical = (uint32_t)sf.f_bsize;
     } else {
         return -EINVAL;
     }
-    if (size_bytes)
-        *size_bytes = size;
-    if (logical_block_size)
-        *logical_block_size = lbs;
-    if (dio_align)
-        *dio_align = align;
+    memset(info, 0, sizeof(*info));
+    info->size_bytes = size;
+    info->logical_block_size = logical;
+    info->physical_block_size = physical > logical ? physical : logical;
+    info->dio_mem_align = mem_align;
+    info->block_device = S_ISBLK(st.st_mode);
     return 0;
+}
+
+/* QEMU's lock bytes (block/file-posix.c RAW_LOCK_PERM_BASE/SHARED_BASE):
+ * byte PERM_BASE + i is held by every open that has permission bit i, byte
+ * SHARED_BASE + i by every open that does not share it. All are read locks,
+ * so any number of opens can hold a byte; a conflict is found by asking
+ * whether a write lock on it would be refused. */
+#define LOCK_PERM_BASE 100
+#define LOCK_SHARED_BASE 200
+#define LOCK_PERM_COUNT 4 /* DP_PERM_ALL's bits */
+
+static int ofd_lock(int fd, short type, off_t offset, off_t len)
+{
+    struct flock fl = {.l_type = type, .l_whence = SEEK_SET, .l_start = offset, .l_len = len};
+    return fcntl(fd, F_OFD_SETLK, &fl) < 0 ? -errno : 0;
+}
+
+/* 1 when another open file description holds a lock on the byte, 0 when not. */
+static int ofd_byte_taken(int fd, off_t offset)
+{
+    struct flock fl = {.l_type = F_WRLCK, .l_whence = SEEK_SET, .l_start = offset, .l_len = 1};
+    if (fcntl(fd, F_OFD_GETLK, &fl) < 0)
+        return -errno;
+    return fl.l_type != F_UNLCK;
+}
+
+static void image_unlock(int fd)
+{
+    ofd_lock(fd, F_UNLCK, LOCK_PERM_BASE, LOCK_PERM_COUNT);
+    ofd_lock(fd, F_UNLCK, LOCK_SHARED_BASE, LOCK_PERM_COUNT);
+}
+
+int dp_image_lock(int fd, uint32_t perm, uint32_t shared, struct dp_lock_conflict *conflict)
+{
+    if ((perm | shared) & ~DP_PERM_ALL)
+        return -EINVAL;
+    uint32_t unshared = ~shared & DP_PERM_ALL;
+    int ret = 0;
+    /* Ours first, then theirs: two opens racing each see the other's bytes. */
+    for (int i = 0; i < LOCK_PERM_COUNT && ret == 0; i++) {
+        if (perm & (1u << i))
+            ret = ofd_lock(fd, F_RDLCK, LOCK_PERM_BASE + i, 1);
+        if (ret == 0 && (unshared & (1u << i)))
+            ret = ofd_lock(fd, F_RDLCK, LOCK_SHARED_BASE + i, 1);
+    }
+    /* Someone who does not share what we need, then someone who has what
+     * we do not share (QEMU's raw_check_lock_bytes order and messages). */
+    for (int i = 0; i < LOCK_PERM_COUNT && ret == 0; i++) {
+        if (!(perm & (1u << i)))
+            continue;
+        ret = ofd_byte_taken(fd, LOCK_SHARED_BASE + i);
+        if (ret == 1 && conflict)
+            *conflict = (struct dp_lock_conflict){.perm = 1u << i, .held_by_other = false};
+    }
+    for (int i = 0; i < LOCK_PERM_COUNT && ret == 0; i++) {
+        if (!(unshared & (1u << i)))
+            continue;
+        ret = ofd_byte_taken(fd, LOCK_PERM_BASE + i);
+        if (ret == 1 && conflict)
+            *conflict = (struct dp_lock_conflict){.perm = 1u << i, .held_by_other = true};
+    }
+    if (ret == 0)
+        return 0;
+    image_unlock(fd);
+    return ret == 1 ? -EAGAIN : ret;
 }
 
 int dp_disk_create(const struct dp_disk_config *config, struct dp_disk **out)

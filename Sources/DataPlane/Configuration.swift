@@ -246,8 +246,11 @@ public struct DiskConfiguration: Sendable, Equatable {
     public var directIO: Bool
     /// The serial the guest sees: at most 20 bytes of printable ASCII.
     public var serial: String
-    /// The logical block size in bytes: a power of two in 512...65536.
-    public var logicalBlockSize: UInt32
+    /// The logical block size the guest sees, in bytes: a power of two in
+    /// 512...65536. `nil` (the default) follows the image: what its device,
+    /// or with ``directIO`` its filesystem, takes (``Disk/logicalBlockSize``
+    /// is the size chosen). A size smaller than the image takes is refused.
+    public var logicalBlockSize: UInt32?
     /// The number of virtqueues: 1...64.
     public var numQueues: Int
     /// The largest virtqueue a frontend may set up: a power of two in
@@ -257,7 +260,7 @@ public struct DiskConfiguration: Sendable, Equatable {
     /// descriptors can always fit one in its ring.
     public var queueSize: Int
     /// The capacity of a null-backend disk in bytes: a non-zero multiple of
-    /// ``logicalBlockSize``. Ignored by the file backend.
+    /// ``logicalBlockSize`` (512 when that is `nil`). Ignored by the file backend.
     public var nullSizeBytes: UInt64
     /// Whether the null backend fills read buffers with zeroes (the default).
     /// `false` leaves the guest's buffers untouched, as QEMU's null-co does by
@@ -268,6 +271,14 @@ public struct DiskConfiguration: Sendable, Equatable {
     public var readErrorPolicy: ErrorPolicy = .report
     /// What a failed write, flush, discard or write-zeroes does.
     public var writeErrorPolicy: ErrorPolicy = .enospc
+    /// Whether the image is locked as QEMU locks it (`locking=on`), so that
+    /// no QEMU (guest, qemu-img, qemu-io, qemu-storage-daemon) or other disk
+    /// writes it behind this one's back: a writable disk refuses, and is
+    /// refused by, any other writer and any user that shares no writer (a
+    /// QEMU guest drive, a read-only disk); read-only disks share an image.
+    /// Turn it off only for storage shared on purpose, where something else
+    /// keeps writers apart. Ignored by the null backend.
+    public var locking: Bool = true
 
     /// Creates a disk configuration; nothing is checked until ``validate()``.
     ///
@@ -280,7 +291,7 @@ public struct DiskConfiguration: Sendable, Equatable {
         readOnly: Bool = false,
         directIO: Bool = true,
         serial: String? = nil,
-        logicalBlockSize: UInt32 = 512,
+        logicalBlockSize: UInt32? = nil,
         numQueues: Int = 1,
         queueSize: Int = 1024,
         nullSizeBytes: UInt64 = 1 << 30
@@ -311,7 +322,7 @@ public struct DiskConfiguration: Sendable, Equatable {
         if !serial.utf8.allSatisfy(Self.isPrintableASCII) {
             throw .invalidSerial(serial, reason: "it contains a non-printable or non-ASCII character")
         }
-        if !(512...65536).contains(logicalBlockSize) || logicalBlockSize.nonzeroBitCount != 1 {
+        if let logicalBlockSize, !(512...65536).contains(logicalBlockSize) || logicalBlockSize.nonzeroBitCount != 1 {
             throw .invalidBlockSize(logicalBlockSize)
         }
         if !(1...Self.maxQueues).contains(numQueues) {
@@ -320,10 +331,11 @@ public struct DiskConfiguration: Sendable, Equatable {
         if !(1...32768).contains(queueSize) || queueSize.nonzeroBitCount != 1 {
             throw .invalidQueueSize(queueSize)
         }
+        let nullBlockSize = logicalBlockSize ?? 512
         if backend == .null,
-            nullSizeBytes == 0 || !nullSizeBytes.isMultiple(of: UInt64(logicalBlockSize))
+            nullSizeBytes == 0 || !nullSizeBytes.isMultiple(of: UInt64(nullBlockSize))
         {
-            throw .invalidNullSize(nullSizeBytes, logicalBlockSize: logicalBlockSize)
+            throw .invalidNullSize(nullSizeBytes, logicalBlockSize: nullBlockSize)
         }
     }
 

@@ -3,6 +3,7 @@ import Glibc
 #elseif canImport(Musl)
 import Musl
 #endif
+import CDataPlane
 
 /// What went wrong while starting, steering or stopping the data plane.
 /// Each case's `description` is a one-line message a user can act on.
@@ -13,6 +14,11 @@ public enum DataPlaneError: Error, Equatable, CustomStringConvertible {
     case cannotOpen(path: String, errno: Int32)
     /// The path is neither a regular file nor a block device, or its size is unusable.
     case unusableImage(path: String, reason: String)
+    /// Another process uses the image in a way that excludes this disk
+    /// (image locking, as QEMU's): with `heldByOther`, it has `permission`
+    /// and this disk does not share it; otherwise this disk needs
+    /// `permission` and the other does not share it.
+    case imageLocked(path: String, permission: ImagePermission, heldByOther: Bool)
     /// A system call failed.
     case system(operation: String, errno: Int32)
     /// The IOThread could not start.
@@ -39,6 +45,14 @@ public enum DataPlaneError: Error, Equatable, CustomStringConvertible {
             return "cannot open image \(path.debugDescription): \(Self.message(err))\(hint)"
         case .unusableImage(let path, let reason):
             return "cannot use image \(path.debugDescription): \(reason)"
+        case .imageLocked(let path, let permission, let heldByOther):
+            let conflict = heldByOther
+                ? "another process has it open with \(permission.access), which this disk cannot share"
+                : "this disk needs \(permission.access), which another process using it does not share"
+            return "failed to get the \"\(permission.rawValue)\" lock on image \(path.debugDescription): \(conflict) "
+                + "(a QEMU guest, qemu-img, qemu-io, qemu-storage-daemon or another dpctl?). Stop that process "
+                + "first; only for storage shared on purpose, where something else keeps writers apart, "
+                + "turn image locking off (--locking off)"
         case .system(let operation, let err):
             return "\(operation) failed: \(Self.message(err))"
         case .threadStart(let name, let err):
@@ -63,5 +77,32 @@ public enum DataPlaneError: Error, Equatable, CustomStringConvertible {
         // Swift sees the XSI strerror_r: 0 on success, message in the buffer.
         guard strerror_r(err, &buffer, buffer.count) == 0 else { return "errno \(err)" }
         return String(decoding: buffer.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
+    }
+}
+
+/// A permission on an image, as QEMU's image locking names them (BLK_PERM_*).
+public enum ImagePermission: String, Sendable, Equatable {
+    case consistentRead = "consistent read"
+    case write
+    case writeUnchanged = "write unchanged"
+    case resize
+
+    init(_ bit: UInt32) {
+        switch bit {
+        case DP_PERM_WRITE.rawValue: self = .write
+        case DP_PERM_WRITE_UNCHANGED.rawValue: self = .writeUnchanged
+        case DP_PERM_RESIZE.rawValue: self = .resize
+        default: self = .consistentRead
+        }
+    }
+
+    /// What the permission lets its holder do, for messages.
+    var access: String {
+        switch self {
+        case .consistentRead: return "read access"
+        case .write: return "write access"
+        case .writeUnchanged: return "unchanging-write access"
+        case .resize: return "the right to resize it"
+        }
     }
 }

@@ -17,6 +17,14 @@ public final class Disk: @unchecked Sendable {
     public let usesDirectIO: Bool
     /// The alignment O_DIRECT wants of guest buffers; others go through a bounce buffer.
     public let directIOAlignment: UInt32
+    /// The logical block size the guest sees: the configured one, or what
+    /// the image takes (its device's sector size; with O_DIRECT, its
+    /// filesystem's direct-I/O alignment), 512 at least.
+    public let logicalBlockSize: UInt32
+    /// The physical block size the guest sees (VIRTIO_BLK_F_TOPOLOGY): the
+    /// device's, or the image's filesystem block size; never below
+    /// ``logicalBlockSize``.
+    public let physicalBlockSize: UInt32
 
     /// A short name for logs and statistics: the image path, or "null".
     public var name: String { configuration.backend == .null ? "null" : configuration.path }
@@ -27,7 +35,6 @@ public final class Disk: @unchecked Sendable {
         self.configuration = configuration
 
         var cConfig = dp_disk_config()
-        cConfig.logical_block_size = configuration.logicalBlockSize
         cConfig.read_only = configuration.readOnly
         cConfig.read_policy = configuration.readErrorPolicy.cValue
         cConfig.write_policy = configuration.writeErrorPolicy.cValue
@@ -37,6 +44,8 @@ public final class Disk: @unchecked Sendable {
                 serial[i] = byte
             }
         }
+        // The disk keeps a dup of this fd: one open file description, whose
+        // image locks last until the disk closes its copy in deinit.
         var fd: Int32 = -1
         defer { if fd >= 0 { close(fd) } }
 
@@ -49,40 +58,60 @@ public final class Disk: @unchecked Sendable {
             capacityBytes = configuration.nullSizeBytes
             usesDirectIO = false
             directIOAlignment = 0
+            logicalBlockSize = configuration.logicalBlockSize ?? 512
+            physicalBlockSize = logicalBlockSize
         case .file:
             let path = configuration.path
             fd = dp_open_image(path, configuration.readOnly, configuration.directIO)
             if fd < 0 { throw .cannotOpen(path: path, errno: -fd) }
-            var size: UInt64 = 0
-            var deviceBlockSize: UInt32 = 512
-            var alignment: UInt32 = 512
-            let ret = dp_fd_probe(fd, &size, &deviceBlockSize, &alignment)
+            var info = dp_fd_info()
+            let ret = dp_fd_probe(fd, &info)
             if ret == -EINVAL {
                 throw .unusableImage(path: path, reason: "not a regular file or block device")
             }
             if ret < 0 { throw .system(operation: "probing \(path)", errno: -ret) }
-            let blockSize = UInt64(configuration.logicalBlockSize)
+            if configuration.locking {
+                try Self.lock(fd: fd, path: path, readOnly: configuration.readOnly)
+            }
+            // A block device takes nothing below its sector, page cache or
+            // not; a file's filesystem asks for its alignment only of O_DIRECT.
+            let required = info.block_device || configuration.directIO ? info.logical_block_size : 512
+            let blockSize = configuration.logicalBlockSize ?? required
+            if blockSize < required {
+                let what = info.block_device
+                    ? "the device's logical block size is \(required)"
+                    : "its filesystem takes direct I/O only in \(required)-byte blocks"
+                throw .unusableImage(
+                    path: path,
+                    reason: "\(what); use a block size of at least that (--block-size \(required)), "
+                        + "or leave it unset to follow the image")
+            }
+            if blockSize > 65536 {
+                throw .unusableImage(
+                    path: path,
+                    reason: "its filesystem takes direct I/O only in \(blockSize)-byte blocks, more than "
+                        + "virtio-blk's 65536; serve it through the page cache (--no-direct)")
+            }
+            let size = info.size_bytes
             if size == 0 {
                 throw .unusableImage(path: path, reason: "it is empty (create it first, e.g. truncate -s 1G \(path))")
             }
-            if size % blockSize != 0 {
+            if size % UInt64(blockSize) != 0 {
                 throw .unusableImage(
                     path: path,
                     reason: "its size \(size) is not a multiple of the \(blockSize)-byte logical block size")
             }
-            if configuration.logicalBlockSize < deviceBlockSize {
-                throw .unusableImage(
-                    path: path,
-                    reason: "the device's logical block size is \(deviceBlockSize); use at least that")
-            }
             cConfig.backend = Int32(DP_BACKEND_FILE.rawValue)
             cConfig.fd = fd
             cConfig.capacity_sectors = size / 512
-            cConfig.mem_align = configuration.directIO ? max(alignment, 512) : 0
+            cConfig.mem_align = configuration.directIO ? max(info.dio_mem_align, 512) : 0
             capacityBytes = size
             usesDirectIO = configuration.directIO
             directIOAlignment = cConfig.mem_align
+            logicalBlockSize = blockSize
+            physicalBlockSize = max(info.physical_block_size, blockSize)
         }
+        cConfig.logical_block_size = logicalBlockSize
         var disk: OpaquePointer?
         let ret = dp_disk_create(&cConfig, &disk)
         guard ret == 0, let disk else {
@@ -102,6 +131,29 @@ public final class Disk: @unchecked Sendable {
 
     /// ``flushFailure`` as text (e.g. "Input/output error").
     public var flushFailureReason: String? { flushFailure.map { DataPlaneError.message($0) } }
+
+    /// Takes QEMU's image locks (block/file-posix.c) as a guest drive does,
+    /// except that resizing is never shared either (we do not follow a size
+    /// change). A writer needs read and write and shares neither write nor
+    /// resize; unlike a qemu-storage-daemon export it refuses while another
+    /// writer holds the image. A read-only disk needs read and shares no
+    /// writer, so any number of read-only disks share an image.
+    private static func lock(fd: Int32, path: String, readOnly: Bool) throws(DataPlaneError) {
+        let perm = DP_PERM_CONSISTENT_READ.rawValue | (readOnly ? 0 : DP_PERM_WRITE.rawValue)
+        let shared = DP_PERM_CONSISTENT_READ.rawValue | DP_PERM_WRITE_UNCHANGED.rawValue
+        var conflict = dp_lock_conflict()
+        let ret = dp_image_lock(fd, perm, shared, &conflict)
+        if ret == -EAGAIN {
+            throw .imageLocked(path: path, permission: ImagePermission(conflict.perm),
+                               heldByOther: conflict.held_by_other)
+        }
+        if ret < 0 {
+            throw .unusableImage(
+                path: path,
+                reason: "it cannot be locked (\(DataPlaneError.message(-ret))): its filesystem may lack "
+                    + "byte-range locks; if nothing else writes it, turn locking off (--locking off)")
+        }
+    }
 
     /// Makes matching requests fail (for tests and rehearsals), or stops that with nil.
     public func injectFaults(_ fault: FaultInjection?) {

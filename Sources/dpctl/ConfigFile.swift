@@ -32,7 +32,7 @@ enum ConfigFile {
         Key("queue-size", alias: "queueSize"), Key("backend"), Key("null-size", alias: "nullSize"),
         Key("null-read-zeroes", alias: "nullReadZeroes"), Key("serial"), Key("direct", alias: "directIO"),
         Key("block-size", alias: "logicalBlockSize"), Key("rerror", alias: "readErrorPolicy"),
-        Key("werror", alias: "writeErrorPolicy"), Key("fault"),
+        Key("werror", alias: "writeErrorPolicy"), Key("fault"), Key("locking"),
     ]
 
     /// Reads a configuration file's contents; errors name the file and the setting.
@@ -112,6 +112,13 @@ enum ConfigFile {
                 let text = try string(value, name)
                 _ = try StartCommand.parseFault(text)
                 d.fault = text
+            case "locking":
+                switch value {
+                case .bool(let on): d.locking = on
+                case .string("on"): d.locking = true
+                case .string("off"): d.locking = false
+                default: throw CLIError("\(name) must be true, false, \"on\" or \"off\", not \(value)")
+                }
             default: preconditionFailure("key \(key) is listed but not handled")
             }
         }

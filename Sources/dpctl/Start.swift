@@ -20,6 +20,7 @@ struct InstanceConfiguration {
         var readErrorPolicy: ErrorPolicy?
         var writeErrorPolicy: ErrorPolicy?
         var fault: String?
+        var locking: Bool?
     }
 
     var iothreads: Int?
@@ -45,13 +46,15 @@ struct EffectiveConfiguration: Encodable {
         var nullReadZeroes: Bool
         var serial: String
         var direct: Bool
-        var blockSize: UInt32
+        /// nil: follows the image (known once it is opened).
+        var blockSize: UInt32?
         var rerror: ErrorPolicy
         var werror: ErrorPolicy
         var fault: String?
+        var locking: Bool
 
         enum CodingKeys: String, CodingKey {
-            case path, socket, readonly, backend, serial, direct, rerror, werror, fault
+            case path, socket, readonly, backend, serial, direct, rerror, werror, fault, locking
             case numQueues = "num-queues", queueSize = "queue-size", nullSize = "null-size"
             case nullReadZeroes = "null-read-zeroes", blockSize = "block-size"
         }
@@ -132,8 +135,14 @@ enum StartCommand {
                           leaves the guest's buffers as they are, like QEMU null-co's default)
       --serial TEXT       Serial number the guest sees, at most 20 bytes (default the image's
                           file name)
-      --block-size N      Logical block size, a power of two 512-65536 (default 512)
+      --block-size N      Logical block size, a power of two 512-65536 (default what the image
+                          takes: its device's sector size, or with O_DIRECT its filesystem's
+                          direct-I/O alignment; 512 for most images, 4096 on 4K-sector storage)
       --no-direct         Use the page cache instead of O_DIRECT (default O_DIRECT)
+      --locking on|off    Lock the image as QEMU's locking=on does (default on): two writers,
+                          or a writer and a read-only user, exclude each other, whether QEMU,
+                          qemu-img, qemu-storage-daemon or dpctl; off only for storage shared
+                          on purpose, where something else keeps writers apart
       --rerror POLICY     A failed read: report (the guest gets an I/O error), ignore, enospc,
                           or stop (hold it; 'dpctl resume' retries it) (default report)
       --werror POLICY     A failed write/flush/discard: enospc (stop only when the host is out
@@ -219,6 +228,13 @@ enum StartCommand {
                 let text = try args.value(for: option, inline: inline)
                 _ = try parseFault(text)
                 current?.fault = text
+            case "--locking":
+                try needDisk(option)
+                let text = try args.value(for: option, inline: inline)
+                guard text == "on" || text == "off" else {
+                    throw CLIError("--locking \(text.debugDescription): use on or off", usage: true)
+                }
+                current?.locking = text == "on"
             case "--block-size":
                 try needDisk(option)
                 current?.logicalBlockSize = UInt32(try parseInt(try args.value(for: option, inline: inline), option: option, range: 512...65536))
@@ -260,6 +276,7 @@ enum StartCommand {
         if let zeroes = d.nullReadZeroes { c.nullReadZeroes = zeroes }
         if let p = d.readErrorPolicy { c.readErrorPolicy = p }
         if let p = d.writeErrorPolicy { c.writeErrorPolicy = p }
+        if let locking = d.locking { c.locking = locking }
         return c
     }
 
@@ -348,7 +365,7 @@ enum StartCommand {
                         path: d.path, socket: entry.socket, readonly: d.readOnly, numQueues: d.numQueues, queueSize: d.queueSize,
                         backend: d.backend.rawValue, nullSize: d.nullSizeBytes, nullReadZeroes: d.nullReadZeroes, serial: d.serial,
                         direct: d.directIO, blockSize: d.logicalBlockSize, rerror: d.readErrorPolicy, werror: d.writeErrorPolicy,
-                        fault: entry.fault)
+                        fault: entry.fault, locking: d.locking)
                 })
             StatusCommand.printJSON(effective)
             return 0
@@ -397,7 +414,7 @@ enum StartCommand {
             log("\(t.configuration.name): CPU \(threads[i].cpuset), NUMA node \(t.numaNode.map(String.init) ?? "unknown"), poll window up to \(t.configuration.pollMaxMicroseconds) us")
         }
         for (disk, socket) in opened {
-            log("serving \(disk.name) (\(disk.capacityBytes) bytes, \(disk.configuration.readOnly ? "read-only" : "read-write"), \(disk.usesDirectIO ? "O_DIRECT" : "page cache"), up to \(disk.configuration.numQueues) queues) on \(socket)")
+            log("serving \(disk.name) (\(disk.capacityBytes) bytes, \(disk.configuration.readOnly ? "read-only" : "read-write"), \(disk.usesDirectIO ? "O_DIRECT" : "page cache"), \(disk.logicalBlockSize)-byte blocks, up to \(disk.configuration.numQueues) queues) on \(socket)")
         }
         log("control socket \(controlPath); ready")
 

@@ -45,12 +45,12 @@ import Testing
         let mountPoint = scratch.directory + "/mnt"
         try FileManager.default.createDirectory(atPath: mountPoint, withIntermediateDirectories: true)
         if fileSystem == "ext2" {
-            try runCommand(["mkfs.ext2", "-q", "-F", scratch.path])
-            try runCommand(["mount", "-o", "loop", scratch.path, mountPoint])
+            try runToolChecked("mkfs.ext2", ["-q", "-F", scratch.path])
+            try runToolChecked("mount", ["-o", "loop", scratch.path, mountPoint])
         } else {
-            try runCommand(["mount", "-t", fileSystem, fileSystem, mountPoint])
+            try runToolChecked("mount", ["-t", fileSystem, fileSystem, mountPoint])
         }
-        defer { _ = try? runCommand(["umount", mountPoint]) }
+        defer { _ = try? runTool("umount", [mountPoint]) }
         let image = try TestImage(size: 8 << 20, in: mountPoint)
         let ones = [UInt8](repeating: 0xA5, count: 4 << 20)
         image.write(offset: 0, ones)

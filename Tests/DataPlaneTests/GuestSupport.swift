@@ -232,8 +232,10 @@ func pattern(_ count: Int, seed: UInt8) -> [UInt8] {
 
 extension TestGuest {
     /// Connects a vhost-user frontend to `socket` (retrying while the
-    /// backend starts) and sets this guest's memory and queues up on it.
-    func connectFrontend(_ socket: String, options: vuf_options = vuf_options()) throws -> OpaquePointer {
+    /// backend starts) and sets this guest's memory and queues up on it;
+    /// `info`, when given, gets what the handshake learned (features, config space).
+    func connectFrontend(_ socket: String, options: vuf_options = vuf_options(),
+                         info: UnsafeMutablePointer<vuf_info>? = nil) throws -> OpaquePointer {
         let deadline = Date().addingTimeInterval(10)
         var conn: OpaquePointer?
         var rc = vuf_connect(socket, &conn)
@@ -243,7 +245,7 @@ extension TestGuest {
         }
         guard rc == 0, let conn else { throw TestFailure("connect \(socket): \(rc)") }
         var o = options
-        let setup = vuf_setup(conn, driver, &o, nil)
+        let setup = vuf_setup(conn, driver, &o, info)
         guard setup == 0 else {
             let message = String(cString: vuf_last_error(conn))
             vuf_close(conn)

@@ -121,9 +121,54 @@ int dp_disk_set_fault(struct dp_disk *disk, const struct dp_fault_config *fault)
  * with O_DIRECT when direct is set. Returns the fd or a negative errno. */
 int dp_open_image(const char *path, bool read_only, bool direct);
 
-/* Size in bytes of a regular file or block device, and the direct-I/O
- * alignment its filesystem or device asks for (512 when unknown). */
-int dp_fd_probe(int fd, uint64_t *size_bytes, uint32_t *logical_block_size, uint32_t *dio_align);
+/* What an image needs and offers, as dp_fd_probe finds it. Block sizes are
+ * powers of two, 512 at least; physical_block_size >= logical_block_size. */
+struct dp_fd_info {
+    uint64_t size_bytes;
+    /* The smallest unit of offset and length O_DIRECT takes: a block
+     * device's logical sector size (BLKSSZGET), a regular file's direct-I/O
+     * offset alignment (statx STATX_DIOALIGN); 512 when unknown. */
+    uint32_t logical_block_size;
+    /* The unit below which a write costs a read-modify-write: a block
+     * device's physical block size (BLKPBSZGET), a regular file's filesystem
+     * block size (fstatfs f_bsize, when a power of two up to 64 KiB);
+     * logical_block_size when unknown. */
+    uint32_t physical_block_size;
+    /* The buffer alignment O_DIRECT needs (512 when unknown). */
+    uint32_t dio_mem_align;
+    bool block_device;
+};
+
+/* Fills info for a regular file or block device; -EINVAL for anything else. */
+int dp_fd_probe(int fd, struct dp_fd_info *info);
+
+/* Image locking, compatible with QEMU's (block/file-posix.c, locking=on):
+ * open file description (OFD) read locks on one byte per permission, byte
+ * 100 + i for each permission bit i held and byte 200 + i for each bit not
+ * shared with others. The bits are QEMU 7.2's BLK_PERM_* bits. */
+enum dp_image_perm {
+    DP_PERM_CONSISTENT_READ = 1u << 0,
+    DP_PERM_WRITE = 1u << 1,
+    DP_PERM_WRITE_UNCHANGED = 1u << 2,
+    DP_PERM_RESIZE = 1u << 3,
+    DP_PERM_ALL = 0xfu,
+};
+
+/* Why dp_image_lock refused: one permission, and whose side it is on. */
+struct dp_lock_conflict {
+    uint32_t perm;       /* the one DP_PERM_* bit */
+    bool held_by_other;  /* true: another open holds perm, which we do not share;
+                          * false: we need perm, and another open does not share it */
+};
+
+/* Locks fd's image for perm (DP_PERM_* bits), sharing `shared` with others:
+ * takes our bytes first, then checks the others' (as QEMU does, so of two
+ * racing openers at least one sees the other). -EAGAIN on a conflict, with
+ * *conflict filled (may be NULL); other errors are the filesystem's (no
+ * byte-range locks: -ENOLCK, -EOPNOTSUPP, ...). On failure nothing stays
+ * locked. The locks belong to fd's open file description: they last until
+ * every fd sharing it (dup'ed ones too) is closed. */
+int dp_image_lock(int fd, uint32_t perm, uint32_t shared, struct dp_lock_conflict *conflict);
 
 /* ---------------------------------------------------------------- statistics */
 

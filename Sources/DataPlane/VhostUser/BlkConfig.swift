@@ -7,7 +7,9 @@ struct BlkConfigSpace {
     static let size = 72
 
     static func bytes(for disk: Disk, numQueues: Int, segMax: UInt32) -> [UInt8] {
-        let blockSize = disk.configuration.logicalBlockSize
+        let blockSize = disk.logicalBlockSize
+        // physical = logical << exp; both powers of two, physical >= logical.
+        let physicalExponent = UInt8(disk.physicalBlockSize.trailingZeroBitCount - blockSize.trailingZeroBitCount)
         let sectorsPerBlock = blockSize / 512
         var b: [UInt8] = []
         b.appendLE(disk.capacityBytes / 512)          // capacity (512-byte sectors)
@@ -15,7 +17,7 @@ struct BlkConfigSpace {
         b.appendLE(segMax)                            // seg_max
         b.appendLE(UInt16(0)); b.append(0); b.append(0) // geometry (not offered)
         b.appendLE(blockSize)                         // blk_size
-        b.append(0)                                   // physical_block_exp
+        b.append(physicalExponent)                    // physical_block_exp
         b.append(0)                                   // alignment_offset
         b.appendLE(UInt16(1))                         // min_io_size (blocks)
         b.appendLE(UInt32(0))                         // opt_io_size
