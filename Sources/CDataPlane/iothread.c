@@ -791,7 +791,8 @@ static void iothread_fail(struct dp_iothread *t, int err)
         if (q->broken)
             continue;
         q->broken = true;
-        STAT_SET(q->stats.broken_reason, err == -EBADR ? -EBADR : err);
+        /* The thread's own stats keep err; the queue says why it broke. */
+        STAT_SET(q->stats.broken_reason, err == -EBADR ? -EBADR : -ECANCELED);
         STAT_SET(q->stats.broken, 1);
         if (q->config.err_fd >= 0) {
             uint64_t one = 1;

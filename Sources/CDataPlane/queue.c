@@ -339,6 +339,8 @@ void queue_release_held(struct dp_queue *q)
     q->error_stopped = false;
     q->resubmit_count = q->resubmit_next = q->resubmit_held = 0;
     STAT_SET(q->stats.in_flight, q->in_flight);
+    STAT_SET(q->stats.error_held, 0);
+    STAT_SET(q->stats.error_stopped, 0);
 }
 
 /* Pops one head off the avail ring and starts it. */
@@ -633,6 +635,8 @@ const char *dp_ring_error_string(int reason)
         return "indirect descriptor table outside guest memory";
     case -EBADR:
         return "the IOThread lost I/O completions (io_uring CQ overflow)";
+    case -ECANCELED:
+        return "the IOThread's io_uring failed (see the IOThread's status)";
     case 0:
         return "not broken";
     default:

@@ -1,3 +1,4 @@
+import CDataPlaneSys
 import Foundation
 import Testing
 
@@ -117,9 +118,12 @@ struct QEMUEndToEndTests {
             let result = try Self.boot(args)
             let guest = (try? String(contentsOfFile: w.dir + "/guest\(boot).log", encoding: .utf8)) ?? ""
             #expect(result.status == 0, "boot \(boot): \(result.output)\nguest: \(guest.suffix(3000))\ndpctl: \(dp.log)")
-            // The guest really sent requests of more than one ring's worth of descriptors' segments.
             #expect(guest.contains("max_segments=128"), "guest: \(guest.suffix(2000))")
         }
+        // The guest really sent requests of seg_max segments: 130 iovecs
+        // (header and status besides), more than a 64-entry ring holds.
+        let disk = try #require(Self.controlStats(w.socket + ".ctl")?["disks"] as? [[String: Any]]).first
+        #expect(disk?["longestChain"] as? Int == 130, "\(disk ?? [:])")
         _ = dp.terminate()
         #expect(!dp.log.contains("broken"), "dpctl: \(dp.log)")
     }
@@ -164,6 +168,25 @@ struct QEMUEndToEndTests {
         #expect(boot.terminationStatus == 0, "boot.sh: \(output)\nguest: \(guestTail(w))\nfirst dpctl: \(firstLog)\nsecond: \(dp.log)\nkept in \(w.dir)")
         #expect(dp.log.contains("frontend connected"), "QEMU reconnected to the new dpctl: \(dp.log)")
         if boot.terminationStatus == 0 { w.remove() }
+    }
+
+    /// The "stats" answer of a running dpctl's control socket, as JSON: its
+    /// snapshot (counters per disk survive the guest's disconnect).
+    static func controlStats(_ control: String) throws -> [String: Any]? {
+        let fd = dps_unix_connect(control)
+        guard fd >= 0 else { throw TestFailure("connect \(control): \(fd)") }
+        defer { close(fd) }
+        let request = Array("{\"command\":\"stats\"}\n".utf8)
+        guard request.withUnsafeBytes({ write(fd, $0.baseAddress, $0.count) }) == request.count else { return nil }
+        var reply: [UInt8] = []
+        var buffer = [UInt8](repeating: 0, count: 65536)
+        while reply.last != UInt8(ascii: "\n") {
+            let n = read(fd, &buffer, buffer.count)
+            if n <= 0 { break }
+            reply += buffer[0..<n]
+        }
+        let object = try JSONSerialization.jsonObject(with: Data(reply)) as? [String: Any]
+        return object?["snapshot"] as? [String: Any]
     }
 
     func guestTail(_ w: Workspace) -> String {
