@@ -92,13 +92,7 @@ enum ConfigFile {
                 case .integer(let n) where n > 0: d.nullSize = UInt64(n)
                 default: throw CLIError("\(name) must be a size such as \"1G\" or a number of bytes, not \(value)")
                 }
-            case "null-read-zeroes":
-                switch value {
-                case .bool(let on): d.nullReadZeroes = on
-                case .string("on"): d.nullReadZeroes = true
-                case .string("off"): d.nullReadZeroes = false
-                default: throw CLIError("\(name) must be true, false, \"on\" or \"off\", not \(value)")
-                }
+            case "null-read-zeroes": d.nullReadZeroes = try onOff(value, name)
             case "serial": d.serial = try string(value, name)
             case "direct": d.directIO = try bool(value, name)
             case "block-size": d.logicalBlockSize = UInt32(try integer(value, name, range: 512...65536))
@@ -112,17 +106,21 @@ enum ConfigFile {
                 let text = try string(value, name)
                 _ = try StartCommand.parseFault(text)
                 d.fault = text
-            case "locking":
-                switch value {
-                case .bool(let on): d.locking = on
-                case .string("on"): d.locking = true
-                case .string("off"): d.locking = false
-                default: throw CLIError("\(name) must be true, false, \"on\" or \"off\", not \(value)")
-                }
+            case "locking": d.locking = try onOff(value, name)
             default: preconditionFailure("key \(key) is listed but not handled")
             }
         }
         return d
+    }
+
+    /// A switch, as the flag takes it ("on"/"off") or as JSON does (true/false).
+    private static func onOff(_ value: JSONValue, _ name: String) throws(CLIError) -> Bool {
+        switch value {
+        case .bool(let on): return on
+        case .string("on"): return true
+        case .string("off"): return false
+        default: throw CLIError("\(name) must be true, false, \"on\" or \"off\", not \(value)")
+        }
     }
 
     /// The settings of an object, by their flag names, after refusing
