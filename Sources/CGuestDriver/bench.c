@@ -27,6 +27,7 @@ struct bench_queue {
     uint32_t *slot_of_head; /* by head: the slot it carries */
     uint64_t *t_of_head;    /* by head: submit time */
     uint64_t *buf;          /* by slot: data buffer GPA */
+    uint16_t seen_used;     /* used idx after the last reap (spinning watches it) */
 };
 
 struct bench {
@@ -108,7 +109,7 @@ static int bench_reap(struct bench *b, struct bench_queue *bq, uint32_t qpos)
         uint8_t status;
         int rc = gd_complete(b->d, bq->qi, &head, NULL, &status);
         if (rc <= 0)
-            return rc < 0 ? rc : n;
+            break;
         if (!n++)
             now = mono_ns(); /* after the first pop: never earlier than the completion */
         if (status != GD_BLK_S_OK)
@@ -124,73 +125,156 @@ static int bench_reap(struct bench *b, struct bench_queue *bq, uint32_t qpos)
         }
         bq->free_slots[bq->nfree++] = bq->slot_of_head[head];
     }
+    r->reaped += (uint64_t)n;
+    return n;
 }
 
-/* Enables calls on every queue and sleeps on all call fds, unless something
- * landed meanwhile (the re-check virtqueue_enable_cb asks for). */
-static int bench_wait(struct bench *b, struct pollfd *pfds)
+/* The interrupt handler (Linux's virtblk_done): calls off, reap everything,
+ * calls on again and reap once more if something landed in between. Calls
+ * stay on afterwards: the next completion wakes the guest. */
+static int bench_handle_calls(struct bench *b, struct bench_queue *bq, uint32_t qpos)
 {
-    bool pending = false;
+    int total = 0;
+    do {
+        gd_disable_calls(b->d, bq->qi);
+        total += bench_reap(b, bq, qpos);
+    } while (gd_enable_calls(b->d, bq->qi) > 0);
+    return total;
+}
+
+/* Reads a call eventfd's counter: how many times the device signalled. */
+static int bench_read_signals(struct bench *b, int fd)
+{
+    uint64_t v;
+    if (read(fd, &v, sizeof(v)) == sizeof(v)) {
+        b->r->signals += v;
+        return 0;
+    }
+    return errno == EAGAIN ? 0 : -errno;
+}
+
+static bool bench_any_used(struct bench *b)
+{
     for (uint32_t i = 0; i < b->nq; i++)
-        pending |= gd_enable_calls(b->d, b->q[i].qi) > 0;
-    if (!pending) {
-        int n = poll(pfds, b->nq, GD_BENCH_POLL_MS);
-        if (n < 0 && errno != EINTR)
-            return -errno;
+        if (gd_used_idx(b->d, b->q[i].qi) != b->q[i].seen_used)
+            return true;
+    return false;
+}
+
+/* Waits like a guest: spins for up to spin_ns watching the used rings (a
+ * hybrid), then sleeps until a call eventfd fires. Returns 1 on a wake-up,
+ * 0 on the stall-check timeout. */
+static int bench_sleep(struct bench *b, struct pollfd *pfds)
+{
+    bool found = false;
+    if (b->p->spin_ns) {
+        uint64_t until = mono_ns() + b->p->spin_ns;
+        while (!(found = bench_any_used(b)) && mono_ns() < until)
+            __builtin_ia32_pause();
+    }
+    int n = 0;
+    if (!found) {
         b->r->waits++;
-        for (uint32_t i = 0; n > 0 && i < b->nq; i++) {
-            uint64_t v;
-            if ((pfds[i].revents & POLLIN) && read(pfds[i].fd, &v, sizeof(v)) < 0 && errno != EAGAIN)
-                return -errno;
+        n = poll(pfds, b->nq, GD_BENCH_POLL_MS);
+        if (n < 0)
+            return errno == EINTR ? 0 : -errno;
+        if (n == 0)
+            return 0;
+    }
+    b->r->wakeups++;
+    /* A spin that found work may also have been signalled: read the
+     * counters either way, so no stale signal wakes the next sleep. */
+    for (uint32_t i = 0; i < b->nq; i++) {
+        if (found || (pfds[i].revents & POLLIN)) {
+            int rc = bench_read_signals(b, pfds[i].fd);
+            if (rc < 0)
+                return rc;
         }
     }
-    for (uint32_t i = 0; i < b->nq; i++)
-        gd_disable_calls(b->d, b->q[i].qi);
+    return 1;
+}
+
+static int bench_fill_all(struct bench *b, uint64_t stop, uint64_t *in_flight)
+{
+    uint64_t now = mono_ns();
+    *in_flight = 0;
+    for (uint32_t i = 0; i < b->nq; i++) {
+        if (now < stop) {
+            int rc = bench_fill(b, &b->q[i], now);
+            if (rc < 0)
+                return rc;
+        }
+        *in_flight += gd_in_flight(b->d, b->q[i].qi);
+    }
     return 0;
+}
+
+/* A polling guest: reap, resubmit, never sleep. */
+static int bench_loop_poll(struct bench *b, uint64_t stop)
+{
+    uint64_t last_progress = mono_ns();
+    for (;;) {
+        int popped = 0;
+        for (uint32_t i = 0; i < b->nq; i++)
+            popped += bench_reap(b, &b->q[i], i);
+        uint64_t in_flight;
+        int rc = bench_fill_all(b, stop, &in_flight);
+        if (rc < 0)
+            return rc;
+        if (!in_flight)
+            return 0; /* stopped and drained */
+        uint64_t now = mono_ns();
+        if (popped)
+            last_progress = now;
+        else if (now - last_progress > GD_BENCH_STALL_NS)
+            return -ETIMEDOUT;
+    }
+}
+
+/* An interrupt-driven guest: sleep, handle the calls, resubmit, kick. */
+static int bench_loop_guest(struct bench *b, struct pollfd *pfds, uint64_t stop)
+{
+    uint64_t last_progress = mono_ns();
+    for (;;) {
+        int rc = bench_sleep(b, pfds);
+        if (rc < 0)
+            return rc;
+        /* After a sleep that timed out too: a lost signal shows up as a
+         * stall only if nothing was pushed. */
+        int popped = 0;
+        for (uint32_t i = 0; i < b->nq; i++) {
+            popped += bench_handle_calls(b, &b->q[i], i);
+            b->q[i].seen_used = gd_used_idx(b->d, b->q[i].qi);
+        }
+        uint64_t in_flight;
+        rc = bench_fill_all(b, stop, &in_flight);
+        if (rc < 0)
+            return rc;
+        if (!in_flight)
+            return 0;
+        uint64_t now = mono_ns();
+        if (popped)
+            last_progress = now;
+        else if (now - last_progress > GD_BENCH_STALL_NS)
+            return -ETIMEDOUT;
+    }
 }
 
 static int bench_loop(struct bench *b, struct pollfd *pfds)
 {
     const struct gd_bench_params *p = b->p;
-    uint64_t t0 = mono_ns(), stop = t0 + p->duration_ns, last_progress = t0;
+    uint64_t t0 = mono_ns();
     b->warm_end = t0 + p->warmup_ns;
     b->last_done = b->warm_end;
-    for (uint32_t i = 0; i < b->nq; i++) {
-        int rc = bench_fill(b, &b->q[i], t0);
-        if (rc < 0)
-            return rc;
-    }
-    for (;;) {
-        int popped = 0;
-        for (uint32_t i = 0; i < b->nq; i++) {
-            int rc = bench_reap(b, &b->q[i], i);
-            if (rc < 0)
-                return rc;
-            popped += rc;
-        }
-        uint64_t now = mono_ns(), in_flight = 0;
-        for (uint32_t i = 0; i < b->nq; i++) {
-            if (now < stop) {
-                int rc = bench_fill(b, &b->q[i], now);
-                if (rc < 0)
-                    return rc;
-            }
-            in_flight += gd_in_flight(b->d, b->q[i].qi);
-        }
-        if (!in_flight)
-            return 0; /* stopped and drained */
-        if (popped) {
-            last_progress = now;
-            continue;
-        }
-        if (now - last_progress > GD_BENCH_STALL_NS)
-            return -ETIMEDOUT;
-        if (!p->busy_poll) {
-            int rc = bench_wait(b, pfds);
-            if (rc < 0)
-                return rc;
-        }
-    }
+    /* The guest model's calls are on from the start, so a completion of the
+     * first batch wakes it. */
+    for (uint32_t i = 0; !p->busy_poll && i < b->nq; i++)
+        gd_enable_calls(b->d, b->q[i].qi);
+    uint64_t in_flight;
+    int rc = bench_fill_all(b, t0 + p->duration_ns, &in_flight);
+    if (rc < 0)
+        return rc;
+    return p->busy_poll ? bench_loop_poll(b, t0 + p->duration_ns) : bench_loop_guest(b, pfds, t0 + p->duration_ns);
 }
 
 static int bench_setup(struct bench *b, struct pollfd *pfds)
@@ -199,7 +283,8 @@ static int bench_setup(struct bench *b, struct pollfd *pfds)
     struct dp_queue_config qc;
     gd_queue_config(b->d, p->first_queue, &qc);
     uint32_t size = qc.size;
-    b->indirect = (b->nsegs + 2ull) * p->depth > size; /* header, data, status per direct chain */
+    /* header, data, status per direct chain */
+    b->indirect = p->indirect || (b->nsegs + 2ull) * p->depth > size;
     b->segs = calloc(b->nsegs, sizeof(*b->segs));
     if (!b->segs)
         return -ENOMEM;
@@ -222,7 +307,7 @@ static int bench_setup(struct bench *b, struct pollfd *pfds)
                 return -ENOMEM;
             bq->free_slots[bq->nfree++] = p->depth - 1 - s; /* slot 0 goes out first */
         }
-        gd_disable_calls(b->d, bq->qi); /* busy-poll never wants them; blocking enables before sleeping */
+        gd_disable_calls(b->d, bq->qi); /* busy-poll never wants them; the guest model enables them */
     }
     return 0;
 }

@@ -27,8 +27,8 @@ struct lg_opts {
     const char *socket;
     uint32_t queues, depth, queue_size, block_size;
     uint32_t type;
-    bool random, poll, json, event_idx, verbose;
-    double seconds, warmup;
+    bool random, poll, json, event_idx, verbose, direct;
+    double seconds, warmup, spin_us;
     int32_t cpu;
     uint64_t seed, size_limit;
     struct vuf_options vuf;
@@ -42,6 +42,10 @@ static void usage(FILE *f)
             "Connects to a vhost-user-blk back-end as QEMU would, keeps DEPTH requests in\n"
             "flight per queue from one thread, and reports IOPS, MB/s and latency.\n"
             "\n"
+            "By default it behaves like a Linux guest's virtio-blk driver: it sleeps on the\n"
+            "call eventfds until the back-end signals, reaps every completion (re-checking\n"
+            "after re-enabling calls), resubmits, and kicks once per queue when asked to.\n"
+            "\n"
             "  --socket PATH        the back-end's unix socket (required)\n"
             "  --queues N           queues to drive (1..%d, default 1)\n"
             "  --depth N            requests in flight per queue (default 32)\n"
@@ -49,13 +53,16 @@ static void usage(FILE *f)
             "  --bs SIZE            block size, e.g. 4k, 64k, 1m (a multiple of 512; default 4k)\n"
             "  --seconds S          measured time after warm-up (default 10)\n"
             "  --warmup S           time whose completions are not counted (default 1)\n"
-            "  --poll               spin on the used rings instead of sleeping on call eventfds\n"
+            "  --poll               a polling guest: spin on the used rings, never sleep\n"
+            "  --spin-us N          a hybrid guest: spin N us for completions before sleeping\n"
             "  --cpu N              pin the load thread to CPU N\n"
             "  --seed N             random offsets seed (default fixed)\n"
             "  --json               print one JSON object instead of text\n"
             "  --queue-size N       virtqueue size (power of two, default 256)\n"
             "  --size BYTES         use only the first BYTES of the disk (e.g. 1g)\n"
             "  --no-event-idx       don't use VIRTIO_RING_F_EVENT_IDX\n"
+            "  --direct             direct chains where they fit the ring (Linux puts every\n"
+            "                       request in an indirect table when the back-end offers them)\n"
             "  --inflight           negotiate INFLIGHT_SHMFD (GET_/SET_INFLIGHT_FD)\n"
             "  --add-mem-reg        ADD_MEM_REG instead of SET_MEM_TABLE (if offered)\n"
             "  --two-regions        describe guest memory as two regions\n"
@@ -149,6 +156,11 @@ static void parse(int argc, char **argv, struct lg_opts *o)
             o->seed = parse_uint(a, v, UINT64_MAX);
         } else if (!strcmp(a, "--poll")) {
             o->poll = true;
+        } else if (!strcmp(a, "--spin-us")) {
+            NEEDV();
+            o->spin_us = parse_seconds(a, v);
+        } else if (!strcmp(a, "--direct")) {
+            o->direct = true;
         } else if (!strcmp(a, "--json")) {
             o->json = true;
         } else if (!strcmp(a, "--no-event-idx")) {
@@ -183,6 +195,8 @@ static void parse(int argc, char **argv, struct lg_opts *o)
         die_usage("%s", "--depth cannot exceed --queue-size (one head per request)");
     if (o->seconds <= 0)
         die_usage("%s", "--seconds must be more than 0");
+    if (o->poll && o->spin_us > 0)
+        die_usage("%s", "--poll and --spin-us are different clients: pick one");
     o->vuf.num_queues = o->queues;
 }
 
@@ -246,7 +260,10 @@ int main(int argc, char **argv)
         fprintf(stderr, "dp-loadgen: handshake with %s: %s\n", o.socket, vuf_last_error(c));
         return 1;
     }
-    bool indirect = 3ull * o.depth > o.queue_size; /* what gd_bench_run will do */
+    /* What gd_bench_run will do: indirect tables as Linux uses them (when
+     * offered), and always when direct chains would not fit the ring. */
+    bool needs_indirect = 3ull * o.depth > o.queue_size;
+    bool indirect = needs_indirect || (!o.direct && (info.features & (1ull << VUF_F_RING_INDIRECT_DESC)));
     if (o.verbose)
         fprintf(stderr,
                 "dp-loadgen: features 0x%" PRIx64 " of 0x%" PRIx64 ", protocol 0x%" PRIx64 " of 0x%" PRIx64
@@ -268,7 +285,7 @@ int main(int argc, char **argv)
         fprintf(stderr, "dp-loadgen: the disk is read-only (VIRTIO_BLK_F_RO)\n");
         return 1;
     }
-    if (indirect && !(info.features & (1ull << VUF_F_RING_INDIRECT_DESC))) {
+    if (needs_indirect && !(info.features & (1ull << VUF_F_RING_INDIRECT_DESC))) {
         fprintf(stderr, "dp-loadgen: depth %u needs indirect descriptors (3 x depth > queue size %u) and the "
                         "back-end does not offer them; raise --queue-size\n", o.depth, o.queue_size);
         return 1;
@@ -278,7 +295,7 @@ int main(int argc, char **argv)
         .first_queue = 0, .num_queues = o.queues, .depth = o.depth, .type = o.type, .block_size = o.block_size,
         .random = o.random, .capacity_sectors = capacity, .seed = o.seed,
         .duration_ns = (uint64_t)((o.warmup + o.seconds) * 1e9), .warmup_ns = (uint64_t)(o.warmup * 1e9),
-        .busy_poll = o.poll, .cpu = o.cpu,
+        .busy_poll = o.poll, .spin_ns = (uint64_t)(o.spin_us * 1000), .indirect = indirect, .cpu = o.cpu,
     };
     static struct gd_bench_result r; /* 8 KiB of histogram: not on the stack */
     double cpu0 = cpu_seconds(), wall0 = wall_seconds();
@@ -316,23 +333,36 @@ int main(int argc, char **argv)
      * of the wall clock, and that share of the measured time per request. */
     double cpu_util = wall > 0 ? cpu / wall : 0;
     double cpu_per_op_us = r.ops ? cpu_util * secs / (double)r.ops * 1e6 : 0;
+    /* Over the whole run, warm-up and drain included (what the device did). */
+    double per_signal = r.signals ? (double)r.reaped / (double)r.signals : 0;
+    double signals_per_op = r.reaped ? (double)r.signals / (double)r.reaped : 0;
+    double per_wakeup = r.wakeups ? (double)r.reaped / (double)r.wakeups : 0;
+    char client[48];
+    if (o.poll)
+        snprintf(client, sizeof(client), "poll");
+    else if (o.spin_us > 0)
+        snprintf(client, sizeof(client), "spin %.0fus", o.spin_us);
+    else
+        snprintf(client, sizeof(client), "guest");
     if (o.json) {
         printf("{\"socket\":\"%s\",\"rw\":\"%s\",\"bs\":%u,\"queues\":%u,\"depth\":%u,\"queue_size\":%u,"
-               "\"poll\":%s,\"event_idx\":%s,\"indirect\":%s,\"seconds\":%.3f,\"ops\":%" PRIu64
+               "\"client\":\"%s\",\"poll\":%s,\"event_idx\":%s,\"indirect\":%s,\"seconds\":%.3f,\"ops\":%" PRIu64
                ",\"errors\":%" PRIu64 ",\"iops\":%.0f,\"mbps\":%.1f,"
                "\"lat_us\":{\"p50\":%.2f,\"p99\":%.2f,\"p99.9\":%.2f},\"per_queue_iops\":[",
-               o.socket, rw_name(&o), o.block_size, o.queues, o.depth, o.queue_size, o.poll ? "true" : "false",
+               o.socket, rw_name(&o), o.block_size, o.queues, o.depth, o.queue_size, client, o.poll ? "true" : "false",
                o.event_idx ? "true" : "false", indirect ? "true" : "false", secs, r.ops, r.errors, iops, mbps,
                pct_us(r.hist, 50), pct_us(r.hist, 99), pct_us(r.hist, 99.9));
         for (uint32_t q = 0; q < o.queues; q++)
             printf("%s%.0f", q ? "," : "", secs > 0 ? (double)r.per_queue_ops[q] / secs : 0);
-        printf("],\"kicks\":%" PRIu64 ",\"waits\":%" PRIu64 ",\"client_cpu\":%.3f,\"client_cpu_us_per_op\":%.3f,"
+        printf("],\"kicks\":%" PRIu64 ",\"waits\":%" PRIu64 ",\"wakeups\":%" PRIu64 ",\"signals\":%" PRIu64
+               ",\"completions_per_signal\":%.2f,\"signals_per_op\":%.4f,\"completions_per_wakeup\":%.2f,"
+               "\"client_cpu\":%.3f,\"client_cpu_us_per_op\":%.3f,"
                "\"capacity_sectors\":%" PRIu64 ",\"features\":\"0x%" PRIx64 "\",\"protocol_features\":\"0x%" PRIx64
                "\",\"clean_stop\":%s}\n",
-               r.kicks, r.waits, cpu_util, cpu_per_op_us, capacity, info.features, info.protocol, bad_stop ? "false" : "true");
+               r.kicks, r.waits, r.wakeups, r.signals, per_signal, signals_per_op, per_wakeup, cpu_util, cpu_per_op_us, capacity, info.features, info.protocol, bad_stop ? "false" : "true");
     } else {
-        printf("%s: %s %u bytes, %u queue(s) x depth %u, queue size %u, %s%s%s\n", o.socket, rw_name(&o),
-               o.block_size, o.queues, o.depth, o.queue_size, o.poll ? "busy-poll" : "blocking",
+        printf("%s: %s %u bytes, %u queue(s) x depth %u, queue size %u, %s client%s%s\n", o.socket, rw_name(&o),
+               o.block_size, o.queues, o.depth, o.queue_size, client,
                o.event_idx ? ", event_idx" : "", indirect ? ", indirect" : "");
         printf("  %.0f IOPS  %.1f MB/s  latency p50 %.1f us  p99 %.1f us  p99.9 %.1f us\n", iops, mbps,
                pct_us(r.hist, 50), pct_us(r.hist, 99), pct_us(r.hist, 99.9));
@@ -342,6 +372,10 @@ int main(int argc, char **argv)
         printf("\n  %" PRIu64 " ops in %.2f s, %" PRIu64 " errors, %" PRIu64 " kicks, %" PRIu64
                " waits, client CPU %.0f%% (%.2f us/op)\n",
                r.ops, secs, r.errors, r.kicks, r.waits, cpu_util * 100, cpu_per_op_us);
+        if (!o.poll)
+            printf("  %" PRIu64 " signals from the back-end: %.1f completions per signal, %.3f signals per I/O, "
+                   "%.1f completions per wake-up\n",
+                   r.signals, per_signal, signals_per_op, per_wakeup);
     }
     return r.errors || bad_stop ? 1 : 0;
 }

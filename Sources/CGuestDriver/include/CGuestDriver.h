@@ -191,7 +191,12 @@ struct gd_bench_params {
     uint64_t seed;             /* xorshift64* seed (0 picks a fixed one) */
     uint64_t duration_ns;      /* stop submitting after this, then drain */
     uint64_t warmup_ns;        /* completions before this are not counted */
-    bool busy_poll;            /* spin on used rings; else sleep on the call fds */
+    bool busy_poll;            /* spin on used rings; else a guest: sleep on the call fds */
+    uint64_t spin_ns;          /* guest model: spin this long for completions before
+                                  sleeping (a hybrid; 0 sleeps at once) */
+    bool indirect;             /* every chain in an indirect table, as Linux does when
+                                  VIRTIO_RING_F_INDIRECT_DESC is on; else only when
+                                  direct chains would not fit the ring */
     int32_t cpu;               /* pin the calling thread here for the run; -1 = don't */
     uint32_t segments;         /* data descriptors per request, splitting block_size
                                   evenly (0 = 1); segments + 2 <= queue size */
@@ -199,12 +204,20 @@ struct gd_bench_params {
 
 struct gd_bench_result {
     uint64_t ops, bytes, errors, elapsed_ns, kicks, waits;
+    /* The guest model: wake-ups (after a sleep or a spin that found
+     * completions), the device's signals (call eventfd writes: the sum of the
+     * counters read) and the completions reaped, all over the whole run. */
+    uint64_t wakeups, signals, reaped;
     uint64_t per_queue_ops[16];
     uint64_t hist[GD_HIST_BUCKETS];
 };
 
 /* Keeps depth requests in flight on each queue from the calling thread until
- * duration_ns, then drains. Queues must be idle. Chains are direct when
+ * duration_ns, then drains. Unless busy_poll it behaves like a Linux guest's
+ * virtio-blk driver: it sleeps on the call eventfds until the device signals,
+ * then reaps every used element (disable calls, reap, re-enable and re-check,
+ * as virtblk_done), resubmits, publishes and kicks at most once per queue
+ * (when the device asks for it), and sleeps again at once. Queues must be idle. Chains are direct when
  * (segments + 2) * depth fits the queue, else indirect. ops, bytes, hist and elapsed_ns
  * (warmup end to last completion) count completions after warmup; errors
  * (status != 0) count all. Data buffers come from the allocator and are
