@@ -69,7 +69,7 @@ static uint64_t bench_next_sector(struct bench *b)
     return blk * (b->p->block_size / 512);
 }
 
-/* Submits every free slot, publishes once, kicks at most once. */
+/* Submits every free slot, publishing each, and kicks at most once. */
 static int bench_fill(struct bench *b, struct bench_queue *bq, uint64_t now)
 {
     if (!bq->nfree)
@@ -88,8 +88,10 @@ static int bench_fill(struct bench *b, struct bench_queue *bq, uint64_t now)
         bq->nfree--;
         bq->slot_of_head[head] = slot;
         bq->t_of_head[head] = now;
+        /* Each request is visible at once, as Linux's virtqueue_add does:
+         * a polling device starts on it while the rest are added. */
+        gd_avail_publish(b->d, bq->qi);
     }
-    gd_avail_publish(b->d, bq->qi);
     int rc = gd_kick_if_needed(b->d, bq->qi);
     if (rc < 0)
         return rc;
