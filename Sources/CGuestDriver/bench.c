@@ -1,6 +1,8 @@
 /*
  * The benchmark loop: one thread keeps `depth` requests in flight per queue
- * and records per-request latency. Uses only the public driver API.
+ * and records per-request latency. Uses only the public driver API. The
+ * queues may belong to several drivers (a guest with several disks): every
+ * queue carries its driver.
  */
 #ifndef _GNU_SOURCE
 #error "CGuestDriver needs _GNU_SOURCE (pthread_setaffinity_np); set it in the target's cSettings"
@@ -21,6 +23,7 @@
 #define GD_BENCH_POLL_MS 100             /* sleep slice, so stalls are noticed */
 
 struct bench_queue {
+    struct gd_driver *d;
     uint32_t qi;
     uint32_t nfree;
     uint32_t *free_slots;   /* slots (buffers) not in flight */
@@ -28,10 +31,10 @@ struct bench_queue {
     uint64_t *t_of_head;    /* by head: submit time */
     uint64_t *buf;          /* by slot: data buffer GPA */
     uint16_t seen_used;     /* used idx after the last reap (spinning watches it) */
+    bool woken;             /* its call fd fired (or a spin saw it move): handle it */
 };
 
 struct bench {
-    struct gd_driver *d;
     const struct gd_bench_params *p;
     struct gd_bench_result *r;
     struct bench_queue *q;
@@ -82,7 +85,7 @@ static int bench_fill(struct bench *b, struct bench_queue *bq, uint64_t now)
         struct gd_req req = { .type = b->p->type, .sector = bench_next_sector(b), .segs = b->segs,
                               .nsegs = b->nsegs, .indirect = b->indirect };
         uint16_t head;
-        int rc = gd_request_add(b->d, bq->qi, &req, &head);
+        int rc = gd_request_add(bq->d, bq->qi, &req, &head);
         if (rc < 0)
             return rc; /* cannot happen: depth was checked against the ring */
         bq->nfree--;
@@ -90,9 +93,9 @@ static int bench_fill(struct bench *b, struct bench_queue *bq, uint64_t now)
         bq->t_of_head[head] = now;
         /* Each request is visible at once, as Linux's virtqueue_add does:
          * a polling device starts on it while the rest are added. */
-        gd_avail_publish(b->d, bq->qi);
+        gd_avail_publish(bq->d, bq->qi);
     }
-    int rc = gd_kick_if_needed(b->d, bq->qi);
+    int rc = gd_kick_if_needed(bq->d, bq->qi);
     if (rc < 0)
         return rc;
     b->r->kicks += (uint64_t)rc;
@@ -109,7 +112,7 @@ static int bench_reap(struct bench *b, struct bench_queue *bq, uint32_t qpos)
     for (;;) {
         uint16_t head;
         uint8_t status;
-        int rc = gd_complete(b->d, bq->qi, &head, NULL, &status);
+        int rc = gd_complete(bq->d, bq->qi, &head, NULL, &status);
         if (rc <= 0)
             break;
         if (!n++)
@@ -138,9 +141,9 @@ static int bench_handle_calls(struct bench *b, struct bench_queue *bq, uint32_t 
 {
     int total = 0;
     do {
-        gd_disable_calls(b->d, bq->qi);
+        gd_disable_calls(bq->d, bq->qi);
         total += bench_reap(b, bq, qpos);
-    } while (gd_enable_calls(b->d, bq->qi) > 0);
+    } while (gd_enable_calls(bq->d, bq->qi) > 0);
     return total;
 }
 
@@ -158,14 +161,16 @@ static int bench_read_signals(struct bench *b, int fd)
 static bool bench_any_used(struct bench *b)
 {
     for (uint32_t i = 0; i < b->nq; i++)
-        if (gd_used_idx(b->d, b->q[i].qi) != b->q[i].seen_used)
+        if (gd_used_idx(b->q[i].d, b->q[i].qi) != b->q[i].seen_used)
             return true;
     return false;
 }
 
 /* Waits like a guest: spins for up to spin_ns watching the used rings (a
  * hybrid), then sleeps until a call eventfd fires. Returns 1 on a wake-up,
- * 0 on the stall-check timeout. */
+ * with `woken` set on the queues whose call fd fired (after a spin: whose
+ * used idx moved), as each of a guest's interrupts runs its own queue's
+ * handler; 0 on the stall-check timeout. */
 static int bench_sleep(struct bench *b, struct pollfd *pfds)
 {
     bool found = false;
@@ -187,7 +192,9 @@ static int bench_sleep(struct bench *b, struct pollfd *pfds)
     /* A spin that found work may also have been signalled: read the
      * counters either way, so no stale signal wakes the next sleep. */
     for (uint32_t i = 0; i < b->nq; i++) {
-        if (found || (pfds[i].revents & POLLIN)) {
+        struct bench_queue *bq = &b->q[i];
+        bq->woken = found ? gd_used_idx(bq->d, bq->qi) != bq->seen_used : (pfds[i].revents & POLLIN) != 0;
+        if (found || bq->woken) {
             int rc = bench_read_signals(b, pfds[i].fd);
             if (rc < 0)
                 return rc;
@@ -206,7 +213,7 @@ static int bench_fill_all(struct bench *b, uint64_t stop, uint64_t *in_flight)
             if (rc < 0)
                 return rc;
         }
-        *in_flight += gd_in_flight(b->d, b->q[i].qi);
+        *in_flight += gd_in_flight(b->q[i].d, b->q[i].qi);
     }
     return 0;
 }
@@ -241,12 +248,15 @@ static int bench_loop_guest(struct bench *b, struct pollfd *pfds, uint64_t stop)
         int rc = bench_sleep(b, pfds);
         if (rc < 0)
             return rc;
-        /* After a sleep that timed out too: a lost signal shows up as a
-         * stall only if nothing was pushed. */
+        /* After a sleep that timed out, every queue: a lost signal shows
+         * up as a stall only if nothing was pushed. */
         int popped = 0;
         for (uint32_t i = 0; i < b->nq; i++) {
-            popped += bench_handle_calls(b, &b->q[i], i);
-            b->q[i].seen_used = gd_used_idx(b->d, b->q[i].qi);
+            struct bench_queue *bq = &b->q[i];
+            if (rc == 1 && !bq->woken)
+                continue;
+            popped += bench_handle_calls(b, bq, i);
+            bq->seen_used = gd_used_idx(bq->d, bq->qi);
         }
         uint64_t in_flight;
         rc = bench_fill_all(b, stop, &in_flight);
@@ -271,7 +281,7 @@ static int bench_loop(struct bench *b, struct pollfd *pfds)
     /* The guest model's calls are on from the start, so a completion of the
      * first batch wakes it. */
     for (uint32_t i = 0; !p->busy_poll && i < b->nq; i++)
-        gd_enable_calls(b->d, b->q[i].qi);
+        gd_enable_calls(b->q[i].d, b->q[i].qi);
     uint64_t in_flight;
     int rc = bench_fill_all(b, t0 + p->duration_ns, &in_flight);
     if (rc < 0)
@@ -279,52 +289,73 @@ static int bench_loop(struct bench *b, struct pollfd *pfds)
     return p->busy_poll ? bench_loop_poll(b, t0 + p->duration_ns) : bench_loop_guest(b, pfds, t0 + p->duration_ns);
 }
 
-static int bench_setup(struct bench *b, struct pollfd *pfds)
+static int bench_setup(struct bench *b, const struct gd_bench_target *t, uint32_t nt, struct pollfd *pfds)
 {
     const struct gd_bench_params *p = b->p;
     struct dp_queue_config qc;
-    gd_queue_config(b->d, p->first_queue, &qc);
+    gd_queue_config(t[0].d, t[0].first_queue, &qc);
     uint32_t size = qc.size;
     /* header, data, status per direct chain */
     b->indirect = p->indirect || (b->nsegs + 2ull) * p->depth > size;
     b->segs = calloc(b->nsegs, sizeof(*b->segs));
     if (!b->segs)
         return -ENOMEM;
-    for (uint32_t i = 0; i < b->nq; i++) {
-        struct bench_queue *bq = &b->q[i];
-        bq->qi = p->first_queue + i;
-        gd_queue_config(b->d, bq->qi, &qc);
-        if (qc.size != size || gd_in_flight(b->d, bq->qi))
-            return qc.size != size ? -EINVAL : -EBUSY;
-        pfds[i] = (struct pollfd){ .fd = qc.call_fd, .events = POLLIN };
-        bq->free_slots = malloc(p->depth * sizeof(*bq->free_slots));
-        bq->buf = malloc(p->depth * sizeof(*bq->buf));
-        bq->slot_of_head = calloc(size, sizeof(*bq->slot_of_head));
-        bq->t_of_head = calloc(size, sizeof(*bq->t_of_head));
-        if (!bq->free_slots || !bq->buf || !bq->slot_of_head || !bq->t_of_head)
-            return -ENOMEM;
-        for (uint32_t s = 0; s < p->depth; s++) {
-            bq->buf[s] = gd_alloc(b->d, p->block_size, 4096);
-            if (!bq->buf[s])
+    uint32_t i = 0;
+    for (uint32_t ti = 0; ti < nt; ti++) {
+        for (uint32_t k = 0; k < t[ti].num_queues; k++, i++) {
+            struct bench_queue *bq = &b->q[i];
+            bq->d = t[ti].d;
+            bq->qi = t[ti].first_queue + k;
+            gd_queue_config(bq->d, bq->qi, &qc);
+            if (qc.size != size || gd_in_flight(bq->d, bq->qi))
+                return qc.size != size ? -EINVAL : -EBUSY;
+            pfds[i] = (struct pollfd){ .fd = qc.call_fd, .events = POLLIN };
+            bq->free_slots = malloc(p->depth * sizeof(*bq->free_slots));
+            bq->buf = malloc(p->depth * sizeof(*bq->buf));
+            bq->slot_of_head = calloc(size, sizeof(*bq->slot_of_head));
+            bq->t_of_head = calloc(size, sizeof(*bq->t_of_head));
+            if (!bq->free_slots || !bq->buf || !bq->slot_of_head || !bq->t_of_head)
                 return -ENOMEM;
-            bq->free_slots[bq->nfree++] = p->depth - 1 - s; /* slot 0 goes out first */
+            for (uint32_t s = 0; s < p->depth; s++) {
+                bq->buf[s] = gd_alloc(bq->d, p->block_size, 4096);
+                if (!bq->buf[s])
+                    return -ENOMEM;
+                bq->free_slots[bq->nfree++] = p->depth - 1 - s; /* slot 0 goes out first */
+            }
+            gd_disable_calls(bq->d, bq->qi); /* busy-poll never wants them; the guest model enables them */
         }
-        gd_disable_calls(b->d, bq->qi); /* busy-poll never wants them; the guest model enables them */
     }
     return 0;
 }
 
 int gd_bench_run(struct gd_driver *d, const struct gd_bench_params *p, struct gd_bench_result *r)
 {
-    uint32_t nsegs = p->segments ? p->segments : 1;
-    if (!d || !p || !r || !p->num_queues || !p->depth || p->first_queue > UINT32_MAX - p->num_queues ||
-        (p->type != GD_BLK_T_IN && p->type != GD_BLK_T_OUT) || !p->block_size || p->block_size % 512 ||
-        p->block_size % nsegs || p->capacity_sectors < p->block_size / 512)
+    if (!p)
         return -EINVAL;
-    struct dp_queue_config qc;
-    gd_queue_config(d, p->first_queue + p->num_queues - 1, &qc);
-    /* The last queue exists, one head per request, a chain fits the ring. */
-    if (!qc.size || p->depth > qc.size || nsegs + 2ull > qc.size)
+    struct gd_bench_target t = { .d = d, .first_queue = p->first_queue, .num_queues = p->num_queues };
+    return gd_bench_run_many(&t, 1, p, r);
+}
+
+int gd_bench_run_many(const struct gd_bench_target *t, uint32_t nt, const struct gd_bench_params *p,
+                      struct gd_bench_result *r)
+{
+    uint32_t nsegs = p && p->segments ? p->segments : 1;
+    if (!t || !nt || !p || !r || !p->depth || (p->type != GD_BLK_T_IN && p->type != GD_BLK_T_OUT) ||
+        !p->block_size || p->block_size % 512 || p->block_size % nsegs ||
+        p->capacity_sectors < p->block_size / 512)
+        return -EINVAL;
+    uint64_t nq = 0;
+    for (uint32_t ti = 0; ti < nt; ti++) {
+        if (!t[ti].d || !t[ti].num_queues || t[ti].first_queue > UINT32_MAX - t[ti].num_queues)
+            return -EINVAL;
+        struct dp_queue_config qc;
+        gd_queue_config(t[ti].d, t[ti].first_queue + t[ti].num_queues - 1, &qc);
+        /* The last queue exists, one head per request, a chain fits the ring. */
+        if (!qc.size || p->depth > qc.size || nsegs + 2ull > qc.size)
+            return -EINVAL;
+        nq += t[ti].num_queues;
+    }
+    if (nq > UINT32_MAX)
         return -EINVAL;
     memset(r, 0, sizeof(*r));
 
@@ -345,36 +376,44 @@ int gd_bench_run(struct gd_driver *d, const struct gd_bench_params *p, struct gd
     }
 
     struct bench b = {
-        .d = d, .p = p, .r = r, .nq = p->num_queues,
+        .p = p, .r = r, .nq = (uint32_t)nq,
         .rng = p->seed ? p->seed : 0x9E3779B97F4A7C15ull,
         .nblocks = p->capacity_sectors / (p->block_size / 512),
         .nsegs = nsegs,
     };
-    uint64_t mark = gd_alloc_mark(d);
+    uint64_t *marks = calloc(nt, sizeof(*marks));
+    for (uint32_t ti = 0; marks && ti < nt; ti++)
+        marks[ti] = gd_alloc_mark(t[ti].d);
     struct pollfd *pfds = calloc(b.nq, sizeof(*pfds));
     b.q = calloc(b.nq, sizeof(*b.q));
-    int rc = pfds && b.q ? bench_setup(&b, pfds) : -ENOMEM;
+    int rc = marks && pfds && b.q ? bench_setup(&b, t, nt, pfds) : -ENOMEM;
     if (rc == 0)
         rc = bench_loop(&b, pfds);
     if (rc == 0)
         r->elapsed_ns = b.last_done - b.warm_end;
 
-    uint64_t in_flight = 0;
     for (uint32_t i = 0; b.q && i < b.nq; i++) {
         struct bench_queue *bq = &b.q[i];
-        gd_enable_calls(d, p->first_queue + i); /* back to the driver's default */
-        in_flight += gd_in_flight(d, p->first_queue + i);
         free(bq->free_slots);
         free(bq->buf);
         free(bq->slot_of_head);
         free(bq->t_of_head);
     }
+    /* Calls back to the driver's default, and each driver's buffers given
+     * back, unless requests are still in flight after an error. */
+    for (uint32_t ti = 0; ti < nt; ti++) {
+        uint64_t in_flight = 0;
+        for (uint32_t k = 0; k < t[ti].num_queues; k++) {
+            gd_enable_calls(t[ti].d, t[ti].first_queue + k);
+            in_flight += gd_in_flight(t[ti].d, t[ti].first_queue + k);
+        }
+        if (marks && !in_flight)
+            gd_alloc_reset(t[ti].d, marks[ti]);
+    }
+    free(marks);
     free(b.q);
     free(b.segs);
     free(pfds);
-    /* After an error requests may still be in flight; keep their buffers then. */
-    if (!in_flight)
-        gd_alloc_reset(d, mark);
     if (pinned)
         pthread_setaffinity_np(pthread_self(), sizeof(old_set), &old_set);
     return rc;

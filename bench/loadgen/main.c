@@ -2,8 +2,10 @@
  * dp-loadgen: a vhost-user-blk front-end that drives any back-end (ours,
  * qemu-storage-daemon, SPDK) the same way: CGuestDriver's rings and memfd,
  * handed over with QEMU's handshake (CVhostFrontend), then its benchmark loop
- * gd_bench_run. No guest kernel, so what it measures is the back-end plus one
- * tight C loop on the front-end's CPU.
+ * gd_bench_run_many. No guest kernel, so what it measures is the back-end plus
+ * one tight C loop on the front-end's CPU. Several --socket options make it a
+ * guest with several disks: one driver (guest memory, rings) and one
+ * connection per disk, all driven by the one loop.
  */
 #ifndef _GNU_SOURCE
 #error "dp-loadgen needs _GNU_SOURCE; set it in the target's cSettings"
@@ -21,10 +23,13 @@
 #include <time.h>
 #include <unistd.h>
 
-#define LG_MAX_QUEUES 16 /* gd_bench_result keeps per-queue counts for 16 */
+#define LG_MAX_QUEUES 16   /* gd_bench_result keeps per-queue counts for 16 */
+#define LG_MAX_SOCKETS 256 /* disks of one run */
+#define LG_MAX_SOCKETS_TEXT "256"
 
 struct lg_opts {
-    const char *socket;
+    const char *sockets[LG_MAX_SOCKETS];
+    uint32_t nsockets;
     uint32_t queues, depth, queue_size, block_size;
     uint32_t type;
     bool random, poll, json, event_idx, verbose, direct;
@@ -37,17 +42,21 @@ struct lg_opts {
 static void usage(FILE *f)
 {
     fprintf(f,
-            "usage: dp-loadgen --socket PATH [options]\n"
+            "usage: dp-loadgen --socket PATH [--socket PATH ...] [options]\n"
             "\n"
             "Connects to a vhost-user-blk back-end as QEMU would, keeps DEPTH requests in\n"
             "flight per queue from one thread, and reports IOPS, MB/s and latency.\n"
+            "With several --socket options it is a guest with several disks: each disk\n"
+            "has its own guest memory, rings and connection, and the one thread drives\n"
+            "the queues of all of them; the figures are the sum over the disks.\n"
             "\n"
             "By default it behaves like a Linux guest's virtio-blk driver: it sleeps on the\n"
             "call eventfds until the back-end signals, reaps every completion (re-checking\n"
             "after re-enabling calls), resubmits, and kicks once per queue when asked to.\n"
             "\n"
-            "  --socket PATH        the back-end's unix socket (required)\n"
-            "  --queues N           queues to drive (1..%d, default 1)\n"
+            "  --socket PATH        the back-end's unix socket (required; repeat it for more\n"
+            "                       disks, up to %d)\n"
+            "  --queues N           queues to drive per disk (1..%d, default 1)\n"
             "  --depth N            requests in flight per queue (default 32)\n"
             "  --rw MODE            randread | randwrite | read | write (default randread)\n"
             "  --bs SIZE            block size, e.g. 4k, 64k, 1m (a multiple of 512; default 4k)\n"
@@ -69,7 +78,7 @@ static void usage(FILE *f)
             "  --features-early     SET_FEATURES right after GET_FEATURES\n"
             "  --no-reply-ack       don't negotiate REPLY_ACK\n"
             "  -v, --verbose        print what was negotiated (stderr)\n",
-            LG_MAX_QUEUES);
+            LG_MAX_SOCKETS, LG_MAX_QUEUES);
 }
 
 static _Noreturn void die_usage(const char *fmt, const char *arg)
@@ -112,7 +121,9 @@ static void parse(int argc, char **argv, struct lg_opts *o)
     } while (0)
         if (!strcmp(a, "--socket")) {
             NEEDV();
-            o->socket = v;
+            if (o->nsockets == LG_MAX_SOCKETS)
+                die_usage("at most %s --socket options", LG_MAX_SOCKETS_TEXT);
+            o->sockets[o->nsockets++] = v;
         } else if (!strcmp(a, "--queues")) {
             NEEDV();
             o->queues = (uint32_t)parse_uint(a, v, LG_MAX_QUEUES);
@@ -185,7 +196,7 @@ static void parse(int argc, char **argv, struct lg_opts *o)
         }
 #undef NEEDV
     }
-    if (!o->socket)
+    if (!o->nsockets)
         die_usage("%s", "--socket is required");
     if (!o->queues || !o->depth)
         die_usage("%s", "--queues and --depth must be at least 1");
@@ -235,97 +246,156 @@ static const char *rw_name(const struct lg_opts *o)
     return o->type == GD_BLK_T_IN ? (o->random ? "randread" : "read") : (o->random ? "randwrite" : "write");
 }
 
-int main(int argc, char **argv)
-{
-    struct lg_opts o;
-    parse(argc, argv, &o);
-
-    struct gd_config gc = { .mem_size = memory_size(&o), .num_queues = o.queues, .queue_size = o.queue_size,
-                            .event_idx = o.event_idx };
+/* One disk of the run: its guest driver and its connection. */
+struct lg_disk {
+    const char *socket;
     struct gd_driver *d;
-    int rc = gd_create(&gc, &d);
+    struct vuf_conn *c;
+    struct vuf_info info;
+};
+
+/* Creates the disk's driver and does QEMU's handshake on its socket. */
+static int lg_connect(const struct lg_opts *o, struct lg_disk *k)
+{
+    struct gd_config gc = { .mem_size = memory_size(o), .num_queues = o->queues, .queue_size = o->queue_size,
+                            .event_idx = o->event_idx };
+    int rc = gd_create(&gc, &k->d);
     if (rc < 0) {
         fprintf(stderr, "dp-loadgen: guest driver (%" PRIu64 " bytes of memory): %s\n", gc.mem_size, strerror(-rc));
-        return 1;
+        return rc;
     }
-    struct vuf_conn *c;
-    rc = vuf_connect(o.socket, &c);
+    rc = vuf_connect(k->socket, &k->c);
     if (rc < 0) {
-        fprintf(stderr, "dp-loadgen: connecting to %s: %s\n", o.socket, strerror(-rc));
-        return 1;
+        fprintf(stderr, "dp-loadgen: connecting to %s: %s\n", k->socket, strerror(-rc));
+        return rc;
     }
-    struct vuf_info info;
-    rc = vuf_setup(c, d, &o.vuf, &info);
+    rc = vuf_setup(k->c, k->d, &o->vuf, &k->info);
     if (rc < 0) {
-        fprintf(stderr, "dp-loadgen: handshake with %s: %s\n", o.socket, vuf_last_error(c));
-        return 1;
+        fprintf(stderr, "dp-loadgen: handshake with %s: %s\n", k->socket, vuf_last_error(k->c));
+        return rc;
     }
-    /* What gd_bench_run will do: indirect tables as Linux uses them (when
-     * offered), and always when direct chains would not fit the ring. */
-    bool needs_indirect = 3ull * o.depth > o.queue_size;
-    bool indirect = needs_indirect || (!o.direct && (info.features & (1ull << VUF_F_RING_INDIRECT_DESC)));
-    if (o.verbose)
+    const struct vuf_info *info = &k->info;
+    if (o->verbose)
         fprintf(stderr,
-                "dp-loadgen: features 0x%" PRIx64 " of 0x%" PRIx64 ", protocol 0x%" PRIx64 " of 0x%" PRIx64
+                "dp-loadgen: %s: features 0x%" PRIx64 " of 0x%" PRIx64 ", protocol 0x%" PRIx64 " of 0x%" PRIx64
                 ", queues %" PRIu64 ", mem slots %" PRIu64 ", inflight %" PRIu64 " bytes\n"
                 "dp-loadgen: config: capacity %" PRIu64 " sectors, blk_size %u, seg_max %u, num_queues %u, "
                 "writeback %u\n",
-                info.features, info.features_offered, info.protocol, info.protocol_offered, info.queue_num,
-                info.max_mem_slots, info.inflight_size, info.config.capacity, info.config.blk_size,
-                info.config.seg_max, info.config.num_queues, info.config.writeback);
+                k->socket, info->features, info->features_offered, info->protocol, info->protocol_offered,
+                info->queue_num, info->max_mem_slots, info->inflight_size, info->config.capacity,
+                info->config.blk_size, info->config.seg_max, info->config.num_queues, info->config.writeback);
+    if (!info->has_config) {
+        fprintf(stderr, "dp-loadgen: %s did not negotiate CONFIG: no capacity to stay within\n", k->socket);
+        return -ENOTSUP;
+    }
+    if (o->type == GD_BLK_T_OUT && (info->features & (1ull << VUF_F_BLK_RO))) {
+        fprintf(stderr, "dp-loadgen: %s is read-only (VIRTIO_BLK_F_RO)\n", k->socket);
+        return -EROFS;
+    }
+    return 0;
+}
 
-    if (!info.has_config) {
-        fprintf(stderr, "dp-loadgen: the back-end did not negotiate CONFIG: no capacity to stay within\n");
+/* Stops every ring of the disk: each must have popped exactly what we
+ * published. Returns 0, or 1 when a ring did not stop cleanly. */
+static int lg_stop(const struct lg_opts *o, struct lg_disk *k)
+{
+    int bad = 0;
+    for (uint32_t q = 0; q < o->queues; q++) {
+        uint16_t last;
+        int rc = vuf_stop_queue(k->c, q, &last);
+        if (rc < 0) {
+            fprintf(stderr, "dp-loadgen: %s: stopping queue %u: %s\n", k->socket, q, vuf_last_error(k->c));
+            bad = 1;
+        } else if (last != gd_used_idx(k->d, q)) {
+            fprintf(stderr, "dp-loadgen: %s: queue %u stopped at avail index %u, its used index is %u\n", k->socket,
+                    q, last, gd_used_idx(k->d, q));
+            bad = 1;
+        }
+    }
+    return bad;
+}
+
+static void json_string(const char *s)
+{
+    putchar('"');
+    for (; *s; s++) {
+        if (*s == '"' || *s == '\\')
+            printf("\\%c", *s);
+        else if ((unsigned char)*s < 0x20)
+            printf("\\u%04x", (unsigned char)*s);
+        else
+            putchar(*s);
+    }
+    putchar('"');
+}
+
+int main(int argc, char **argv)
+{
+    static struct lg_opts o; /* the socket list is 2 KiB */
+    parse(argc, argv, &o);
+
+    struct lg_disk *disks = calloc(o.nsockets, sizeof(*disks));
+    struct gd_bench_target *targets = calloc(o.nsockets, sizeof(*targets));
+    if (!disks || !targets) {
+        fprintf(stderr, "dp-loadgen: out of memory\n");
         return 1;
     }
-    uint64_t capacity = info.config.capacity;
+    /* What gd_bench_run_many will do: indirect tables as Linux uses them (when
+     * every disk offers them), and always when direct chains would not fit
+     * the ring. The disks share one offset range: the smallest capacity. */
+    bool needs_indirect = 3ull * o.depth > o.queue_size;
+    bool all_indirect = true;
+    uint64_t capacity = UINT64_MAX;
+    for (uint32_t i = 0; i < o.nsockets; i++) {
+        struct lg_disk *k = &disks[i];
+        k->socket = o.sockets[i];
+        if (lg_connect(&o, k) < 0)
+            return 1;
+        bool has_indirect = (k->info.features & (1ull << VUF_F_RING_INDIRECT_DESC)) != 0;
+        if (needs_indirect && !has_indirect) {
+            fprintf(stderr, "dp-loadgen: depth %u needs indirect descriptors (3 x depth > queue size %u) and %s "
+                            "does not offer them; raise --queue-size\n", o.depth, o.queue_size, k->socket);
+            return 1;
+        }
+        all_indirect = all_indirect && has_indirect;
+        if (k->info.config.capacity < capacity)
+            capacity = k->info.config.capacity;
+        targets[i] = (struct gd_bench_target){ .d = k->d, .first_queue = 0, .num_queues = o.queues };
+    }
+    bool indirect = needs_indirect || (!o.direct && all_indirect);
     if (o.size_limit && o.size_limit / 512 < capacity)
         capacity = o.size_limit / 512;
-    if (o.type == GD_BLK_T_OUT && (info.features & (1ull << VUF_F_BLK_RO))) {
-        fprintf(stderr, "dp-loadgen: the disk is read-only (VIRTIO_BLK_F_RO)\n");
-        return 1;
-    }
-    if (needs_indirect && !(info.features & (1ull << VUF_F_RING_INDIRECT_DESC))) {
-        fprintf(stderr, "dp-loadgen: depth %u needs indirect descriptors (3 x depth > queue size %u) and the "
-                        "back-end does not offer them; raise --queue-size\n", o.depth, o.queue_size);
-        return 1;
-    }
 
     struct gd_bench_params p = {
-        .first_queue = 0, .num_queues = o.queues, .depth = o.depth, .type = o.type, .block_size = o.block_size,
+        .depth = o.depth, .type = o.type, .block_size = o.block_size,
         .random = o.random, .capacity_sectors = capacity, .seed = o.seed,
         .duration_ns = (uint64_t)((o.warmup + o.seconds) * 1e9), .warmup_ns = (uint64_t)(o.warmup * 1e9),
         .busy_poll = o.poll, .spin_ns = (uint64_t)(o.spin_us * 1000), .indirect = indirect, .cpu = o.cpu,
     };
     static struct gd_bench_result r; /* 8 KiB of histogram: not on the stack */
     double cpu0 = cpu_seconds(), wall0 = wall_seconds();
-    rc = gd_bench_run(d, &p, &r);
+    int rc = gd_bench_run_many(targets, o.nsockets, &p, &r);
     double wall = wall_seconds() - wall0, cpu = cpu_seconds() - cpu0;
     if (rc < 0) {
         fprintf(stderr, "dp-loadgen: benchmark: %s%s\n", strerror(-rc),
                 rc == -ETIMEDOUT ? " (the back-end completed nothing for 10 s)" : "");
-        if (vuf_is_closed(c, 0) == 1)
-            fprintf(stderr, "dp-loadgen: the back-end has closed the connection\n");
+        for (uint32_t i = 0; i < o.nsockets; i++)
+            if (vuf_is_closed(disks[i].c, 0) == 1)
+                fprintf(stderr, "dp-loadgen: %s has closed the connection\n", disks[i].socket);
         return 1;
     }
 
-    /* Stop every ring: each must have popped exactly what we published. */
     int bad_stop = 0;
-    for (uint32_t q = 0; q < o.queues; q++) {
-        uint16_t last;
-        rc = vuf_stop_queue(c, q, &last);
-        if (rc < 0) {
-            fprintf(stderr, "dp-loadgen: stopping queue %u: %s\n", q, vuf_last_error(c));
-            bad_stop = 1;
-        } else if (last != gd_used_idx(d, q)) {
-            fprintf(stderr, "dp-loadgen: queue %u stopped at avail index %u, its used index is %u\n", q, last,
-                    gd_used_idx(d, q));
-            bad_stop = 1;
-        }
+    for (uint32_t i = 0; i < o.nsockets; i++) {
+        bad_stop |= lg_stop(&o, &disks[i]);
+        vuf_close(disks[i].c);
+        gd_destroy(disks[i].d);
     }
-    vuf_close(c);
-    gd_destroy(d);
+    const struct vuf_info info = disks[0].info; /* features: the first disk's */
+    free(disks);
+    free(targets);
 
+    uint32_t nq = o.nsockets * o.queues, shown = nq < 16 ? nq : 16;
     double secs = (double)r.elapsed_ns / 1e9;
     double iops = secs > 0 ? (double)r.ops / secs : 0;
     double mbps = secs > 0 ? (double)r.bytes / secs / 1e6 : 0;
@@ -345,29 +415,36 @@ int main(int argc, char **argv)
     else
         snprintf(client, sizeof(client), "guest");
     if (o.json) {
-        printf("{\"socket\":\"%s\",\"rw\":\"%s\",\"bs\":%u,\"queues\":%u,\"depth\":%u,\"queue_size\":%u,"
+        printf("{\"socket\":");
+        json_string(o.sockets[0]);
+        printf(",\"disks\":%u,\"rw\":\"%s\",\"bs\":%u,\"queues\":%u,\"depth\":%u,\"queue_size\":%u,"
                "\"client\":\"%s\",\"poll\":%s,\"event_idx\":%s,\"indirect\":%s,\"seconds\":%.3f,\"ops\":%" PRIu64
                ",\"errors\":%" PRIu64 ",\"iops\":%.0f,\"mbps\":%.1f,"
                "\"lat_us\":{\"p50\":%.2f,\"p99\":%.2f,\"p99.9\":%.2f},\"per_queue_iops\":[",
-               o.socket, rw_name(&o), o.block_size, o.queues, o.depth, o.queue_size, client, o.poll ? "true" : "false",
-               o.event_idx ? "true" : "false", indirect ? "true" : "false", secs, r.ops, r.errors, iops, mbps,
-               pct_us(r.hist, 50), pct_us(r.hist, 99), pct_us(r.hist, 99.9));
-        for (uint32_t q = 0; q < o.queues; q++)
+               o.nsockets, rw_name(&o), o.block_size, o.queues, o.depth, o.queue_size, client,
+               o.poll ? "true" : "false", o.event_idx ? "true" : "false", indirect ? "true" : "false", secs, r.ops,
+               r.errors, iops, mbps, pct_us(r.hist, 50), pct_us(r.hist, 99), pct_us(r.hist, 99.9));
+        for (uint32_t q = 0; q < shown; q++)
             printf("%s%.0f", q ? "," : "", secs > 0 ? (double)r.per_queue_ops[q] / secs : 0);
         printf("],\"kicks\":%" PRIu64 ",\"waits\":%" PRIu64 ",\"wakeups\":%" PRIu64 ",\"signals\":%" PRIu64
                ",\"completions_per_signal\":%.2f,\"signals_per_op\":%.4f,\"completions_per_wakeup\":%.2f,"
                "\"client_cpu\":%.3f,\"client_cpu_us_per_op\":%.3f,"
                "\"capacity_sectors\":%" PRIu64 ",\"features\":\"0x%" PRIx64 "\",\"protocol_features\":\"0x%" PRIx64
                "\",\"clean_stop\":%s}\n",
-               r.kicks, r.waits, r.wakeups, r.signals, per_signal, signals_per_op, per_wakeup, cpu_util, cpu_per_op_us, capacity, info.features, info.protocol, bad_stop ? "false" : "true");
+               r.kicks, r.waits, r.wakeups, r.signals, per_signal, signals_per_op, per_wakeup, cpu_util,
+               cpu_per_op_us, capacity, info.features, info.protocol, bad_stop ? "false" : "true");
     } else {
-        printf("%s: %s %u bytes, %u queue(s) x depth %u, queue size %u, %s client%s%s\n", o.socket, rw_name(&o),
-               o.block_size, o.queues, o.depth, o.queue_size, client,
-               o.event_idx ? ", event_idx" : "", indirect ? ", indirect" : "");
+        if (o.nsockets == 1)
+            printf("%s: ", o.sockets[0]);
+        else
+            printf("%u disks (%s ... %s): ", o.nsockets, o.sockets[0], o.sockets[o.nsockets - 1]);
+        printf("%s %u bytes, %u queue(s) x depth %u, queue size %u, %s client%s%s\n", rw_name(&o), o.block_size,
+               o.queues, o.depth, o.queue_size, client, o.event_idx ? ", event_idx" : "",
+               indirect ? ", indirect" : "");
         printf("  %.0f IOPS  %.1f MB/s  latency p50 %.1f us  p99 %.1f us  p99.9 %.1f us\n", iops, mbps,
                pct_us(r.hist, 50), pct_us(r.hist, 99), pct_us(r.hist, 99.9));
-        printf("  per queue IOPS:");
-        for (uint32_t q = 0; q < o.queues; q++)
+        printf("  per queue IOPS%s:", shown < nq ? " (the first 16)" : "");
+        for (uint32_t q = 0; q < shown; q++)
             printf(" q%u %.0f", q, secs > 0 ? (double)r.per_queue_ops[q] / secs : 0);
         printf("\n  %" PRIu64 " ops in %.2f s, %" PRIu64 " errors, %" PRIu64 " kicks, %" PRIu64
                " waits, client CPU %.0f%% (%.2f us/op)\n",

@@ -215,14 +215,30 @@ struct gd_bench_result {
 /* Keeps depth requests in flight on each queue from the calling thread until
  * duration_ns, then drains. Unless busy_poll it behaves like a Linux guest's
  * virtio-blk driver: it sleeps on the call eventfds until the device signals,
- * then reaps every used element (disable calls, reap, re-enable and re-check,
- * as virtblk_done), resubmits, publishes and kicks at most once per queue
- * (when the device asks for it), and sleeps again at once. Queues must be idle. Chains are direct when
- * (segments + 2) * depth fits the queue, else indirect. ops, bytes, hist and elapsed_ns
+ * then reaps every used element of each queue that signalled (disable calls,
+ * reap, re-enable and re-check, as virtblk_done), resubmits, publishes and
+ * kicks at most once per queue (when the device asks for it), and sleeps
+ * again at once. Queues must be idle. Chains are direct when (segments + 2) *
+ * depth fits the queue, else indirect. ops, bytes, hist and elapsed_ns
  * (warmup end to last completion) count completions after warmup; errors
  * (status != 0) count all. Data buffers come from the allocator and are
  * given back at the end. -ETIMEDOUT if the device completes nothing for 10 s. */
 int gd_bench_run(struct gd_driver *d, const struct gd_bench_params *p, struct gd_bench_result *r);
+
+/* Queues of one driver, for gd_bench_run_many. */
+struct gd_bench_target {
+    struct gd_driver *d;
+    uint32_t first_queue, num_queues;
+};
+
+/* gd_bench_run over the queues of several drivers from the one calling
+ * thread, as a guest with several disks: one loop, one sleep on all their
+ * call fds, each signalled queue handled on its own. p->first_queue and
+ * p->num_queues are not used; each driver appears at most once, and every
+ * queue has the same size. per_queue_ops counts the first 16 queues in
+ * target order; each driver's buffers come from its own allocator. */
+int gd_bench_run_many(const struct gd_bench_target *t, uint32_t nt, const struct gd_bench_params *p,
+                      struct gd_bench_result *r);
 /* Pins the calling thread to one CPU, or with cpu < 0 lets it run anywhere
  * (tests that measure latency keep their client off the IOThread's CPU). */
 int gd_pin_thread(int32_t cpu);
