@@ -113,7 +113,7 @@ static int blk_parse_discard(const struct dp_disk *disk, struct vring_chain *cha
         return blk_fail(err, DP_ERR_READ_ONLY, VIRTIO_BLK_S_IOERR);
     if (!blk_range_ok(disk, sector, bytes))
         return blk_fail(err, DP_ERR_RANGE, VIRTIO_BLK_S_IOERR);
-    if ((sector * 512) % disk->logical_block_size || bytes % disk->logical_block_size)
+    if (((sector * 512) | bytes) & disk->block_mask)
         return blk_fail(err, DP_ERR_BAD_REQUEST, VIRTIO_BLK_S_IOERR);
 
     req->offset = sector * 512;
@@ -168,8 +168,9 @@ int blk_parse(const struct dp_disk *disk, struct vring_chain *chain, struct blk_
             return blk_fail(err, DP_ERR_BAD_REQUEST, VIRTIO_BLK_S_IOERR);
         if (write && disk->read_only)
             return blk_fail(err, DP_ERR_READ_ONLY, VIRTIO_BLK_S_IOERR);
-        if (req->len % 512 || req->len % disk->logical_block_size ||
-            (sector <= UINT64_MAX / 512 && (sector * 512) % disk->logical_block_size))
+        /* Block sizes are powers of two of at least 512: masks, no divisions. */
+        if ((req->len & (511 | disk->block_mask)) ||
+            (sector <= UINT64_MAX / 512 && ((sector * 512) & disk->block_mask)))
             return blk_fail(err, DP_ERR_BAD_REQUEST, VIRTIO_BLK_S_IOERR);
         if (!blk_range_ok(disk, sector, req->len))
             return blk_fail(err, DP_ERR_RANGE, VIRTIO_BLK_S_IOERR);

@@ -181,6 +181,7 @@ int dp_disk_create(const struct dp_disk_config *config, struct dp_disk **out)
     disk->seg_max = config->seg_max ? config->seg_max : DP_SEG_MAX;
     disk->capacity_sectors = config->capacity_sectors;
     disk->logical_block_size = lbs;
+    disk->block_mask = lbs - 1;
     disk->mem_align = config->mem_align;
     disk->read_only = config->read_only;
     disk->read_zeroes = config->null_read_zeroes;

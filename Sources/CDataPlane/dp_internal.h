@@ -56,6 +56,7 @@ struct dp_disk {
     bool is_block_device;
     uint64_t capacity_sectors;
     uint32_t logical_block_size;
+    uint64_t block_mask;        /* logical_block_size - 1 (a power of two): alignment without a division */
     uint32_t mem_align;
     uint32_t seg_max;
     bool read_only;
@@ -122,6 +123,9 @@ struct dp_queue {
     bool stopping;
     bool broken;
     bool dirty;                 /* used elements pushed but not yet published */
+    uint32_t unpublished;       /* of those, completions since the last publish */
+    uint32_t notify_after;      /* publish and signal early after this many in a pass; 0 = never */
+    bool early_published;       /* this pass published its first group already */
     bool kicked;                /* a kick arrived since the last pop */
     bool budget_spent;          /* the last pop stopped at its pass budget, work left */
     bool kick_armed;            /* a read or poll on the kick fd is outstanding */
@@ -215,7 +219,8 @@ void queue_release_held(struct dp_queue *q);
 /* Not paused, stopped, broken or out of slots: kicks and pops make sense. */
 bool queue_accepts_work(const struct dp_queue *q);
 bool queue_can_pop(const struct dp_queue *q);
-void queue_publish_and_notify(struct dp_queue *q);
+/* Publishes pushed used elements; true when it signalled the guest. */
+bool queue_publish_and_notify(struct dp_queue *q);
 void queue_break(struct dp_queue *q, int reason);
 int queue_map_rings(const struct dp_queue_config *cfg, const struct dp_mem *mem, void **desc,
                     void **avail, void **used);
@@ -234,6 +239,10 @@ void iothread_submit_req(struct dp_iothread *t, struct blk_req *req);
 /* Signals the frontend through a queue's call or err eventfd. */
 enum dp_signal { DP_SIGNAL_CALL, DP_SIGNAL_ERR };
 void iothread_signal(struct dp_queue *q, enum dp_signal which);
+/* Submits queued SQEs now (a signal mid-pass), rather than at the end of it. */
+void iothread_flush(struct dp_iothread *t);
+/* Completions after which a queue's pass publishes and signals early. */
+uint32_t iothread_notify_after(const struct dp_iothread *t);
 /* Sends a control message and waits for the answer; -ESHUTDOWN once the
  * thread has exited (it detached every queue first). */
 int iothread_call(struct dp_iothread *t, struct ctl_msg *msg);

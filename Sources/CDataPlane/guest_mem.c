@@ -58,12 +58,22 @@ void dp_mem_destroy(struct dp_mem *mem)
     free(mem);
 }
 
+static _Thread_local uint32_t last_hit; /* per IOThread: the region it found last */
+
 /* The region holding gpa, or NULL. Regions are sorted by guest address and
  * do not overlap: the last one starting at or below gpa is the only
  * candidate (a binary search: a frontend may hand us 64 regions, and every
  * descriptor a guest sends costs one lookup). */
 static const struct dp_mem_region *region_find(const struct dp_mem *mem, uint64_t gpa)
 {
+    /* Descriptors, headers and buffers of a guest mostly lie in one region
+     * (its RAM below or above 4 GiB): try the last one found first (below
+     * its start, the unsigned difference is too large, as in the search). An
+     * index only, checked against this table, so a hint from another
+     * memory table can cost a search but never pick a wrong region. */
+    uint32_t hint = last_hit;
+    if (hint < mem->count && gpa - mem->regions[hint].guest_phys_addr < mem->regions[hint].size)
+        return &mem->regions[hint];
     uint32_t lo = 0, hi = mem->count;
     while (lo < hi) {
         uint32_t mid = lo + (hi - lo) / 2;
@@ -75,7 +85,10 @@ static const struct dp_mem_region *region_find(const struct dp_mem *mem, uint64_
     if (lo == 0)
         return NULL;
     const struct dp_mem_region *r = &mem->regions[lo - 1];
-    return gpa - r->guest_phys_addr < r->size ? r : NULL;
+    if (gpa - r->guest_phys_addr >= r->size)
+        return NULL;
+    last_hit = lo - 1;
+    return r;
 }
 
 int guest_mem_map(const struct dp_mem *mem, uint64_t gpa, uint64_t len, struct iovec *iov,

@@ -33,6 +33,7 @@ struct dp_iothread {
     uint64_t ctl_buf;
     uint64_t poll_ns;
     uint64_t poll_max_ns;
+    uint32_t notify_after;   /* copied into each queue it serves */
     uint32_t ring_entries;
     /* Every SQE we submit posts exactly one CQE; at most cq_entries may be
      * owed at once, so the CQ never overflows (an overflowed CQ loses
@@ -245,6 +246,16 @@ void iothread_signal(struct dp_queue *q, enum dp_signal which)
         sqe->rw_flags = RWF_NOWAIT;
     /* Not IOSQE_CQE_SKIP_SUCCESS: every SQE must post its CQE to be counted. */
     io_uring_sqe_set_data64(sqe, TAG_IGNORE);
+}
+
+uint32_t iothread_notify_after(const struct dp_iothread *t)
+{
+    return t->notify_after;
+}
+
+void iothread_flush(struct dp_iothread *t)
+{
+    iothread_enter(t, 0);
 }
 
 /* Sends the signals no SQE was free for; they stay owed if there is still none. */
@@ -730,6 +741,7 @@ static unsigned iothread_pass(struct dp_iothread *t, uint64_t now)
     for (uint32_t i = t->nqueues; i-- > 0;) {
         struct dp_queue *q = t->queues[i];
         queue_publish_and_notify(q);
+        q->early_published = false;
         if (q->drain_waiter || q->stopping)
             queue_check_drained(t, q);
     }
@@ -930,6 +942,7 @@ int dp_iothread_create(const struct dp_iothread_config *config, struct dp_iothre
     t->numa_node = -1;
     t->ring_entries = entries;
     t->poll_max_ns = config->poll_max_ns;
+    t->notify_after = config->notify_after;
     t->cpu_count = config->cpu_count;
     if (config->cpu_count)
         memcpy(t->cpus, config->cpus, config->cpu_count * sizeof(int32_t));

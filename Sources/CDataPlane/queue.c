@@ -1,5 +1,6 @@
 /* A virtqueue of a disk: pops chains, hands them to the blk layer and a
- * backend, pushes completions and notifies the guest once per batch. */
+ * backend, pushes completions and notifies the guest in groups (the
+ * notification policy: queue_complete). */
 #include <errno.h>
 #include <fcntl.h>
 #include <stdlib.h>
@@ -62,6 +63,21 @@ void queue_complete(struct dp_queue *q, struct blk_req *req, uint8_t status, uin
     q->free_slots[q->free_count++] = (uint16_t)(req - q->reqs);
     q->in_flight--;
     q->dirty = true;
+    /* The notification policy. Used elements are published, and the guest
+     * signalled if it asked (EVENT_IDX), at the end of each queue's share
+     * of a pass; a share is bounded (DP_QUEUE_PASS_BUDGET descriptors, or
+     * DP_QUEUE_PASS_NS once past a few), so completions reach a guest in
+     * groups, never a whole deep queue at once. With notify_after, the
+     * first notify_after completions of a pass go out at once as well: a
+     * guest that sleeps until its interrupt starts waking while we finish
+     * the rest, which it reaps in the same wake-up. Once per pass only:
+     * repeated mid-pass groups cost the guest a wake-up and us a syscall
+     * each, and measured slower (bench/RESULTS.md, "Notification policy"). */
+    if (q->notify_after && !q->early_published && ++q->unpublished >= q->notify_after) {
+        q->early_published = true;
+        if (queue_publish_and_notify(q))
+            iothread_flush(q->thread);
+    }
 }
 
 /* A chain the guest cannot be answered on: no status byte to write, or a
@@ -352,6 +368,7 @@ static bool queue_pop_one(struct dp_queue *q, uint64_t now, uint32_t *cost)
         queue_break(q, ret);
         return false;
     }
+    vring_split_prefetch_next(&q->vr);
     return queue_start(q, head, now, false, cost);
 }
 
@@ -415,11 +432,12 @@ unsigned queue_pop_batch(struct dp_queue *q, uint64_t now)
     return popped;
 }
 
-void queue_publish_and_notify(struct dp_queue *q)
+bool queue_publish_and_notify(struct dp_queue *q)
 {
     if (!q->dirty)
-        return;
+        return false;
     q->dirty = false;
+    q->unpublished = 0;
     vring_split_publish(&q->vr);
     if (q->inflight)
         inflight_clear_published(q);
@@ -428,9 +446,10 @@ void queue_publish_and_notify(struct dp_queue *q)
     if (q->config.call_fd >= 0 && vring_split_should_notify(&q->vr)) {
         iothread_signal(q, DP_SIGNAL_CALL);
         STAT_ADD(q->stats.notifies, 1);
-    } else {
-        STAT_ADD(q->stats.notifies_suppressed, 1);
+        return true;
     }
+    STAT_ADD(q->stats.notifies_suppressed, 1);
+    return false;
 }
 
 int queue_map_rings(const struct dp_queue_config *cfg, const struct dp_mem *mem, void **desc,
@@ -519,6 +538,7 @@ int dp_queue_create(struct dp_iothread *thread, const struct dp_queue_config *co
     q->numa_node = node;
     q->nslots = nslots;
     q->thread = thread;
+    q->notify_after = iothread_notify_after(thread);
     q->disk = disk;
     q->mem = mem;
     q->config = *config;

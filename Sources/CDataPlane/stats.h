@@ -10,27 +10,30 @@
 #include "CDataPlane.h"
 
 struct dp_queue_counters {
+    /* What every request or batch touches, on two cache lines: per request
+     * ops and bytes (line 1) and a latency bucket; per pass the rest of
+     * line 2. Then what errors and control touch. */
     _Alignas(64) _Atomic uint64_t ops[DP_OP_COUNT];
     _Atomic uint64_t bytes_read;
-    _Atomic uint64_t bytes_written;
-    _Atomic uint64_t errors[DP_ERR_COUNT];
+    _Alignas(64) _Atomic uint64_t bytes_written;
     _Atomic uint64_t in_flight;
     _Atomic uint64_t batches;
     _Atomic uint64_t polls;
     _Atomic uint64_t kicks;
     _Atomic uint64_t notifies;
     _Atomic uint64_t notifies_suppressed;
+    _Atomic uint16_t last_avail_idx;
+    _Atomic uint16_t used_idx;
+    _Atomic uint32_t longest_chain;
+    _Alignas(64) _Atomic uint64_t errors[DP_ERR_COUNT];
     _Atomic uint64_t bounces;
     _Atomic uint64_t bounce_bytes_peak;
-    _Atomic uint32_t longest_chain;
     _Atomic uint32_t error_stopped;
     _Atomic int32_t error_stop_reason;
     _Atomic uint64_t error_held;
     _Atomic uint64_t errors_ignored;
     _Atomic uint32_t broken;
     _Atomic int32_t broken_reason;
-    _Atomic uint16_t last_avail_idx;
-    _Atomic uint16_t used_idx;
     _Alignas(64) _Atomic uint64_t batch_hist[DP_BATCH_BUCKETS];
     _Atomic uint64_t latency_hist[DP_LATENCY_BUCKETS];
 };

@@ -67,6 +67,16 @@ int vring_split_pop_head(struct vring_split *vr, uint16_t *head)
     return 0;
 }
 
+void vring_split_prefetch_next(const struct vring_split *vr)
+{
+    if (vr->last_avail_idx == vr->shadow_avail_idx)
+        return;
+    /* A hint only: the head is read (and checked) again when popped. */
+    uint16_t h = le16toh(READ_ONCE(&vr->avail->ring[vr->last_avail_idx & (vr->size - 1)]));
+    if (h < vr->size)
+        __builtin_prefetch(&vr->desc[h]);
+}
+
 static void desc_read(const struct vring_desc *table, uint32_t i, struct vring_desc *d)
 {
     d->addr = le64toh(READ_ONCE(&table[i].addr));

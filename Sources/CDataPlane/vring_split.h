@@ -96,6 +96,8 @@ int vring_split_avail_count(struct vring_split *vr);
 
 /* Takes the next head from the avail ring; -EINVAL when it is not < size. */
 int vring_split_pop_head(struct vring_split *vr, uint16_t *head);
+/* Starts loading the next avail entry's descriptor while this one is walked. */
+void vring_split_prefetch_next(const struct vring_split *vr);
 
 /* Walks the chain starting at head into chain->iov, stopping at the first
  * fault. Returns 0 or a fault. Faults of the chain's shape (the request

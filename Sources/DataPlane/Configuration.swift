@@ -376,18 +376,29 @@ public struct IOThreadConfiguration: Sendable, Equatable {
     public var pollMaxMicroseconds: UInt32
     /// The io_uring submission queue size: a power of two in 8...32768.
     public var ringEntries: UInt32
+    /// After how many completions a queue's pass publishes them and signals
+    /// the guest at once, before finishing the pass (once per pass; 0: only
+    /// at the end of each pass). An interrupt-driven guest then wakes while
+    /// the rest complete. At most ``maxNotifyAfter``.
+    public var notifyAfterCompletions: UInt32
+    /// The largest ``notifyAfterCompletions``: a pass pops at most this many chains.
+    public static let maxNotifyAfter: UInt32 = 1024
+    /// The default of ``notifyAfterCompletions`` (bench/RESULTS.md, "Notification policy").
+    public static let defaultNotifyAfter: UInt32 = 0
 
     /// Creates an IOThread configuration; nothing is checked until ``validate(online:)``.
     public init(
         name: String,
         cpuset: CPUSet,
         pollMaxMicroseconds: UInt32 = 32,
-        ringEntries: UInt32 = 256
+        ringEntries: UInt32 = 256,
+        notifyAfterCompletions: UInt32 = IOThreadConfiguration.defaultNotifyAfter
     ) {
         self.name = name
         self.cpuset = cpuset
         self.pollMaxMicroseconds = pollMaxMicroseconds
         self.ringEntries = ringEntries
+        self.notifyAfterCompletions = notifyAfterCompletions
     }
 
     /// Checks the name, poll window and ring size, then that the CPU set is online.
@@ -403,6 +414,9 @@ public struct IOThreadConfiguration: Sendable, Equatable {
         }
         if !(8...32768).contains(ringEntries) || ringEntries.nonzeroBitCount != 1 {
             throw .invalidRingEntries(ringEntries)
+        }
+        if notifyAfterCompletions > Self.maxNotifyAfter {
+            throw .invalidNotifyAfter(notifyAfterCompletions)
         }
         try cpuset.validateOnline(online)
     }

@@ -29,6 +29,8 @@ public enum ConfigurationError: Error, Equatable, CustomStringConvertible {
     case invalidPollWindow(UInt32)
     /// An io_uring ring size is not a power of two in 8...32768.
     case invalidRingEntries(UInt32)
+    /// ``IOThreadConfiguration/notifyAfterCompletions`` beyond ``IOThreadConfiguration/maxNotifyAfter``.
+    case invalidNotifyAfter(UInt32)
     /// Some CPUs of a CPU set are online but outside the CPUs this process
     /// may run on (taskset, a cgroup cpuset, systemd AllowedCPUs=).
     case cpusNotAllowed(missing: CPUSet, allowed: CPUSet)
@@ -79,6 +81,8 @@ public enum ConfigurationError: Error, Equatable, CustomStringConvertible {
                 + "\(IOThreadConfiguration.maxPollMicroseconds) (0 disables busy polling)"
         case let .invalidRingEntries(entries):
             return "ring entries \(entries) is not a power of two between 8 and 32768"
+        case let .invalidNotifyAfter(count):
+            return "notify-after \(count) is more than \(IOThreadConfiguration.maxNotifyAfter) completions (0 turns it off)"
         case let .cpusNotAllowed(missing, allowed):
             let subject = missing.cpus.count == 1 ? "CPU \(missing) is" : "CPUs \(missing) are"
             return "\(subject) outside the CPUs this process may run on (\(allowed)); taskset, systemd's "

@@ -25,7 +25,8 @@ enum ConfigFile {
         }
     }
 
-    static let instanceKeys = [Key("iothreads"), Key("cpuset"), Key("poll-us", alias: "pollMicroseconds"), Key("control"),
+    static let instanceKeys = [Key("iothreads"), Key("cpuset"), Key("poll-us", alias: "pollMicroseconds"),
+                               Key("notify-after", alias: "notifyAfter"), Key("control"),
                                Key("disks")]
     static let diskKeys = [
         Key("path"), Key("socket"), Key("readonly", alias: "readOnly"), Key("num-queues", alias: "numQueues"),
@@ -58,6 +59,8 @@ enum ConfigFile {
             case "iothreads": config.iothreads = try integer(value, key, range: 1...256)
             case "cpuset": config.cpuset = try string(value, key)
             case "poll-us": config.pollMicroseconds = UInt32(try integer(value, key, range: 0...1_000_000))
+            case "notify-after":
+                config.notifyAfter = UInt32(try integer(value, key, range: 0...Int(IOThreadConfiguration.maxNotifyAfter)))
             case "control": config.control = try string(value, key)
             case "disks":
                 guard case .array(let entries) = value else { throw CLIError("\"disks\" must be a list of disks") }

@@ -26,6 +26,7 @@ struct InstanceConfiguration {
     var iothreads: Int?
     var cpuset: String?
     var pollMicroseconds: UInt32?
+    var notifyAfter: UInt32?
     var control: String?
     var disks: [DiskEntry]
     /// --check: print the configuration and exit without serving.
@@ -63,12 +64,13 @@ struct EffectiveConfiguration: Encodable {
     var iothreads: Int
     var cpuset: String
     var pollMicroseconds: UInt32
+    var notifyAfter: UInt32
     var control: String
     var disks: [Disk]
 
     enum CodingKeys: String, CodingKey {
         case iothreads, cpuset, control, disks
-        case pollMicroseconds = "poll-us"
+        case pollMicroseconds = "poll-us", notifyAfter = "notify-after"
     }
 }
 
@@ -83,7 +85,7 @@ enum StartCommand {
     static let defaultQueueSize = 1024
 
     static let help = """
-    USAGE: dpctl start [--iothreads N] [--cpuset LIST] [--poll-us N] [--control PATH]
+    USAGE: dpctl start [--iothreads N] [--cpuset LIST] [--poll-us N] [--notify-after N] [--control PATH]
                        --disk PATH --socket PATH [disk options] [--disk PATH --socket PATH ...]
            dpctl start --config FILE
            dpctl start ... --check
@@ -101,16 +103,19 @@ enum StartCommand {
                           container's cpuset leave it; CPUs outside those are refused)
       --poll-us N         Busy-poll window upper bound in microseconds, adaptive, 0-1000000
                           (default \(defaultPollMicroseconds); 0 = never poll)
+      --notify-after N    Completions after which a queue's pass publishes them and signals
+                          the guest at once, before finishing the pass (once per pass),
+                          0-\(IOThreadConfiguration.maxNotifyAfter) (default \(IOThreadConfiguration.defaultNotifyAfter); 0 = at the end of each pass only)
       --control PATH      Control socket for status, stats, resume and stop (default
                           FIRST-SOCKET.ctl); like --socket, it replaces only a stale socket
       --config FILE       Read the instance and its disks from a JSON file. Its keys are the
                           names of these options without the dashes, with the values they
-                          take: "iothreads", "cpuset", "poll-us", "control", and "disks", a
+                          take: "iothreads", "cpuset", "poll-us", "notify-after", "control", and "disks", a
                           list of objects with "path", "socket", "readonly", "num-queues",
                           "queue-size", "backend", "null-size" ("1G" or bytes),
                           "null-read-zeroes", "serial", "direct" (false for --no-direct),
                           "block-size", "rerror", "werror", "fault". An unknown key is an
-                          error. --iothreads, --cpuset, --poll-us and --control override the
+                          error. --iothreads, --cpuset, --poll-us, --notify-after and --control override the
                           file; --disk cannot be combined with it.
       --check             Check the options (no image is opened, no socket made), print the
                           configuration with every default filled in, as a --config file,
@@ -177,6 +182,9 @@ enum StartCommand {
             case "--cpuset": config.cpuset = try args.value(for: option, inline: inline)
             case "--poll-us":
                 config.pollMicroseconds = UInt32(try parseInt(try args.value(for: option, inline: inline), option: option, range: 0...1_000_000))
+            case "--notify-after":
+                config.notifyAfter = UInt32(try parseInt(try args.value(for: option, inline: inline), option: option,
+                                                         range: 0...Int(IOThreadConfiguration.maxNotifyAfter)))
             case "--control": config.control = try args.value(for: option, inline: inline)
             case "--disk":
                 try finishDisk()
@@ -252,6 +260,7 @@ enum StartCommand {
             fromFile.iothreads = config.iothreads ?? fromFile.iothreads
             fromFile.cpuset = config.cpuset ?? fromFile.cpuset
             fromFile.pollMicroseconds = config.pollMicroseconds ?? fromFile.pollMicroseconds
+            fromFile.notifyAfter = config.notifyAfter ?? fromFile.notifyAfter
             fromFile.control = config.control ?? fromFile.control
             fromFile.checkOnly = config.checkOnly
             config = fromFile
@@ -348,6 +357,7 @@ enum StartCommand {
         let cpuset = try resolveCPUSet(config.cpuset)
         let threadCount = config.iothreads ?? defaultIOThreads
         let pollMicroseconds = config.pollMicroseconds ?? defaultPollMicroseconds
+        let notifyAfter = config.notifyAfter ?? IOThreadConfiguration.defaultNotifyAfter
         let disks = try config.disks.map(diskConfiguration)
         let totalQueues = disks.reduce(0) { $0 + $1.numQueues }
         if totalQueues > threadCount * 256 {
@@ -359,7 +369,8 @@ enum StartCommand {
                 do { try disk.validate() } catch { throw CLIError("disk \(entry.path): \(error)") }
             }
             let effective = EffectiveConfiguration(
-                iothreads: threadCount, cpuset: cpuset.description, pollMicroseconds: pollMicroseconds, control: controlPath,
+                iothreads: threadCount, cpuset: cpuset.description, pollMicroseconds: pollMicroseconds,
+                notifyAfter: notifyAfter, control: controlPath,
                 disks: zip(config.disks, disks).map { entry, d in
                     EffectiveConfiguration.Disk(
                         path: d.path, socket: entry.socket, readonly: d.readOnly, numQueues: d.numQueues, queueSize: d.queueSize,
@@ -380,7 +391,7 @@ enum StartCommand {
 
         let threads = (0..<threadCount).map { i in
             IOThreadConfiguration(name: "iothread\(i)", cpuset: cpuset.individualCPUs[i % cpuset.cpus.count],
-                                  pollMaxMicroseconds: pollMicroseconds)
+                                  pollMaxMicroseconds: pollMicroseconds, notifyAfterCompletions: notifyAfter)
         }
         let plane = try DataPlane(iothreads: threads)
         let server = try VhostUserServer(plane: plane, log: { log($0) })

@@ -56,7 +56,7 @@ import Testing
         (#"{ "disks": [ { "path": "x", "socket": "s", "read-only": true } ] }"#,
          #"unknown key "read-only" in disks[0] (keys: path, socket, readonly, num-queues, queue-size, backend, null-size, null-read-zeroes, serial, direct, block-size, rerror, werror, fault, locking)"#),
         (#"{ "iothread": 2, "disks": [ { "path": "x", "socket": "s" } ] }"#,
-         #"unknown key "iothread" in the file (keys: iothreads, cpuset, poll-us, control, disks)"#),
+         #"unknown key "iothread" in the file (keys: iothreads, cpuset, poll-us, notify-after, control, disks)"#),
         (#"{ "disks": [ { "path": "x", "socket": "s", "readonly": true, "readOnly": false } ] }"#,
          #"disks[0] gives both "readOnly" and "readonly", the same setting: keep "readonly""#),
         (#"{ "poll-us": 5, "pollMicroseconds": 5, "disks": [ { "path": "x", "socket": "s" } ] }"#,
@@ -89,20 +89,20 @@ import Testing
         defer { try? FileManager.default.removeItem(atPath: dir) }
         let s = dir + "/a.sock"
         let flags = try Self.check([
-            "--iothreads", "2", "--cpuset", "0", "--poll-us", "5", "--control", dir + "/c.ctl",
+            "--iothreads", "2", "--cpuset", "0", "--poll-us", "5", "--notify-after", "4", "--control", dir + "/c.ctl",
             "--disk", "nul", "--socket", s, "--readonly", "--num-queues", "4", "--queue-size", "256", "--backend", "null",
             "--null-size", "64M", "--null-read-zeroes", "off", "--serial", "SER1", "--no-direct", "--block-size", "4096",
             "--rerror", "stop", "--werror", "report", "--fault", "errno=EIO,ops=write",
         ])
         let flagNamed = try Self.check(["--config", writeConfig("""
-            { "iothreads": 2, "cpuset": "0", "poll-us": 5, "control": "\(dir)/c.ctl",
+            { "iothreads": 2, "cpuset": "0", "poll-us": 5, "notify-after": 4, "control": "\(dir)/c.ctl",
               "disks": [ { "path": "nul", "socket": "\(s)", "readonly": true, "num-queues": 4, "queue-size": 256,
                            "backend": "null", "null-size": "64M", "null-read-zeroes": "off", "serial": "SER1",
                            "direct": false, "block-size": 4096, "rerror": "stop", "werror": "report",
                            "fault": "errno=EIO,ops=write" } ] }
             """, in: dir)])
         let camelCase = try Self.check(["--config", writeConfig("""
-            { "iothreads": 2, "cpuset": "0", "pollMicroseconds": 5, "control": "\(dir)/c.ctl",
+            { "iothreads": 2, "cpuset": "0", "pollMicroseconds": 5, "notifyAfter": 4, "control": "\(dir)/c.ctl",
               "disks": [ { "path": "nul", "socket": "\(s)", "readOnly": true, "numQueues": 4, "queueSize": 256,
                            "backend": "null", "nullSize": 67108864, "nullReadZeroes": false, "serial": "SER1",
                            "directIO": false, "logicalBlockSize": 4096, "readErrorPolicy": "stop",
@@ -110,6 +110,7 @@ import Testing
             """, in: dir)])
         let disk = Self.firstDisk(flags)
         #expect(flags["iothreads"] as? Int == 2 && flags["poll-us"] as? Int == 5 && flags["cpuset"] as? String == "0")
+        #expect(flags["notify-after"] as? Int == 4)
         #expect(disk["readonly"] as? Bool == true && disk["num-queues"] as? Int == 4 && disk["queue-size"] as? Int == 256)
         #expect(disk["null-size"] as? Int == 64 << 20 && disk["null-read-zeroes"] as? Bool == false)
         #expect(disk["direct"] as? Bool == false && disk["block-size"] as? Int == 4096 && disk["serial"] as? String == "SER1")
@@ -173,6 +174,7 @@ import Testing
             "--iothreads": { json["iothreads"] as? Int == Int($0) },
             "--cpuset": { $0 == "every" && json["cpuset"] as? String == allowed },
             "--poll-us": { json["poll-us"] as? Int == Int($0) },
+            "--notify-after": { json["notify-after"] as? Int == Int($0) },
             "--control": { $0 == "FIRST-SOCKET.ctl" && json["control"] as? String == socket + ".ctl" },
             "--num-queues": { disk["num-queues"] as? Int == Int($0) },
             "--queue-size": { disk["queue-size"] as? Int == Int($0) },

@@ -243,6 +243,8 @@ struct dp_iothread_config {
     uint32_t cpu_count;
     uint64_t poll_max_ns;    /* upper bound of the adaptive busy-poll window; 0 = never poll */
     uint32_t ring_entries;   /* io_uring SQ size; 0 = 256 */
+    uint32_t notify_after;   /* a queue's pass publishes and signals once early, after this many
+                                completions (0 = only at the end of the pass; see queue.c) */
     char name[16];           /* thread name (pthread_setname_np) */
 };
 
