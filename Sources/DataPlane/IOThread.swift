@@ -16,6 +16,7 @@ public final class IOThread: @unchecked Sendable {
         var config = dp_iothread_config()
         config.poll_max_ns = UInt64(configuration.pollMaxMicroseconds) * 1000
         config.ring_entries = configuration.ringEntries
+        config.disabled_features = configuration.disabledIOURingFeatures.rawValue
         withUnsafeMutableBytes(of: &config.name) { name in
             for (i, byte) in configuration.name.utf8.prefix(15).enumerated() { name[i] = byte }
         }
