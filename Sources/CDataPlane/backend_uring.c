@@ -6,6 +6,7 @@
 
 #include "backend.h"
 #include "blk.h"
+#include "guest_mem.h"
 
 /* O_DIRECT wants buffer addresses and lengths aligned; OR-ing them all
  * together tests every one in a single pass. */
@@ -94,7 +95,7 @@ static enum zeroes_step zeroes_first_step(const struct blk_req *req)
 static void zeroes_prep(struct io_uring_sqe *sqe, struct blk_req *req)
 {
     struct dp_queue *q = req->queue;
-    int fd = q->disk->fd;
+    int fd = q->ring_fd;
     if (req->zero_phase == STEP_START)
         req->zero_phase = (uint8_t)zeroes_first_step(req);
     switch (req->zero_phase) {
@@ -183,9 +184,68 @@ static int zeroes_complete(struct blk_req *req, int res)
 
 /* ------------------------------------------------------------ prep and complete */
 
+/* The registered buffer that holds [base, base + len), or -1: the queue's
+ * memory table is registered on its IOThread (q->buffers), a piece of at
+ * most 1 << DP_BUFFER_PIECE_SHIFT bytes per buffer, and the range lies in
+ * one piece. Starts at the region the last one was found in. */
+static int fixed_buffer(struct dp_queue *q, const void *base, size_t len)
+{
+    const struct buffer_reg *b = q->buffers;
+    if (!b || b->first_slot < 0 || !len)
+        return -1;
+    const struct dp_mem *mem = q->mem;
+    uint32_t n = mem->count, i = q->buffer_hint < n ? q->buffer_hint : 0;
+    for (uint32_t k = 0; k < n; k++, i = i + 1 == n ? 0 : i + 1) {
+        const struct dp_mem_region *r = &mem->regions[i];
+        uint64_t off = (uint64_t)((uintptr_t)base - (uintptr_t)r->host_addr);
+        if (off >= r->size)
+            continue;
+        if (len > r->size - off || off >> DP_BUFFER_PIECE_SHIFT != (off + len - 1) >> DP_BUFFER_PIECE_SHIFT)
+            return -1;
+        q->buffer_hint = i;
+        return b->first_slot + b->piece_base[i] + (int)(off >> DP_BUFFER_PIECE_SHIFT);
+    }
+    return -1;
+}
+
+/* A read or write of the guest's buffers: into registered memory
+ * (READ_FIXED/WRITE_FIXED: no pages pinned per request), else one segment
+ * as READ/WRITE, else READV/WRITEV. */
+static void rw_prep(struct io_uring_sqe *sqe, struct dp_queue *q, struct blk_req *req, uint64_t offset)
+{
+    bool write = req->op == DP_OP_WRITE;
+    int fd = q->ring_fd;
+    if (req->iov_cnt == 1 && req->iov[0].iov_len <= UINT32_MAX) {
+        void *base = req->iov[0].iov_base;
+        unsigned len = (unsigned)req->iov[0].iov_len;
+        int index = fixed_buffer(q, base, len);
+        if (index >= 0) {
+            if (write)
+                io_uring_prep_write_fixed(sqe, fd, base, len, offset, index);
+            else
+                io_uring_prep_read_fixed(sqe, fd, base, len, offset, index);
+            STAT_ADD(q->thread_stats->fixed_buffer_ios, 1);
+            return;
+        }
+        if (q->single_rw) {
+            if (write)
+                io_uring_prep_write(sqe, fd, base, len, offset);
+            else
+                io_uring_prep_read(sqe, fd, base, len, offset);
+            STAT_ADD(q->thread_stats->single_rw_ios, 1);
+            return;
+        }
+    }
+    if (write)
+        io_uring_prep_writev(sqe, fd, req->iov, req->iov_cnt, offset);
+    else
+        io_uring_prep_readv(sqe, fd, req->iov, req->iov_cnt, offset);
+}
+
 int backend_uring_prep(struct dp_iothread *t, struct blk_req *req)
 {
-    const struct dp_disk *disk = req->queue->disk;
+    struct dp_queue *q = req->queue;
+    const struct dp_disk *disk = q->disk;
     bool rw = req->op == DP_OP_READ || req->op == DP_OP_WRITE;
 
     /* Checked again after short I/O too: what is left may have lost its
@@ -202,24 +262,21 @@ int backend_uring_prep(struct dp_iothread *t, struct blk_req *req)
     uint64_t offset = req->offset + req->done;
     switch (req->op) {
     case DP_OP_READ:
-    case DP_OP_WRITE: {
-        bool write = req->op == DP_OP_WRITE;
+    case DP_OP_WRITE:
         if (req->bounce) {
+            /* Our own buffer, not registered: a plain READ/WRITE. */
             void *buf = (uint8_t *)req->bounce + (req->done - req->bounce_off);
             unsigned len = (unsigned)(bounce_window_end(req) - req->done);
-            if (write)
-                io_uring_prep_write(sqe, disk->fd, buf, len, offset);
+            if (req->op == DP_OP_WRITE)
+                io_uring_prep_write(sqe, q->ring_fd, buf, len, offset);
             else
-                io_uring_prep_read(sqe, disk->fd, buf, len, offset);
-        } else if (write) {
-            io_uring_prep_writev(sqe, disk->fd, req->iov, req->iov_cnt, offset);
+                io_uring_prep_read(sqe, q->ring_fd, buf, len, offset);
         } else {
-            io_uring_prep_readv(sqe, disk->fd, req->iov, req->iov_cnt, offset);
+            rw_prep(sqe, q, req, offset);
         }
         break;
-    }
     case DP_OP_FLUSH:
-        io_uring_prep_fsync(sqe, disk->fd, IORING_FSYNC_DATASYNC);
+        io_uring_prep_fsync(sqe, q->ring_fd, IORING_FSYNC_DATASYNC);
         break;
     case DP_OP_DISCARD:
     case DP_OP_WRITE_ZEROES:
@@ -228,7 +285,13 @@ int backend_uring_prep(struct dp_iothread *t, struct blk_req *req)
     default:
         /* blk_parse never hands other ops to a backend. */
         io_uring_prep_nop(sqe);
-        break;
+        io_uring_sqe_set_data64(sqe, (uint64_t)(uintptr_t)req | TAG_REQ);
+        return 0;
+    }
+    /* After the prep, which clears the flags: the disk's registered file. */
+    if (q->ring_fd_flags) {
+        sqe->flags |= q->ring_fd_flags;
+        STAT_ADD(q->thread_stats->fixed_file_ios, 1);
     }
     io_uring_sqe_set_data64(sqe, (uint64_t)(uintptr_t)req | TAG_REQ);
     return 0;

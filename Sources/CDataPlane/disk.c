@@ -188,6 +188,7 @@ int dp_disk_create(const struct dp_disk_config *config, struct dp_disk **out)
     memcpy(disk->serial, config->serial, DP_SERIAL_LEN);
     disk->read_policy = config->read_policy;
     disk->write_policy = config->write_policy;
+    disk->fixed_buffers = config->fixed_buffers && config->backend == DP_BACKEND_FILE;
     *out = disk;
     return 0;
 }

@@ -45,6 +45,18 @@
 /* The smallest completion queue of an IOThread: what it can have in flight
  * at once (less a little for kicks, signals and control). */
 #define DP_THREAD_MIN_CQ 4096
+/* Registered file table of an IOThread: one slot per disk it serves (a
+ * queue has one disk, so never more than its queues). */
+#define DP_THREAD_FILE_SLOTS DP_THREAD_MAX_QUEUES
+/* Registered buffer table of an IOThread: a slot per piece of guest memory,
+ * a region or DP_BUFFER_PIECE of it (the kernel's limit per buffer). 4096
+ * pieces: 4 TiB of guest memory, in any mix of memory tables. */
+#define DP_THREAD_BUFFER_SLOTS 4096
+#define DP_BUFFER_PIECE_SHIFT 30
+/* What one armed multishot kick poll may post between two reaps (the kernel
+ * coalesces wakeups until the IOThread runs its task work, so one or two),
+ * kept free in the CQ by requests. */
+#define DP_KICK_CQE_RESERVE 4
 
 #define VIRTIO_BLK_S_OK 0
 #define VIRTIO_BLK_S_IOERR 1
@@ -79,6 +91,20 @@ struct dp_disk {
     _Atomic uint64_t fault_after;
     _Atomic uint32_t fault_every;
     _Atomic uint64_t fault_seen;
+    /* Register guest memory for READ_FIXED/WRITE_FIXED (dp_disk_config). */
+    bool fixed_buffers;
+};
+
+/* A guest memory table registered in an IOThread's buffer table (iothread.c
+ * owns it; backend_uring.c looks buffers up in it). Region i's piece k is
+ * buffer first_slot + piece_base[i] + k. Shared by the thread's queues that
+ * use the table; registered with the first, unregistered with the last. */
+struct buffer_reg {
+    const struct dp_mem *mem;
+    uint32_t refs;
+    int32_t first_slot;         /* -1: registering failed (the queues use plain I/O) */
+    uint32_t nslots;
+    uint16_t piece_base[DP_MEM_MAX_REGIONS];
 };
 
 /* One virtio-blk request in flight; lives in its queue's slot pool. */
@@ -132,6 +158,9 @@ struct dp_queue {
     bool kick_poll;             /* the kick fd is O_NONBLOCK: poll, then read() */
     bool kick_cancelling;
     bool kick_failed;
+    bool kick_multishot;        /* the armed poll is multishot (IORING_POLL_ADD_MULTI) */
+    bool single_rw;             /* one-segment reads and writes as READ/WRITE (probed) */
+    uint8_t ring_fd_flags;      /* IOSQE_FIXED_FILE when ring_fd is a registered file */
     uint8_t signals_owed;       /* 1 << enum dp_signal: no SQE was free to send them */
     uint64_t kick_buf;
     struct ctl_msg *drain_waiter; /* stop/pause/set-mem waiting for in_flight == 0 */
@@ -151,6 +180,14 @@ struct dp_queue {
     uint16_t *pushed;           /* heads pushed since the last publish (inflight clearing) */
     uint32_t pushed_count;
     uint32_t longest_chain;     /* most iovecs a request carried (statistics) */
+    /* How its disk and memory are named on its IOThread's ring, set there on
+     * attach and on a memory swap: the disk fd or its registered slot
+     * (ring_fd_flags), and the registered memory table (NULL: none). */
+    int32_t ring_fd;
+    int32_t file_slot;          /* -1: not registered */
+    struct buffer_reg *buffers;
+    uint32_t buffer_hint;       /* the region the last fixed buffer was in */
+    struct dp_thread_counters *thread_stats;
     struct dp_queue_config config;
     /* --- control side --- */
     size_t alloc_size;
@@ -167,6 +204,7 @@ enum ctl_type {
     CTL_SET_MEM,
     CTL_SET_NOTIFIERS,
     CTL_STOP_THREAD,
+    CTL_END_KICK_POLLS, /* tests: end the multishot kick polls, as the kernel may */
 };
 
 struct ctl_msg {
@@ -246,6 +284,8 @@ uint32_t iothread_notify_after(const struct dp_iothread *t);
 /* Sends a control message and waits for the answer; -ESHUTDOWN once the
  * thread has exited (it detached every queue first). */
 int iothread_call(struct dp_iothread *t, struct ctl_msg *msg);
+/* The thread's counters (the queue layer and backends add to some). */
+struct dp_thread_counters *iothread_counters(struct dp_iothread *t);
 /* Zeroed memory on the thread's NUMA node (page aligned). */
 void *iothread_alloc(const struct dp_iothread *t, size_t size, int *node);
 void iothread_free(void *p, size_t size, int node);

@@ -15,8 +15,17 @@
 #include "backend.h"
 #include "blk.h"
 #include "dp_internal.h"
+#include "guest_mem.h"
 
 #define POLL_GROW_START_NS 4000 /* as QEMU's aio poll: start at 4 us, then double */
+
+/* From the kernel's UAPI, for liburing headers that predate them. */
+#ifndef IORING_SETUP_DEFER_TASKRUN
+#define IORING_SETUP_DEFER_TASKRUN (1U << 13)
+#endif
+#ifndef IORING_POLL_ADD_MULTI
+#define IORING_POLL_ADD_MULTI (1U << 0)
+#endif
 
 struct dp_iothread {
     struct io_uring ring;
@@ -40,6 +49,10 @@ struct dp_iothread {
      * completions when the kernel cannot buffer them: requests that hang). */
     uint32_t cq_entries;
     uint32_t cqe_pending;    /* SQEs taken whose CQE has not been reaped */
+    uint32_t kick_multishots; /* multishot kick polls armed: each may post more CQEs */
+    uint32_t features;       /* DP_URING_* in use (probed, not disabled) */
+    uint32_t disabled_features;
+    uint32_t ring_features;  /* IORING_FEAT_* of the ring */
     int failed;              /* the io_uring failed us (-errno): every queue is broken */
     struct dp_queue *queues[DP_THREAD_MAX_QUEUES];
     uint32_t nqueues;
@@ -48,6 +61,17 @@ struct dp_iothread {
     struct blk_req *backlog_head; /* requests waiting for an SQE or a retry */
     struct blk_req *backlog_tail;
     struct ctl_msg *stop_waiter;
+
+    /* Registered disk fds, by slot (DP_URING_REGISTERED_FILES). */
+    struct {
+        struct dp_disk *disk;
+        uint32_t refs;        /* queues on this thread using it */
+    } files[DP_THREAD_FILE_SLOTS];
+    /* Registered memory tables (DP_URING_FIXED_BUFFERS), and which slots of
+     * the buffer table they hold. */
+    struct buffer_reg *buffer_regs[DP_THREAD_MAX_QUEUES];
+    uint32_t nbuffer_regs;
+    uint64_t buffer_slots[DP_THREAD_BUFFER_SLOTS / 64];
 
     /* Control mailbox: touched by the IOThread only when ctl_fd fired. */
     pthread_mutex_t ctl_lock;
@@ -149,10 +173,15 @@ static struct io_uring_sqe *iothread_get_sqe(struct dp_iothread *t)
 
 /* Requests leave room for every queue's kick read, its cancel and drain,
  * and a call and an err signal, and for control, so that those are never
- * starved by I/O. What has no room waits in the backlog, in order. */
+ * starved by I/O. A multishot kick poll is counted once, for its last CQE,
+ * but posts one per kick: the kernel posts those only where the CQ has room
+ * (without room it ends the poll, with that last CQE, and we arm it again),
+ * and it coalesces kicks until the thread runs its task work, so each armed
+ * poll keeps DP_KICK_CQE_RESERVE more free for what may come before the next
+ * reap. What has no room waits in the backlog, in order. */
 struct io_uring_sqe *iothread_get_req_sqe(struct dp_iothread *t)
 {
-    return iothread_get_sqe_reserving(t, 8 + 5 * t->nqueues);
+    return iothread_get_sqe_reserving(t, 8 + 5 * t->nqueues + DP_KICK_CQE_RESERVE * t->kick_multishots);
 }
 
 static void iothread_fail_req(struct blk_req *req, int err, uint64_t now)
@@ -278,6 +307,16 @@ static void kick_arm(struct dp_iothread *t, struct dp_queue *q)
         t->rearm_pending = true;
         return;
     }
+    if (t->features & DP_URING_MULTISHOT_KICKS) {
+        /* Armed once, it posts a CQE (IORING_CQE_F_MORE) per kick; each is
+         * consumed with kick_drain. */
+        io_uring_prep_poll_multishot(sqe, q->config.kick_fd, POLLIN);
+        io_uring_sqe_set_data64(sqe, (uint64_t)(uintptr_t)q | TAG_KICK);
+        q->kick_armed = true;
+        q->kick_multishot = true;
+        t->kick_multishots++;
+        return;
+    }
     /* Reading the eventfd through io_uring consumes the kick with no extra
      * syscall. On some kernels an O_NONBLOCK fd (some frontends set it)
      * answers -EAGAIN instead of waiting (6.18 waits), so for those we poll
@@ -341,6 +380,202 @@ static int queue_index(struct dp_iothread *t, struct dp_queue *q)
     return -1;
 }
 
+/* ------------------------------------------------------------ registered files and buffers */
+
+/* The slot of a disk's fd in the registered file table, registered with the
+ * first of the thread's queues on the disk; -1 when it cannot be (the queue
+ * names the plain fd then). */
+static int file_slot_get(struct dp_iothread *t, struct dp_disk *disk)
+{
+    int free_slot = -1;
+    for (int i = 0; i < DP_THREAD_FILE_SLOTS; i++) {
+        if (t->files[i].disk == disk) {
+            t->files[i].refs++;
+            return i;
+        }
+        if (!t->files[i].disk && free_slot < 0)
+            free_slot = i;
+    }
+    if (free_slot < 0 || io_uring_register_files_update(&t->ring, (unsigned)free_slot, &disk->fd, 1) != 1)
+        return -1;
+    t->files[free_slot].disk = disk;
+    t->files[free_slot].refs = 1;
+    STAT_ADD(t->stats.registered_files, 1);
+    return free_slot;
+}
+
+/* With the last queue on the disk, the slot is emptied (the kernel drops
+ * its reference to the file once no request uses it). */
+static void file_slot_put(struct dp_iothread *t, int slot)
+{
+    if (slot < 0 || --t->files[slot].refs)
+        return;
+    const int none = -1;
+    io_uring_register_files_update(&t->ring, (unsigned)slot, &none, 1);
+    t->files[slot].disk = NULL;
+    STAT_SET(t->stats.registered_files, STAT_LOAD(t->stats.registered_files) - 1);
+}
+
+static bool buffer_slot_used(const struct dp_iothread *t, uint32_t i)
+{
+    return t->buffer_slots[i / 64] & (1ull << (i % 64));
+}
+
+static void buffer_slots_mark(struct dp_iothread *t, uint32_t first, uint32_t n, bool used)
+{
+    for (uint32_t i = first; i < first + n; i++) {
+        if (used)
+            t->buffer_slots[i / 64] |= 1ull << (i % 64);
+        else
+            t->buffer_slots[i / 64] &= ~(1ull << (i % 64));
+    }
+}
+
+/* Empties registered buffers: the kernel unpins their pages once no
+ * request uses them. */
+static void buffer_slots_clear(struct dp_iothread *t, uint32_t first, uint32_t n)
+{
+    const struct iovec none = {0};
+    const __u64 tag = 0;
+    for (uint32_t i = first; i < first + n; i++)
+        io_uring_register_buffers_update_tag(&t->ring, i, &none, &tag, 1);
+}
+
+/* Registers every region of b's memory table, a piece of at most
+ * 1 << DP_BUFFER_PIECE_SHIFT bytes per slot (the kernel's limit), in one
+ * run of free slots: all of it or none. -ENOSPC when the table is full;
+ * else the kernel's error (-ENOMEM past RLIMIT_MEMLOCK without
+ * CAP_IPC_LOCK, -EFAULT for memory that cannot be pinned, such as a shared
+ * mapping of a file on a disk filesystem). */
+static int buffer_register(struct dp_iothread *t, struct buffer_reg *b)
+{
+    const struct dp_mem *mem = b->mem;
+    uint32_t n = 0;
+    for (uint32_t i = 0; i < mem->count; i++) {
+        b->piece_base[i] = (uint16_t)n;
+        n += (uint32_t)((mem->regions[i].size - 1) >> DP_BUFFER_PIECE_SHIFT) + 1;
+        if (n > DP_THREAD_BUFFER_SLOTS)
+            return -ENOSPC;
+    }
+    uint32_t run = 0, first = 0;
+    for (uint32_t i = 0; i < DP_THREAD_BUFFER_SLOTS && run < n; i++) {
+        run = buffer_slot_used(t, i) ? 0 : run + 1;
+        first = i + 1 - run;
+    }
+    if (!n || run < n)
+        return -ENOSPC;
+    const uint64_t piece = 1ull << DP_BUFFER_PIECE_SHIFT;
+    uint32_t done = 0;
+    int ret = 0;
+    for (uint32_t i = 0; i < mem->count && !ret; i++) {
+        const struct dp_mem_region *r = &mem->regions[i];
+        for (uint64_t off = 0; off < r->size && !ret; off += piece) {
+            struct iovec iov = {.iov_base = (uint8_t *)r->host_addr + off,
+                                .iov_len = r->size - off < piece ? r->size - off : piece};
+            const __u64 tag = 0;
+            int got = io_uring_register_buffers_update_tag(&t->ring, first + done, &iov, &tag, 1);
+            if (got == 1)
+                done++;
+            else
+                ret = got < 0 ? got : -EIO;
+            if (off + piece < off)
+                break; /* a region ending at 2^64 */
+        }
+    }
+    if (ret) {
+        buffer_slots_clear(t, first, done);
+        return ret;
+    }
+    buffer_slots_mark(t, first, n, true);
+    b->first_slot = (int32_t)first;
+    b->nslots = n;
+    STAT_ADD(t->stats.registered_buffers, n);
+    return 0;
+}
+
+/* Points a queue at mem's registration on this thread, registering mem with
+ * the first queue that uses it; or at none (its disk does not ask for it,
+ * or the ring has no buffer table). A table that failed to register stays
+ * failed for the queues that share it: they do not pin it again. */
+static void queue_buffers_attach(struct dp_iothread *t, struct dp_queue *q, const struct dp_mem *mem)
+{
+    q->buffers = NULL;
+    q->buffer_hint = 0;
+    if (!(t->features & DP_URING_FIXED_BUFFERS) || !q->disk->fixed_buffers)
+        return;
+    for (uint32_t i = 0; i < t->nbuffer_regs; i++) {
+        if (t->buffer_regs[i]->mem == mem) {
+            t->buffer_regs[i]->refs++;
+            q->buffers = t->buffer_regs[i];
+            return;
+        }
+    }
+    /* One table per queue at most: there is always an entry free. */
+    struct buffer_reg *b = calloc(1, sizeof(*b));
+    int ret = b ? 0 : -ENOMEM;
+    if (b) {
+        b->mem = mem;
+        b->refs = 1;
+        b->first_slot = -1;
+        ret = buffer_register(t, b);
+        t->buffer_regs[t->nbuffer_regs++] = b;
+        q->buffers = b;
+    }
+    if (ret) {
+        STAT_ADD(t->stats.buffer_register_failures, 1);
+        STAT_SET(t->stats.buffer_register_error, ret);
+    }
+}
+
+static void buffer_reg_put(struct dp_iothread *t, struct buffer_reg *b)
+{
+    if (!b || --b->refs)
+        return;
+    if (b->first_slot >= 0) {
+        buffer_slots_clear(t, (uint32_t)b->first_slot, b->nslots);
+        buffer_slots_mark(t, (uint32_t)b->first_slot, b->nslots, false);
+        STAT_SET(t->stats.registered_buffers, STAT_LOAD(t->stats.registered_buffers) - b->nslots);
+    }
+    for (uint32_t i = 0; i < t->nbuffer_regs; i++) {
+        if (t->buffer_regs[i] == b) {
+            t->buffer_regs[i] = t->buffer_regs[--t->nbuffer_regs];
+            break;
+        }
+    }
+    free(b);
+}
+
+/* Names the queue's disk and memory on this ring: its registered file and
+ * buffers where the ring has them. */
+static void queue_attach_ring(struct dp_iothread *t, struct dp_queue *q)
+{
+    q->single_rw = (t->features & DP_URING_SINGLE_RW) != 0;
+    if (q->disk->backend != DP_BACKEND_FILE)
+        return;
+    if (t->features & DP_URING_REGISTERED_FILES) {
+        int slot = file_slot_get(t, q->disk);
+        if (slot >= 0) {
+            q->file_slot = slot;
+            q->ring_fd = slot;
+            q->ring_fd_flags = IOSQE_FIXED_FILE;
+        }
+    }
+    queue_buffers_attach(t, q, q->mem);
+}
+
+/* The queue leaves the thread with nothing in flight: what it had
+ * registered goes with its last user. */
+static void queue_detach_ring(struct dp_iothread *t, struct dp_queue *q)
+{
+    file_slot_put(t, q->file_slot);
+    q->file_slot = -1;
+    q->ring_fd = q->disk->fd;
+    q->ring_fd_flags = 0;
+    struct buffer_reg *b = q->buffers;
+    q->buffers = NULL;
+    buffer_reg_put(t, b);
+}
+
 static void queue_detach(struct dp_iothread *t, struct dp_queue *q)
 {
     int i = queue_index(t, q);
@@ -348,10 +583,14 @@ static void queue_detach(struct dp_iothread *t, struct dp_queue *q)
         t->queues[i] = t->queues[--t->nqueues];
         STAT_SET(t->stats.queues, t->nqueues);
     }
+    queue_detach_ring(t, q);
     q->attached = false;
 }
 
-/* Re-points a queue's rings at a new memory table. */
+/* Re-points a queue's rings at a new memory table, and its fixed buffers
+ * (nothing is in flight: the queue was drained). The new table is
+ * registered before the old one is let go, so that a table the queue keeps
+ * is not unpinned and pinned again. */
 static int queue_apply_mem(struct dp_queue *q, struct dp_mem *mem)
 {
     void *desc, *avail, *used;
@@ -362,6 +601,11 @@ static int queue_apply_mem(struct dp_queue *q, struct dp_mem *mem)
     q->vr.avail = avail;
     q->vr.used = used;
     q->mem = mem;
+    if (q->disk->backend == DP_BACKEND_FILE) {
+        struct buffer_reg *old = q->buffers;
+        queue_buffers_attach(q->thread, q, mem);
+        buffer_reg_put(q->thread, old);
+    }
     return 0;
 }
 
@@ -415,9 +659,32 @@ static void queue_check_drained(struct dp_iothread *t, struct dp_queue *q)
     }
 }
 
+/* Ends every armed multishot kick poll (tests: the kernel does so when its
+ * CQ has no room); complete_kick arms each again. */
+static int end_kick_polls(struct dp_iothread *t)
+{
+    int n = 0;
+    for (uint32_t i = 0; i < t->nqueues; i++) {
+        struct dp_queue *q = t->queues[i];
+        if (!q->kick_armed || !q->kick_multishot || q->kick_cancelling)
+            continue;
+        struct io_uring_sqe *sqe = iothread_get_sqe(t);
+        if (!sqe)
+            break;
+        io_uring_prep_poll_remove(sqe, (uint64_t)(uintptr_t)q | TAG_KICK);
+        io_uring_sqe_set_data64(sqe, TAG_IGNORE);
+        n++;
+    }
+    return n;
+}
+
 static void ctl_handle(struct dp_iothread *t, struct ctl_msg *msg)
 {
     struct dp_queue *q = msg->queue;
+    if (msg->type == CTL_END_KICK_POLLS) {
+        ctl_reply(t, msg, end_kick_polls(t));
+        return;
+    }
     if (msg->type == CTL_STOP_THREAD) {
         t->stop_waiter = msg;
         for (uint32_t i = 0; i < t->nqueues; i++)
@@ -432,6 +699,7 @@ static void ctl_handle(struct dp_iothread *t, struct ctl_msg *msg)
         t->queues[t->nqueues++] = q;
         STAT_SET(t->stats.queues, t->nqueues);
         q->attached = true;
+        queue_attach_ring(t, q);
         kick_arm(t, q);
         ctl_reply(t, msg, 0);
         return;
@@ -563,12 +831,43 @@ static void kick_drain(struct dp_iothread *t, struct dp_queue *q)
     io_uring_sqe_set_data64(sqe, TAG_IGNORE);
 }
 
-static void complete_kick(struct dp_iothread *t, struct dp_queue *q, int res)
+static void complete_kick(struct dp_iothread *t, struct dp_queue *q, int res, uint32_t flags)
 {
+    if (flags & IORING_CQE_F_MORE) {
+        /* The multishot poll is still armed: a kick. Consumed before the
+         * pass pops, so no kick it counts comes after what the pass sees. */
+        if (q->stopping || res <= 0)
+            return;
+        kick_drain(t, q);
+        q->kicked = true;
+        STAT_ADD(q->stats.kicks, 1);
+        return;
+    }
+    bool multishot = q->kick_multishot;
+    if (multishot) {
+        q->kick_multishot = false;
+        t->kick_multishots--;
+    }
     q->kick_armed = false;
     q->kick_cancelling = false;
     if (q->stopping)
         return;
+    if (multishot) {
+        /* Ended: by the kernel (no room in the CQ: res is still a kick), or
+         * cancelled by someone else; a bad fd (other errors) is as below. */
+        if (res < 0 && res != -ECANCELED && res != -EINTR) {
+            q->kick_failed = true;
+            return;
+        }
+        if (res > 0) {
+            kick_drain(t, q);
+            q->kicked = true;
+            STAT_ADD(q->stats.kicks, 1);
+        }
+        STAT_ADD(t->stats.kick_rearms, 1);
+        kick_arm(t, q);
+        return;
+    }
     if (res == -EAGAIN && !q->kick_poll) {
         q->kick_poll = true; /* an O_NONBLOCK fd: poll it from now on */
     } else if (res < 0 && res != -EINTR) {
@@ -586,7 +885,7 @@ static void complete_kick(struct dp_iothread *t, struct dp_queue *q, int res)
 static unsigned reap_completions(struct dp_iothread *t, uint64_t now)
 {
     struct io_uring_cqe *cqe;
-    unsigned head, n = 0;
+    unsigned head, n = 0, more = 0;
     /* Cannot happen while every CQE has room (iothread_get_sqe); counted so
      * that a test, or an operator, would see it. */
     if (IO_URING_READ_ONCE(*t->ring.sq.kflags) & IORING_SQ_CQ_OVERFLOW)
@@ -599,7 +898,7 @@ static unsigned reap_completions(struct dp_iothread *t, uint64_t now)
             complete_req(t, ptr, cqe->res, now);
             break;
         case TAG_KICK:
-            complete_kick(t, ptr, cqe->res);
+            complete_kick(t, ptr, cqe->res, cqe->flags);
             break;
         case TAG_CTL:
             t->ctl_armed = false;
@@ -609,10 +908,13 @@ static unsigned reap_completions(struct dp_iothread *t, uint64_t now)
         default:
             break;
         }
+        /* A multishot CQE that says more will follow was never counted. */
+        if (cqe->flags & IORING_CQE_F_MORE)
+            more++;
         n++;
     }
     io_uring_cq_advance(&t->ring, n);
-    t->cqe_pending -= n;
+    t->cqe_pending -= n - more;
     return n;
 }
 
@@ -626,16 +928,23 @@ static bool any_queue_ready(struct dp_iothread *t)
     return false;
 }
 
+/* COOP_TASKRUN and DEFER_TASKRUN: finished work waits for this thread to
+ * enter the kernel (with DEFER_TASKRUN, asking for completions: nothing
+ * else posts them, not even a timer tick). The kernel flags that it waits
+ * (IORING_SQ_TASKRUN); this enters for it. io_uring_submit does the same
+ * when it enters. */
+static void iothread_run_task_work(struct dp_iothread *t)
+{
+    if (IO_URING_READ_ONCE(*t->ring.sq.kflags) & IORING_SQ_TASKRUN)
+        io_uring_get_events(&t->ring);
+}
+
 static bool completions_ready(struct dp_iothread *t)
 {
     if (io_uring_cq_ready(&t->ring))
         return true;
-    /* COOP_TASKRUN: finished work waits for us to enter the kernel. */
-    if (IO_URING_READ_ONCE(*t->ring.sq.kflags) & IORING_SQ_TASKRUN) {
-        io_uring_get_events(&t->ring);
-        return io_uring_cq_ready(&t->ring) > 0;
-    }
-    return false;
+    iothread_run_task_work(t);
+    return io_uring_cq_ready(&t->ring) > 0;
 }
 
 /* Spins for up to the poll window looking for new requests or completions. */
@@ -760,8 +1069,13 @@ static void iothread_loop(struct dp_iothread *t)
             return;
         }
         if (work) {
+            /* Busy with requests that need no SQE (the null backend, a
+             * guest that wants no interrupts), it would otherwise never
+             * enter: kicks, control messages and completions would wait. */
             if (io_uring_sq_ready(&t->ring))
                 iothread_enter(t, 0);
+            else
+                iothread_run_task_work(t);
             continue;
         }
         if (poll_window(t, now))
@@ -863,32 +1177,135 @@ static void iothread_probe_nowait(struct dp_iothread *t)
     close(fd);
 }
 
+/* A private eventfd, polled multishot: two CQEs with IORING_CQE_F_MORE
+ * (Linux 5.13; before, the flag is refused). Every CQE is reaped here, the
+ * poll removed first. Needs RWF_NOWAIT reads of eventfds (kick_drain) and
+ * IORING_FEAT_EXT_ARG (5.11), for a wait that cannot hang. */
+static bool iothread_probe_multishot(struct dp_iothread *t)
+{
+    if (!t->kick_nowait || !(t->ring_features & IORING_FEAT_EXT_ARG))
+        return false;
+    int fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    if (fd < 0)
+        return false;
+    const uint64_t probe = 8 | TAG_IGNORE; /* ignored if it ever reached the loop */
+    struct io_uring_sqe *sqe = io_uring_get_sqe(&t->ring);
+    if (!sqe) {
+        close(fd);
+        return false;
+    }
+    io_uring_prep_poll_multishot(sqe, fd, POLLIN);
+    io_uring_sqe_set_data64(sqe, probe);
+    unsigned kicks = 0, owed = 1; /* the poll's last CQE, then the remove's */
+    bool armed = true, removing = false;
+    io_uring_submit(&t->ring);
+    ssize_t w = write(fd, &notify_value, sizeof(notify_value)); /* the first kick */
+    (void)w;
+    while (owed) {
+        struct io_uring_cqe *cqe;
+        struct __kernel_timespec ts = {.tv_sec = 1};
+        if (io_uring_wait_cqe_timeout(&t->ring, &cqe, &ts))
+            break;
+        bool more = cqe->flags & IORING_CQE_F_MORE;
+        if (cqe->user_data == probe && more && (cqe->res & POLLIN))
+            kicks++;
+        if (cqe->user_data == probe && !more)
+            armed = false;
+        if (!more)
+            owed--;
+        io_uring_cqe_seen(&t->ring, cqe);
+        uint64_t drained;
+        struct iovec iov = {.iov_base = &drained, .iov_len = sizeof(drained)};
+        if (kicks == 1 && armed && preadv2(fd, &iov, 1, -1, RWF_NOWAIT) == sizeof(drained)) {
+            w = write(fd, &notify_value, sizeof(notify_value)); /* the second kick */
+        } else if (armed && !removing && (sqe = io_uring_get_sqe(&t->ring))) {
+            io_uring_prep_poll_remove(sqe, probe);
+            io_uring_sqe_set_data64(sqe, TAG_IGNORE);
+            removing = true;
+            owed++;
+        }
+        io_uring_submit(&t->ring);
+    }
+    /* Never seen (a broken kernel): owed CQEs the loop reaps as ignored. */
+    t->cqe_pending += owed;
+    close(fd);
+    return kicks >= 2;
+}
+
+/* What the ring may use besides its setup flags, each probed here with the
+ * ring still empty: a failed probe means the old way. */
+static void iothread_probe_features(struct dp_iothread *t)
+{
+    uint32_t wanted = ~t->disabled_features;
+    struct io_uring_probe *probe = io_uring_get_probe_ring(&t->ring);
+    if ((wanted & DP_URING_SINGLE_RW) && probe && io_uring_opcode_supported(probe, IORING_OP_READ) &&
+        io_uring_opcode_supported(probe, IORING_OP_WRITE))
+        t->features |= DP_URING_SINGLE_RW;
+    if (probe)
+        io_uring_free_probe(probe);
+    if (wanted & DP_URING_REGISTERED_FILES) {
+        /* Sparse tables are Linux 5.19; before, a table of -1 is the same. */
+        int ret = io_uring_register_files_sparse(&t->ring, DP_THREAD_FILE_SLOTS);
+        if (ret) {
+            int none[DP_THREAD_FILE_SLOTS];
+            for (int i = 0; i < DP_THREAD_FILE_SLOTS; i++)
+                none[i] = -1;
+            ret = io_uring_register_files(&t->ring, none, DP_THREAD_FILE_SLOTS);
+        }
+        if (!ret)
+            t->features |= DP_URING_REGISTERED_FILES;
+    }
+    /* Empty slots cost the kernel a pointer each; a memory table is pinned
+     * only when a queue that asks for it attaches. */
+    if ((wanted & DP_URING_FIXED_BUFFERS) && io_uring_register_buffers_sparse(&t->ring, DP_THREAD_BUFFER_SLOTS) == 0)
+        t->features |= DP_URING_FIXED_BUFFERS;
+    if ((wanted & DP_URING_MULTISHOT_KICKS) && iothread_probe_multishot(t))
+        t->features |= DP_URING_MULTISHOT_KICKS;
+}
+
+/* The ring, with DEFER_TASKRUN where the kernel has it (6.1; before, setup
+ * refuses the flag with -EINVAL): completions are then posted only when
+ * this thread enters the kernel asking for them, never by interrupting it,
+ * so the loop asks wherever it looks at the CQ without sleeping
+ * (completions_ready, the rearm path); the sleeping enter always asks.
+ * Then COOP_TASKRUN (5.19) alone, then a plain ring. */
+static int iothread_ring_init(struct dp_iothread *t)
+{
+    /* Requests in flight are capped by the CQ (iothread_get_req_sqe); a
+     * large one keeps that cap out of the way of deep queues. */
+    uint32_t cq_entries = t->ring_entries * 4 > DP_THREAD_MIN_CQ ? t->ring_entries * 4 : DP_THREAD_MIN_CQ;
+    const unsigned coop = IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_COOP_TASKRUN | IORING_SETUP_TASKRUN_FLAG;
+    const unsigned tries[] = {coop | IORING_SETUP_DEFER_TASKRUN, coop, 0};
+    int ret = -EINVAL;
+    for (unsigned i = (t->disabled_features & DP_URING_DEFER_TASKRUN) ? 1 : 0; i < 3 && ret == -EINVAL; i++) {
+        struct io_uring_params p;
+        memset(&p, 0, sizeof(p));
+        p.flags = IORING_SETUP_CQSIZE | tries[i];
+        p.cq_entries = cq_entries;
+        ret = io_uring_queue_init_params(t->ring_entries, &t->ring, &p);
+        if (!ret) {
+            t->cq_entries = p.cq_entries;
+            t->ring_features = p.features;
+            if (tries[i] & IORING_SETUP_DEFER_TASKRUN)
+                t->features |= DP_URING_DEFER_TASKRUN;
+        }
+    }
+    return ret;
+}
+
 static int iothread_setup(struct dp_iothread *t)
 {
     int ret = iothread_pin(t);
     if (ret)
         return ret;
-    struct io_uring_params p;
-    memset(&p, 0, sizeof(p));
-    p.flags = IORING_SETUP_CQSIZE | IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_COOP_TASKRUN |
-              IORING_SETUP_TASKRUN_FLAG;
-    /* Requests in flight are capped by the CQ (iothread_get_req_sqe); a
-     * large one keeps that cap out of the way of deep queues. */
-    uint32_t cq_entries = t->ring_entries * 4 > DP_THREAD_MIN_CQ ? t->ring_entries * 4 : DP_THREAD_MIN_CQ;
-    p.cq_entries = cq_entries;
-    ret = io_uring_queue_init_params(t->ring_entries, &t->ring, &p);
-    if (ret == -EINVAL) { /* older kernels: no SINGLE_ISSUER/COOP_TASKRUN */
-        memset(&p, 0, sizeof(p));
-        p.flags = IORING_SETUP_CQSIZE;
-        p.cq_entries = cq_entries;
-        ret = io_uring_queue_init_params(t->ring_entries, &t->ring, &p);
-    }
+    ret = iothread_ring_init(t);
     if (ret)
         return ret;
     t->ring_ready = true;
-    t->cq_entries = p.cq_entries;
     io_uring_register_ring_fd(&t->ring); /* saves an fget per enter; optional */
     iothread_probe_nowait(t);
+    iothread_probe_features(t);
+    STAT_SET(t->stats.uring_features, t->features);
     ctl_arm(t);
     iothread_enter(t, 0);
     return 0;
@@ -943,6 +1360,7 @@ int dp_iothread_create(const struct dp_iothread_config *config, struct dp_iothre
     t->ring_entries = entries;
     t->poll_max_ns = config->poll_max_ns;
     t->notify_after = config->notify_after;
+    t->disabled_features = config->disabled_features;
     t->cpu_count = config->cpu_count;
     if (config->cpu_count)
         memcpy(t->cpus, config->cpus, config->cpu_count * sizeof(int32_t));
@@ -1004,6 +1422,8 @@ void dp_iothread_destroy(struct dp_iothread *t)
     dp_iothread_stop(t);
     if (t->ring_ready)
         io_uring_queue_exit(&t->ring);
+    for (uint32_t i = 0; i < t->nbuffer_regs; i++)
+        free(t->buffer_regs[i]); /* queues the thread never detached (a failed stop) */
     close(t->ctl_fd);
     pthread_mutex_destroy(&t->ctl_lock);
     pthread_cond_destroy(&t->ctl_cond);
@@ -1024,4 +1444,17 @@ int dp_iothread_get_stats(const struct dp_iothread *t, struct dp_iothread_stats 
 int dp_iothread_numa_node(const struct dp_iothread *t)
 {
     return t ? t->numa_node : -1;
+}
+
+int dp_iothread_end_kick_polls(struct dp_iothread *t)
+{
+    if (!t)
+        return -EINVAL;
+    struct ctl_msg msg = {.type = CTL_END_KICK_POLLS};
+    return iothread_call(t, &msg);
+}
+
+struct dp_thread_counters *iothread_counters(struct dp_iothread *t)
+{
+    return &t->stats;
 }

@@ -542,6 +542,10 @@ int dp_queue_create(struct dp_iothread *thread, const struct dp_queue_config *co
     q->disk = disk;
     q->mem = mem;
     q->config = *config;
+    /* Until its IOThread registers them (on attach): the plain fd, no buffers. */
+    q->ring_fd = disk->fd;
+    q->file_slot = -1;
+    q->thread_stats = iothread_counters(thread);
     for (uint32_t i = 0; i < nslots; i++) {
         q->reqs[i].queue = q;
         q->free_slots[i] = (uint16_t)(nslots - 1 - i);

@@ -47,4 +47,13 @@ void stats_thread_snapshot(const struct dp_thread_counters *c, struct dp_iothrea
     out->queues = STAT_LOAD(c->queues);
     out->failed = STAT_LOAD(c->failed);
     out->cq_overflows = STAT_LOAD(c->cq_overflows);
+    out->uring_features = STAT_LOAD(c->uring_features);
+    out->registered_files = STAT_LOAD(c->registered_files);
+    out->registered_buffers = STAT_LOAD(c->registered_buffers);
+    out->buffer_register_error = STAT_LOAD(c->buffer_register_error);
+    out->buffer_register_failures = STAT_LOAD(c->buffer_register_failures);
+    out->fixed_file_ios = STAT_LOAD(c->fixed_file_ios);
+    out->fixed_buffer_ios = STAT_LOAD(c->fixed_buffer_ios);
+    out->single_rw_ios = STAT_LOAD(c->single_rw_ios);
+    out->kick_rearms = STAT_LOAD(c->kick_rearms);
 }

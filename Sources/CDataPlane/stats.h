@@ -48,6 +48,16 @@ struct dp_thread_counters {
     _Atomic uint32_t queues;
     _Atomic int32_t failed;
     _Atomic uint64_t cq_overflows;
+    _Atomic uint32_t uring_features;
+    _Atomic uint32_t registered_files;
+    _Atomic uint32_t registered_buffers;
+    _Atomic int32_t buffer_register_error;
+    _Atomic uint64_t buffer_register_failures;
+    _Atomic uint64_t kick_rearms;
+    /* Per request: on a line of their own, away from the loop's. */
+    _Alignas(64) _Atomic uint64_t fixed_file_ios;
+    _Atomic uint64_t fixed_buffer_ios;
+    _Atomic uint64_t single_rw_ios;
 };
 
 #define STAT_LOAD(field) atomic_load_explicit(&(field), memory_order_relaxed)

@@ -279,6 +279,22 @@ public struct DiskConfiguration: Sendable, Equatable {
     /// Turn it off only for storage shared on purpose, where something else
     /// keeps writers apart. Ignored by the null backend.
     public var locking: Bool = true
+    /// Whether the guest memory of this disk's queues is registered with
+    /// their IOThread's io_uring, so that one-segment reads and writes are
+    /// READ_FIXED/WRITE_FIXED (no pages pinned and unpinned per request).
+    /// Off by default: registering pins all of the guest's memory (and so
+    /// allocates it, all of it, at once) for as long as a queue uses it, it
+    /// counts against RLIMIT_MEMLOCK (unless CAP_IPC_LOCK, as root has), and
+    /// the frontend does not know: a balloon, free page reporting or
+    /// virtio-mem that discards guest RAM and maps new pages there would
+    /// leave our I/O going to the old pages. (QEMU refuses to discard guest
+    /// RAM for VFIO and vDPA devices, which pin it too; it does not know a
+    /// vhost-user backend does.) Use it where nothing discards guest RAM
+    /// (hugepages, no balloon, as SPDK's vhost-user target requires). Where
+    /// registering fails, plain I/O is used
+    /// (``IOThreadStatistics/bufferRegistrationFailures``). Ignored by the
+    /// null backend.
+    public var fixedBuffers: Bool = false
 
     /// Creates a disk configuration; nothing is checked until ``validate()``.
     ///
@@ -360,6 +376,56 @@ public struct DiskConfiguration: Sendable, Equatable {
 
 // MARK: - IOThread
 
+/// io_uring features an IOThread uses where its kernel has them. Each is
+/// probed when the thread sets its ring up, and what the kernel lacks falls
+/// back to what works without it.
+public struct IOURingFeatures: OptionSet, Sendable, Hashable, Codable, CustomStringConvertible {
+    public let rawValue: UInt32
+    public init(rawValue: UInt32) { self.rawValue = rawValue }
+
+    /// IORING_SETUP_DEFER_TASKRUN (Linux 6.1): completions are posted only
+    /// when the thread asks for them, never by interrupting it.
+    public static let deferTaskRun = IOURingFeatures(rawValue: DP_URING_DEFER_TASKRUN.rawValue)
+    /// Disk fds in a registered file table: no file lookup per request.
+    public static let registeredFiles = IOURingFeatures(rawValue: DP_URING_REGISTERED_FILES.rawValue)
+    /// A registered buffer table for the guest memory of disks that ask for
+    /// it (``DiskConfiguration/fixedBuffers``): READ_FIXED/WRITE_FIXED.
+    public static let fixedBuffers = IOURingFeatures(rawValue: DP_URING_FIXED_BUFFERS.rawValue)
+    /// One-segment reads and writes as READ/WRITE rather than READV/WRITEV.
+    public static let singleSegmentReadWrite = IOURingFeatures(rawValue: DP_URING_SINGLE_RW.rawValue)
+    /// One multishot poll per kick eventfd (Linux 5.13) rather than a read
+    /// armed again after every kick.
+    public static let multishotKicks = IOURingFeatures(rawValue: DP_URING_MULTISHOT_KICKS.rawValue)
+    public static let all = IOURingFeatures(rawValue: DP_URING_ALL.rawValue)
+
+    /// Each feature by the name dpctl uses for it.
+    public static let named: [(name: String, feature: IOURingFeatures)] = [
+        ("defer-taskrun", .deferTaskRun), ("registered-files", .registeredFiles), ("fixed-buffers", .fixedBuffers),
+        ("single-rw", .singleSegmentReadWrite), ("multishot-kicks", .multishotKicks),
+    ]
+
+    /// The names of the features in the set, in a fixed order.
+    public var names: [String] { Self.named.filter { contains($0.feature) }.map(\.name) }
+
+    /// Parses names as ``names`` gives them; "all" stands for every one and
+    /// "none" for none. Nil for an unknown name.
+    public init?(names: [String]) {
+        var set: IOURingFeatures = []
+        for name in names {
+            switch name {
+            case "all": set.formUnion(.all)
+            case "none": break
+            default:
+                guard let feature = Self.named.first(where: { $0.name == name })?.feature else { return nil }
+                set.formUnion(feature)
+            }
+        }
+        self = set
+    }
+
+    public var description: String { names.isEmpty ? "none" : names.joined(separator: ",") }
+}
+
 /// One IOThread: an event loop pinned to a set of CPUs that serves virtqueues.
 public struct IOThreadConfiguration: Sendable, Equatable {
     /// The longest thread name Linux accepts (16 bytes with the terminating NUL).
@@ -385,6 +451,9 @@ public struct IOThreadConfiguration: Sendable, Equatable {
     public static let maxNotifyAfter: UInt32 = 1024
     /// The default of ``notifyAfterCompletions`` (bench/RESULTS.md, "Notification policy").
     public static let defaultNotifyAfter: UInt32 = 0
+    /// io_uring features never to use, even where the kernel has them: to
+    /// measure what each brings, or to run as on a kernel without them.
+    public var disabledIOURingFeatures: IOURingFeatures = []
 
     /// Creates an IOThread configuration; nothing is checked until ``validate(online:)``.
     public init(

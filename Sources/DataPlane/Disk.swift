@@ -105,6 +105,7 @@ public final class Disk: @unchecked Sendable {
             cConfig.fd = fd
             cConfig.capacity_sectors = size / 512
             cConfig.mem_align = configuration.directIO ? max(info.dio_mem_align, 512) : 0
+            cConfig.fixed_buffers = configuration.fixedBuffers
             capacityBytes = size
             usesDirectIO = configuration.directIO
             directIOAlignment = cConfig.mem_align

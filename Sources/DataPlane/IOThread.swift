@@ -17,6 +17,7 @@ public final class IOThread: @unchecked Sendable {
         config.poll_max_ns = UInt64(configuration.pollMaxMicroseconds) * 1000
         config.ring_entries = configuration.ringEntries
         config.notify_after = configuration.notifyAfterCompletions
+        config.disabled_features = configuration.disabledIOURingFeatures.rawValue
         withUnsafeMutableBytes(of: &config.name) { name in
             for (i, byte) in configuration.name.utf8.prefix(15).enumerated() { name[i] = byte }
         }

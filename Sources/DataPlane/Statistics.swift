@@ -249,6 +249,26 @@ public struct IOThreadStatistics: Sendable, Equatable, Codable {
     public var failure: String?
     /// Passes that found its io_uring completion queue overflowed (0 by design).
     public var completionQueueOverflows: UInt64
+    /// The io_uring features its ring uses (what the kernel has, less what
+    /// was disabled).
+    public var ioURingFeatures: IOURingFeatures = []
+    /// Disk fds in its registered file table now.
+    public var registeredFiles: UInt32 = 0
+    /// Guest memory registered as fixed buffers now, in pieces (a region,
+    /// or 1 GiB of one).
+    public var registeredBuffers: UInt32 = 0
+    /// Guest memory tables that could not be registered (their I/O is
+    /// plain), and why the last one could not.
+    public var bufferRegistrationFailures: UInt64 = 0
+    public var bufferRegistrationError: String?
+    /// Disk requests that named a registered file.
+    public var fixedFileRequests: UInt64 = 0
+    /// Reads and writes into registered guest memory (READ_FIXED/WRITE_FIXED).
+    public var fixedBufferRequests: UInt64 = 0
+    /// Other one-segment reads and writes, issued as READ/WRITE.
+    public var singleSegmentRequests: UInt64 = 0
+    /// Multishot kick polls armed again after the kernel ended one.
+    public var kickPollRearms: UInt64 = 0
 
     init(_ raw: dp_iothread_stats, name: String) {
         self.name = name
@@ -262,5 +282,46 @@ public struct IOThreadStatistics: Sendable, Equatable, Codable {
         queues = Int(raw.queues)
         failure = raw.failed != 0 ? DataPlaneError.message(-raw.failed) : nil
         completionQueueOverflows = raw.cq_overflows
+        ioURingFeatures = IOURingFeatures(rawValue: raw.uring_features)
+        registeredFiles = raw.registered_files
+        registeredBuffers = raw.registered_buffers
+        bufferRegistrationFailures = raw.buffer_register_failures
+        bufferRegistrationError = raw.buffer_register_error != 0 ? DataPlaneError.message(-raw.buffer_register_error) : nil
+        fixedFileRequests = raw.fixed_file_ios
+        fixedBufferRequests = raw.fixed_buffer_ios
+        singleSegmentRequests = raw.single_rw_ios
+        kickPollRearms = raw.kick_rearms
+    }
+
+    private enum CodingKeys: String, CodingKey {
+        case name, iterations, waits, pollHits, pollMisses, pollWindowNanoseconds, submits, cpuNanoseconds, queues
+        case failure, completionQueueOverflows, ioURingFeatures, registeredFiles, registeredBuffers
+        case bufferRegistrationFailures, bufferRegistrationError, fixedFileRequests, fixedBufferRequests
+        case singleSegmentRequests, kickPollRearms
+    }
+
+    /// Decodes what older versions sent too (without the io_uring counters).
+    public init(from decoder: any Decoder) throws {
+        let c = try decoder.container(keyedBy: CodingKeys.self)
+        name = try c.decode(String.self, forKey: .name)
+        iterations = try c.decode(UInt64.self, forKey: .iterations)
+        waits = try c.decode(UInt64.self, forKey: .waits)
+        pollHits = try c.decode(UInt64.self, forKey: .pollHits)
+        pollMisses = try c.decode(UInt64.self, forKey: .pollMisses)
+        pollWindowNanoseconds = try c.decode(UInt64.self, forKey: .pollWindowNanoseconds)
+        submits = try c.decode(UInt64.self, forKey: .submits)
+        cpuNanoseconds = try c.decode(UInt64.self, forKey: .cpuNanoseconds)
+        queues = try c.decode(Int.self, forKey: .queues)
+        failure = try c.decodeIfPresent(String.self, forKey: .failure)
+        completionQueueOverflows = try c.decode(UInt64.self, forKey: .completionQueueOverflows)
+        ioURingFeatures = try c.decodeIfPresent(IOURingFeatures.self, forKey: .ioURingFeatures) ?? []
+        registeredFiles = try c.decodeIfPresent(UInt32.self, forKey: .registeredFiles) ?? 0
+        registeredBuffers = try c.decodeIfPresent(UInt32.self, forKey: .registeredBuffers) ?? 0
+        bufferRegistrationFailures = try c.decodeIfPresent(UInt64.self, forKey: .bufferRegistrationFailures) ?? 0
+        bufferRegistrationError = try c.decodeIfPresent(String.self, forKey: .bufferRegistrationError)
+        fixedFileRequests = try c.decodeIfPresent(UInt64.self, forKey: .fixedFileRequests) ?? 0
+        fixedBufferRequests = try c.decodeIfPresent(UInt64.self, forKey: .fixedBufferRequests) ?? 0
+        singleSegmentRequests = try c.decodeIfPresent(UInt64.self, forKey: .singleSegmentRequests) ?? 0
+        kickPollRearms = try c.decodeIfPresent(UInt64.self, forKey: .kickPollRearms) ?? 0
     }
 }

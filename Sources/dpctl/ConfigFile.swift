@@ -27,13 +27,13 @@ enum ConfigFile {
 
     static let instanceKeys = [Key("iothreads"), Key("cpuset"), Key("poll-us", alias: "pollMicroseconds"),
                                Key("notify-after", alias: "notifyAfter"), Key("control"),
-                               Key("disks")]
+                               Key("disable-io-uring"), Key("disks")]
     static let diskKeys = [
         Key("path"), Key("socket"), Key("readonly", alias: "readOnly"), Key("num-queues", alias: "numQueues"),
         Key("queue-size", alias: "queueSize"), Key("backend"), Key("null-size", alias: "nullSize"),
         Key("null-read-zeroes", alias: "nullReadZeroes"), Key("serial"), Key("direct", alias: "directIO"),
         Key("block-size", alias: "logicalBlockSize"), Key("rerror", alias: "readErrorPolicy"),
-        Key("werror", alias: "writeErrorPolicy"), Key("fault"), Key("locking"),
+        Key("werror", alias: "writeErrorPolicy"), Key("fault"), Key("locking"), Key("fixed-buffers"),
     ]
 
     /// Reads a configuration file's contents; errors name the file and the setting.
@@ -62,6 +62,14 @@ enum ConfigFile {
             case "notify-after":
                 config.notifyAfter = UInt32(try integer(value, key, range: 0...Int(IOThreadConfiguration.maxNotifyAfter)))
             case "control": config.control = try string(value, key)
+            case "disable-io-uring":
+                switch value {
+                case .string(let text): config.disabledIOURing = try StartCommand.parseIOURingFeatures(text, option: key)
+                case .array(let items):
+                    let names = try items.map { (item: JSONValue) throws(CLIError) -> String in try string(item, key) }
+                    config.disabledIOURing = try StartCommand.parseIOURingFeatures(names.isEmpty ? "none" : names.joined(separator: ","), option: key)
+                default: throw CLIError("\"disable-io-uring\" must be a list of feature names or a comma list, not \(value)")
+                }
             case "disks":
                 guard case .array(let entries) = value else { throw CLIError("\"disks\" must be a list of disks") }
                 config.disks = try entries.enumerated().map { (i, entry) throws(CLIError) in try disk(entry, at: "disks[\(i)]") }
@@ -110,6 +118,7 @@ enum ConfigFile {
                 _ = try StartCommand.parseFault(text)
                 d.fault = text
             case "locking": d.locking = try onOff(value, name)
+            case "fixed-buffers": d.fixedBuffers = try onOff(value, name)
             default: preconditionFailure("key \(key) is listed but not handled")
             }
         }

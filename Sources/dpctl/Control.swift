@@ -14,6 +14,13 @@ struct ThreadStatus: Codable {
     var pollMaxMicroseconds: UInt32
     /// Set when the thread's io_uring failed it (every queue on it is broken).
     var failure: String?
+    /// The io_uring features it uses ("defer-taskrun,registered-files,..."; older instances leave it out).
+    var ioURing: String?
+    /// Guest memory registered as fixed buffers now (pieces of regions), and
+    /// memory tables that could not be registered, with the last reason.
+    var registeredBuffers: UInt32?
+    var bufferRegistrationFailures: UInt64?
+    var bufferRegistrationError: String?
 }
 
 struct QueueStatus: Codable {
@@ -198,8 +205,12 @@ final class ControlServer: @unchecked Sendable {
 
     private func status() -> ControlResponse {
         let threads = plane.threads.enumerated().map { i, t in
-            ThreadStatus(name: t.configuration.name, cpus: cpus[i].description, numaNode: t.numaNode,
-                         pollMaxMicroseconds: t.configuration.pollMaxMicroseconds, failure: t.statistics().failure)
+            let s = t.statistics()
+            return ThreadStatus(name: t.configuration.name, cpus: cpus[i].description, numaNode: t.numaNode,
+                                pollMaxMicroseconds: t.configuration.pollMaxMicroseconds, failure: s.failure,
+                                ioURing: s.ioURingFeatures.description, registeredBuffers: s.registeredBuffers,
+                                bufferRegistrationFailures: s.bufferRegistrationFailures,
+                                bufferRegistrationError: s.bufferRegistrationError)
         }
         let exports = server.exportStatus
         let disks = zip(plane.disks, exports).map { disk, export in

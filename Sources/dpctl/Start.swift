@@ -21,6 +21,7 @@ struct InstanceConfiguration {
         var writeErrorPolicy: ErrorPolicy?
         var fault: String?
         var locking: Bool?
+        var fixedBuffers: Bool?
     }
 
     var iothreads: Int?
@@ -28,6 +29,7 @@ struct InstanceConfiguration {
     var pollMicroseconds: UInt32?
     var notifyAfter: UInt32?
     var control: String?
+    var disabledIOURing: IOURingFeatures?
     var disks: [DiskEntry]
     /// --check: print the configuration and exit without serving.
     var checkOnly = false
@@ -53,11 +55,12 @@ struct EffectiveConfiguration: Encodable {
         var werror: ErrorPolicy
         var fault: String?
         var locking: Bool
+        var fixedBuffers: Bool
 
         enum CodingKeys: String, CodingKey {
             case path, socket, readonly, backend, serial, direct, rerror, werror, fault, locking
             case numQueues = "num-queues", queueSize = "queue-size", nullSize = "null-size"
-            case nullReadZeroes = "null-read-zeroes", blockSize = "block-size"
+            case nullReadZeroes = "null-read-zeroes", blockSize = "block-size", fixedBuffers = "fixed-buffers"
         }
     }
 
@@ -66,11 +69,13 @@ struct EffectiveConfiguration: Encodable {
     var pollMicroseconds: UInt32
     var notifyAfter: UInt32
     var control: String
+    /// The names of the io_uring features left unused.
+    var disableIOURing: [String]
     var disks: [Disk]
 
     enum CodingKeys: String, CodingKey {
         case iothreads, cpuset, control, disks
-        case pollMicroseconds = "poll-us", notifyAfter = "notify-after"
+        case pollMicroseconds = "poll-us", notifyAfter = "notify-after", disableIOURing = "disable-io-uring"
     }
 }
 
@@ -86,6 +91,7 @@ enum StartCommand {
 
     static let help = """
     USAGE: dpctl start [--iothreads N] [--cpuset LIST] [--poll-us N] [--notify-after N] [--control PATH]
+                       [--disable-io-uring LIST]
                        --disk PATH --socket PATH [disk options] [--disk PATH --socket PATH ...]
            dpctl start --config FILE
            dpctl start ... --check
@@ -108,15 +114,23 @@ enum StartCommand {
                           0-\(IOThreadConfiguration.maxNotifyAfter) (default \(IOThreadConfiguration.defaultNotifyAfter); 0 = at the end of each pass only)
       --control PATH      Control socket for status, stats, resume and stop (default
                           FIRST-SOCKET.ctl); like --socket, it replaces only a stale socket
+      --disable-io-uring LIST
+                          io_uring features to leave unused even where the kernel has them, to
+                          measure what each brings: a comma list of defer-taskrun,
+                          registered-files, fixed-buffers, single-rw, multishot-kicks, or all
+                          (default none: each is used where the kernel has it; 'dpctl status'
+                          lists them)
       --config FILE       Read the instance and its disks from a JSON file. Its keys are the
                           names of these options without the dashes, with the values they
-                          take: "iothreads", "cpuset", "poll-us", "notify-after", "control", and "disks", a
-                          list of objects with "path", "socket", "readonly", "num-queues",
-                          "queue-size", "backend", "null-size" ("1G" or bytes),
+                          take: "iothreads", "cpuset", "poll-us", "notify-after", "control",
+                          "disable-io-uring" (a list of names, or the comma list), and
+                          "disks", a list of objects with "path", "socket", "readonly",
+                          "num-queues", "queue-size", "backend", "null-size" ("1G" or bytes),
                           "null-read-zeroes", "serial", "direct" (false for --no-direct),
-                          "block-size", "rerror", "werror", "fault". An unknown key is an
-                          error. --iothreads, --cpuset, --poll-us, --notify-after and --control override the
-                          file; --disk cannot be combined with it.
+                          "block-size", "rerror", "werror", "fault", "locking",
+                          "fixed-buffers". An unknown key is an error. --iothreads, --cpuset,
+                          --poll-us, --notify-after, --control and --disable-io-uring override
+                          the file; --disk cannot be combined with it.
       --check             Check the options (no image is opened, no socket made), print the
                           configuration with every default filled in, as a --config file,
                           and exit
@@ -148,6 +162,15 @@ enum StartCommand {
                           or a writer and a read-only user, exclude each other, whether QEMU,
                           qemu-img, qemu-storage-daemon or dpctl; off only for storage shared
                           on purpose, where something else keeps writers apart
+      --fixed-buffers on|off
+                          Register the guest's memory with io_uring, so that one-segment reads
+                          and writes need no page pinning each (default off): it pins all of
+                          the guest's RAM (allocating all of it) while the frontend is
+                          connected, which counts against RLIMIT_MEMLOCK (not as root); and
+                          the guest must not give RAM back to the host (no balloon, free page
+                          reporting or virtio-mem unplug): QEMU does not know we pinned it,
+                          and I/O would go to the pages it gave up. Where registering fails,
+                          plain I/O is used ('dpctl status' says so)
       --rerror POLICY     A failed read: report (the guest gets an I/O error), ignore, enospc,
                           or stop (hold it; 'dpctl resume' retries it) (default report)
       --werror POLICY     A failed write/flush/discard: enospc (stop only when the host is out
@@ -186,6 +209,7 @@ enum StartCommand {
                 config.notifyAfter = UInt32(try parseInt(try args.value(for: option, inline: inline), option: option,
                                                          range: 0...Int(IOThreadConfiguration.maxNotifyAfter)))
             case "--control": config.control = try args.value(for: option, inline: inline)
+            case "--disable-io-uring": config.disabledIOURing = try parseIOURingFeatures(try args.value(for: option, inline: inline), option: option)
             case "--disk":
                 try finishDisk()
                 current = .init(path: try args.value(for: option, inline: inline), socket: "")
@@ -243,6 +267,13 @@ enum StartCommand {
                     throw CLIError("--locking \(text.debugDescription): use on or off", usage: true)
                 }
                 current?.locking = text == "on"
+            case "--fixed-buffers":
+                try needDisk(option)
+                let text = try args.value(for: option, inline: inline)
+                guard text == "on" || text == "off" else {
+                    throw CLIError("--fixed-buffers \(text.debugDescription): use on or off", usage: true)
+                }
+                current?.fixedBuffers = text == "on"
             case "--block-size":
                 try needDisk(option)
                 current?.logicalBlockSize = UInt32(try parseInt(try args.value(for: option, inline: inline), option: option, range: 512...65536))
@@ -262,6 +293,7 @@ enum StartCommand {
             fromFile.pollMicroseconds = config.pollMicroseconds ?? fromFile.pollMicroseconds
             fromFile.notifyAfter = config.notifyAfter ?? fromFile.notifyAfter
             fromFile.control = config.control ?? fromFile.control
+            fromFile.disabledIOURing = config.disabledIOURing ?? fromFile.disabledIOURing
             fromFile.checkOnly = config.checkOnly
             config = fromFile
         }
@@ -286,7 +318,18 @@ enum StartCommand {
         if let p = d.readErrorPolicy { c.readErrorPolicy = p }
         if let p = d.writeErrorPolicy { c.writeErrorPolicy = p }
         if let locking = d.locking { c.locking = locking }
+        if let fixed = d.fixedBuffers { c.fixedBuffers = fixed }
         return c
+    }
+
+    /// "defer-taskrun,fixed-buffers", "all" or "none".
+    static func parseIOURingFeatures(_ text: String, option: String) throws(CLIError) -> IOURingFeatures {
+        let names = text.split(separator: ",").map { String($0).trimmingCharacters(in: .whitespaces) }
+        guard !names.isEmpty, let features = IOURingFeatures(names: names) else {
+            let known = (IOURingFeatures.named.map(\.name) + ["all", "none"]).joined(separator: ", ")
+            throw CLIError("\(option) \(text.debugDescription): use a comma list of \(known)", usage: true)
+        }
+        return features
     }
 
     /// errno=EIO,ops=read+write,sectors=A-B,after=N,every=N
@@ -371,12 +414,13 @@ enum StartCommand {
             let effective = EffectiveConfiguration(
                 iothreads: threadCount, cpuset: cpuset.description, pollMicroseconds: pollMicroseconds,
                 notifyAfter: notifyAfter, control: controlPath,
+                disableIOURing: (config.disabledIOURing ?? []).names,
                 disks: zip(config.disks, disks).map { entry, d in
                     EffectiveConfiguration.Disk(
                         path: d.path, socket: entry.socket, readonly: d.readOnly, numQueues: d.numQueues, queueSize: d.queueSize,
                         backend: d.backend.rawValue, nullSize: d.nullSizeBytes, nullReadZeroes: d.nullReadZeroes, serial: d.serial,
                         direct: d.directIO, blockSize: d.logicalBlockSize, rerror: d.readErrorPolicy, werror: d.writeErrorPolicy,
-                        fault: entry.fault, locking: d.locking)
+                        fault: entry.fault, locking: d.locking, fixedBuffers: d.fixedBuffers)
                 })
             StatusCommand.printJSON(effective)
             return 0
@@ -390,8 +434,10 @@ enum StartCommand {
         pthread_sigmask(SIG_BLOCK, &signals, nil)
 
         let threads = (0..<threadCount).map { i in
-            IOThreadConfiguration(name: "iothread\(i)", cpuset: cpuset.individualCPUs[i % cpuset.cpus.count],
-                                  pollMaxMicroseconds: pollMicroseconds, notifyAfterCompletions: notifyAfter)
+            var thread = IOThreadConfiguration(name: "iothread\(i)", cpuset: cpuset.individualCPUs[i % cpuset.cpus.count],
+                                               pollMaxMicroseconds: pollMicroseconds, notifyAfterCompletions: notifyAfter)
+            thread.disabledIOURingFeatures = config.disabledIOURing ?? []
+            return thread
         }
         let plane = try DataPlane(iothreads: threads)
         let server = try VhostUserServer(plane: plane, log: { log($0) })
@@ -422,10 +468,10 @@ enum StartCommand {
         try server.start()
         if let warning = sharedCPUWarning(threads: threadCount, cpuset: cpuset) { log(warning) }
         for (i, t) in plane.threads.enumerated() {
-            log("\(t.configuration.name): CPU \(threads[i].cpuset), NUMA node \(t.numaNode.map(String.init) ?? "unknown"), poll window up to \(t.configuration.pollMaxMicroseconds) us")
+            log("\(t.configuration.name): CPU \(threads[i].cpuset), NUMA node \(t.numaNode.map(String.init) ?? "unknown"), poll window up to \(t.configuration.pollMaxMicroseconds) us, io_uring: \(t.statistics().ioURingFeatures)")
         }
         for (disk, socket) in opened {
-            log("serving \(disk.name) (\(disk.capacityBytes) bytes, \(disk.configuration.readOnly ? "read-only" : "read-write"), \(disk.usesDirectIO ? "O_DIRECT" : "page cache"), \(disk.logicalBlockSize)-byte blocks, up to \(disk.configuration.numQueues) queues) on \(socket)")
+            log("serving \(disk.name) (\(disk.capacityBytes) bytes, \(disk.configuration.readOnly ? "read-only" : "read-write"), \(disk.usesDirectIO ? "O_DIRECT" : "page cache"), \(disk.logicalBlockSize)-byte blocks, up to \(disk.configuration.numQueues) queues\(disk.configuration.fixedBuffers && disk.configuration.backend == .file ? ", guest memory registered as fixed buffers" : "")) on \(socket)")
         }
         log("control socket \(controlPath); ready")
 

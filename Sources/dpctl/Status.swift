@@ -97,7 +97,11 @@ enum StatusCommand {
         print("dpctl pid \(r.pid.map(String.init) ?? "?")")
         for t in r.threads ?? [] {
             print("  \(t.name): CPU \(t.cpus), NUMA node \(t.numaNode.map(String.init) ?? "unknown"), poll up to \(t.pollMaxMicroseconds) us"
+                  + (t.ioURing.map { ", io_uring: \($0)" } ?? "")
                   + (t.failure.map { "; FAILED (\($0)): its queues are broken, restart dpctl" } ?? ""))
+            if let failures = t.bufferRegistrationFailures, failures > 0 {
+                print("    \(failures) guest memory table(s) could not be registered as fixed buffers (last: \(t.bufferRegistrationError ?? "?")): their I/O is plain")
+            }
         }
         for d in r.disks ?? [] {
             let size = binarySize(d.capacityBytes)

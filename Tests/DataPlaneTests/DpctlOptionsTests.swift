@@ -54,9 +54,9 @@ import Testing
 
     @Test(arguments: [
         (#"{ "disks": [ { "path": "x", "socket": "s", "read-only": true } ] }"#,
-         #"unknown key "read-only" in disks[0] (keys: path, socket, readonly, num-queues, queue-size, backend, null-size, null-read-zeroes, serial, direct, block-size, rerror, werror, fault, locking)"#),
+         #"unknown key "read-only" in disks[0] (keys: path, socket, readonly, num-queues, queue-size, backend, null-size, null-read-zeroes, serial, direct, block-size, rerror, werror, fault, locking, fixed-buffers)"#),
         (#"{ "iothread": 2, "disks": [ { "path": "x", "socket": "s" } ] }"#,
-         #"unknown key "iothread" in the file (keys: iothreads, cpuset, poll-us, notify-after, control, disks)"#),
+         #"unknown key "iothread" in the file (keys: iothreads, cpuset, poll-us, notify-after, control, disable-io-uring, disks)"#),
         (#"{ "disks": [ { "path": "x", "socket": "s", "readonly": true, "readOnly": false } ] }"#,
          #"disks[0] gives both "readOnly" and "readonly", the same setting: keep "readonly""#),
         (#"{ "poll-us": 5, "pollMicroseconds": 5, "disks": [ { "path": "x", "socket": "s" } ] }"#,
@@ -185,6 +185,8 @@ import Testing
             // Not known before the image is opened: --check leaves it out.
             "--block-size": { $0 == "what" && disk["block-size"] == nil },
             "--locking": { disk["locking"] as? Bool == ($0 == "on") },
+            "--fixed-buffers": { disk["fixed-buffers"] as? Bool == ($0 == "on") },
+            "--disable-io-uring": { $0 == "none" && (json["disable-io-uring"] as? [String]) == [] },
             "--no-direct": { $0 == "O_DIRECT" && disk["direct"] as? Bool == true },
             "--rerror": { disk["rerror"] as? String == $0 },
             "--werror": { disk["werror"] as? String == $0 },

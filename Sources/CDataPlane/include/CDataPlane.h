@@ -93,6 +93,11 @@ struct dp_disk_config {
     int32_t read_policy;         /* enum dp_error_policy for reads */
     int32_t write_policy;        /* ... for writes, flushes, discards, write zeroes */
     uint32_t seg_max;            /* segments per request announced, 1..DP_SEG_MAX; 0 = DP_SEG_MAX */
+    /* File backend: register the guest memory of this disk's queues with
+     * their IOThread's io_uring, for READ_FIXED/WRITE_FIXED. That pins (and
+     * so allocates) all of it for as long as a queue uses it: see
+     * DP_URING_FIXED_BUFFERS. Where registering fails, plain I/O is used. */
+    bool fixed_buffers;
 };
 
 /* Fault injection, for tests and for rehearsing failures: matching requests
@@ -221,6 +226,32 @@ struct dp_queue_stats {
     uint16_t used_idx;
 };
 
+/* io_uring features an IOThread uses where its kernel has them; each is
+ * probed when the thread sets its ring up, and falls back to what works
+ * without it. */
+enum dp_uring_feature {
+    /* IORING_SETUP_DEFER_TASKRUN (Linux 6.1): completions are posted only
+     * when the thread asks for them, never by interrupting it. */
+    DP_URING_DEFER_TASKRUN = 1u << 0,
+    /* Disk fds in a registered file table (IOSQE_FIXED_FILE): no file
+     * lookup per request. */
+    DP_URING_REGISTERED_FILES = 1u << 1,
+    /* A registered buffer table: the guest memory of disks that ask for it
+     * (dp_disk_config.fixed_buffers) is registered, and one-segment reads
+     * and writes into it are READ_FIXED/WRITE_FIXED (no page pinning per
+     * request). Registering pins the memory: the kernel keeps those pages
+     * for us, so a frontend that discards guest RAM (a balloon, free page
+     * reporting, virtio-mem) and maps new pages there would leave our I/O
+     * going to the old ones. */
+    DP_URING_FIXED_BUFFERS = 1u << 2,
+    /* One-segment reads and writes as IORING_OP_READ/WRITE, not READV/WRITEV. */
+    DP_URING_SINGLE_RW = 1u << 3,
+    /* One multishot poll per kick fd (IORING_POLL_ADD_MULTI, Linux 5.13)
+     * instead of a read armed again after every kick. */
+    DP_URING_MULTISHOT_KICKS = 1u << 4,
+    DP_URING_ALL = 0x1fu,
+};
+
 struct dp_iothread_stats {
     uint64_t iterations;  /* loop iterations */
     uint64_t waits;       /* times the thread slept in io_uring_enter */
@@ -232,6 +263,15 @@ struct dp_iothread_stats {
     uint32_t queues;      /* queues attached */
     int32_t failed;       /* a negative errno once its io_uring failed it (its queues are broken) */
     uint64_t cq_overflows; /* passes that found its completion queue overflowed (never, by design) */
+    uint32_t uring_features;     /* DP_URING_* its io_uring uses */
+    uint32_t registered_files;   /* disk fds in its registered file table now */
+    uint32_t registered_buffers; /* guest memory registered now: pieces of regions (1 GiB at most each) */
+    int32_t buffer_register_error; /* the last failure to register a memory table (-errno), or 0 */
+    uint64_t buffer_register_failures; /* memory tables that could not be registered (their I/O is plain) */
+    uint64_t fixed_file_ios;     /* disk SQEs that named a registered file */
+    uint64_t fixed_buffer_ios;   /* reads and writes into registered memory (READ_FIXED/WRITE_FIXED) */
+    uint64_t single_rw_ios;      /* other one-segment reads and writes, as READ/WRITE */
+    uint64_t kick_rearms;        /* multishot kick polls armed again after the kernel ended one */
 };
 
 /* ---------------------------------------------------------------- IOThreads */
@@ -246,6 +286,9 @@ struct dp_iothread_config {
     uint32_t notify_after;   /* a queue's pass publishes and signals once early, after this many
                                 completions (0 = only at the end of the pass; see queue.c) */
     char name[16];           /* thread name (pthread_setname_np) */
+    /* DP_URING_* features never to use, even where the kernel has them: to
+     * measure what each brings, and to test what runs without them. */
+    uint32_t disabled_features;
 };
 
 struct dp_iothread;
@@ -260,6 +303,10 @@ void dp_iothread_destroy(struct dp_iothread *thread);
 int dp_iothread_get_stats(const struct dp_iothread *thread, struct dp_iothread_stats *out);
 /* The NUMA node the thread's memory comes from (-1 when unknown). */
 int dp_iothread_numa_node(const struct dp_iothread *thread);
+/* For tests: ends every multishot kick poll on the thread, as the kernel
+ * does when it has no room left for their completions; the thread must arm
+ * each one again. Returns how many it ended. */
+int dp_iothread_end_kick_polls(struct dp_iothread *thread);
 
 /* ---------------------------------------------------------------- virtqueues */
 
