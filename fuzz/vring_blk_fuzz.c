@@ -305,6 +305,7 @@ static void fz_setup_disk(struct fz *f, struct fz_input *in, bool read_only)
     f->disk.fd = -1;
     f->disk.capacity_sectors = capacity;
     f->disk.logical_block_size = lbs;
+    f->disk.block_mask = lbs - 1;   /* as dp_disk_create sets it */
     f->disk.read_only = read_only;
     f->disk.read_zeroes = true;
     memcpy(f->disk.serial, "vring-blk-fuzz-seria", DP_SERIAL_LEN);
