@@ -123,12 +123,61 @@ static int blk_parse_discard(const struct dp_disk *disk, struct vring_chain *cha
     return bytes ? BLK_NEEDS_IO : VIRTIO_BLK_S_OK;
 }
 
-int blk_parse(const struct dp_disk *disk, struct vring_chain *chain, struct blk_req *req,
-              enum dp_err *err)
+/* A read (VIRTIO_BLK_T_IN) or write (VIRTIO_BLK_T_OUT): the data iovecs
+ * (the readable ones after the header, or the writable ones before the
+ * status byte), checked against the disk's size and block size. */
+static int blk_parse_rw(const struct dp_disk *disk, struct vring_chain *chain, struct blk_req *req,
+                        uint64_t sector, enum dp_err *err)
 {
-    struct blk_outhdr hdr;
+    bool write = req->op == DP_OP_WRITE;
+    if (write) {
+        uint32_t cnt = chain->out_num;
+        req->iov = iov_advance(chain->iov, &cnt, sizeof(struct blk_outhdr));
+        req->iov_cnt = cnt;
+        req->len = chain->out_len - sizeof(struct blk_outhdr);
+    } else {
+        uint32_t cnt = chain->in_num;
+        iov_drop_tail_byte(chain->iov + chain->out_num, &cnt);
+        req->iov = chain->iov + chain->out_num;
+        req->iov_cnt = cnt;
+        req->len = chain->in_len - 1;
+    }
+    /* One request moves at most 1 GiB: io_uring lengths are 32-bit. */
+    if (req->len > BLK_MAX_REQ_BYTES)
+        return blk_fail(err, DP_ERR_BAD_REQUEST, VIRTIO_BLK_S_IOERR);
+    if (write && disk->read_only)
+        return blk_fail(err, DP_ERR_READ_ONLY, VIRTIO_BLK_S_IOERR);
+    /* Block sizes are powers of two of at least 512: masks, no divisions. */
+    if ((req->len & (511 | disk->block_mask)) ||
+        (sector <= UINT64_MAX / 512 && ((sector * 512) & disk->block_mask)))
+        return blk_fail(err, DP_ERR_BAD_REQUEST, VIRTIO_BLK_S_IOERR);
+    if (!blk_range_ok(disk, sector, req->len))
+        return blk_fail(err, DP_ERR_RANGE, VIRTIO_BLK_S_IOERR);
+    req->offset = sector * 512;
+    if (!write)
+        req->data_in_len = (uint32_t)req->len;
+    *err = DP_ERR_COUNT;
+    return req->len ? BLK_NEEDS_IO : VIRTIO_BLK_S_OK;
+}
 
-    req->status = chain->status;
+/* VIRTIO_BLK_T_GET_ID: the serial, answered at once. */
+static int blk_get_id(const struct dp_disk *disk, struct vring_chain *chain, struct blk_req *req,
+                      enum dp_err *err)
+{
+    uint32_t cnt = chain->in_num;
+    iov_drop_tail_byte(chain->iov + chain->out_num, &cnt);
+    if (chain->in_len - 1 < DP_SERIAL_LEN)
+        return blk_fail(err, DP_ERR_BAD_REQUEST, VIRTIO_BLK_S_IOERR);
+    iov_from_buf(chain->iov + chain->out_num, cnt, disk->serial, DP_SERIAL_LEN);
+    req->data_in_len = DP_SERIAL_LEN;
+    *err = DP_ERR_COUNT;
+    return VIRTIO_BLK_S_OK;
+}
+
+/* Every field a request carries from one use of its slot to the next. */
+static void blk_req_reset(struct blk_req *req, uint8_t *status)
+{
+    req->status = status;
     req->op = DP_OP_OTHER;
     req->data_in_len = 0;
     req->done = 0;
@@ -138,64 +187,33 @@ int blk_parse(const struct dp_disk *disk, struct vring_chain *chain, struct blk_
     req->unmap = false;
     req->iov = NULL;
     req->iov_cnt = 0;
+}
 
+int blk_parse(const struct dp_disk *disk, struct vring_chain *chain, struct blk_req *req,
+              enum dp_err *err)
+{
+    struct blk_outhdr hdr;
+
+    blk_req_reset(req, chain->status);
     /* The caller only parses chains that have their status byte. */
     if (chain->out_len < sizeof(hdr))
         return blk_fail(err, DP_ERR_BAD_REQUEST, VIRTIO_BLK_S_IOERR);
     iov_to_buf(chain->iov, chain->out_num, 0, &hdr, sizeof(hdr));
     uint32_t type = le32toh(hdr.type);
-    uint64_t sector = le64toh(hdr.sector);
 
     switch (type) {
     case VIRTIO_BLK_T_IN:
-    case VIRTIO_BLK_T_OUT: {
-        bool write = type == VIRTIO_BLK_T_OUT;
-        req->op = write ? DP_OP_WRITE : DP_OP_READ;
-        if (write) {
-            uint32_t cnt = chain->out_num;
-            req->iov = iov_advance(chain->iov, &cnt, sizeof(hdr));
-            req->iov_cnt = cnt;
-            req->len = chain->out_len - sizeof(hdr);
-        } else {
-            uint32_t cnt = chain->in_num;
-            iov_drop_tail_byte(chain->iov + chain->out_num, &cnt);
-            req->iov = chain->iov + chain->out_num;
-            req->iov_cnt = cnt;
-            req->len = chain->in_len - 1;
-        }
-        /* One request moves at most 1 GiB: io_uring lengths are 32-bit. */
-        if (req->len > BLK_MAX_REQ_BYTES)
-            return blk_fail(err, DP_ERR_BAD_REQUEST, VIRTIO_BLK_S_IOERR);
-        if (write && disk->read_only)
-            return blk_fail(err, DP_ERR_READ_ONLY, VIRTIO_BLK_S_IOERR);
-        /* Block sizes are powers of two of at least 512: masks, no divisions. */
-        if ((req->len & (511 | disk->block_mask)) ||
-            (sector <= UINT64_MAX / 512 && ((sector * 512) & disk->block_mask)))
-            return blk_fail(err, DP_ERR_BAD_REQUEST, VIRTIO_BLK_S_IOERR);
-        if (!blk_range_ok(disk, sector, req->len))
-            return blk_fail(err, DP_ERR_RANGE, VIRTIO_BLK_S_IOERR);
-        req->offset = sector * 512;
-        if (!write)
-            req->data_in_len = (uint32_t)req->len;
-        *err = DP_ERR_COUNT;
-        return req->len ? BLK_NEEDS_IO : VIRTIO_BLK_S_OK;
-    }
+    case VIRTIO_BLK_T_OUT:
+        req->op = type == VIRTIO_BLK_T_OUT ? DP_OP_WRITE : DP_OP_READ;
+        return blk_parse_rw(disk, chain, req, le64toh(hdr.sector), err);
     case VIRTIO_BLK_T_FLUSH:
         req->op = DP_OP_FLUSH;
         *err = DP_ERR_COUNT;
         /* Nothing of a read-only disk can be dirty. */
         return disk->read_only ? VIRTIO_BLK_S_OK : BLK_NEEDS_IO;
-    case VIRTIO_BLK_T_GET_ID: {
+    case VIRTIO_BLK_T_GET_ID:
         req->op = DP_OP_GET_ID;
-        uint32_t cnt = chain->in_num;
-        iov_drop_tail_byte(chain->iov + chain->out_num, &cnt);
-        if (chain->in_len - 1 < DP_SERIAL_LEN)
-            return blk_fail(err, DP_ERR_BAD_REQUEST, VIRTIO_BLK_S_IOERR);
-        iov_from_buf(chain->iov + chain->out_num, cnt, disk->serial, DP_SERIAL_LEN);
-        req->data_in_len = DP_SERIAL_LEN;
-        *err = DP_ERR_COUNT;
-        return VIRTIO_BLK_S_OK;
-    }
+        return blk_get_id(disk, chain, req, err);
     case VIRTIO_BLK_T_DISCARD:
     case VIRTIO_BLK_T_WRITE_ZEROES:
         req->op = type == VIRTIO_BLK_T_DISCARD ? DP_OP_DISCARD : DP_OP_WRITE_ZEROES;
