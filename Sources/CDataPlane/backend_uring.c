@@ -7,6 +7,12 @@
 #include "backend.h"
 #include "blk.h"
 #include "guest_mem.h"
+#include "loop.h"
+
+/* Handles a CQE for req: 0 when the request is done, a negative errno when
+ * it failed, or BACKEND_AGAIN when it must be submitted again (short I/O,
+ * -EAGAIN, the write-zeroes fallback). */
+#define BACKEND_AGAIN 1
 
 /* O_DIRECT wants buffer addresses and lengths aligned; OR-ing them all
  * together tests every one in a single pass. */
@@ -16,44 +22,6 @@ static bool iov_aligned(const struct iovec *iov, uint32_t cnt, uint32_t align)
     for (uint32_t i = 0; i < cnt; i++)
         bits |= (uintptr_t)iov[i].iov_base | iov[i].iov_len;
     return (bits & (align - 1)) == 0;
-}
-
-/* Where the bounce buffer's current window ends, as a request offset. */
-static uint64_t bounce_window_end(const struct blk_req *req)
-{
-    uint64_t end = req->bounce_off + req->bounce_size;
-    return end < req->len ? end : req->len;
-}
-
-/* Guest buffers O_DIRECT would refuse go through an aligned copy, a window
- * of the request at a time, from where it stands (req->done). This is the
- * rare path (Linux guests align their buffers), so it may allocate. */
-static int bounce_setup(struct blk_req *req, uint32_t align)
-{
-    struct dp_queue *q = req->queue;
-    uint64_t rest = req->len - req->done;
-    uint64_t size = rest < DP_BOUNCE_WINDOW ? rest : DP_BOUNCE_WINDOW;
-    if (!size)
-        size = align;
-    /* Waiters go first, in order: smaller requests must not keep taking the
-     * budget a large one waits for. */
-    if ((q->bounce_wait_head && q->bounce_wait_head != req) ||
-        (q->bounce_bytes && (q->bounce_bytes >= DP_QUEUE_BOUNCE_BUDGET ||
-                             size > DP_QUEUE_BOUNCE_BUDGET - q->bounce_bytes)))
-        return -EAGAIN; /* waits on its queue until a bounce buffer is freed */
-    void *buf;
-    if (posix_memalign(&buf, align, size))
-        return -ENOMEM;
-    req->bounce = buf;
-    req->bounce_size = size;
-    req->bounce_off = req->done;
-    if (req->op == DP_OP_WRITE)
-        iov_to_buf(req->iov, req->iov_cnt, 0, buf, bounce_window_end(req) - req->bounce_off);
-    q->bounce_bytes += size;
-    STAT_ADD(q->stats.bounces, 1);
-    if (q->bounce_bytes > STAT_LOAD(q->stats.bounce_bytes_peak))
-        STAT_SET(q->stats.bounce_bytes_peak, q->bounce_bytes);
-    return 0;
 }
 
 /* ------------------------------------------------------------ discard, write zeroes */
@@ -83,7 +51,7 @@ _Static_assert(ZERO_IOVS <= DP_REQ_MAX_IOV, "the zero iovecs fit a request's iov
 
 static enum zeroes_step zeroes_first_step(const struct blk_req *req)
 {
-    const struct dp_disk *disk = req->queue->disk;
+    const struct dp_disk *disk = req->ctx->disk;
     if (req->op == DP_OP_DISCARD)
         return disk->is_block_device &&
                !atomic_load_explicit(&disk->discard_cmd_unsupported, memory_order_relaxed)
@@ -94,8 +62,8 @@ static enum zeroes_step zeroes_first_step(const struct blk_req *req)
 
 static void zeroes_prep(struct io_uring_sqe *sqe, struct blk_req *req)
 {
-    struct dp_queue *q = req->queue;
-    int fd = q->ring_fd;
+    struct backend_ctx *c = req->ctx;
+    int fd = c->ring_fd;
     if (req->zero_phase == STEP_START)
         req->zero_phase = (uint8_t)zeroes_first_step(req);
     switch (req->zero_phase) {
@@ -117,7 +85,7 @@ static void zeroes_prep(struct io_uring_sqe *sqe, struct blk_req *req)
         io_uring_prep_fallocate(sqe, fd, FALLOC_FL_KEEP_SIZE, req->offset, req->len);
         break;
     default: { /* STEP_WRITE: from where it stands (req->done), in the slot's iovecs */
-        struct iovec *iov = q->iov_pool + (size_t)(req - q->reqs) * DP_REQ_MAX_IOV;
+        struct iovec *iov = c->iov_pool + (size_t)(req - c->reqs) * DP_REQ_MAX_IOV;
         uint64_t rest = req->len - req->done;
         unsigned n = 0;
         for (; n < ZERO_IOVS && rest; n++) {
@@ -139,7 +107,7 @@ static bool zeroes_unsupported(int res)
 
 static int zeroes_complete(struct blk_req *req, int res)
 {
-    struct dp_disk *disk = req->queue->disk;
+    struct dp_disk *disk = req->ctx->disk;
     enum zeroes_step next;
     switch (req->zero_phase) {
     case STEP_DISCARD_CMD:
@@ -185,16 +153,16 @@ static int zeroes_complete(struct blk_req *req, int res)
 /* ------------------------------------------------------------ prep and complete */
 
 /* The registered buffer that holds [base, base + len), or -1: the queue's
- * memory table is registered on its IOThread (q->buffers), a piece of at
- * most 1 << DP_BUFFER_PIECE_SHIFT bytes per buffer, and the range lies in
- * one piece. Starts at the region the last one was found in. */
-static int fixed_buffer(struct dp_queue *q, const void *base, size_t len)
+ * memory table is registered on its loop (c->buffers), a piece of at most
+ * 1 << DP_BUFFER_PIECE_SHIFT bytes per buffer, and the range lies in one
+ * piece. Starts at the region the last one was found in. */
+static int fixed_buffer(struct backend_ctx *c, const void *base, size_t len)
 {
-    const struct buffer_reg *b = q->buffers;
+    const struct buffer_reg *b = c->buffers;
     if (!b || b->first_slot < 0 || !len)
         return -1;
-    const struct dp_mem *mem = q->mem;
-    uint32_t n = mem->count, i = q->buffer_hint < n ? q->buffer_hint : 0;
+    const struct dp_mem *mem = c->mem;
+    uint32_t n = mem->count, i = c->buffer_hint < n ? c->buffer_hint : 0;
     for (uint32_t k = 0; k < n; k++, i = i + 1 == n ? 0 : i + 1) {
         const struct dp_mem_region *r = &mem->regions[i];
         uint64_t off = (uint64_t)((uintptr_t)base - (uintptr_t)r->host_addr);
@@ -202,7 +170,7 @@ static int fixed_buffer(struct dp_queue *q, const void *base, size_t len)
             continue;
         if (len > r->size - off || off >> DP_BUFFER_PIECE_SHIFT != (off + len - 1) >> DP_BUFFER_PIECE_SHIFT)
             return -1;
-        q->buffer_hint = i;
+        c->buffer_hint = i;
         return b->first_slot + b->piece_base[i] + (int)(off >> DP_BUFFER_PIECE_SHIFT);
     }
     return -1;
@@ -211,28 +179,28 @@ static int fixed_buffer(struct dp_queue *q, const void *base, size_t len)
 /* A read or write of the guest's buffers: into registered memory
  * (READ_FIXED/WRITE_FIXED: no pages pinned per request), else one segment
  * as READ/WRITE, else READV/WRITEV. */
-static void rw_prep(struct io_uring_sqe *sqe, struct dp_queue *q, struct blk_req *req, uint64_t offset)
+static void rw_prep(struct io_uring_sqe *sqe, struct backend_ctx *c, struct blk_req *req, uint64_t offset)
 {
     bool write = req->op == DP_OP_WRITE;
-    int fd = q->ring_fd;
+    int fd = c->ring_fd;
     if (req->iov_cnt == 1 && req->iov[0].iov_len <= UINT32_MAX) {
         void *base = req->iov[0].iov_base;
         unsigned len = (unsigned)req->iov[0].iov_len;
-        int index = fixed_buffer(q, base, len);
+        int index = fixed_buffer(c, base, len);
         if (index >= 0) {
             if (write)
                 io_uring_prep_write_fixed(sqe, fd, base, len, offset, index);
             else
                 io_uring_prep_read_fixed(sqe, fd, base, len, offset, index);
-            STAT_ADD(q->thread_stats->fixed_buffer_ios, 1);
+            STAT_ADD(c->thread_stats->fixed_buffer_ios, 1);
             return;
         }
-        if (q->single_rw) {
+        if (c->single_rw) {
             if (write)
                 io_uring_prep_write(sqe, fd, base, len, offset);
             else
                 io_uring_prep_read(sqe, fd, base, len, offset);
-            STAT_ADD(q->thread_stats->single_rw_ios, 1);
+            STAT_ADD(c->thread_stats->single_rw_ios, 1);
             return;
         }
     }
@@ -242,23 +210,12 @@ static void rw_prep(struct io_uring_sqe *sqe, struct dp_queue *q, struct blk_req
         io_uring_prep_readv(sqe, fd, req->iov, req->iov_cnt, offset);
 }
 
-int backend_uring_prep(struct dp_iothread *t, struct blk_req *req)
+static void uring_req_done(struct loop_op *op, int res, uint32_t cqe_flags);
+
+/* The SQE for req's next step: a read or write (through its bounce buffer,
+ * when it has one), a flush, or a discard/write-zeroes step. */
+static void uring_prep_sqe(struct io_uring_sqe *sqe, struct backend_ctx *c, struct blk_req *req)
 {
-    struct dp_queue *q = req->queue;
-    const struct dp_disk *disk = q->disk;
-    bool rw = req->op == DP_OP_READ || req->op == DP_OP_WRITE;
-
-    /* Checked again after short I/O too: what is left may have lost its
-     * alignment. */
-    if (rw && !req->bounce && disk->mem_align && !iov_aligned(req->iov, req->iov_cnt, disk->mem_align)) {
-        int ret = bounce_setup(req, disk->mem_align);
-        if (ret)
-            return ret;
-    }
-    struct io_uring_sqe *sqe = iothread_get_req_sqe(t);
-    if (!sqe)
-        return -EBUSY;
-
     uint64_t offset = req->offset + req->done;
     switch (req->op) {
     case DP_OP_READ:
@@ -268,15 +225,15 @@ int backend_uring_prep(struct dp_iothread *t, struct blk_req *req)
             void *buf = (uint8_t *)req->bounce + (req->done - req->bounce_off);
             unsigned len = (unsigned)(bounce_window_end(req) - req->done);
             if (req->op == DP_OP_WRITE)
-                io_uring_prep_write(sqe, q->ring_fd, buf, len, offset);
+                io_uring_prep_write(sqe, c->ring_fd, buf, len, offset);
             else
-                io_uring_prep_read(sqe, q->ring_fd, buf, len, offset);
+                io_uring_prep_read(sqe, c->ring_fd, buf, len, offset);
         } else {
-            rw_prep(sqe, q, req, offset);
+            rw_prep(sqe, c, req, offset);
         }
         break;
     case DP_OP_FLUSH:
-        io_uring_prep_fsync(sqe, q->ring_fd, IORING_FSYNC_DATASYNC);
+        io_uring_prep_fsync(sqe, c->ring_fd, IORING_FSYNC_DATASYNC);
         break;
     case DP_OP_DISCARD:
     case DP_OP_WRITE_ZEROES:
@@ -285,15 +242,36 @@ int backend_uring_prep(struct dp_iothread *t, struct blk_req *req)
     default:
         /* blk_parse never hands other ops to a backend. */
         io_uring_prep_nop(sqe);
-        io_uring_sqe_set_data64(sqe, (uint64_t)(uintptr_t)req | TAG_REQ);
-        return 0;
+        return;
     }
     /* After the prep, which clears the flags: the disk's registered file. */
-    if (q->ring_fd_flags) {
-        sqe->flags |= q->ring_fd_flags;
-        STAT_ADD(q->thread_stats->fixed_file_ios, 1);
+    if (c->ring_fd_flags) {
+        sqe->flags |= c->ring_fd_flags;
+        STAT_ADD(c->thread_stats->fixed_file_ios, 1);
     }
-    io_uring_sqe_set_data64(sqe, (uint64_t)(uintptr_t)req | TAG_REQ);
+}
+
+/* Prepares req's next SQE on its loop; -EBUSY when there is no SQE or no
+ * room for its completion, -EAGAIN when it must wait for bounce-buffer
+ * budget, -ENOMEM when a bounce buffer cannot be had. */
+static int uring_prep(struct backend_ctx *c, struct blk_req *req)
+{
+    const struct dp_disk *disk = c->disk;
+    bool rw = req->op == DP_OP_READ || req->op == DP_OP_WRITE;
+
+    /* Checked again after short I/O too: what is left may have lost its
+     * alignment. */
+    if (rw && !req->bounce && disk->mem_align && !iov_aligned(req->iov, req->iov_cnt, disk->mem_align)) {
+        int ret = bounce_take(&c->bounce, req, disk->mem_align);
+        if (ret)
+            return ret;
+    }
+    struct io_uring_sqe *sqe = loop_get_req_sqe(c->uring->loop);
+    if (!sqe)
+        return -EBUSY;
+    uring_prep_sqe(sqe, c, req);
+    req->cqe_op.done = uring_req_done;
+    io_uring_sqe_set_data64(sqe, (uint64_t)(uintptr_t)&req->cqe_op);
     return 0;
 }
 
@@ -317,7 +295,7 @@ static int bounce_window_done(struct blk_req *req)
     return BACKEND_AGAIN;
 }
 
-int backend_uring_complete(struct blk_req *req, int res)
+static int uring_complete(struct blk_req *req, int res)
 {
     if (res == -EAGAIN || res == -EINTR)
         return BACKEND_AGAIN;
@@ -344,18 +322,154 @@ int backend_uring_complete(struct blk_req *req, int res)
     case DP_OP_FLUSH:
         /* Without O_DIRECT a failed fdatasync leaves the pages it could not
          * write marked clean: the next one would succeed without them. */
-        if (res < 0 && !req->queue->disk->mem_align)
-            atomic_store_explicit(&req->queue->disk->flush_error, res, memory_order_relaxed);
+        if (res < 0 && !req->ctx->disk->mem_align)
+            atomic_store_explicit(&req->ctx->disk->flush_error, res, memory_order_relaxed);
         return res < 0 ? res : 0;
     default:
         return res < 0 ? res : 0;
     }
 }
 
-void backend_uring_release(struct blk_req *req)
+/* ------------------------------------------------------------ waiting for SQEs or budget */
+
+static void backlog_push(struct uring_backend *u, struct blk_req *req)
 {
-    req->queue->bounce_bytes -= req->bounce_size;
-    req->bounce_size = 0;
-    free(req->bounce);
-    req->bounce = NULL;
+    req->next = NULL;
+    if (u->backlog_tail)
+        u->backlog_tail->next = req;
+    else
+        u->backlog_head = req;
+    u->backlog_tail = req;
 }
+
+/* 0 when submitted or waiting (in the loop's backlog, or for budget on its
+ * queue), else the error it fails with. */
+static int uring_start(struct backend_ctx *c, struct blk_req *req)
+{
+    struct uring_backend *u = c->uring;
+    /* Keep order: while older requests wait for SQEs, newer ones queue behind. */
+    if (u->backlog_head) {
+        backlog_push(u, req);
+        return 0;
+    }
+    int ret = uring_prep(c, req);
+    if (ret == -EBUSY)
+        backlog_push(u, req);
+    else if (ret == -EAGAIN)
+        bounce_wait_push(&c->bounce, req);
+    else if (ret)
+        return ret;
+    return 0;
+}
+
+static int uring_submit(struct backend_ctx *c, struct blk_req *req)
+{
+    int ret = uring_start(c, req);
+    return ret ? ret : BACKEND_QUEUED;
+}
+
+static void uring_req_done(struct loop_op *op, int res, uint32_t cqe_flags)
+{
+    (void)cqe_flags;
+    struct blk_req *req = dp_container_of(op, struct blk_req, cqe_op);
+    struct backend_ctx *c = req->ctx;
+    int ret = uring_complete(req, res);
+    if (ret == BACKEND_AGAIN) {
+        ret = uring_start(c, req);
+        if (ret)
+            c->io_done(c, req, ret, now_ns());
+        return;
+    }
+    c->io_done(c, req, ret, c->uring->loop->now);
+}
+
+void backend_uring_flush(struct uring_backend *u, uint64_t now)
+{
+    while (u->backlog_head) {
+        struct blk_req *req = u->backlog_head;
+        int ret = uring_prep(req->ctx, req);
+        if (ret == -EBUSY)
+            return;
+        u->backlog_head = req->next;
+        if (!u->backlog_head)
+            u->backlog_tail = NULL;
+        if (ret == -EAGAIN)
+            bounce_wait_push(&req->ctx->bounce, req);
+        else if (ret)
+            req->ctx->io_done(req->ctx, req, ret, now);
+    }
+}
+
+/* After completions gave budget back: start what waits for it, in order. */
+static void uring_retry_waiting(struct backend_ctx *c, uint64_t now)
+{
+    struct bounce_pool *p = &c->bounce;
+    while (p->wait_head) {
+        struct blk_req *req = p->wait_head;
+        int ret = uring_prep(c, req);
+        if (ret == -EAGAIN || ret == -EBUSY)
+            return; /* -EBUSY: no SQE this pass; the buffer, if made, stays with it */
+        p->wait_head = req->next;
+        if (!p->wait_head)
+            p->wait_tail = NULL;
+        if (ret)
+            c->io_done(c, req, ret, now);
+    }
+}
+
+/* ------------------------------------------------------------ on a loop */
+
+/* Names the disk and memory on the loop: its registered file and buffers
+ * where the loop has them. */
+static void uring_buffers_attach(struct backend_ctx *c, struct loop *l)
+{
+    c->buffers = NULL;
+    c->buffer_hint = 0;
+    if (!(l->features & DP_URING_FIXED_BUFFERS) || !c->disk->fixed_buffers)
+        return;
+    c->buffers = loop_buffers_get(l, c->mem);
+}
+
+static void uring_attach(struct backend_ctx *c, struct loop *l)
+{
+    c->single_rw = (l->features & DP_URING_SINGLE_RW) != 0;
+    if (l->features & DP_URING_REGISTERED_FILES) {
+        int slot = loop_file_get(l, c->disk, c->disk->fd);
+        if (slot >= 0) {
+            c->file_slot = slot;
+            c->ring_fd = slot;
+            c->ring_fd_flags = IOSQE_FIXED_FILE;
+        }
+    }
+    uring_buffers_attach(c, l);
+}
+
+/* Nothing in flight: what it registered goes with its last user. */
+static void uring_detach(struct backend_ctx *c, struct loop *l)
+{
+    loop_file_put(l, c->file_slot);
+    c->file_slot = -1;
+    c->ring_fd = c->disk->fd;
+    c->ring_fd_flags = 0;
+    struct buffer_reg *b = c->buffers;
+    c->buffers = NULL;
+    loop_buffers_put(l, b);
+}
+
+/* The new table is registered before the old one is let go, so that a
+ * table the queue keeps is not unpinned and pinned again. */
+static void uring_set_mem(struct backend_ctx *c, struct loop *l, const struct dp_mem *old)
+{
+    (void)old;
+    struct buffer_reg *prev = c->buffers;
+    uring_buffers_attach(c, l);
+    loop_buffers_put(l, prev);
+}
+
+const struct backend_ops backend_uring_ops = {
+    .submit = uring_submit,
+    .attach = uring_attach,
+    .detach = uring_detach,
+    .set_mem = uring_set_mem,
+    .retry_waiting = uring_retry_waiting,
+};

@@ -4,6 +4,7 @@
 #define DP_BLK_H
 
 #include "dp_internal.h"
+#include "vring_split.h" /* struct vring_chain: what blk parses */
 
 #define VIRTIO_BLK_T_IN 0
 #define VIRTIO_BLK_T_OUT 1

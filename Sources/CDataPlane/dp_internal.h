@@ -3,6 +3,7 @@
 #define DP_INTERNAL_H
 
 #include <pthread.h>
+#include <stddef.h>
 #include <stdatomic.h>
 #include <stdbool.h>
 #include <stdint.h>
@@ -14,7 +15,6 @@
 
 #include "CDataPlane.h"
 #include "stats.h"
-#include "vring_split.h"
 
 /* A request may carry at most this many iovecs (header and status
  * included): seg_max + 2 descriptors, each split in two where it crosses
@@ -95,21 +95,18 @@ struct dp_disk {
     bool fixed_buffers;
 };
 
-/* A guest memory table registered in an IOThread's buffer table (iothread.c
- * owns it; backend_uring.c looks buffers up in it). Region i's piece k is
- * buffer first_slot + piece_base[i] + k. Shared by the thread's queues that
- * use the table; registered with the first, unregistered with the last. */
-struct buffer_reg {
-    const struct dp_mem *mem;
-    uint32_t refs;
-    int32_t first_slot;         /* -1: registering failed (the queues use plain I/O) */
-    uint32_t nslots;
-    uint16_t piece_base[DP_MEM_MAX_REGIONS];
+/* A completion's owner (loop.h): the loop calls done() with its CQE.
+ * (Not "dp_op": the public enum dp_op has that tag.) */
+struct loop_op {
+    void (*done)(struct loop_op *op, int res, uint32_t cqe_flags);
 };
+
+struct backend_ctx;
 
 /* One virtio-blk request in flight; lives in its queue's slot pool. */
 struct blk_req {
-    struct dp_queue *queue;
+    struct loop_op cqe_op;      /* its io_uring completion (backend_uring.c) */
+    struct backend_ctx *ctx;    /* its queue's side the backend sees */
     struct blk_req *next;       /* backlog link: waiting for an SQE or a retry */
     struct iovec *iov;          /* data iovecs still to transfer */
     uint32_t iov_cnt;
@@ -126,74 +123,6 @@ struct blk_req {
     uint64_t bounce_size;       /* its bytes, counted in the queue's bounce_bytes */
     uint64_t bounce_off;        /* request offset of the window it holds; iov starts there */
     uint64_t start_ns;
-};
-
-struct ctl_msg;
-
-struct dp_queue {
-    /* --- owned by the IOThread while attached --- */
-    struct vring_split vr;
-    struct dp_iothread *thread;
-    struct dp_disk *disk;
-    struct dp_mem *mem;
-    struct blk_req *reqs;       /* DP_QUEUE slots */
-    struct iovec *iov_pool;     /* slots * DP_REQ_MAX_IOV */
-    struct vring_desc *indirect_scratch; /* VRING_INDIRECT_MAX: indirect tables read from a copy */
-    uint16_t *free_slots;
-    uint16_t *head_slot;        /* per head: slot + 1, or 0 when not in flight */
-    uint32_t nslots;
-    uint32_t free_count;
-    uint32_t in_flight;
-    bool attached;
-    bool paused;
-    bool stopping;
-    bool broken;
-    bool dirty;                 /* used elements pushed but not yet published */
-    uint32_t unpublished;       /* of those, completions since the last publish */
-    uint32_t notify_after;      /* publish and signal early after this many in a pass; 0 = never */
-    bool early_published;       /* this pass published its first group already */
-    bool kicked;                /* a kick arrived since the last pop */
-    bool budget_spent;          /* the last pop stopped at its pass budget, work left */
-    bool kick_armed;            /* a read or poll on the kick fd is outstanding */
-    bool kick_poll;             /* the kick fd is O_NONBLOCK: poll, then read() */
-    bool kick_cancelling;
-    bool kick_failed;
-    bool kick_multishot;        /* the armed poll is multishot (IORING_POLL_ADD_MULTI) */
-    bool single_rw;             /* one-segment reads and writes as READ/WRITE (probed) */
-    uint8_t ring_fd_flags;      /* IOSQE_FIXED_FILE when ring_fd is a registered file */
-    uint8_t signals_owed;       /* 1 << enum dp_signal: no SQE was free to send them */
-    uint64_t kick_buf;
-    struct ctl_msg *drain_waiter; /* stop/pause/set-mem waiting for in_flight == 0 */
-    struct blk_req *held_head;  /* failed requests kept by the stop policy, in order */
-    struct blk_req *held_tail;
-    uint32_t held_count;
-    bool error_stopped;
-    struct inflight_region *inflight; /* vhost-user inflight tracking, or NULL */
-    uint64_t inflight_counter;  /* pop order, for resubmission */
-    uint64_t bounce_bytes;      /* bounce buffers in use (DP_QUEUE_BOUNCE_BUDGET) */
-    struct blk_req *bounce_wait_head; /* requests waiting for bounce budget, in order */
-    struct blk_req *bounce_wait_tail;
-    uint16_t *resubmit;         /* heads to run again before popping (after a restart or a memory swap) */
-    uint32_t resubmit_count;
-    uint32_t resubmit_next;
-    uint32_t resubmit_held;     /* the first of those not yet run: held requests a memory swap requeued */
-    uint16_t *pushed;           /* heads pushed since the last publish (inflight clearing) */
-    uint32_t pushed_count;
-    uint32_t longest_chain;     /* most iovecs a request carried (statistics) */
-    /* How its disk and memory are named on its IOThread's ring, set there on
-     * attach and on a memory swap: the disk fd or its registered slot
-     * (ring_fd_flags), and the registered memory table (NULL: none). */
-    int32_t ring_fd;
-    int32_t file_slot;          /* -1: not registered */
-    struct buffer_reg *buffers;
-    uint32_t buffer_hint;       /* the region the last fixed buffer was in */
-    struct dp_thread_counters *thread_stats;
-    struct dp_queue_config config;
-    /* --- control side --- */
-    size_t alloc_size;
-    int numa_node;
-    /* --- read by anyone --- */
-    struct dp_queue_counters stats;
 };
 
 enum ctl_type {
@@ -219,14 +148,8 @@ struct ctl_msg {
     struct ctl_msg *next;
 };
 
-/* user_data tags in the low bits of io_uring user_data (pointers are 8-aligned). */
-enum {
-    TAG_REQ = 0,
-    TAG_KICK = 1,
-    TAG_CTL = 2,
-    TAG_IGNORE = 3, /* notify writes, cancels */
-    TAG_MASK = 7,
-};
+/* The struct that holds member at ptr. */
+#define dp_container_of(ptr, type, member) ((type *)(void *)((char *)(ptr) - offsetof(type, member)))
 
 static inline uint64_t now_ns(void)
 {
@@ -234,60 +157,5 @@ static inline uint64_t now_ns(void)
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
 }
-
-/* queue.c: the per-queue work of one loop iteration. Pops what the queue's
- * share of a pass allows (q->budget_spent when work is left). */
-unsigned queue_pop_batch(struct dp_queue *q, uint64_t now);
-void queue_complete(struct dp_queue *q, struct blk_req *req, uint8_t status, uint64_t now);
-/* A parsed request goes to its disk's backend (or to fault injection). */
-void queue_submit_io(struct dp_queue *q, struct blk_req *req, uint64_t now);
-/* The backend finished req with 0 or a negative errno: apply the error policy. */
-void queue_io_done(struct dp_queue *q, struct blk_req *req, int res, uint64_t now);
-/* Retry held requests (resume) or fail them (stop). */
-void queue_retry_held(struct dp_queue *q, uint64_t now);
-void queue_fail_held(struct dp_queue *q, uint64_t now);
-/* Memory swap: held requests go back to be walked again on resume (false:
- * the ring is broken, and they must be failed instead). */
-bool queue_requeue_held(struct dp_queue *q);
-/* Stop without an inflight region: requeued and recovered requests not yet
- * run fail. With one, held and waiting requests stay marked in it for the
- * next owner of the ring instead, and their slots are given back. */
-void queue_fail_requeued(struct dp_queue *q, uint64_t now);
-void queue_release_held(struct dp_queue *q);
-/* Not paused, stopped, broken or out of slots: kicks and pops make sense. */
-bool queue_accepts_work(const struct dp_queue *q);
-bool queue_can_pop(const struct dp_queue *q);
-/* Publishes pushed used elements; true when it signalled the guest. */
-bool queue_publish_and_notify(struct dp_queue *q);
-void queue_break(struct dp_queue *q, int reason);
-int queue_map_rings(const struct dp_queue_config *cfg, const struct dp_mem *mem, void **desc,
-                    void **avail, void **used);
-
-/* inflight.c: vhost-user inflight tracking (spec: "Inflight I/O tracking"). */
-int inflight_recover(struct dp_queue *q);
-void inflight_mark(struct dp_queue *q, uint16_t head);
-void inflight_clear_published(struct dp_queue *q);
-
-/* iothread.c: services the queue layer uses. */
-struct io_uring_sqe;
-/* An SQE for a request when the thread's CQ has room for its completion
- * (and for the kicks and signals of its queues); NULL otherwise. */
-struct io_uring_sqe *iothread_get_req_sqe(struct dp_iothread *t);
-void iothread_submit_req(struct dp_iothread *t, struct blk_req *req);
-/* Signals the frontend through a queue's call or err eventfd. */
-enum dp_signal { DP_SIGNAL_CALL, DP_SIGNAL_ERR };
-void iothread_signal(struct dp_queue *q, enum dp_signal which);
-/* Submits queued SQEs now (a signal mid-pass), rather than at the end of it. */
-void iothread_flush(struct dp_iothread *t);
-/* Completions after which a queue's pass publishes and signals early. */
-uint32_t iothread_notify_after(const struct dp_iothread *t);
-/* Sends a control message and waits for the answer; -ESHUTDOWN once the
- * thread has exited (it detached every queue first). */
-int iothread_call(struct dp_iothread *t, struct ctl_msg *msg);
-/* The thread's counters (the queue layer and backends add to some). */
-struct dp_thread_counters *iothread_counters(struct dp_iothread *t);
-/* Zeroed memory on the thread's NUMA node (page aligned). */
-void *iothread_alloc(const struct dp_iothread *t, size_t size, int *node);
-void iothread_free(void *p, size_t size, int node);
 
 #endif

@@ -9,7 +9,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "dp_internal.h"
+#include "queue.h"
 
 struct inflight_desc {
     uint8_t inflight;
