@@ -62,7 +62,7 @@ void inflight_clear_published(struct dp_queue *q)
     q->pushed_count = 0;
     /* After the clears: a used_idx ahead of a still-set flag would have the
      * next backend run a published request again. */
-    __atomic_store_n(&q->inflight->used_idx, q->vr.used_idx, __ATOMIC_RELEASE);
+    __atomic_store_n(&q->inflight->used_idx, q->vr.split.used_idx, __ATOMIC_RELEASE);
 }
 
 struct resubmit_entry {
@@ -79,7 +79,7 @@ static int counter_order(const void *a, const void *b)
 int inflight_recover(struct dp_queue *q)
 {
     struct inflight_region *r = q->inflight;
-    uint16_t size = q->vr.size;
+    uint16_t size = q->vr.split.size;
     q->resubmit_count = q->resubmit_next = q->resubmit_held = 0;
     q->inflight_counter = 0;
 
@@ -87,24 +87,24 @@ int inflight_recover(struct dp_queue *q)
         /* A fresh region (zeroed memfd) or one for another ring size. */
         memset(r->desc, 0, (size_t)size * sizeof(r->desc[0]));
         r->desc_num = size;
-        r->used_idx = q->vr.used_idx;
+        r->used_idx = q->vr.split.used_idx;
         r->version = INFLIGHT_VERSION;
         return 0;
     }
     /* We may have died between publishing a batch and clearing its heads:
      * whatever the used ring holds past the region's used_idx is done. */
-    uint16_t pending = (uint16_t)(q->vr.used_idx - r->used_idx);
+    uint16_t pending = (uint16_t)(q->vr.split.used_idx - r->used_idx);
     if (pending > size)
         return -EINVAL; /* inconsistent with the ring: refuse rather than guess */
     for (uint16_t i = 0; i < pending; i++) {
         /* One load: the guest shares the used ring and may change the id
          * between a check and a use. */
-        uint32_t id = le32toh(__atomic_load_n(&q->vr.used->ring[(uint16_t)(r->used_idx + i) & (size - 1)].id,
+        uint32_t id = le32toh(__atomic_load_n(&q->vr.split.used->ring[(uint16_t)(r->used_idx + i) & (size - 1)].id,
                                               __ATOMIC_RELAXED));
         if (id < size)
             __atomic_store_n(&r->desc[id].inflight, 0, __ATOMIC_RELAXED);
     }
-    r->used_idx = q->vr.used_idx;
+    r->used_idx = q->vr.split.used_idx;
 
     /* Sorted on a private copy of the counters: the frontend can rewrite the
      * shared region while we sort, and qsort needs a consistent order. */
@@ -127,7 +127,7 @@ int inflight_recover(struct dp_queue *q)
     q->resubmit_count = n;
     free(order);
     /* Everything popped before is either used or about to be resubmitted. */
-    q->vr.last_avail_idx = (uint16_t)(q->vr.used_idx + q->resubmit_count);
-    q->vr.shadow_avail_idx = q->vr.last_avail_idx;
+    q->vr.split.last_avail_idx = (uint16_t)(q->vr.split.used_idx + q->resubmit_count);
+    q->vr.split.shadow_avail_idx = q->vr.split.last_avail_idx;
     return 0;
 }

@@ -18,7 +18,7 @@ bool queue_accepts_work(const struct dp_queue *q)
 bool queue_can_pop(const struct dp_queue *q)
 {
     return queue_accepts_work(q) &&
-           (q->resubmit_next < q->resubmit_count || vring_split_has_avail(&q->vr));
+           (q->resubmit_next < q->resubmit_count || vring_has_avail(&q->vr));
 }
 
 void queue_break(struct dp_queue *q, int reason)
@@ -61,7 +61,7 @@ void queue_complete(struct dp_queue *q, struct blk_req *req, uint8_t status, uin
         used_len = (status == VIRTIO_BLK_S_OK ? req->data_in_len : 0) + 1;
     }
     backend_release(&q->io, req);
-    vring_split_push(&q->vr, req->head, used_len);
+    vring_push(&q->vr, req->head, used_len);
 
     STAT_ADD(q->stats.ops[req->op], 1);
     if (status == VIRTIO_BLK_S_OK) {
@@ -134,7 +134,7 @@ bool queue_start(struct dp_queue *q, uint16_t head, uint64_t now, bool fail_io, 
         .iov_max = DP_REQ_MAX_IOV,
         .scratch = q->indirect_scratch,
     };
-    int ret = vring_split_walk(&q->vr, q->io.mem, head, &chain);
+    int ret = vring_walk(&q->vr, q->io.mem, head, &chain);
     uint8_t *status = NULL;
     if (ret == 0) {
         status = chain.status;
@@ -142,7 +142,7 @@ bool queue_start(struct dp_queue *q, uint16_t head, uint64_t now, bool fail_io, 
             ret = -ENOMSG;
     } else {
         /* Stopped at the first fault: is there a status byte to answer on? */
-        int found = vring_split_status(&q->vr, q->io.mem, head, &chain, &status);
+        int found = vring_status(&q->vr, q->io.mem, head, &chain, &status);
         if (found < 0)
             ret = found;
     }
@@ -244,12 +244,12 @@ void queue_io_done(struct dp_queue *q, struct blk_req *req, int res, uint64_t no
 static bool queue_pop_one(struct dp_queue *q, uint64_t now, uint32_t *cost)
 {
     uint16_t head;
-    int ret = vring_split_pop_head(&q->vr, &head);
+    int ret = vring_pop_head(&q->vr, &head);
     if (ret) {
         queue_break(q, ret);
         return false;
     }
-    vring_split_prefetch_next(&q->vr);
+    vring_prefetch_next(&q->vr);
     return queue_start(q, head, now, false, cost);
 }
 
@@ -289,7 +289,7 @@ unsigned queue_pop_batch(struct dp_queue *q, uint64_t now)
         popped++;
     /* Heads still waiting to run again were popped before anything new. */
     if (q->resubmit_next >= q->resubmit_count && pass_budget_left(&budget)) {
-        int avail = vring_split_avail_count(&q->vr);
+        int avail = vring_avail_count(&q->vr);
         if (avail < 0) {
             queue_break(q, avail);
             return popped;
@@ -307,7 +307,7 @@ unsigned queue_pop_batch(struct dp_queue *q, uint64_t now)
         if (!q->kicked)
             STAT_ADD(q->stats.polls, popped);
         q->kicked = false;
-        STAT_SET(q->stats.last_avail_idx, q->vr.last_avail_idx);
+        STAT_SET(q->stats.last_avail_idx, vring_last_avail_idx(&q->vr));
         STAT_SET(q->stats.in_flight, q->in_flight);
     }
     return popped;
@@ -319,12 +319,12 @@ bool queue_publish_and_notify(struct dp_queue *q)
         return false;
     q->dirty = false;
     q->unpublished = 0;
-    vring_split_publish(&q->vr);
+    vring_publish(&q->vr);
     if (q->inflight)
         inflight_clear_published(q);
-    STAT_SET(q->stats.used_idx, q->vr.used_idx);
+    STAT_SET(q->stats.used_idx, vring_used_idx(&q->vr));
     STAT_SET(q->stats.in_flight, q->in_flight);
-    if (q->config.call_fd >= 0 && vring_split_should_notify(&q->vr)) {
+    if (q->config.call_fd >= 0 && vring_should_notify(&q->vr)) {
         queue_signal(q, DP_SIGNAL_CALL);
         STAT_ADD(q->stats.notifies, 1);
         return true;

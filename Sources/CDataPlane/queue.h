@@ -6,14 +6,14 @@
 
 #include "backend.h"
 #include "dp_internal.h"
-#include "vring_split.h"
+#include "vring.h"
 
 struct loop;
 struct inflight_region;
 
 struct dp_queue {
     /* --- owned by the IOThread while attached --- */
-    struct vring_split vr;
+    struct vring vr;
     struct loop *loop;          /* its IOThread's */
     struct dp_iothread *thread; /* for the public calls' messages only */
     struct blk_req *reqs;       /* DP_QUEUE slots */
@@ -102,12 +102,12 @@ static inline uint16_t queue_resubmit_take(struct dp_queue *q)
 /* Ask for kicks before sleeping (true: work came meanwhile), or stop asking. */
 static inline bool queue_enable_kicks(struct dp_queue *q)
 {
-    return queue_accepts_work(q) && vring_split_enable_kicks(&q->vr);
+    return queue_accepts_work(q) && vring_enable_kicks(&q->vr);
 }
 
 static inline void queue_disable_kicks(struct dp_queue *q)
 {
-    vring_split_disable_kicks(&q->vr);
+    vring_disable_kicks(&q->vr);
 }
 
 /* ---- queue_notify.c: kicks in, signals out */
@@ -124,9 +124,6 @@ void queue_kick_cancel(struct dp_queue *q);
 void queue_kick_init(struct dp_queue *q);
 /* Ends an armed multishot kick poll (tests); true when one was asked to end. */
 bool queue_kick_end_poll(struct dp_queue *q);
-
-int queue_map_rings(const struct dp_queue_config *cfg, const struct dp_mem *mem, void **desc,
-                    void **avail, void **used);
 
 /* ---- inflight.c: vhost-user inflight tracking (spec: "Inflight I/O tracking"). */
 int inflight_recover(struct dp_queue *q);

@@ -38,8 +38,8 @@ int dp_queue_create(struct dp_iothread *thread, const struct dp_queue_config *co
     int ret = queue_config_check(config);
     if (ret)
         return ret;
-    void *desc, *avail, *used;
-    ret = queue_map_rings(config, mem, &desc, &avail, &used);
+    struct vring vr;
+    ret = vring_init(&vr, config, mem, disk->seg_max + 2);
     if (ret)
         return ret;
 
@@ -90,16 +90,15 @@ int dp_queue_create(struct dp_iothread *thread, const struct dp_queue_config *co
         q->free_slots[i] = (uint16_t)(nslots - 1 - i);
     }
     q->free_count = nslots;
-    ret = vring_split_init(&q->vr, (uint16_t)config->size, desc, avail, used, config->last_avail_idx,
-                           config->event_idx, config->indirect, disk->seg_max + 2);
-    if (!ret && q->inflight)
+    q->vr = vr;
+    if (q->inflight)
         ret = inflight_recover(q);
     if (ret) {
         iothread_free(base, total, node);
         return ret;
     }
-    STAT_SET(q->stats.last_avail_idx, q->vr.last_avail_idx);
-    STAT_SET(q->stats.used_idx, q->vr.used_idx);
+    STAT_SET(q->stats.last_avail_idx, vring_last_avail_idx(&q->vr));
+    STAT_SET(q->stats.used_idx, vring_used_idx(&q->vr));
 
     struct ctl_msg msg = {.type = CTL_ADD_QUEUE, .queue = q};
     ret = iothread_call(thread, &msg);
@@ -120,7 +119,7 @@ int dp_queue_stop(struct dp_queue *queue, uint16_t *last_avail_idx)
     if (ret == -ESHUTDOWN || ret == -ENOENT) {
         /* Already detached: the thread exited or the queue was stopped before;
          * the thread no longer touches it, so its state is ours to read. */
-        msg.last_avail_idx = queue->vr.last_avail_idx;
+        msg.last_avail_idx = vring_last_avail_idx(&queue->vr);
         ret = 0;
     }
     if (!ret && last_avail_idx)

@@ -66,7 +66,7 @@ static bool queue_requeue_held(struct dp_queue *q)
     uint32_t before = q->resubmit_held;
     /* Distinct heads fit: n + pending <= size. More means the guest made a
      * head that waits for resubmission available again: it broke the ring. */
-    if (n + pending > q->vr.size) {
+    if (n + pending > vring_size(&q->vr)) {
         queue_break(q, -EBUSY);
         return false;
     }
@@ -118,36 +118,13 @@ static void queue_release_held(struct dp_queue *q)
 
 /* ------------------------------------------------------------ rings and memory */
 
-int queue_map_rings(const struct dp_queue_config *cfg, const struct dp_mem *mem, void **desc,
-                    void **avail, void **used)
-{
-    int (*translate)(const struct dp_mem *, uint64_t, uint64_t, void **) =
-        cfg->addrs_are_user ? dp_mem_translate_uva : dp_mem_translate_gpa;
-    int ret = translate(mem, cfg->desc_addr, VRING_DESC_BYTES(cfg->size), desc);
-    if (!ret)
-        ret = translate(mem, cfg->avail_addr, VRING_AVAIL_BYTES(cfg->size), avail);
-    if (!ret)
-        ret = translate(mem, cfg->used_addr, VRING_USED_BYTES(cfg->size), used);
-    if (ret)
-        return ret;
-    /* Checked here, not only at start: a new memory table may map the same
-     * ring addresses elsewhere, and ring fields are accessed atomically. */
-    if (((uintptr_t)*desc & 15) || ((uintptr_t)*avail & 1) || ((uintptr_t)*used & 3))
-        return -EINVAL;
-    return 0;
-}
-
 /* Re-points a queue's rings at a new memory table, and its backend
  * (nothing is in flight: the queue was drained). */
 static int queue_apply_mem(struct dp_queue *q, struct dp_mem *mem)
 {
-    void *desc, *avail, *used;
-    int ret = queue_map_rings(&q->config, mem, &desc, &avail, &used);
+    int ret = vring_set_mem(&q->vr, &q->config, mem);
     if (ret)
         return ret;
-    q->vr.desc = desc;
-    q->vr.avail = avail;
-    q->vr.used = used;
     const struct dp_mem *old = q->io.mem;
     q->io.mem = mem;
     if (q->io.ops->set_mem)
@@ -223,7 +200,7 @@ struct ctl_msg *queue_check_drained(struct dp_queue *q, bool *detach, int *resul
         *detach = true;
         q->drain_waiter = NULL;
         if (msg)
-            msg->last_avail_idx = q->vr.last_avail_idx;
+            msg->last_avail_idx = vring_last_avail_idx(&q->vr);
         *result = 0;
         return msg;
     }
