@@ -120,7 +120,53 @@ static struct blk_req *queue_take_slot(struct dp_queue *q, uint16_t head, uint64
     return req;
 }
 
-/* Walked into the slot it will take (queue.h: queue_start). */
+/* Walks the chain at head into the iovecs of the slot it will take (taken
+ * only once it can be answered). Returns 0 or the walk's fault; *status is
+ * the byte to answer on, NULL when the chain has none. */
+static int queue_walk(struct dp_queue *q, uint16_t head, struct vring_chain *chain, uint8_t **status)
+{
+    *chain = (struct vring_chain){
+        .iov = q->iov_pool + (size_t)q->free_slots[q->free_count - 1] * DP_REQ_MAX_IOV,
+        .iov_max = DP_REQ_MAX_IOV,
+        .scratch = q->indirect_scratch,
+    };
+    int ret = vring_walk(&q->vr, q->io.mem, head, chain);
+    *status = NULL;
+    if (ret == 0) {
+        *status = chain->status;
+        if (!*status)
+            ret = -ENOMSG;
+    } else {
+        /* Stopped at the first fault: is there a status byte to answer on? */
+        int found = vring_status(&q->vr, q->io.mem, head, chain, status);
+        if (found < 0)
+            ret = found;
+    }
+    return ret;
+}
+
+/* A walked chain becomes a request: parsed, then answered at once or
+ * handed to the backend (with fail_io, failed instead). */
+static void queue_run(struct dp_queue *q, struct blk_req *req, struct vring_chain *chain, uint64_t now,
+                      bool fail_io)
+{
+    uint32_t iovecs = chain->out_num + chain->in_num;
+    if (iovecs > q->longest_chain) {
+        q->longest_chain = iovecs;
+        STAT_SET(q->stats.longest_chain, iovecs);
+    }
+    enum dp_err err;
+    int result = blk_parse(q->io.disk, chain, req, &err);
+    if (err != DP_ERR_COUNT)
+        STAT_ADD(q->stats.errors[err], 1);
+    if (result != BLK_NEEDS_IO)
+        queue_complete(q, req, (uint8_t)result, now);
+    else if (fail_io)
+        queue_complete(q, req, VIRTIO_BLK_S_IOERR, now);
+    else
+        queue_submit_io(q, req, now);
+}
+
 bool queue_start(struct dp_queue *q, uint16_t head, uint64_t now, bool fail_io, uint32_t *cost)
 {
     /* The same head twice in flight would be pushed twice: the guest broke the ring. */
@@ -128,24 +174,9 @@ bool queue_start(struct dp_queue *q, uint16_t head, uint64_t now, bool fail_io, 
         queue_break(q, -EBUSY);
         return false;
     }
-    /* Walked into the slot it will take; taken only once it can be answered. */
-    struct vring_chain chain = {
-        .iov = q->iov_pool + (size_t)q->free_slots[q->free_count - 1] * DP_REQ_MAX_IOV,
-        .iov_max = DP_REQ_MAX_IOV,
-        .scratch = q->indirect_scratch,
-    };
-    int ret = vring_walk(&q->vr, q->io.mem, head, &chain);
-    uint8_t *status = NULL;
-    if (ret == 0) {
-        status = chain.status;
-        if (!status)
-            ret = -ENOMSG;
-    } else {
-        /* Stopped at the first fault: is there a status byte to answer on? */
-        int found = vring_status(&q->vr, q->io.mem, head, &chain, &status);
-        if (found < 0)
-            ret = found;
-    }
+    struct vring_chain chain;
+    uint8_t *status;
+    int ret = queue_walk(q, head, &chain, &status);
     *cost += chain.desc_reads;
     if (!status)
         return queue_reject_chain(q, ret);
@@ -160,21 +191,7 @@ bool queue_start(struct dp_queue *q, uint16_t head, uint64_t now, bool fail_io, 
         queue_complete(q, req, VIRTIO_BLK_S_IOERR, now);
         return true;
     }
-    uint32_t iovecs = chain.out_num + chain.in_num;
-    if (iovecs > q->longest_chain) {
-        q->longest_chain = iovecs;
-        STAT_SET(q->stats.longest_chain, iovecs);
-    }
-    enum dp_err err;
-    int result = blk_parse(q->io.disk, &chain, req, &err);
-    if (err != DP_ERR_COUNT)
-        STAT_ADD(q->stats.errors[err], 1);
-    if (result != BLK_NEEDS_IO)
-        queue_complete(q, req, (uint8_t)result, now);
-    else if (fail_io)
-        queue_complete(q, req, VIRTIO_BLK_S_IOERR, now);
-    else
-        queue_submit_io(q, req, now);
+    queue_run(q, req, &chain, now, fail_io);
     return true;
 }
 

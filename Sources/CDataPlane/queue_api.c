@@ -30,6 +30,60 @@ static int queue_config_check(const struct dp_queue_config *cfg)
     return notifiers_set_nonblocking(cfg->call_fd, cfg->err_fd);
 }
 
+/* The queue and its arrays in one allocation on the thread's NUMA node:
+ * the head, then slots, their iovecs, the free list, head-to-slot map,
+ * pushed and resubmit lists, and the indirect-table scratch. */
+static struct dp_queue *queue_alloc(struct dp_iothread *thread, uint32_t size, uint32_t nslots)
+{
+    size_t head_size = sizeof(struct dp_queue);
+    size_t reqs_off = (head_size + 63) & ~(size_t)63;
+    size_t iov_off = reqs_off + nslots * sizeof(struct blk_req);
+    size_t free_off = iov_off + (size_t)nslots * DP_REQ_MAX_IOV * sizeof(struct iovec);
+    size_t heads_off = free_off + nslots * sizeof(uint16_t);
+    size_t pushed_off = heads_off + size * sizeof(uint16_t);
+    size_t resubmit_off = pushed_off + nslots * sizeof(uint16_t);
+    size_t scratch_off = (resubmit_off + size * sizeof(uint16_t) + 15) & ~(size_t)15;
+    size_t total = scratch_off + VRING_INDIRECT_MAX * sizeof(struct vring_desc);
+
+    int node;
+    uint8_t *base = iothread_alloc(thread, total, &node);
+    if (!base)
+        return NULL;
+    struct dp_queue *q = (struct dp_queue *)base;
+    q->reqs = (struct blk_req *)(base + reqs_off);
+    q->iov_pool = (struct iovec *)(base + iov_off);
+    q->free_slots = (uint16_t *)(base + free_off);
+    q->head_slot = (uint16_t *)(base + heads_off);
+    q->pushed = (uint16_t *)(base + pushed_off);
+    q->resubmit = (uint16_t *)(base + resubmit_off);
+    q->indirect_scratch = (struct vring_desc *)(base + scratch_off);
+    q->alloc_size = total;
+    q->numa_node = node;
+    q->nslots = nslots;
+    return q;
+}
+
+/* The queue's side of its disk's backend; its slots point at it. */
+static void queue_backend_init(struct dp_queue *q, struct dp_disk *disk, struct dp_mem *mem)
+{
+    q->io.ops = disk->backend == DP_BACKEND_NULL ? &backend_null_ops : &backend_uring_ops;
+    q->io.disk = disk;
+    q->io.mem = mem;
+    q->io.io_done = queue_backend_done;
+    q->io.reqs = q->reqs;
+    q->io.iov_pool = q->iov_pool;
+    /* Until its IOThread registers them (on attach): the plain fd, no buffers. */
+    q->io.ring_fd = disk->fd;
+    q->io.file_slot = -1;
+    q->io.bounce.stats = &q->stats;
+    q->io.thread_stats = iothread_counters(q->thread);
+    for (uint32_t i = 0; i < q->nslots; i++) {
+        q->reqs[i].ctx = &q->io;
+        q->free_slots[i] = (uint16_t)(q->nslots - 1 - i);
+    }
+    q->free_count = q->nslots;
+}
+
 int dp_queue_create(struct dp_iothread *thread, const struct dp_queue_config *config,
                     struct dp_disk *disk, struct dp_mem *mem, struct dp_queue **out)
 {
@@ -44,57 +98,20 @@ int dp_queue_create(struct dp_iothread *thread, const struct dp_queue_config *co
         return ret;
 
     uint32_t nslots = config->size < DP_QUEUE_MAX_SLOTS ? config->size : DP_QUEUE_MAX_SLOTS;
-    size_t head_size = sizeof(struct dp_queue);
-    size_t reqs_off = (head_size + 63) & ~(size_t)63;
-    size_t iov_off = reqs_off + nslots * sizeof(struct blk_req);
-    size_t free_off = iov_off + (size_t)nslots * DP_REQ_MAX_IOV * sizeof(struct iovec);
-    size_t heads_off = free_off + nslots * sizeof(uint16_t);
-    size_t pushed_off = heads_off + config->size * sizeof(uint16_t);
-    size_t resubmit_off = pushed_off + nslots * sizeof(uint16_t);
-    size_t scratch_off = (resubmit_off + config->size * sizeof(uint16_t) + 15) & ~(size_t)15;
-    size_t total = scratch_off + VRING_INDIRECT_MAX * sizeof(struct vring_desc);
-
-    int node;
-    uint8_t *base = iothread_alloc(thread, total, &node);
-    if (!base)
+    struct dp_queue *q = queue_alloc(thread, config->size, nslots);
+    if (!q)
         return -ENOMEM;
-    struct dp_queue *q = (struct dp_queue *)base;
-    q->reqs = (struct blk_req *)(base + reqs_off);
-    q->iov_pool = (struct iovec *)(base + iov_off);
-    q->free_slots = (uint16_t *)(base + free_off);
-    q->head_slot = (uint16_t *)(base + heads_off);
-    q->pushed = (uint16_t *)(base + pushed_off);
-    q->resubmit = (uint16_t *)(base + resubmit_off);
-    q->indirect_scratch = (struct vring_desc *)(base + scratch_off);
     q->inflight = config->inflight;
-    q->alloc_size = total;
-    q->numa_node = node;
-    q->nslots = nslots;
     q->thread = thread;
     q->notify_after = iothread_notify_after(thread);
     q->config = *config;
     queue_kick_init(q);
-    q->io.ops = disk->backend == DP_BACKEND_NULL ? &backend_null_ops : &backend_uring_ops;
-    q->io.disk = disk;
-    q->io.mem = mem;
-    q->io.io_done = queue_backend_done;
-    q->io.reqs = q->reqs;
-    q->io.iov_pool = q->iov_pool;
-    /* Until its IOThread registers them (on attach): the plain fd, no buffers. */
-    q->io.ring_fd = disk->fd;
-    q->io.file_slot = -1;
-    q->io.bounce.stats = &q->stats;
-    q->io.thread_stats = iothread_counters(thread);
-    for (uint32_t i = 0; i < nslots; i++) {
-        q->reqs[i].ctx = &q->io;
-        q->free_slots[i] = (uint16_t)(nslots - 1 - i);
-    }
-    q->free_count = nslots;
+    queue_backend_init(q, disk, mem);
     q->vr = vr;
     if (q->inflight)
         ret = inflight_recover(q);
     if (ret) {
-        iothread_free(base, total, node);
+        iothread_free(q, q->alloc_size, q->numa_node);
         return ret;
     }
     STAT_SET(q->stats.last_avail_idx, vring_last_avail_idx(&q->vr));
@@ -103,7 +120,7 @@ int dp_queue_create(struct dp_iothread *thread, const struct dp_queue_config *co
     struct ctl_msg msg = {.type = CTL_ADD_QUEUE, .queue = q};
     ret = iothread_call(thread, &msg);
     if (ret) {
-        iothread_free(base, total, node);
+        iothread_free(q, q->alloc_size, q->numa_node);
         return ret;
     }
     *out = q;
