@@ -360,7 +360,7 @@ static unsigned iothread_pass(struct dp_iothread *t, uint64_t now)
     uint32_t next_first = t->first_queue + 1;
     for (uint32_t k = 0, i = t->first_queue; k < nq; k++, i = i + 1 == nq ? 0 : i + 1) {
         struct dp_queue *q = t->queues[i];
-        if (q->io.bounce.wait_head)
+        if (q->io.bounce.wait_head && q->io.ops->retry_waiting)
             q->io.ops->retry_waiting(&q->io, now);
         work += queue_pop_batch(q, now);
         if (q->budget_spent)
