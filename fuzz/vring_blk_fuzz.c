@@ -311,7 +311,7 @@ static void fz_setup_disk(struct fz *f, struct fz_input *in, bool read_only)
     memcpy(f->disk.serial, "vring-blk-fuzz-seria", DP_SERIAL_LEN);
 }
 
-/* Ring placement as queue_map_rings does it, then vring_split_init. */
+/* Ring placement as vring_init does it (vring.c: split_map), then vring_split_init. */
 static bool fz_setup_rings(struct fz *f, struct fz_input *in, bool event_idx, bool indirect)
 {
     uint64_t desc_gpa = fz_gpa(f, in);
