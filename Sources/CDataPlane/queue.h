@@ -11,6 +11,18 @@
 struct loop;
 struct inflight_region;
 
+/* A queue's eventfds on its loop: the kick it waits on, the signals it owes. */
+struct queue_kick {
+    struct loop_op op;          /* the kick read or poll's completion */
+    uint64_t buf;
+    bool armed;                 /* a read or poll on the kick fd is outstanding */
+    bool poll;                  /* the kick fd is O_NONBLOCK: poll, then read() */
+    bool cancelling;
+    bool failed;
+    bool multishot;             /* the armed poll is multishot (IORING_POLL_ADD_MULTI) */
+    uint8_t signals_owed;       /* 1 << enum dp_signal: no SQE was free to send them */
+};
+
 struct dp_queue {
     /* --- owned by the IOThread while attached --- */
     struct vring vr;
@@ -34,14 +46,7 @@ struct dp_queue {
     bool early_published;       /* this pass published its first group already */
     bool kicked;                /* a kick arrived since the last pop */
     bool budget_spent;          /* the last pop stopped at its pass budget, work left */
-    bool kick_armed;            /* a read or poll on the kick fd is outstanding */
-    bool kick_poll;             /* the kick fd is O_NONBLOCK: poll, then read() */
-    bool kick_cancelling;
-    bool kick_failed;
-    bool kick_multishot;        /* the armed poll is multishot (IORING_POLL_ADD_MULTI) */
-    uint8_t signals_owed;       /* 1 << enum dp_signal: no SQE was free to send them */
-    struct loop_op kick_op;     /* the kick read or poll's completion */
-    uint64_t kick_buf;
+    struct queue_kick kick;     /* its eventfds on the loop (queue_notify.c) */
     struct ctl_msg *drain_waiter; /* stop/pause/set-mem waiting for in_flight == 0 */
     struct blk_req *held_head;  /* failed requests kept by the stop policy, in order */
     struct blk_req *held_tail;

@@ -178,10 +178,10 @@ static void drain_held(struct dp_queue *q, const struct ctl_msg *msg)
 static bool stop_finished(struct dp_queue *q)
 {
     queue_kick_cancel(q);
-    if (q->kick_armed)
+    if (q->kick.armed)
         return false; /* wait for the cancelled read to come back */
     queue_signals_flush(q);
-    if (q->signals_owed)
+    if (q->kick.signals_owed)
         return false; /* still no SQE: the rearm pass and the next call retry */
     queue_detach(q);
     return true;

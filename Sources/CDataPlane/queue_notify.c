@@ -18,15 +18,15 @@ void queue_signal(struct dp_queue *q, enum dp_signal which)
     if (fd < 0)
         return;
     if (loop_signal(q->loop, fd)) {
-        q->signals_owed |= (uint8_t)(1u << which);
+        q->kick.signals_owed |= (uint8_t)(1u << which);
         q->loop->rearm_pending = true;
     }
 }
 
 void queue_signals_flush(struct dp_queue *q)
 {
-    uint8_t owed = q->signals_owed;
-    q->signals_owed = 0;
+    uint8_t owed = q->kick.signals_owed;
+    q->kick.signals_owed = 0;
     if (owed & (1u << DP_SIGNAL_CALL))
         queue_signal(q, DP_SIGNAL_CALL);
     if (owed & (1u << DP_SIGNAL_ERR))
@@ -35,7 +35,7 @@ void queue_signals_flush(struct dp_queue *q)
 
 void queue_kick_arm(struct dp_queue *q)
 {
-    if (q->kick_armed || q->kick_failed || q->stopping)
+    if (q->kick.armed || q->kick.failed || q->stopping)
         return;
     struct loop *l = q->loop;
     int ret;
@@ -43,40 +43,40 @@ void queue_kick_arm(struct dp_queue *q)
     if (multishot) {
         /* Armed once, it posts a CQE (IORING_CQE_F_MORE) per kick; each is
          * consumed with loop_drain_eventfd. */
-        ret = loop_arm_poll(l, q->config.kick_fd, true, &q->kick_op);
-    } else if (q->kick_poll) {
+        ret = loop_arm_poll(l, q->config.kick_fd, true, &q->kick.op);
+    } else if (q->kick.poll) {
         /* Reading the eventfd through io_uring consumes the kick with no
          * extra syscall. On some kernels an O_NONBLOCK fd (some frontends
          * set it) answers -EAGAIN instead of waiting (6.18 waits), so for
          * those we poll first. */
-        ret = loop_arm_poll(l, q->config.kick_fd, false, &q->kick_op);
+        ret = loop_arm_poll(l, q->config.kick_fd, false, &q->kick.op);
     } else {
-        ret = loop_arm_read(l, q->config.kick_fd, &q->kick_buf, &q->kick_op);
+        ret = loop_arm_read(l, q->config.kick_fd, &q->kick.buf, &q->kick.op);
     }
     if (ret) {
         l->rearm_pending = true;
         return;
     }
-    q->kick_armed = true;
-    q->kick_multishot = multishot;
+    q->kick.armed = true;
+    q->kick.multishot = multishot;
 }
 
 void queue_kick_cancel(struct dp_queue *q)
 {
-    if (!q->kick_armed || q->kick_cancelling)
+    if (!q->kick.armed || q->kick.cancelling)
         return;
-    if (loop_cancel(q->loop, &q->kick_op)) {
+    if (loop_cancel(q->loop, &q->kick.op)) {
         q->loop->rearm_pending = true; /* a stop waits for this cancel */
         return;
     }
-    q->kick_cancelling = true;
+    q->kick.cancelling = true;
 }
 
 bool queue_kick_end_poll(struct dp_queue *q)
 {
-    if (!q->kick_armed || !q->kick_multishot || q->kick_cancelling)
+    if (!q->kick.armed || !q->kick.multishot || q->kick.cancelling)
         return false;
-    return loop_poll_remove(q->loop, &q->kick_op) == 0;
+    return loop_poll_remove(q->loop, &q->kick.op) == 0;
 }
 
 /* A kick: consumed before the pass pops, so no kick it counts comes after
@@ -84,7 +84,7 @@ bool queue_kick_end_poll(struct dp_queue *q)
 static void kick_seen(struct dp_queue *q, bool drain)
 {
     if (drain)
-        loop_drain_eventfd(q->loop, q->config.kick_fd, &q->kick_buf);
+        loop_drain_eventfd(q->loop, q->config.kick_fd, &q->kick.buf);
     q->kicked = true;
     STAT_ADD(q->stats.kicks, 1);
 }
@@ -94,7 +94,7 @@ static void kick_seen(struct dp_queue *q, bool drain)
 static void kick_multishot_ended(struct dp_queue *q, int res)
 {
     if (res < 0 && res != -ECANCELED && res != -EINTR) {
-        q->kick_failed = true;
+        q->kick.failed = true;
         return;
     }
     if (res > 0)
@@ -105,7 +105,7 @@ static void kick_multishot_ended(struct dp_queue *q, int res)
 
 static void kick_done(struct loop_op *op, int res, uint32_t flags)
 {
-    struct dp_queue *q = dp_container_of(op, struct dp_queue, kick_op);
+    struct dp_queue *q = dp_container_of(op, struct dp_queue, kick.op);
     if (flags & IORING_CQE_F_MORE) {
         /* The multishot poll is still armed: a kick. */
         if (q->stopping || res <= 0)
@@ -113,26 +113,26 @@ static void kick_done(struct loop_op *op, int res, uint32_t flags)
         kick_seen(q, true);
         return;
     }
-    bool multishot = q->kick_multishot;
+    bool multishot = q->kick.multishot;
     if (multishot) {
-        q->kick_multishot = false;
+        q->kick.multishot = false;
         q->loop->multishots--;
     }
-    q->kick_armed = false;
-    q->kick_cancelling = false;
+    q->kick.armed = false;
+    q->kick.cancelling = false;
     if (q->stopping)
         return;
     if (multishot) {
         kick_multishot_ended(q, res);
         return;
     }
-    if (res == -EAGAIN && !q->kick_poll) {
-        q->kick_poll = true; /* an O_NONBLOCK fd: poll it from now on */
+    if (res == -EAGAIN && !q->kick.poll) {
+        q->kick.poll = true; /* an O_NONBLOCK fd: poll it from now on */
     } else if (res < 0 && res != -EINTR) {
-        q->kick_failed = true; /* a bad fd; the queue is still served when polled */
+        q->kick.failed = true; /* a bad fd; the queue is still served when polled */
         return;
     } else if (res >= 0) {
-        kick_seen(q, q->kick_poll);
+        kick_seen(q, q->kick.poll);
     }
     queue_kick_arm(q);
 }
@@ -140,5 +140,5 @@ static void kick_done(struct loop_op *op, int res, uint32_t flags)
 /* Set once, when the queue is made: the kick's completions come here. */
 void queue_kick_init(struct dp_queue *q)
 {
-    q->kick_op.done = kick_done;
+    q->kick.op.done = kick_done;
 }
