@@ -606,6 +606,19 @@ uint32_t gd_in_flight(const struct gd_driver *d, uint32_t qi)
     return q ? q->in_flight : 0;
 }
 
+bool gd_is_packed(const struct gd_driver *d) { return d->packed; }
+
+uint32_t gd_vring_base(const struct gd_driver *d, uint32_t qi)
+{
+    const struct gd_queue *q = queue_get(d, qi);
+    if (!q)
+        return 0;
+    if (!d->packed)
+        return atomic_load_explicit(q->used_idx, memory_order_acquire);
+    uint32_t at = q->last_used | (q->used_wrap ? 0x8000u : 0);
+    return at | at << 16;
+}
+
 bool gd_used_pending(const struct gd_driver *d, uint32_t qi)
 {
     const struct gd_queue *q = queue_get(d, qi);

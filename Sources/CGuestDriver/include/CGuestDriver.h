@@ -128,6 +128,13 @@ uint16_t gd_avail_event(const struct gd_driver *d, uint32_t q);
 uint16_t gd_used_flags(const struct gd_driver *d, uint32_t q);
 uint16_t gd_used_idx(const struct gd_driver *d, uint32_t q); /* acquire load */
 
+/* The ring layout the driver was created with. */
+bool gd_is_packed(const struct gd_driver *d);
+/* What SET_VRING_BASE carries for queue q to restart the device where the
+ * driver stands: split, the used index; packed (vhost-user's encoding), the
+ * driver's next used slot with its wrap counter in bit 15, for both the
+ * avail (bits 0-15) and the used (bits 16-31) side. */
+uint32_t gd_vring_base(const struct gd_driver *d, uint32_t q);
 /* A used element waits that gd_used_pop has not taken (either layout). */
 bool gd_used_pending(const struct gd_driver *d, uint32_t q);
 
