@@ -126,7 +126,7 @@ static void drv_init(struct gdrv *g, uint16_t size)
     g->ring = gpa_host(RING_GPA);
     g->drv_ev = gpa_host(DRV_EV_GPA);
     g->dev_ev = gpa_host(DEV_EV_GPA);
-    memset(g->ring, 0, 16u * size); /* 2.8.11: the ring is zero-initialized */
+    memset(g->ring, 0, 16u * size); /* 2.8.13: the ring is zero-initialized */
     memset(g->drv_ev, 0, 8);
     g->size = size;
     g->avail_wrap = g->used_wrap = true;
