@@ -97,7 +97,7 @@ static void cursor_init(const struct vring_packed *vr, struct pcursor *c)
     *c = (struct pcursor){
         .ring_next = vr->avail_idx,
         .ring_wrap = vr->avail_wrap,
-        /* 2.8.1: the driver only reuses descriptors it has seen used, so a
+        /* 2.8.16: the driver only reuses descriptors it has seen used, so a
          * buffer never takes more than the ring minus what is in flight.
          * Past that it runs onto itself or onto our in-flight buffers. */
         .ring_left = vr->size - vr->inflight,
@@ -131,7 +131,7 @@ static int cursor_enter_indirect(const struct vring_packed *vr, const struct dp_
                                  struct pcursor *c, struct vring_desc *scratch,
                                  const struct vring_packed_desc *d)
 {
-    /* 2.8.8: only if negotiated, never in a list linked by NEXT, a whole
+    /* 2.8.7, 2.8.19: only if negotiated, never in a list linked by NEXT, a whole
      * number of descriptors. Its length is bounded by our own limit, not
      * by the queue size (Linux fills one with seg_max + 2 entries whatever
      * the ring's size). */
@@ -154,12 +154,12 @@ static int cursor_enter_indirect(const struct vring_packed *vr, const struct dp_
     c->table_size = n;
     c->table_next = 0;
     c->in_indirect = true;
-    c->id = d->id; /* the table's entries have none (2.8.8) */
+    c->id = d->id; /* the table's entries have none (2.8.7) */
     return 0;
 }
 
 /* Reads the table's next entry. The table's length bounds the buffer:
- * 2.8.8 leaves NEXT reserved in entries (DPDK sets it on all but the last,
+ * 2.8.7 leaves NEXT reserved in entries (DPDK sets it on all but the last,
  * Linux on none), but on the last one it asks for more than there is, and
  * a nested table cannot be answered without guessing either. */
 static int cursor_read_table(struct pcursor *c, struct vring_chain *chain,
@@ -210,7 +210,7 @@ static int chain_map(const struct dp_mem *mem, const struct vring_packed_desc *d
                      struct vring_chain *chain)
 {
     bool writable = d->flags & VRING_DESC_F_WRITE;
-    /* 2.8.7 (driver requirements): device-writable elements come after
+    /* 2.8.17: device-writable elements come after
      * device-readable ones (an empty writable one counts too). */
     if (!writable && chain->in_any)
         return -EPROTO;
@@ -301,7 +301,7 @@ int vring_packed_push(struct vring_packed *vr, uint16_t id, uint32_t len, uint16
         return -EINVAL;
     struct vring_packed_desc *d = &vr->desc[vr->used_idx];
     /* 2.8.1: a used descriptor has AVAIL and USED equal to the device's
-     * wrap counter; 2.8.3: WRITE says len is meaningful. */
+     * wrap counter; 2.8.3, 2.8.4: WRITE says len is meaningful. */
     uint16_t flags = vr->used_wrap ? VRING_PACKED_DESC_F_AVAIL | VRING_PACKED_DESC_F_USED : 0;
     if (len)
         flags |= VRING_DESC_F_WRITE;

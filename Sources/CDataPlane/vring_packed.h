@@ -67,10 +67,13 @@ struct vring_packed {
 #define VRING_PACKED_DESC_BYTES(n) ((uint64_t)(n) * 16)
 #define VRING_PACKED_EVENT_BYTES 4
 
-/* The vhost-user GET/SET_VRING_BASE value of a packed ring: bits 0-14 the
- * next descriptor to pop, bit 15 the driver wrap counter expected there,
- * bits 16-30 the next descriptor to write used, bit 31 the device wrap
- * counter. A fresh ring is 0x80008000 (both counters start at 1, 2.8.1). */
+/* The vhost-user GET/SET_VRING_BASE value of a packed ring ("Vring
+ * descriptor indices for packed virtqueues"): bits 0-14 the next
+ * descriptor to pop, bit 15 the driver wrap counter expected there, bits
+ * 16-30 the next descriptor to write used, bit 31 the device wrap counter.
+ * The spec calls the indices free-running, but 15 bits with a wrap bit
+ * only make sense as ring indices (< size), which is what QEMU sends. A
+ * fresh ring is 0x80008000 (both counters start at 1, 2.8.1). */
 #define VRING_PACKED_BASE(avail, avail_wrap, used, used_wrap)                             \
     ((uint32_t)(avail) | ((uint32_t)!!(avail_wrap) << 15) | ((uint32_t)(used) << 16) |   \
      ((uint32_t)!!(used_wrap) << 31))
