@@ -158,10 +158,19 @@ static int bench_read_signals(struct bench *b, int fd)
     return errno == EAGAIN ? 0 : -errno;
 }
 
+/* Completions arrived since the last reap: the split used index moved, or a
+ * packed ring's next slot holds a used descriptor. */
+static bool bench_used_moved(const struct bench_queue *bq)
+{
+    if (gd_is_packed(bq->d))
+        return gd_used_pending(bq->d, bq->qi);
+    return gd_used_idx(bq->d, bq->qi) != bq->seen_used;
+}
+
 static bool bench_any_used(struct bench *b)
 {
     for (uint32_t i = 0; i < b->nq; i++)
-        if (gd_used_idx(b->q[i].d, b->q[i].qi) != b->q[i].seen_used)
+        if (bench_used_moved(&b->q[i]))
             return true;
     return false;
 }
@@ -193,7 +202,7 @@ static int bench_sleep(struct bench *b, struct pollfd *pfds)
      * counters either way, so no stale signal wakes the next sleep. */
     for (uint32_t i = 0; i < b->nq; i++) {
         struct bench_queue *bq = &b->q[i];
-        bq->woken = found ? gd_used_idx(bq->d, bq->qi) != bq->seen_used : (pfds[i].revents & POLLIN) != 0;
+        bq->woken = found ? bench_used_moved(bq) : (pfds[i].revents & POLLIN) != 0;
         if (found || bq->woken) {
             int rc = bench_read_signals(b, pfds[i].fd);
             if (rc < 0)

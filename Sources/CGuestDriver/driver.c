@@ -1,6 +1,7 @@
 /*
- * The guest's side of virtio split rings (virtio 1.x, 2.7): memory, rings,
- * descriptor free list, requests and notifications.
+ * The guest's side of virtio rings: memory, split rings (virtio 1.x, 2.7),
+ * descriptor free list, requests and notifications; each call that both
+ * layouts have hands a packed queue to packed.c.
  */
 #ifndef _GNU_SOURCE
 #error "CGuestDriver needs _GNU_SOURCE (memfd_create); set it in the target's cSettings"
@@ -9,7 +10,7 @@
 #error "virtio rings are little-endian and this driver writes them natively"
 #endif
 
-#include "CGuestDriver.h"
+#include "driver_internal.h"
 
 #include <errno.h>
 #include <poll.h>
@@ -20,70 +21,6 @@
 #include <sys/mman.h>
 #include <time.h>
 #include <unistd.h>
-
-struct gd_vdesc {
-    uint64_t addr;
-    uint32_t len;
-    uint16_t flags;
-    uint16_t next;
-};
-
-struct gd_used_elem {
-    uint32_t id;
-    uint32_t len;
-};
-
-_Static_assert(sizeof(struct gd_vdesc) == 16, "virtq_desc is 16 bytes");
-_Static_assert(sizeof(struct gd_used_elem) == 8, "virtq_used_elem is 8 bytes");
-_Static_assert(sizeof(_Atomic uint16_t) == 2, "ring indices are accessed as atomic le16");
-
-/* A cache line per head, so the device's status write does not bounce the
- * line holding a neighbour's header. */
-#define GD_SLOT_STRIDE 64
-#define GD_HDR_LEN 16
-#define GD_STATUS_OFF 16
-#define GD_UVA_BASE 0x7f0000000000ull
-
-enum gd_calls { GD_CALLS_ON, GD_CALLS_OFF, GD_CALLS_MANUAL };
-
-struct gd_head {
-    uint16_t last;  /* last descriptor of the chain, to splice it back */
-    uint16_t ndesc; /* ring descriptors it holds (1 when indirect) */
-    bool busy;
-};
-
-struct gd_queue {
-    uint32_t size;
-    uint64_t desc_gpa, avail_gpa, used_gpa, slot_gpa, ind_gpa;
-    struct gd_vdesc *desc;
-    _Atomic uint16_t *avail_flags, *avail_idx, *used_event;
-    uint16_t *avail_ring;
-    _Atomic uint16_t *used_flags, *used_idx, *avail_event;
-    const struct gd_used_elem *used_ring;
-    uint8_t *slots;
-    struct gd_vdesc *ind;
-    uint16_t *free_next; /* driver-private links, so the device cannot corrupt them */
-    struct gd_head *heads;
-    uint16_t free_head;
-    uint32_t num_free, in_flight;
-    uint16_t avail_shadow, avail_pub, kick_old, last_used;
-    uint16_t used_event_set; /* last value written in GD_CALLS_OFF */
-    uint16_t avail_flags_shadow;
-    enum gd_calls calls;
-    int kick_fd, call_fd;
-};
-
-struct gd_driver {
-    uint64_t mem_size, half, brk, brk_floor;
-    int memfd;
-    bool event_idx;
-    uint8_t *guest;
-    uint8_t *area; /* PROT_NONE reservation holding the device view */
-    size_t area_len;
-    uint8_t *dev[2];
-    uint32_t num_queues;
-    struct gd_queue queues[];
-};
 
 static struct gd_queue *queue_get(const struct gd_driver *d, uint32_t q)
 {
@@ -131,6 +68,12 @@ static int queue_init(struct gd_driver *d, struct gd_queue *q, uint32_t n)
     q->num_free = n;
     q->calls = GD_CALLS_ON; /* used_event = 0, flags = 0: the memfd starts zeroed */
 
+    if (d->packed) {
+        int rc = gd_packed_queue_init(d, q);
+        if (rc < 0)
+            return rc;
+    }
+
     q->kick_fd = eventfd(0, EFD_CLOEXEC);
     if (q->kick_fd < 0)
         return -errno;
@@ -154,6 +97,7 @@ int gd_create(const struct gd_config *cfg, struct gd_driver **out)
     d->mem_size = cfg->mem_size;
     d->half = cfg->mem_size / 2;
     d->event_idx = cfg->event_idx;
+    d->packed = cfg->packed;
     d->num_queues = cfg->num_queues;
     d->memfd = -1;
     d->guest = MAP_FAILED;
@@ -211,6 +155,7 @@ void gd_destroy(struct gd_driver *d)
             close(q->call_fd);
         free(q->free_next);
         free(q->heads);
+        gd_packed_queue_free(q);
     }
     if (d->area != MAP_FAILED)
         munmap(d->area, d->area_len);
@@ -341,6 +286,10 @@ void gd_avail_publish(struct gd_driver *d, uint32_t qi)
     struct gd_queue *q = queue_get(d, qi);
     if (!q)
         return;
+    if (d->packed) {
+        gd_packed_publish(q);
+        return;
+    }
     /* Release: descriptors and ring entries before the index (pairs with the
      * device's acquire load of avail->idx). */
     atomic_store_explicit(q->avail_idx, q->avail_shadow, memory_order_release);
@@ -413,6 +362,12 @@ int gd_kick_if_needed(struct gd_driver *d, uint32_t qi)
     struct gd_queue *q = queue_get(d, qi);
     if (!q)
         return -EINVAL;
+    if (d->packed) {
+        if (!gd_packed_kick_needed(d, q))
+            return 0;
+        int rc = gd_kick(d, qi);
+        return rc < 0 ? rc : 1;
+    }
     uint16_t old = q->kick_old, new_idx = q->avail_pub;
     q->kick_old = new_idx;
     if (old == new_idx)
@@ -445,6 +400,8 @@ int gd_used_pop(struct gd_driver *d, uint32_t qi, uint32_t *id, uint32_t *len)
     struct gd_queue *q = queue_get(d, qi);
     if (!q)
         return -EINVAL;
+    if (d->packed)
+        return gd_packed_used_pop(d, q, id, len);
     /* Acquire: the element (and the data and status it covers) is read after
      * the index; pairs with the device's release store of used->idx. */
     if (atomic_load_explicit(q->used_idx, memory_order_acquire) == q->last_used)
@@ -474,6 +431,11 @@ int gd_enable_calls(struct gd_driver *d, uint32_t qi)
     struct gd_queue *q = queue_get(d, qi);
     if (!q)
         return -EINVAL;
+    if (d->packed) {
+        gd_packed_set_calls(d, q, true);
+        atomic_thread_fence(memory_order_seq_cst); /* as below */
+        return gd_packed_used_pending(q);
+    }
     q->calls = GD_CALLS_ON;
     if (d->event_idx) {
         atomic_store_explicit(q->used_event, q->last_used, memory_order_relaxed);
@@ -492,6 +454,10 @@ void gd_disable_calls(struct gd_driver *d, uint32_t qi)
     struct gd_queue *q = queue_get(d, qi);
     if (!q)
         return;
+    if (d->packed) {
+        gd_packed_set_calls(d, q, false);
+        return;
+    }
     q->calls = GD_CALLS_OFF;
     if (d->event_idx) {
         used_event_park(q);
@@ -546,6 +512,10 @@ int gd_request_add(struct gd_driver *d, uint32_t qi, const struct gd_req *req, u
         return -EINVAL;
     if ((uint64_t)req->nsegs + 2 > q->size)
         return -EINVAL;
+    if (d->packed) {
+        int rc = gd_packed_request_add(d, q, req, head_out);
+        return rc;
+    }
     uint32_t n = req->nsegs + 2, need = req->indirect ? 1 : n;
     if (q->num_free < need)
         return -ENOSPC;
@@ -615,7 +585,9 @@ int gd_complete(struct gd_driver *d, uint32_t qi, uint16_t *head, uint32_t *len,
         return -EINVAL;
     struct gd_head *h = &q->heads[id];
     h->busy = false;
-    q->free_next[h->last] = q->free_head; /* splice the chain back whole */
+    /* Split: splice the chain's descriptors back whole. Packed: the id goes
+     * back (its ring slots were freed by moving past them). */
+    q->free_next[d->packed ? id : h->last] = q->free_head;
     q->free_head = (uint16_t)id;
     q->num_free += h->ndesc;
     q->in_flight--;
@@ -632,6 +604,77 @@ uint32_t gd_in_flight(const struct gd_driver *d, uint32_t qi)
 {
     const struct gd_queue *q = queue_get(d, qi);
     return q ? q->in_flight : 0;
+}
+
+bool gd_is_packed(const struct gd_driver *d) { return d->packed; }
+
+uint32_t gd_vring_base(const struct gd_driver *d, uint32_t qi)
+{
+    const struct gd_queue *q = queue_get(d, qi);
+    if (!q)
+        return 0;
+    if (!d->packed)
+        return atomic_load_explicit(q->used_idx, memory_order_acquire);
+    uint32_t at = q->last_used | (q->used_wrap ? 0x8000u : 0);
+    return at | at << 16;
+}
+
+bool gd_used_pending(const struct gd_driver *d, uint32_t qi)
+{
+    const struct gd_queue *q = queue_get(d, qi);
+    if (!q)
+        return false;
+    if (d->packed)
+        return gd_packed_used_pending(q);
+    return atomic_load_explicit(q->used_idx, memory_order_acquire) != q->last_used;
+}
+
+/* ---------------------------------------------------------------- raw packed ring access */
+
+void gd_packed_write_desc(struct gd_driver *d, uint32_t qi, uint16_t slot, uint64_t addr, uint32_t len,
+                          uint16_t id, uint16_t flags)
+{
+    struct gd_queue *q = queue_get(d, qi);
+    if (!q || !d->packed || slot >= q->size)
+        return;
+    struct gd_pdesc *e = &q->pdesc[slot];
+    e->addr = addr;
+    e->len = len;
+    e->id = id;
+    /* Release: a descriptor made available by this store is whole. */
+    atomic_store_explicit((_Atomic uint16_t *)&e->flags, flags, memory_order_release);
+}
+
+uint16_t gd_packed_next_slot(const struct gd_driver *d, uint32_t qi, uint16_t *avail_bits)
+{
+    const struct gd_queue *q = queue_get(d, qi);
+    if (!q || !d->packed)
+        return 0;
+    if (avail_bits)
+        *avail_bits = q->avail_wrap ? GD_PDESC_F_AVAIL : GD_PDESC_F_USED;
+    return q->next_avail;
+}
+
+void gd_packed_skip(struct gd_driver *d, uint32_t qi, uint16_t n)
+{
+    struct gd_queue *q = queue_get(d, qi);
+    if (!q || !d->packed)
+        return;
+    for (uint16_t i = 0; i < n; i++)
+        if (++q->next_avail == q->size) {
+            q->next_avail = 0;
+            q->avail_wrap = !q->avail_wrap;
+        }
+    gd_packed_publish(q);
+}
+
+uint32_t gd_packed_device_event(const struct gd_driver *d, uint32_t qi)
+{
+    const struct gd_queue *q = queue_get(d, qi);
+    if (!q || !d->packed)
+        return 0;
+    return (uint32_t)atomic_load_explicit(q->dev_flags, memory_order_relaxed) << 16 |
+           atomic_load_explicit(q->dev_off_wrap, memory_order_relaxed);
 }
 
 int gd_eventfd(void)

@@ -183,11 +183,16 @@ static int negotiate_features(struct vuf_conn *c, struct gd_driver *d, struct vu
                     1ull << VUF_F_BLK_WRITE_ZEROES | 1ull << VUF_F_BLK_RO;
     if (qc.event_idx)
         want |= 1ull << VUF_F_RING_EVENT_IDX;
+    if (gd_is_packed(d))
+        want |= 1ull << VUF_F_RING_PACKED;
     if (!has(info->features_offered, VUF_F_VERSION_1))
         return _vuf_fail(c, -ENOTSUP, "GET_FEATURES: the back-end does not offer VIRTIO_F_VERSION_1 (0x%llx)",
                          (unsigned long long)info->features_offered);
     if (qc.event_idx && !has(info->features_offered, VUF_F_RING_EVENT_IDX))
         return _vuf_fail(c, -ENOTSUP, "GET_FEATURES: the driver uses EVENT_IDX and the back-end does not offer it");
+    if (gd_is_packed(d) && !has(info->features_offered, VUF_F_RING_PACKED))
+        return _vuf_fail(c, -ENOTSUP, "GET_FEATURES: the driver uses packed rings and the back-end does not offer "
+                                      "VIRTIO_F_RING_PACKED");
     info->features = info->features_offered & want;
     return 0;
 }
@@ -313,9 +318,10 @@ static int setup_queue(struct vuf_conn *c, struct gd_driver *d, uint32_t q)
     uint64_t base = (uint64_t)(uintptr_t)gd_ptr(d, 0);
     int rc = call_state(c, VUF_SET_VRING_NUM, q, qc.size);
     /* Where the device resumes: the used index, 0 on a fresh driver (QEMU
-     * restarts a ring from there after a back-end went away). */
+     * restarts a ring from there after a back-end went away); packed rings
+     * add the wrap counters (gd_vring_base). */
     if (rc == 0)
-        rc = call_state(c, VUF_SET_VRING_BASE, q, gd_used_idx(d, q));
+        rc = call_state(c, VUF_SET_VRING_BASE, q, gd_vring_base(d, q));
     if (rc == 0) {
         struct vuf_addr a = { .index = q, .flags = 0, .desc = base + qc.desc_addr, .used = base + qc.used_addr,
                               .avail = base + qc.avail_addr, .log = 0 };

@@ -32,7 +32,7 @@ struct lg_opts {
     uint32_t nsockets;
     uint32_t queues, depth, queue_size, block_size;
     uint32_t type;
-    bool random, poll, json, event_idx, verbose, direct;
+    bool random, poll, json, event_idx, verbose, direct, packed;
     double seconds, warmup, spin_us;
     int32_t cpu;
     uint64_t seed, size_limit;
@@ -70,6 +70,7 @@ static void usage(FILE *f)
             "  --queue-size N       virtqueue size (power of two, default 256)\n"
             "  --size BYTES         use only the first BYTES of the disk (e.g. 1g)\n"
             "  --no-event-idx       don't use VIRTIO_RING_F_EVENT_IDX\n"
+            "  --packed             packed virtqueues (VIRTIO_F_RING_PACKED; the back-end must offer it)\n"
             "  --direct             direct chains where they fit the ring (Linux puts every\n"
             "                       request in an indirect table when the back-end offers them)\n"
             "  --inflight           negotiate INFLIGHT_SHMFD (GET_/SET_INFLIGHT_FD)\n"
@@ -176,6 +177,8 @@ static void parse(int argc, char **argv, struct lg_opts *o)
             o->json = true;
         } else if (!strcmp(a, "--no-event-idx")) {
             o->event_idx = false;
+        } else if (!strcmp(a, "--packed")) {
+            o->packed = true;
         } else if (!strcmp(a, "--inflight")) {
             o->vuf.inflight = true;
         } else if (!strcmp(a, "--add-mem-reg")) {
@@ -258,7 +261,7 @@ struct lg_disk {
 static int lg_connect(const struct lg_opts *o, struct lg_disk *k)
 {
     struct gd_config gc = { .mem_size = memory_size(o), .num_queues = o->queues, .queue_size = o->queue_size,
-                            .event_idx = o->event_idx };
+                            .event_idx = o->event_idx, .packed = o->packed };
     int rc = gd_create(&gc, &k->d);
     if (rc < 0) {
         fprintf(stderr, "dp-loadgen: guest driver (%" PRIu64 " bytes of memory): %s\n", gc.mem_size, strerror(-rc));
@@ -418,11 +421,11 @@ int main(int argc, char **argv)
         printf("{\"socket\":");
         json_string(o.sockets[0]);
         printf(",\"disks\":%u,\"rw\":\"%s\",\"bs\":%u,\"queues\":%u,\"depth\":%u,\"queue_size\":%u,"
-               "\"client\":\"%s\",\"poll\":%s,\"event_idx\":%s,\"indirect\":%s,\"seconds\":%.3f,\"ops\":%" PRIu64
+               "\"client\":\"%s\",\"poll\":%s,\"packed\":%s,\"event_idx\":%s,\"indirect\":%s,\"seconds\":%.3f,\"ops\":%" PRIu64
                ",\"errors\":%" PRIu64 ",\"iops\":%.0f,\"mbps\":%.1f,"
                "\"lat_us\":{\"p50\":%.2f,\"p99\":%.2f,\"p99.9\":%.2f},\"per_queue_iops\":[",
                o.nsockets, rw_name(&o), o.block_size, o.queues, o.depth, o.queue_size, client,
-               o.poll ? "true" : "false", o.event_idx ? "true" : "false", indirect ? "true" : "false", secs, r.ops,
+               o.poll ? "true" : "false", o.packed ? "true" : "false", o.event_idx ? "true" : "false", indirect ? "true" : "false", secs, r.ops,
                r.errors, iops, mbps, pct_us(r.hist, 50), pct_us(r.hist, 99), pct_us(r.hist, 99.9));
         for (uint32_t q = 0; q < shown; q++)
             printf("%s%.0f", q ? "," : "", secs > 0 ? (double)r.per_queue_ops[q] / secs : 0);
@@ -438,8 +441,8 @@ int main(int argc, char **argv)
             printf("%s: ", o.sockets[0]);
         else
             printf("%u disks (%s ... %s): ", o.nsockets, o.sockets[0], o.sockets[o.nsockets - 1]);
-        printf("%s %u bytes, %u queue(s) x depth %u, queue size %u, %s client%s%s\n", rw_name(&o), o.block_size,
-               o.queues, o.depth, o.queue_size, client, o.event_idx ? ", event_idx" : "",
+        printf("%s %u bytes, %u queue(s) x depth %u, queue size %u, %s client%s%s%s\n", rw_name(&o), o.block_size,
+               o.queues, o.depth, o.queue_size, client, o.packed ? ", packed" : "", o.event_idx ? ", event_idx" : "",
                indirect ? ", indirect" : "");
         printf("  %.0f IOPS  %.1f MB/s  latency p50 %.1f us  p99 %.1f us  p99.9 %.1f us\n", iops, mbps,
                pct_us(r.hist, 50), pct_us(r.hist, 99), pct_us(r.hist, 99.9));

@@ -64,6 +64,10 @@ struct gd_config {
     uint32_t num_queues;
     uint32_t queue_size; /* power of two, 1..32768 */
     bool event_idx;      /* VIRTIO_RING_F_EVENT_IDX */
+    bool packed;         /* VIRTIO_F_RING_PACKED (2.8): desc_addr is the descriptor
+                            ring, avail_addr the driver and used_addr the device
+                            event suppression area; the split-only raw calls
+                            below have no meaning on such a queue */
 };
 
 /* Creates the memfd and both views, and per queue: rings, a kick eventfd, a
@@ -123,6 +127,32 @@ void gd_set_used_event(struct gd_driver *d, uint32_t q, uint16_t v);
 uint16_t gd_avail_event(const struct gd_driver *d, uint32_t q);
 uint16_t gd_used_flags(const struct gd_driver *d, uint32_t q);
 uint16_t gd_used_idx(const struct gd_driver *d, uint32_t q); /* acquire load */
+
+/* The ring layout the driver was created with. */
+bool gd_is_packed(const struct gd_driver *d);
+/* What SET_VRING_BASE carries for queue q to restart the device where the
+ * driver stands: split, the used index; packed (vhost-user's encoding), the
+ * driver's next used slot with its wrap counter in bit 15, for both the
+ * avail (bits 0-15) and the used (bits 16-31) side. */
+uint32_t gd_vring_base(const struct gd_driver *d, uint32_t q);
+/* A used element waits that gd_used_pop has not taken (either layout). */
+bool gd_used_pending(const struct gd_driver *d, uint32_t q);
+
+/* Packed rings, raw (hostile tests). The driver's cursor is the next ring
+ * slot to fill; a descriptor is available when its flags carry avail_bits
+ * (AVAIL = the avail wrap counter, USED = its inverse). */
+#define GD_PDESC_F_AVAIL (1u << 7)
+#define GD_PDESC_F_USED (1u << 15)
+/* Writes a descriptor, its flags last with release; no validation. */
+void gd_packed_write_desc(struct gd_driver *d, uint32_t q, uint16_t slot, uint64_t addr, uint32_t len,
+                          uint16_t id, uint16_t flags);
+/* The cursor's slot, and the AVAIL/USED bits that make a descriptor there available. */
+uint16_t gd_packed_next_slot(const struct gd_driver *d, uint32_t q, uint16_t *avail_bits);
+/* Moves the cursor past n slots written raw (the wrap counter follows) and
+ * counts them as published for gd_kick_if_needed. */
+void gd_packed_skip(struct gd_driver *d, uint32_t q, uint16_t n);
+/* The device's event suppression area: flags << 16 | off_wrap. */
+uint32_t gd_packed_device_event(const struct gd_driver *d, uint32_t q);
 
 /* A fresh non-blocking eventfd (for tests that need an extra one, e.g. an
  * error fd); Swift cannot see eventfd(2) itself. */

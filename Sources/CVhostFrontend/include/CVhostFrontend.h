@@ -89,6 +89,7 @@ extern "C" {
 #define VUF_F_RING_EVENT_IDX 29
 #define VUF_F_PROTOCOL_FEATURES 30
 #define VUF_F_VERSION_1 32
+#define VUF_F_RING_PACKED 34
 
 /* Protocol feature bits (vhost-user.rst "Protocol features"). */
 #define VUF_PF_MQ 0
@@ -203,7 +204,8 @@ struct vuf_info {
  * vuf_stop_queue or a reconnect the place QEMU restarts a ring from, so the
  * same driver can be set up again on this or a new connection.
  * Features: offered ∩ {VERSION_1, PROTOCOL_FEATURES, INDIRECT_DESC, EVENT_IDX
- * (only if the driver uses it), blk SEG_MAX, BLK_SIZE, FLUSH, TOPOLOGY, MQ,
+ * (only if the driver uses it), RING_PACKED (only, and then required, for
+ * a packed driver), blk SEG_MAX, BLK_SIZE, FLUSH, TOPOLOGY, MQ,
  * DISCARD, WRITE_ZEROES, RO}; protocol: offered ∩ {MQ, REPLY_ACK, CONFIG,
  * CONFIGURE_MEM_SLOTS, INFLIGHT_SHMFD if asked}. With REPLY_ACK every message
  * that has no reply of its own asks for an ack, and a non-zero ack is -EIO.
