@@ -59,11 +59,6 @@ func checkRange(_ value: Int?, option: String, range: ClosedRange<Int>) throws(C
     return try parseInt(String(value), option: option, range: range)
 }
 
-func log(_ line: String) {
-    let stamp = ISO8601DateFormatter.string(from: Date(), timeZone: .current, formatOptions: [.withTime, .withColonSeparatorInTime])
-    StandardError.write("[\(stamp)] \(line)\n")
-}
-
 /// The text of an errno value ("Broken pipe").
 func errnoText(_ code: Int32) -> String {
     String(cString: strerror(code))

@@ -174,7 +174,10 @@ struct Start: ParsableCommand {
         """)
     var check = false
 
+    @OptionGroup(title: "Logging")
+    var logging: LoggingOptions
+
     func run() throws {
-        try StartCommand.run(try StartCommand.configuration(self))
+        try StartCommand.run(try StartCommand.configuration(self), logging: logging)
     }
 }

@@ -1,6 +1,7 @@
 import CDataPlaneSys
 import DataPlane
 import Foundation
+import Logging
 
 /// What `dpctl start` serves: from the command line or a --config file
 /// (see ConfigFile). Unset settings take the defaults.
@@ -213,11 +214,11 @@ enum StartCommand {
     /// A warning when IOThreads outnumber their CPUs, or nil.
     static func sharedCPUWarning(threads: Int, cpuset: CPUSet) -> String? {
         guard threads > cpuset.cpus.count else { return nil }
-        return "warning: \(threads) IOThreads on \(cpuset.cpus.count) CPU(s) (\(cpuset)): IOThreads take the CPUs round-robin "
+        return "\(threads) IOThreads on \(cpuset.cpus.count) CPU(s) (\(cpuset)): IOThreads take the CPUs round-robin "
             + "and share them, which costs latency; use --iothreads \(cpuset.cpus.count) or more CPUs"
     }
 
-    static func run(_ config: InstanceConfiguration) throws {
+    static func run(_ config: InstanceConfiguration, logging: LoggingOptions) throws {
         let cpuset = try resolveCPUSet(config.cpuset)
         let threadCount = config.iothreads ?? defaultIOThreads
         let pollMicroseconds = config.pollMicroseconds ?? defaultPollMicroseconds
@@ -260,15 +261,17 @@ enum StartCommand {
             thread.disabledIOURingFeatures = config.disabledIOURing ?? []
             return thread
         }
+        logging.bootstrap()
+        let logger = Logger(label: "dpctl")
         let plane = try DataPlane(iothreads: threads)
-        let server = try VhostUserServer(plane: plane, log: { log($0) })
+        let server = try VhostUserServer(plane: plane, logger: Logger(label: "dataplane.vhost-user"))
         var opened: [(Disk, String)] = []
         do {
             for (entry, diskConfig) in zip(config.disks, disks) {
                 let disk = try plane.addDisk(diskConfig)
                 if let spec = entry.fault {
                     disk.injectFaults(try parseFault(spec))
-                    log("\(disk.name): injecting faults: \(spec)")
+                    logger.warning("\(disk.name): injecting faults: \(spec)", metadata: ["disk": "\(disk.name)"])
                 }
                 try server.addExport(disk: disk, socketPath: entry.socket)
                 opened.append((disk, entry.socket))
@@ -280,29 +283,32 @@ enum StartCommand {
         }
         let control: ControlServer
         do {
-            control = try ControlServer(path: controlPath, plane: plane, server: server, cpus: threads.map { $0.cpuset })
+            control = try ControlServer(path: controlPath, plane: plane, server: server, cpus: threads.map { $0.cpuset },
+                                        logger: logger)
         } catch {
             server.stop()
             plane.stop()
             throw error
         }
         try server.start()
-        if let warning = sharedCPUWarning(threads: threadCount, cpuset: cpuset) { log(warning) }
+        if let warning = sharedCPUWarning(threads: threadCount, cpuset: cpuset) { logger.warning("\(warning)") }
         for (i, t) in plane.threads.enumerated() {
-            log("\(t.configuration.name): CPU \(threads[i].cpuset), NUMA node \(t.numaNode.map(String.init) ?? "unknown"), poll window up to \(t.configuration.pollMaxMicroseconds) us, io_uring: \(t.statistics().ioURingFeatures)")
+            logger.info("\(t.configuration.name): CPU \(threads[i].cpuset), NUMA node \(t.numaNode.map(String.init) ?? "unknown"), poll window up to \(t.configuration.pollMaxMicroseconds) us, io_uring: \(t.statistics().ioURingFeatures)",
+                        metadata: ["iothread": "\(t.configuration.name)"])
         }
         for (disk, socket) in opened {
-            log("serving \(disk.name) (\(disk.capacityBytes) bytes, \(disk.configuration.readOnly ? "read-only" : "read-write"), \(disk.usesDirectIO ? "O_DIRECT" : "page cache"), \(disk.logicalBlockSize)-byte blocks, up to \(disk.configuration.numQueues) queues\(disk.configuration.fixedBuffers && disk.configuration.backend == .file ? ", guest memory registered as fixed buffers" : "")) on \(socket)")
+            logger.info("serving \(disk.name) (\(disk.capacityBytes) bytes, \(disk.configuration.readOnly ? "read-only" : "read-write"), \(disk.usesDirectIO ? "O_DIRECT" : "page cache"), \(disk.logicalBlockSize)-byte blocks, up to \(disk.configuration.numQueues) queues\(disk.configuration.fixedBuffers && disk.configuration.backend == .file ? ", guest memory registered as fixed buffers" : "")) on \(socket)",
+                        metadata: ["disk": "\(disk.name)", "socket": "\(socket)"])
         }
-        log("control socket \(controlPath); ready")
+        logger.info("control socket \(controlPath); ready")
 
         var received: Int32 = 0
         sigwait(&signals, &received)
-        log("\(received == SIGINT ? "SIGINT" : "SIGTERM"): draining and stopping")
+        logger.info("\(received == SIGINT ? "SIGINT" : "SIGTERM"): draining and stopping")
         control.stop()
         server.stop() // frontends are disconnected after their in-flight requests complete
         plane.stop()
-        log("stopped")
+        logger.info("stopped")
     }
 }
 

@@ -71,4 +71,6 @@ func report(_ error: any Error, verb: String? = nil) -> Int32 {
     }
 }
 
-exit(run(Array(CommandLine.arguments.dropFirst())))
+let status = run(Array(CommandLine.arguments.dropFirst()))
+StandardError.flush()
+exit(status)
