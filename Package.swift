@@ -11,6 +11,10 @@ let package = Package(
         .library(name: "DataPlane", targets: ["DataPlane"]),
         .executable(name: "dpctl", targets: ["dpctl"]),
     ],
+    dependencies: [
+        .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.0"),
+        .package(url: "https://github.com/apple/swift-log", from: "1.6.0"),
+    ],
     targets: [
         // The hot path: guest memory, split rings, virtio-blk, io_uring, the IOThread loop.
         .target(
@@ -26,7 +30,7 @@ let package = Package(
         ),
         // System calls the Swift control path needs but cannot import (CMSG_*, sockaddr_un).
         .target(name: "CDataPlaneSys", cSettings: [.define("_GNU_SOURCE")]),
-        .target(name: "DataPlane", dependencies: ["CDataPlane", "CDataPlaneSys"]),
+        .target(name: "DataPlane", dependencies: ["CDataPlane", "CDataPlaneSys", .product(name: "Logging", package: "swift-log")]),
         // A vhost-user-blk frontend (QEMU's side) over the guest driver: tests and the load generator.
         .target(name: "CVhostFrontend", dependencies: ["CGuestDriver", "CDataPlane"], cSettings: [.define("_GNU_SOURCE")]),
         .executableTarget(name: "dp-loadgen", dependencies: ["CVhostFrontend", "CGuestDriver"], path: "bench/loadgen",
@@ -34,10 +38,13 @@ let package = Package(
         // Data-integrity soak: random I/O with checksums while dpctl is killed and restarted.
         .executableTarget(name: "dp-soak", dependencies: ["CVhostFrontend", "CGuestDriver"], path: "bench/soak",
                           exclude: ["run"], cSettings: [.define("_GNU_SOURCE")]),
-        .executableTarget(name: "dpctl", dependencies: ["DataPlane", "CDataPlaneSys"]),
+        .executableTarget(name: "dpctl", dependencies: ["DataPlane", "CDataPlaneSys",
+                                                       .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                                                       .product(name: "Logging", package: "swift-log")]),
         .executableTarget(name: "dataplane-example", dependencies: ["DataPlane", "CGuestDriver"], path: "Examples/InProcess"),
         .executableTarget(name: "dp-bench", dependencies: ["DataPlane", "CDataPlane", "CGuestDriver"], path: "bench/dp-bench"),
-        .testTarget(name: "DataPlaneTests", dependencies: ["DataPlane", "CDataPlane", "CDataPlaneSys", "CGuestDriver", "CVhostFrontend"]),
+        .testTarget(name: "DataPlaneTests", dependencies: ["DataPlane", "CDataPlane", "CDataPlaneSys", "CGuestDriver", "CVhostFrontend",
+                                                         .product(name: "Logging", package: "swift-log")]),
     ],
     swiftLanguageModes: [.v6],
     cLanguageStandard: .c11
@@ -47,6 +54,7 @@ let package = Package(
 // fuzz/build.sh, which builds it with -sanitize=fuzzer (its entry point is
 // libFuzzer's, not a main).
 if getenv("DATAPLANE_FUZZ") != nil {
-    package.targets.append(.executableTarget(name: "vhost-user-fuzz", dependencies: ["DataPlane", "CDataPlaneSys"],
+    package.targets.append(.executableTarget(name: "vhost-user-fuzz", dependencies: ["DataPlane", "CDataPlaneSys",
+                                                                                 .product(name: "Logging", package: "swift-log")],
                                              path: "fuzz/vhost_user"))
 }

@@ -83,6 +83,15 @@ int dps_accept(int listen_fd)
     return fd < 0 ? -errno : fd;
 }
 
+int dps_peer_pid(int fd)
+{
+    struct ucred cred;
+    socklen_t len = sizeof(cred);
+    if (getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &len) < 0)
+        return -errno;
+    return cred.pid;
+}
+
 ssize_t dps_recv_fds(int sock, void *buf, size_t len, int *fds, int max_fds, int *nfds,
                      bool *fds_truncated)
 {

@@ -17,6 +17,9 @@ import Musl
 /// plane.stop()   // every in-flight request completes first
 /// ```
 public final class DataPlane: Sendable {
+    /// This release of the library and of dpctl (`dpctl --version`).
+    public static let version = "0.14.0"
+
     private struct DiskEntry {
         var disk: Disk
         var ordinal: Int

@@ -39,7 +39,7 @@ public enum DataPlaneError: Error, Equatable, CustomStringConvertible {
             return error.description
         case .cannotOpen(let path, let err):
             var hint = ""
-            if err == EACCES || err == EPERM { hint = " (check permissions, or use --readonly)" }
+            if err == EACCES || err == EPERM { hint = " (check permissions, or serve it readonly=on)" }
             if err == EINVAL { hint = " (the filesystem may not support O_DIRECT: disable direct I/O)" }
             if err == ENOENT { hint = " (no such file)" }
             return "cannot open image \(path.debugDescription): \(Self.message(err))\(hint)"
@@ -52,7 +52,7 @@ public enum DataPlaneError: Error, Equatable, CustomStringConvertible {
             return "failed to get the \"\(permission.rawValue)\" lock on image \(path.debugDescription): \(conflict) "
                 + "(a QEMU guest, qemu-img, qemu-io, qemu-storage-daemon or another dpctl?). Stop that process "
                 + "first; only for storage shared on purpose, where something else keeps writers apart, "
-                + "turn image locking off (--locking off)"
+                + "turn image locking off (locking=off)"
         case .system(let operation, let err):
             return "\(operation) failed: \(Self.message(err))"
         case .threadStart(let name, let err):

@@ -83,14 +83,14 @@ public final class Disk: @unchecked Sendable {
                     : "its filesystem takes direct I/O only in \(required)-byte blocks"
                 throw .unusableImage(
                     path: path,
-                    reason: "\(what); use a block size of at least that (--block-size \(required)), "
+                    reason: "\(what); use a block size of at least that (block-size=\(required)), "
                         + "or leave it unset to follow the image")
             }
             if blockSize > 65536 {
                 throw .unusableImage(
                     path: path,
                     reason: "its filesystem takes direct I/O only in \(blockSize)-byte blocks, more than "
-                        + "virtio-blk's 65536; serve it through the page cache (--no-direct)")
+                        + "virtio-blk's 65536; serve it through the page cache (direct=off)")
             }
             let size = info.size_bytes
             if size == 0 {
@@ -152,7 +152,7 @@ public final class Disk: @unchecked Sendable {
             throw .unusableImage(
                 path: path,
                 reason: "it cannot be locked (\(DataPlaneError.message(-ret))): its filesystem may lack "
-                    + "byte-range locks; if nothing else writes it, turn locking off (--locking off)")
+                    + "byte-range locks; if nothing else writes it, turn locking off (locking=off)")
         }
     }
 

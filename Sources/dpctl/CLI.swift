@@ -1,3 +1,4 @@
+import ArgumentParser
 import DataPlane
 import Foundation
 
@@ -9,35 +10,6 @@ struct CLIError: Error, CustomStringConvertible {
     init(_ description: String, usage: Bool = false) {
         self.description = description
         self.usage = usage
-    }
-}
-
-/// A cursor over command-line words: options with values, flags, leftovers.
-struct Arguments {
-    private var words: [String]
-    private var index = 0
-
-    init(_ words: [String]) { self.words = words }
-
-    var isAtEnd: Bool { index >= words.count }
-
-    mutating func next() -> String? {
-        guard index < words.count else { return nil }
-        defer { index += 1 }
-        return words[index]
-    }
-
-    /// The value after an option (`--opt VALUE` or `--opt=VALUE`).
-    mutating func value(for option: String, inline: String?) throws(CLIError) -> String {
-        if let inline { return inline }
-        guard let v = next(), !v.hasPrefix("--") else { throw CLIError("\(option) needs a value", usage: true) }
-        return v
-    }
-
-    /// Splits `--opt=value` into its parts.
-    static func split(_ word: String) -> (String, String?) {
-        guard word.hasPrefix("--"), let eq = word.firstIndex(of: "=") else { return (word, nil) }
-        return (String(word[..<eq]), String(word[word.index(after: eq)...]))
     }
 }
 
@@ -63,23 +35,16 @@ func parseSize(_ text: String, option: String) throws(CLIError) -> UInt64 {
     return n * scale
 }
 
-/// Where the control socket of an instance is: --control, or SOCKET.ctl.
 /// Which running instance status, stats, resume and stop talk to: --control
 /// PATH, or --socket PATH (a disk's vhost-user socket; its instance listens on
 /// PATH.ctl unless started with --control).
-struct InstanceOptions {
-    private var control: String?
-    private var socket: String?
+struct InstanceOptions: ParsableArguments {
+    @Option(help: ArgumentHelp("The instance's control socket", valueName: "path"), completion: .file())
+    var control: String?
 
-    /// Takes `option` when it is --control or --socket; false for any other.
-    mutating func parse(_ option: String, inline: String?, from args: inout Arguments) throws(CLIError) -> Bool {
-        switch option {
-        case "--control": control = try args.value(for: option, inline: inline)
-        case "--socket": socket = try args.value(for: option, inline: inline)
-        default: return false
-        }
-        return true
-    }
+    @Option(help: ArgumentHelp("A disk's vhost-user socket: its instance answers on PATH.ctl (unless started with --control)",
+                               valueName: "path"), completion: .file())
+    var socket: String?
 
     func controlPath() throws(CLIError) -> String {
         if let control { return control }
@@ -88,9 +53,10 @@ struct InstanceOptions {
     }
 }
 
-func log(_ line: String) {
-    let stamp = ISO8601DateFormatter.string(from: Date(), timeZone: .current, formatOptions: [.withTime, .withColonSeparatorInTime])
-    StandardError.write("[\(stamp)] \(line)\n")
+/// A number option's value checked against its range (a usage error).
+func checkRange(_ value: Int?, option: String, range: ClosedRange<Int>) throws(CLIError) -> Int? {
+    guard let value else { return nil }
+    return try parseInt(String(value), option: option, range: range)
 }
 
 /// The text of an errno value ("Broken pipe").

@@ -1,6 +1,7 @@
 import CDataPlaneSys
 import DataPlane
 import Foundation
+import Logging
 
 /// The control protocol: one JSON request line, one JSON response line.
 struct ControlRequest: Codable {
@@ -68,6 +69,7 @@ final class ControlServer: @unchecked Sendable {
     private let plane: DataPlane
     private let server: VhostUserServer
     private let cpus: [CPUSet]
+    private let logger: Logger
     private let lock = NSLock()
     private var stopping = false
     private var thread: Thread?
@@ -80,7 +82,7 @@ final class ControlServer: @unchecked Sendable {
     /// those clients wait for. The control thread's own.
     private var stopClients: [Int32] = []
 
-    init(path: String, plane: DataPlane, server: VhostUserServer, cpus: [CPUSet]) throws {
+    init(path: String, plane: DataPlane, server: VhostUserServer, cpus: [CPUSet], logger: Logger) throws {
         let fd: Int32
         do {
             fd = try UnixSocket.listen(at: path, backlog: 8)
@@ -92,6 +94,7 @@ final class ControlServer: @unchecked Sendable {
         self.plane = plane
         self.server = server
         self.cpus = cpus
+        self.logger = logger
         let thread = Thread { [weak self] in self?.run() }
         thread.name = "dpctl-control"
         self.thread = thread
@@ -131,12 +134,16 @@ final class ControlServer: @unchecked Sendable {
         for thread in plane.threads {
             let key = thread.configuration.name
             states[key] = thread.statistics().failure.map { "FAILED (\($0)): its queues are broken; restart dpctl" } ?? "running"
-            if states[key] != loggedStates[key, default: "running"] { log("\(key): \(states[key] ?? "")") }
+            if states[key] != loggedStates[key, default: "running"] {
+                log(states[key], "\(key): \(states[key] ?? "")", ["iothread": "\(key)"])
+            }
         }
         for disk in plane.disks {
             let key = "\(disk.name) flush"
             states[key] = disk.flushFailureReason.map(Self.flushFailureText) ?? "running"
-            if states[key] != loggedStates[key, default: "running"] { log("\(disk.name): \(states[key] ?? "")") }
+            if states[key] != loggedStates[key, default: "running"] {
+                log(states[key], "\(disk.name): \(states[key] ?? "")", ["disk": "\(disk.name)"])
+            }
             for queue in plane.queues(of: disk) {
                 let s = queue.statistics()
                 let key = "\(disk.name) queue \(s.queue)"
@@ -145,11 +152,21 @@ final class ControlServer: @unchecked Sendable {
                     ?? "running"
                 states[key] = state
                 if state != loggedStates[key, default: "running"] {
-                    log("\(key): \(state)" + (s.stoppedOnError != nil ? " (\(s.heldRequests) request(s) held)" : ""))
+                    log(state, "\(key): \(state)" + (s.stoppedOnError != nil ? " (\(s.heldRequests) request(s) held)" : ""),
+                        ["disk": "\(disk.name)", "queue": "\(s.queue)"])
                 }
             }
         }
         loggedStates = states
+    }
+
+    /// A change of state: back to running is news (info), anything else an error.
+    private func log(_ state: String?, _ message: String, _ metadata: Logger.Metadata) {
+        if state == "running" {
+            logger.info("\(message)", metadata: metadata)
+        } else {
+            logger.error("\(message)", metadata: metadata)
+        }
     }
 
     /// What an operator must know of a failed flush of the page cache.
@@ -181,7 +198,7 @@ final class ControlServer: @unchecked Sendable {
                 for disk in plane.disks {
                     do { try plane.resume(disk: disk) } catch { failures.append("\(disk.name): \(error)") }
                 }
-                log("resume requested on the control socket")
+                logger.info("resume requested on the control socket")
                 response = failures.isEmpty ? status() : ControlResponse(ok: false, error: failures.joined(separator: "; "))
             default:
                 response = ControlResponse(ok: false, error: "unknown command \(request.command.debugDescription)")
@@ -194,11 +211,11 @@ final class ControlServer: @unchecked Sendable {
             // A client that hung up gets nothing (EPIPE, no SIGPIPE); one that
             // stopped reading is given up on, so the next is served.
             if ControlIO.send(fd, data, deadline: .now + Self.replyPatience) == ETIMEDOUT {
-                log("a control client did not take its \(data.count)-byte reply within \(Self.replyPatience); dropped it")
+                logger.warning("a control client did not take its \(data.count)-byte reply within \(Self.replyPatience); dropped it")
             }
         }
         guard stopAfterReply else { return .close }
-        log("stop requested on the control socket")
+        logger.info("stop requested on the control socket")
         kill(getpid(), SIGTERM)
         return .keepOpenUntilExit
     }

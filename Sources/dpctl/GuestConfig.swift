@@ -1,9 +1,8 @@
+import ArgumentParser
 import Foundation
 
 /// qemu-args and libvirt-xml: how to connect a guest to a socket.
 enum GuestConfigCommand {
-    enum Kind { case qemu, libvirt }
-
     static let defaultQueues = 1
     static let defaultMemory = "1G"
     static let defaultID = "dp0"
@@ -11,85 +10,94 @@ enum GuestConfigCommand {
     /// The first QEMU that wants `reconnect-ms` (9.2 deprecated `reconnect`).
     static let reconnectMillisecondsSince = QEMUVersion(major: 9, minor: 2)
 
-    static let help = """
-    USAGE: dpctl qemu-args --socket PATH [--num-queues N] [--memory SIZE] [--id NAME] [--qemu-version X.Y]
-           dpctl libvirt-xml --socket PATH [--num-queues N] [--target vdX]
+    static let discussion = """
+        Prints what connects a guest to a dpctl socket. vhost-user needs the guest's
+        RAM in shared memory (memfd, share=on); the chardev reconnects when dpctl
+        restarts.
+        """
+}
 
-    Prints what connects a guest to a dpctl socket. vhost-user needs the guest's
-    RAM in shared memory (memfd, share=on); the chardev reconnects when dpctl
-    restarts.
+/// The options qemu-args and libvirt-xml share.
+struct GuestOptions: ParsableArguments {
+    @Option(help: ArgumentHelp("The disk's vhost-user socket (required)", valueName: "path"), completion: .file())
+    var socket: String
 
-    OPTIONS:
-      --socket PATH       The disk's vhost-user socket (required)
-      --num-queues N      Queues the guest's device asks for, 1-64 (default \(defaultQueues)); at most the
-                          disk's own --num-queues (dpctl start defaults to \(StartCommand.defaultNumQueues)): QEMU
-                          refuses to start when it asks for more than dpctl offers
-      --memory SIZE       qemu-args: the guest's RAM, e.g. 4G (default \(defaultMemory))
-      --id NAME           qemu-args: the chardev's id (default \(defaultID))
-      --qemu-version X.Y  qemu-args: the QEMU the options are for (default: what
-                          'qemu-system-x86_64 --version' says when it is on PATH, else 7.x/8.x).
-                          From \(reconnectMillisecondsSince) the chardev gets reconnect-ms=1000; before, reconnect=1
-                          (\(reconnectMillisecondsSince) deprecated reconnect)
-      --target vdX        libvirt-xml: the guest's device name (default \(defaultTarget))
-    """
+    @Option(name: .customLong("num-queues"), help: ArgumentHelp("""
+        Queues the guest's device asks for, 1-64; at most the disk's own num-queues (dpctl start defaults \
+        to \(StartCommand.defaultNumQueues)): QEMU refuses to start when it asks for more than dpctl offers
+        """, valueName: "n"))
+    var numQueues: Int = GuestConfigCommand.defaultQueues
 
-    static func run(_ words: [String], kind: Kind) throws -> Int32 {
-        var args = Arguments(words)
-        var socket: String?
-        var queues = defaultQueues
-        var memory = defaultMemory
-        var id = defaultID
-        var target = defaultTarget
-        var qemuVersion: QEMUVersion?
-        while let word = args.next() {
-            let (option, inline) = Arguments.split(word)
-            switch option {
-            case "-h", "--help":
-                print(help)
-                return 0
-            case "--socket": socket = try args.value(for: option, inline: inline)
-            case "--num-queues": queues = try parseInt(try args.value(for: option, inline: inline), option: option, range: 1...64)
-            case "--memory" where kind == .qemu:
-                let m = try args.value(for: option, inline: inline)
-                _ = try parseSize(m, option: option)
-                memory = m
-            case "--id" where kind == .qemu: id = try args.value(for: option, inline: inline)
-            case "--qemu-version" where kind == .qemu:
-                let text = try args.value(for: option, inline: inline)
-                guard let version = QEMUVersion(text) else {
-                    throw CLIError("--qemu-version \(text.debugDescription) is not a version such as 8.2 or 9.2", usage: true)
-                }
-                qemuVersion = version
-            case "--target" where kind == .libvirt: target = try args.value(for: option, inline: inline)
-            default: throw CLIError("unknown option \(word.debugDescription)", usage: true)
+    func queues() throws(CLIError) -> Int { try parseInt(String(numQueues), option: "--num-queues", range: 1...64) }
+}
+
+struct QemuArgs: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "qemu-args",
+        abstract: "Print the QEMU options that connect a guest to a socket.",
+        discussion: GuestConfigCommand.discussion)
+
+    @OptionGroup var guest: GuestOptions
+
+    @Option(help: ArgumentHelp("The guest's RAM, e.g. 4G", valueName: "size"))
+    var memory: String = GuestConfigCommand.defaultMemory
+
+    @Option(help: ArgumentHelp("The chardev's id", valueName: "name"))
+    var id: String = GuestConfigCommand.defaultID
+
+    @Option(name: .customLong("qemu-version"), help: ArgumentHelp("""
+        The QEMU the options are for (default: what 'qemu-system-x86_64 --version' says when it is on \
+        PATH, else 7.x/8.x). From \(GuestConfigCommand.reconnectMillisecondsSince) the chardev gets \
+        reconnect-ms=1000; before, reconnect=1 (\(GuestConfigCommand.reconnectMillisecondsSince) deprecated reconnect)
+        """, valueName: "x.y"))
+    var qemuVersion: String?
+
+    func run() throws {
+        let queues = try guest.queues()
+        _ = try parseSize(memory, option: "--memory")
+        var version: QEMUVersion?
+        if let text = qemuVersion {
+            guard let v = QEMUVersion(text) else {
+                throw CLIError("--qemu-version \(text.debugDescription) is not a version such as 8.2 or 9.2", usage: true)
             }
+            version = v
         }
-        guard let socket else { throw CLIError("--socket PATH is required", usage: true) }
-        switch kind {
-        case .qemu:
-            print("""
-            -object memory-backend-memfd,id=mem,size=\(memory),share=on -machine memory-backend=mem -m \(memory) \\
-              -chardev socket,id=\(id),path=\(socket),\(reconnectOption(for: qemuVersion ?? QEMUVersion.installed())) \\
-              -device vhost-user-blk-pci,chardev=\(id),num-queues=\(queues)
-            """)
-        case .libvirt:
-            print("""
-            <!-- in <domain>: guest RAM must be shared memory for vhost-user -->
-            <memoryBacking>
-              <source type='memfd'/>
-              <access mode='shared'/>
-            </memoryBacking>
-            <!-- in <devices>: -->
-            <disk type='vhostuser' device='disk'>
-              <driver name='qemu' type='raw' queues='\(queues)'/>
-              <source type='unix' path='\(socket)'>
-                <reconnect enabled='yes' timeout='1'/>
-              </source>
-              <target dev='\(target)' bus='virtio'/>
-            </disk>
-            """)
-        }
-        return 0
+        print("""
+        -object memory-backend-memfd,id=mem,size=\(memory),share=on -machine memory-backend=mem -m \(memory) \\
+          -chardev socket,id=\(id),path=\(guest.socket),\(GuestConfigCommand.reconnectOption(for: version ?? QEMUVersion.installed())) \\
+          -device vhost-user-blk-pci,chardev=\(id),num-queues=\(queues)
+        """)
+    }
+}
+
+struct LibvirtXML: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "libvirt-xml",
+        abstract: "Print the libvirt <disk> and <memoryBacking> snippet for a socket.",
+        discussion: GuestConfigCommand.discussion)
+
+    @OptionGroup var guest: GuestOptions
+
+    @Option(help: ArgumentHelp("The guest's device name", valueName: "vdX"))
+    var target: String = GuestConfigCommand.defaultTarget
+
+    func run() throws {
+        let queues = try guest.queues()
+        print("""
+        <!-- in <domain>: guest RAM must be shared memory for vhost-user -->
+        <memoryBacking>
+          <source type='memfd'/>
+          <access mode='shared'/>
+        </memoryBacking>
+        <!-- in <devices>: -->
+        <disk type='vhostuser' device='disk'>
+          <driver name='qemu' type='raw' queues='\(queues)'/>
+          <source type='unix' path='\(guest.socket)'>
+            <reconnect enabled='yes' timeout='1'/>
+          </source>
+          <target dev='\(target)' bus='virtio'/>
+        </disk>
+        """)
     }
 }
 

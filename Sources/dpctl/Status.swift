@@ -1,91 +1,87 @@
+import ArgumentParser
 import DataPlane
 import Foundation
 
-enum StatusCommand {
-    static let statusHelp = """
-    USAGE: dpctl status (--control PATH | --socket PATH) [--json]
+struct Status: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Show a running instance's disks, frontends, queues and IOThreads.",
+        usage: "dpctl status (--control PATH | --socket PATH) [--json]",
+        discussion: """
+        Shows the IOThreads (CPUs, NUMA node), each disk (socket, frontend
+        connected or not, size, mode, a failed flush) and its running queues
+        (IOThread, ring indices, requests in flight, broken rings, queues
+        stopped on error).
 
-    Shows the IOThreads (CPUs, NUMA node), each disk (socket, frontend
-    connected or not, size, mode, a failed flush) and its running queues
-    (IOThread, ring indices, requests in flight, broken rings, queues
-    stopped on error).
+        EXIT STATUS (a health check):
+          0  every queue runs
+          3  a queue is broken (the guest corrupted its ring and must reset the
+             device) or stopped on an I/O error by rerror/werror (fix the
+             cause, then 'dpctl resume'); or a disk's flush of the page cache
+             failed (direct=off: writes may be lost, every flush fails until
+             dpctl is restarted); or an IOThread's io_uring failed
+          1  the instance could not be asked (not running, no answer)
+          2  usage error
+        """)
 
-    EXIT STATUS (a health check):
-      0  every queue runs
-      3  a queue is broken (the guest corrupted its ring and must reset the
-         device) or stopped on an I/O error by --rerror/--werror (fix the
-         cause, then 'dpctl resume'); or a disk's flush of the page cache
-         failed (--no-direct: writes may be lost, every flush fails until
-         dpctl is restarted); or an IOThread's io_uring failed
-      1  the instance could not be asked (not running, no answer)
-      2  usage error
-    """
+    @OptionGroup var instance: InstanceOptions
+    @Flag(help: "Print the status as JSON") var json = false
 
-    /// The exit status of `dpctl status` when something needs an operator.
-    static let unhealthyExitStatus: Int32 = 3
+    func run() throws {
+        let response = try controlCall(try instance.controlPath(), "status")
+        if json {
+            StatusCommand.printJSON(response)
+        } else {
+            StatusCommand.printStatus(response)
+        }
+        let queues = (response.disks ?? []).flatMap(\.queues)
+        let unhealthy = queues.contains { $0.broken != nil || $0.stoppedOnError != nil }
+            || (response.disks ?? []).contains { $0.flushFailure != nil }
+            || (response.threads ?? []).contains { $0.failure != nil }
+        if unhealthy { throw ExitCode(StatusCommand.unhealthyExitStatus) }
+    }
+}
 
-    static let statsHelp = """
-    USAGE: dpctl stats (--control PATH | --socket PATH) [--json] [--watch] [--interval SECONDS]
+struct Stats: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Show IOPS, MB/s and latency per IOThread, disk and queue.",
+        usage: "dpctl stats (--control PATH | --socket PATH) [--json] [--watch] [--interval SECONDS]",
+        discussion: """
+        Samples the counters twice, --interval apart (default 1 s), and shows per
+        IOThread (CPU use, wake-ups, busy-poll hits), per disk and per queue: IOPS,
+        read and write MB/s, latency p50/p99 (from the queues' log2 histograms), and
+        the share of requests found by polling rather than after a kick.
+        --watch repeats until interrupted.
+        """)
 
-    Samples the counters twice, --interval apart (default 1 s), and shows per
-    IOThread (CPU use, wake-ups, busy-poll hits), per disk and per queue: IOPS,
-    read and write MB/s, latency p50/p99 (from the queues' log2 histograms), and
-    the share of requests found by polling rather than after a kick.
-    --watch repeats until interrupted.
-    """
+    @OptionGroup var instance: InstanceOptions
+    @Flag(help: "Print the figures as JSON") var json = false
+    @Flag(help: "Repeat until interrupted") var watch = false
+    @Option(help: ArgumentHelp("Seconds between the two samples, 0.1-3600", valueName: "seconds"))
+    var interval: String = "1"
 
-    static func run(_ words: [String], stats: Bool) throws -> Int32 {
-        var args = Arguments(words)
-        var instance = InstanceOptions()
-        var json = false, watch = false
-        var interval = 1.0
-        while let word = args.next() {
-            let (option, inline) = Arguments.split(word)
-            if try instance.parse(option, inline: inline, from: &args) { continue }
-            switch option {
-            case "-h", "--help":
-                print(stats ? statsHelp : statusHelp)
-                return 0
-            case "--json": json = true
-            case "--watch" where stats: watch = true
-            case "--interval" where stats:
-                let text = try args.value(for: option, inline: inline)
-                guard let v = Double(text), v >= 0.1, v <= 3600 else {
-                    throw CLIError("--interval \(text.debugDescription) is not a number of seconds in 0.1...3600", usage: true)
-                }
-                interval = v
-            default:
-                throw CLIError("unknown option \(word.debugDescription) for \(stats ? "stats" : "status")", usage: true)
-            }
+    func run() throws {
+        guard let seconds = Double(interval), seconds >= 0.1, seconds <= 3600 else {
+            throw CLIError("--interval \(interval.debugDescription) is not a number of seconds in 0.1...3600", usage: true)
         }
         let path = try instance.controlPath()
-        if !stats {
-            let response = try controlCall(path, "status")
-            if json {
-                printJSON(response)
-            } else {
-                printStatus(response)
-            }
-            let queues = (response.disks ?? []).flatMap(\.queues)
-            let unhealthy = queues.contains { $0.broken != nil || $0.stoppedOnError != nil }
-                || (response.disks ?? []).contains { $0.flushFailure != nil }
-                || (response.threads ?? []).contains { $0.failure != nil }
-            return unhealthy ? unhealthyExitStatus : 0
-        }
         repeat {
             let before = try controlCall(path, "stats")
-            usleep(useconds_t(interval * 1_000_000))
+            usleep(useconds_t(seconds * 1_000_000))
             let after = try controlCall(path, "stats")
             guard let a = before.snapshot, let b = after.snapshot else { throw CLIError("the instance sent no statistics") }
             let report = StatsReport(before: a, after: b)
             if json {
-                printJSON(report)
+                StatusCommand.printJSON(report)
             } else {
                 print(report.table())
             }
         } while watch
-        return 0
     }
+}
+
+enum StatusCommand {
+    /// The exit status of `dpctl status` when something needs an operator.
+    static let unhealthyExitStatus: Int32 = 3
 
     static func printJSON<T: Encodable>(_ value: T) {
         let encoder = JSONEncoder()
@@ -213,60 +209,42 @@ extension String {
     }
 }
 
-enum ResumeCommand {
-    static let help = """
-    USAGE: dpctl resume (--control PATH | --socket PATH)
+struct Resume: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Resume queues stopped by the error policy (retrying held requests).",
+        usage: "dpctl resume (--control PATH | --socket PATH)",
+        discussion: """
+        Restarts the queues the error policy stopped (rerror/werror=stop, or
+        enospc on ENOSPC): each retries the requests it holds, in order, then takes
+        new ones; a request that fails again stops its queue again. Running queues
+        are not affected. Prints the status afterwards.
+        """)
 
-    Restarts the queues the error policy stopped (--rerror/--werror stop, or
-    enospc on ENOSPC): each retries the requests it holds, in order, then takes
-    new ones; a request that fails again stops its queue again. Running queues
-    are not affected. Prints the status afterwards.
-    """
+    @OptionGroup var instance: InstanceOptions
 
-    static func run(_ words: [String]) throws -> Int32 {
-        var args = Arguments(words)
-        var instance = InstanceOptions()
-        while let word = args.next() {
-            let (option, inline) = Arguments.split(word)
-            if try instance.parse(option, inline: inline, from: &args) { continue }
-            switch option {
-            case "-h", "--help":
-                print(help)
-                return 0
-            default: throw CLIError("unknown option \(word.debugDescription) for resume", usage: true)
-            }
-        }
+    func run() throws {
         let response = try controlCall(try instance.controlPath(), "resume")
         StatusCommand.printStatus(response)
-        return 0
     }
 }
 
-enum StopCommand {
-    static let help = """
-    USAGE: dpctl stop (--control PATH | --socket PATH) [--timeout SECONDS]
+struct Stop: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Ask a running instance to drain and exit.",
+        usage: "dpctl stop (--control PATH | --socket PATH) [--timeout SECONDS]",
+        discussion: """
+        Asks a running instance to stop: in-flight requests complete, frontends are
+        disconnected, then it exits. Returns once the process has exited, so its
+        sockets are free for the next 'dpctl start' (exit status 1 if it has not
+        exited within --timeout).
+        """)
 
-    Asks a running instance to stop: in-flight requests complete, frontends are
-    disconnected, then it exits. Returns once the process has exited, so its
-    sockets are free for the next 'dpctl start' (exit status 1 if it has not
-    exited within --timeout, default 30 s).
-    """
+    @OptionGroup var instance: InstanceOptions
+    @Option(help: ArgumentHelp("Seconds to wait for the instance to exit, 1-3600", valueName: "seconds"))
+    var timeout: Int = 30
 
-    static func run(_ words: [String]) throws -> Int32 {
-        var args = Arguments(words)
-        var instance = InstanceOptions()
-        var timeout = 30
-        while let word = args.next() {
-            let (option, inline) = Arguments.split(word)
-            if try instance.parse(option, inline: inline, from: &args) { continue }
-            switch option {
-            case "-h", "--help":
-                print(help)
-                return 0
-            case "--timeout": timeout = try parseInt(try args.value(for: option, inline: inline), option: option, range: 1...3600)
-            default: throw CLIError("unknown option \(word.debugDescription) for stop", usage: true)
-            }
-        }
+    func run() throws {
+        let timeout = try parseInt(String(self.timeout), option: "--timeout", range: 1...3600)
         let connection = try ControlConnection(try instance.controlPath())
         let response = try connection.request("stop")
         let deadline = ContinuousClock.now + .seconds(timeout)
@@ -274,12 +252,13 @@ enum StopCommand {
         // The instance holds this connection until it exits; an older one
         // closes it at once, and then only its pid tells.
         let closed = connection.waitForClose(deadline: deadline)
-        let exited = closed && (response.closesAtExit == true || waitForExit(response.pid, deadline: deadline))
+        let exited = closed && (response.closesAtExit == true || StopCommand.waitForExit(response.pid, deadline: deadline))
         guard exited else { throw CLIError("dpctl pid \(pid) did not exit within \(timeout) s (it may still be draining: see its log)") }
         print("stopped dpctl pid \(pid)")
-        return 0
     }
+}
 
+enum StopCommand {
     /// Polls until the process is gone or a zombie; false at the deadline.
     /// Without a pid there is nothing to poll: true.
     static func waitForExit(_ pid: Int32?, deadline: ContinuousClock.Instant) -> Bool {

@@ -1,59 +1,76 @@
+import ArgumentParser
 import DataPlane
 import Foundation
 
-let usage = """
-USAGE: dpctl <command> [options]
-
-A vhost-user-blk data plane: serves raw images (or a null backend) to QEMU
-guests from IOThreads pinned to CPUs, with io_uring.
-
-COMMANDS:
-  start         Serve disks in the foreground (logs on stderr; SIGINT/SIGTERM drain and exit)
-  status        Show a running instance's disks, frontends, queues and IOThreads
-  stats         Show IOPS, MB/s and latency per IOThread, disk and queue
-  resume        Resume queues stopped by the error policy (retrying held requests)
-  stop          Ask a running instance to drain and exit
-  qemu-args     Print the QEMU options that connect a guest to a socket
-  libvirt-xml   Print the libvirt <disk> and <memoryBacking> snippet for a socket
-
-Run 'dpctl <command> --help' for a command's options.
-"""
-
-func run() -> Int32 {
+/// Parses the command line (start's grouped disk options rewritten into
+/// key=value form first), runs the verb, and returns the exit status:
+/// 0 ok, 1 runtime failure, 2 usage; `dpctl status` 3 when unhealthy.
+func run(_ arguments: [String]) -> Int32 {
     // A control client or log reader that hangs up must cost us a failed
     // write (EPIPE), not the process and the guests it serves.
     signal(SIGPIPE, SIG_IGN)
-    var words = Array(CommandLine.arguments.dropFirst())
-    guard let command = words.first else {
-        print(usage)
-        return 2
+    var words = arguments
+    let verbs = Dpctl.configuration.subcommands.map { $0._commandName }
+    if let verb = words.first, !verb.hasPrefix("-"), verb != "help", !verbs.contains(verb) {
+        return report(CLIError("unknown command \(verb.debugDescription); commands: \(verbs.joined(separator: ", "))", usage: true))
     }
-    words.removeFirst()
-    do {
-        switch command {
-        case "start": return try StartCommand.run(words)
-        case "status": return try StatusCommand.run(words, stats: false)
-        case "stats": return try StatusCommand.run(words, stats: true)
-        case "stop": return try StopCommand.run(words)
-        case "resume": return try ResumeCommand.run(words)
-        case "qemu-args": return try GuestConfigCommand.run(words, kind: .qemu)
-        case "libvirt-xml": return try GuestConfigCommand.run(words, kind: .libvirt)
-        case "-h", "--help", "help":
-            print(usage)
-            return 0
-        default:
-            throw CLIError("unknown command \(command.debugDescription); commands: start, status, stats, resume, stop, qemu-args, libvirt-xml", usage: true)
+    if words.first == "start" {
+        do {
+            words = try ["start"] + GroupedDiskArguments.rewrite(Array(words.dropFirst()))
+        } catch {
+            return report(error)
         }
-    } catch let error as CLIError {
-        StandardError.write("dpctl: error: \(error.description)\n")
-        return error.usage ? 2 : 1
-    } catch let error as DataPlaneError {
-        StandardError.write("dpctl: error: \(error.description)\n")
-        return 1
+    }
+    if words.isEmpty {
+        StandardError.write(Dpctl.helpMessage() + "\n")
+        return ExitStatus.usage
+    }
+    var command: any ParsableCommand
+    do {
+        command = try Dpctl.parseAsRoot(words)
     } catch {
-        StandardError.write("dpctl: error: \(error)\n")
-        return 1
+        return report(error, verb: words.first.flatMap { verbs.contains($0) ? $0 : nil })
+    }
+    do {
+        try command.run()
+        return ExitStatus.ok
+    } catch {
+        return report(error, verb: words.first.flatMap { verbs.contains($0) ? $0 : nil })
     }
 }
 
-exit(run())
+/// Writes an error as one line (or help, version and completion scripts,
+/// which the argument parser throws, to standard output) and returns the
+/// exit status.
+func report(_ error: any Error, verb: String? = nil) -> Int32 {
+    switch error {
+    case let error as CLIError:
+        StandardError.write("dpctl: error: \(error.description)\n")
+        return error.usage ? ExitStatus.usage : ExitStatus.failure
+    case let error as DataPlaneError:
+        StandardError.write("dpctl: error: \(error.description)\n")
+        return ExitStatus.failure
+    case let error as ExitCode:
+        return error.rawValue
+    case let error as ValidationError:
+        StandardError.write("dpctl: error: \(error.message)\n")
+        return ExitStatus.usage
+    default:
+        let code = Dpctl.exitCode(for: error)
+        if code == .success { // --help, --version, completion scripts
+            print(Dpctl.fullMessage(for: error))
+            return ExitStatus.ok
+        }
+        let message = Dpctl.message(for: error).split(separator: "\n").joined(separator: " ")
+        if code == .validationFailure { // the parser's: a usage error, on one line as ours are
+            StandardError.write("dpctl: error: \(message) (see 'dpctl\(verb.map { " " + $0 } ?? "") --help')\n")
+            return ExitStatus.usage
+        }
+        StandardError.write("dpctl: error: \(message.isEmpty ? "\(error)" : message)\n")
+        return code.rawValue == 0 ? ExitStatus.failure : code.rawValue
+    }
+}
+
+let status = run(Array(CommandLine.arguments.dropFirst()))
+StandardError.flush()
+exit(status)

@@ -54,7 +54,7 @@ struct BlockSizeTests {
                 try Disk(DiskConfiguration(path: image, logicalBlockSize: 512))
             }
             #expect(error?.description.contains("direct I/O only in 4096-byte blocks") == true, "\(String(describing: error))")
-            #expect(error?.description.contains("--block-size 4096") == true, "\(String(describing: error))")
+            #expect(error?.description.contains("block-size=4096") == true, "\(String(describing: error))")
             do {
                 // A larger size than the image needs is kept.
                 let disk = try Disk(DiskConfiguration(path: image, logicalBlockSize: 8192))
@@ -98,7 +98,7 @@ struct BlockSizeTests {
             let error = #expect(throws: DataPlaneError.self) {
                 try Disk(DiskConfiguration(path: loop.path, logicalBlockSize: 512))
             }
-            #expect(error?.description.contains("--block-size 4096") == true, "\(String(describing: error))")
+            #expect(error?.description.contains("block-size=4096") == true, "\(String(describing: error))")
         }
     }
 
@@ -114,7 +114,7 @@ struct BlockSizeTests {
             let refused = try runTool(QEMUEndToEndTests.dpctl, ["start", "--disk", image, "--socket", dir + "/small.sock",
                                                                 "--block-size", "512"], timeout: 10)
             #expect(!refused.timedOut && refused.result.status != 0, "dpctl served 512-byte blocks")
-            #expect(refused.result.stderr.contains("--block-size 4096"), "\(refused.result.stderr)")
+            #expect(refused.result.stderr.contains("block-size=4096"), "\(refused.result.stderr)")
 
             let socket = dir + "/vu.sock"
             let dp = try QEMUEndToEndTests.Instance(["--disk", image, "--socket", socket, "--num-queues", "1"],

@@ -134,16 +134,28 @@ import Testing
 
     /// The "(default X)" each option's paragraph of a help text claims,
     /// by option; paragraph lines are joined, so a wrapped default counts.
+    /// Paragraphs start at an indent of 2 with an option (`--poll-us`) or a
+    /// disk key (`num-queues=N`, named without the `=`).
     static func claimedDefaults(_ help: String) -> [String: String] {
         var paragraphs: [(String, String)] = []
+        var open = false
         for line in help.split(separator: "\n", omittingEmptySubsequences: false) {
             let trimmed = line.drop { $0 == " " }
             let indent = line.count - trimmed.count
-            if indent == 2, trimmed.hasPrefix("--") {
-                let option = String(trimmed.prefix { $0 != " " })
-                paragraphs.append((option, String(trimmed.dropFirst(option.count))))
-            } else if indent > 2, !paragraphs.isEmpty {
+            let first = String(trimmed.prefix { $0 != " " })
+            if indent == 2 {
+                open = true
+                if first.hasPrefix("--") {
+                    paragraphs.append((first, String(trimmed.dropFirst(first.count))))
+                } else if let eq = first.firstIndex(of: "="), first[..<eq].allSatisfy({ $0.isLowercase || $0 == "-" }) {
+                    paragraphs.append((String(first[..<eq]), String(trimmed.dropFirst(first.count))))
+                } else {
+                    open = false
+                }
+            } else if indent > 2, open, !paragraphs.isEmpty {
                 paragraphs[paragraphs.count - 1].1 += " " + trimmed
+            } else {
+                open = false
             }
         }
         var defaults: [String: String] = [:]
@@ -176,30 +188,33 @@ import Testing
             "--poll-us": { json["poll-us"] as? Int == Int($0) },
             "--notify-after": { json["notify-after"] as? Int == Int($0) },
             "--control": { $0 == "FIRST-SOCKET.ctl" && json["control"] as? String == socket + ".ctl" },
-            "--num-queues": { disk["num-queues"] as? Int == Int($0) },
-            "--queue-size": { disk["queue-size"] as? Int == Int($0) },
-            "--backend": { disk["backend"] as? String == $0 },
-            "--null-size": { $0 == "1G" && null["null-size"] as? Int == 1 << 30 },
-            "--null-read-zeroes": { null["null-read-zeroes"] as? Bool == ($0 == "on") },
-            "--serial": { $0 == "the" && disk["serial"] as? String == "vm.raw" },
+            // The disk keys.
+            "readonly": { disk["readonly"] as? Bool == ($0 == "on") },
+            "num-queues": { disk["num-queues"] as? Int == Int($0) },
+            "queue-size": { disk["queue-size"] as? Int == Int($0) },
+            "backend": { disk["backend"] as? String == $0 },
+            "null-size": { $0 == "1G" && null["null-size"] as? Int == 1 << 30 },
+            "null-read-zeroes": { null["null-read-zeroes"] as? Bool == ($0 == "on") },
+            "serial": { $0 == "the" && disk["serial"] as? String == "vm.raw" },
             // Not known before the image is opened: --check leaves it out.
-            "--block-size": { $0 == "what" && disk["block-size"] == nil },
-            "--locking": { disk["locking"] as? Bool == ($0 == "on") },
-            "--fixed-buffers": { disk["fixed-buffers"] as? Bool == ($0 == "on") },
+            "block-size": { $0 == "what" && disk["block-size"] == nil },
+            "locking": { disk["locking"] as? Bool == ($0 == "on") },
+            "fixed-buffers": { disk["fixed-buffers"] as? Bool == ($0 == "on") },
+            "direct": { disk["direct"] as? Bool == ($0 == "on") },
+            "rerror": { disk["rerror"] as? String == $0 },
+            "werror": { disk["werror"] as? String == $0 },
             "--disable-io-uring": { $0 == "none" && (json["disable-io-uring"] as? [String]) == [] },
-            "--no-direct": { $0 == "O_DIRECT" && disk["direct"] as? Bool == true },
-            "--rerror": { disk["rerror"] as? String == $0 },
-            "--werror": { disk["werror"] as? String == $0 },
         ]
         #expect(Set(claimed.keys) == Set(checks.keys), "defaults claimed by the help: \(claimed)")
         for (option, value) in claimed.sorted(by: { $0.key < $1.key }) {
             #expect(checks[option]?(value) == true, "help says \(option) defaults to \(value.debugDescription); --check: \(json)")
         }
-        #expect(claimed["--queue-size"] == "1024")
+        #expect(claimed["queue-size"] == "1024")
     }
 
     @Test func everyDefaultQemuArgsHelpClaimsIsTheDefault() throws {
         let claimed = Self.claimedDefaults(try Self.help("qemu-args"))
+            .merging(Self.claimedDefaults(try Self.help("libvirt-xml"))) { a, b in a == b ? a : a + " vs " + b }
         let noQEMU = ["PATH": "/nonexistent"]
         let q = try DpctlTests.dpctl(["qemu-args", "--socket", "/run/x.sock"], timeout: 10, environment: noQEMU)
         let x = try DpctlTests.dpctl(["libvirt-xml", "--socket", "/run/x.sock"], timeout: 10, environment: noQEMU)

@@ -231,13 +231,13 @@ import Testing
             let r = try Self.dpctl([verb, "--help"])
             #expect(r.status == 0 && r.stdout.contains("USAGE: dpctl ") && r.stdout.contains("dpctl \(verb) "), "\(verb)")
         }
-        #expect(try Self.dpctl(["--help"]).stdout.contains("COMMANDS:"))
+        #expect(try Self.dpctl(["--help"]).stdout.contains("SUBCOMMANDS:"))
     }
 
     @Test(arguments: [
         (["start", "--disk", "/nonexistent/x.raw", "--socket", "/tmp/x.sock"], "cannot open image"),
         (["start", "--cpuset", "4000", "--disk", "x", "--backend", "null", "--socket", "/tmp/x.sock"], "not online"),
-        (["start", "--disk", "x", "--backend", "null"], "has no --socket"),
+        (["start", "--disk", "x", "--backend", "null"], "has no socket"),
         (["start", "--readonly"], "must follow a --disk"),
         (["start", "--config", "/tmp/c.json", "--disk", "x", "--socket", "/tmp/y.sock"], "conflict"),
         (["start", "--disk", "x", "--backend", "null", "--socket", "/tmp/x.sock", "--num-queues", "65"], "not a number in 1...64"),

@@ -1,6 +1,7 @@
 import CDataPlaneSys
 import Foundation
 import Testing
+import Logging
 
 @testable import DataPlane
 
@@ -106,7 +107,7 @@ final class ServerHarness {
         disk = try plane.addDisk(DiskConfiguration(path: "", backend: .null, readOnly: readOnly, numQueues: numQueues,
                                                    queueSize: queueSize, nullSizeBytes: 64 << 20))
         let lines = logLines
-        server = try VhostUserServer(plane: plane, log: { line in lines.append(line) })
+        server = try VhostUserServer(plane: plane, logger: Logger(label: "test") { _ in CollectingLogHandler(lines: lines) })
         try server.addExport(disk: disk, socketPath: socket)
         try server.start()
     }
@@ -128,6 +129,13 @@ final class ServerHarness {
 
 final class LogLines: Sendable {
     private let lines = Mutex<[String]>([])
+    /// What a test's log handler was given, by level (and metadata).
+    private let events = Mutex<[(Logger.Level, String, Logger.Metadata)]>([])
+    func append(_ level: Logger.Level, _ message: String, _ metadata: Logger.Metadata) {
+        events.withLock { $0.append((level, message, metadata)) }
+        if level >= .info { append(message) }
+    }
+    var all: [(Logger.Level, String, Logger.Metadata)] { events.withLock { $0 } }
     func append(_ line: String) { lines.withLock { $0.append(line) } }
     var text: String { lines.withLock { $0.joined(separator: "\n") } }
 }
@@ -235,6 +243,27 @@ func procSelfMaps() -> String {
         f.send(Self.setVringNum, flags: Self.needReply, payload: state(0, 128))
         let ack = try #require(f.receive())
         #expect(ack.payload == le64(0))
+    }
+
+    /// The server logs to the Logger it is given: every message and reply
+    /// at trace level under QEMU's names, with the disk's, socket's and
+    /// frontend's metadata; the connection at info.
+    @Test func theLoggerGetsAMessageTraceWithMetadata() throws {
+        let h = try ServerHarness(numQueues: 2)
+        let f = try RawFrontend(path: h.socket)
+        #expect(f.u64Reply(Self.getFeatures) != nil)
+        #expect(f.u64Reply(Self.getQueueNum) == 2)
+        let events = h.logLines.all
+        let connected = try #require(events.first { $0.1.hasSuffix("frontend connected") }, "\(events)")
+        #expect(connected.0 == .info && connected.2["frontend"] == "1" && connected.2["frontend-pid"] == "\(getpid())")
+        let trace = events.filter { $0.0 == .trace }
+        #expect(trace.map(\.1) == ["vhost-user VHOST_USER_GET_FEATURES", "vhost-user VHOST_USER_GET_FEATURES reply",
+                                   "vhost-user VHOST_USER_GET_QUEUE_NUM", "vhost-user VHOST_USER_GET_QUEUE_NUM reply"], "\(trace)")
+        for (_, _, metadata) in trace {
+            #expect(metadata["disk"] == "null" && metadata["socket"] == "\(h.socket)" && metadata["frontend"] == "1", "\(metadata)")
+        }
+        #expect(trace[1].2["size"] == "8" && trace[3].2["payload"] == "0200000000000000", "\(trace)")
+        #expect(!h.log.contains("VHOST_USER_"), "trace stays out of the info lines")
     }
 
     /// What the config space announces is what the data plane takes:
@@ -667,3 +696,20 @@ import CDataPlane
 import Synchronization
 
 func dpInflightQueueSize(_ n: UInt32) -> UInt64 { dp_inflight_queue_size(n) }
+
+/// Collects the server's log: messages at info and above as `log` lines,
+/// every event (trace included) with its metadata.
+struct CollectingLogHandler: LogHandler {
+    let lines: LogLines
+    var logLevel: Logger.Level = .trace
+    var metadata: Logger.Metadata = [:]
+
+    subscript(metadataKey key: String) -> Logger.Metadata.Value? {
+        get { metadata[key] }
+        set { metadata[key] = newValue }
+    }
+
+    func log(event: LogEvent) {
+        lines.append(event.level, "\(event.message)", metadata.merging(event.metadata ?? [:]) { $1 })
+    }
+}

@@ -10,6 +10,7 @@
 import CDataPlaneSys
 import DataPlane
 import Glibc
+import Logging
 
 /// VHOST_USER_FUZZ_CPU=LIST puts the IOThread on those CPUs (default: all).
 /// With the harness on the same CPU (taskset -c N), the round trip every
@@ -120,6 +121,14 @@ private func structuredPayload(_ request: UInt32, _ input: inout Input, memorySi
     }
 }
 
+/// Silent unless tracing (then swift-log's default, to stderr, every message).
+let fuzzLogger: Logger = {
+    guard trace else { return Logger(label: "vhost-user-fuzz", factory: { _ in SwiftLogNoOpLogHandler() }) }
+    var logger = Logger(label: "vhost-user-fuzz")
+    logger.logLevel = .trace
+    return logger
+}()
+
 @_cdecl("LLVMFuzzerTestOneInput")
 public func fuzzOneInput(_ data: UnsafePointer<UInt8>, _ size: Int) -> CInt {
     var input = Input(bytes: UnsafeBufferPointer(start: data, count: size))
@@ -127,7 +136,7 @@ public func fuzzOneInput(_ data: UnsafePointer<UInt8>, _ size: Int) -> CInt {
         _ = disk
         baselineFDs = openFDs()
     }
-    let device = VhostUserBlkDevice(disk: disk, plane: plane, log: { if trace { print("  log: \($0)") } })
+    let device = VhostUserBlkDevice(disk: disk, plane: plane, logger: fuzzLogger)
     let memorySize = UInt64(1 + input.u8() % 16) * 4096
     var messages = 0
     while !input.isAtEnd && messages < 48 {

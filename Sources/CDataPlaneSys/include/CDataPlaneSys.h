@@ -27,6 +27,9 @@ int dps_unix_probe(const char *path);
 /* accept4(non-blocking, close-on-exec). */
 int dps_accept(int listen_fd);
 
+/* The pid of a unix socket's peer (SO_PEERCRED), or -errno. */
+int dps_peer_pid(int fd);
+
 /* recvmsg with SCM_RIGHTS: up to max_fds descriptors land in fds (close-on-exec),
  * their count in *nfds. *fds_truncated is set when the sender passed more than
  * fit (those are closed by the kernel). Returns bytes read (0 at EOF). */

@@ -5,6 +5,7 @@ import Musl
 #endif
 import CDataPlane
 import CDataPlaneSys
+import Logging
 
 /// The backend side of one vhost-user-blk device: feature negotiation,
 /// memory table, vrings, config space, inflight region. It turns messages
@@ -45,7 +46,8 @@ package final class VhostUserBlkDevice {
     let disk: Disk
     let plane: DataPlane
     let numQueues: Int
-    private let log: @Sendable (String) -> Void
+    /// Metadata: the disk and socket, and the frontend connected (the server sets it).
+    package var logger: Logger
 
     private var features: UInt64 = 0
     private var featuresAcked = false
@@ -56,11 +58,11 @@ package final class VhostUserBlkDevice {
     private var vrings: [Vring]
     private var inflight: Inflight?
 
-    package init(disk: Disk, plane: DataPlane, log: @escaping @Sendable (String) -> Void) {
+    package init(disk: Disk, plane: DataPlane, logger: Logger) {
         self.disk = disk
         self.plane = plane
         self.numQueues = disk.configuration.numQueues
-        self.log = log
+        self.logger = logger
         self.vrings = Array(repeating: Vring(), count: disk.configuration.numQueues)
     }
 
@@ -315,7 +317,7 @@ package final class VhostUserBlkDevice {
         guard header.count == 12, let offset = try? Int(p.u32(0)), let size = try? Int(p.u32(4)),
               message.payload.count == 12 + size, offset <= Self.configSpaceLimit, size <= Self.configSpaceLimit - offset
         else {
-            log("disk \(disk.name): GET_CONFIG of \(message.payload.count) bytes asks for what the config space does not hold; answered empty")
+            logger.warning("disk \(disk.name): GET_CONFIG of \(message.payload.count) bytes asks for what the config space does not hold; answered empty")
             return Reply(payload: [])
         }
         // Newer frontends know longer layouts (zoned fields): what we do
@@ -520,7 +522,9 @@ package final class VhostUserBlkDevice {
             } catch {
                 throw .invalid(error.description)
             }
-            log("disk \(disk.name): queue \(i) started (size \(v.num), avail index \(v.base), \(vrings[i].queue?.thread.configuration.name ?? "?"))")
+            let thread = vrings[i].queue?.thread.configuration.name ?? "?"
+            logger.info("disk \(disk.name): queue \(i) started (size \(v.num), avail index \(v.base), \(thread))",
+                        metadata: ["queue": "\(i)", "iothread": "\(thread)"])
         }
     }
 

@@ -31,6 +31,21 @@ enum VhostUserRequest: UInt32 {
     case getStatus = 40
 }
 
+extension VhostUserRequest {
+    /// QEMU's name of a request ("VHOST_USER_GET_VRING_BASE"), or its number.
+    static func name(_ raw: UInt32) -> String {
+        guard let request = VhostUserRequest(rawValue: raw) else { return "request \(raw)" }
+        var name = "VHOST_USER_"
+        var previous: Character = "_"
+        for c in String(describing: request) {
+            if c.isUppercase && previous.isLowercase { name.append("_") }
+            name += c.uppercased()
+            previous = c
+        }
+        return name
+    }
+}
+
 enum VhostUserFlags {
     static let versionMask: UInt32 = 0x3
     static let version: UInt32 = 0x1

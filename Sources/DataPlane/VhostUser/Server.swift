@@ -4,6 +4,7 @@ import Glibc
 import Musl
 #endif
 import CDataPlaneSys
+import Logging
 
 /// A vhost-user-blk server: one unix socket per disk, one frontend at a time
 /// per disk, each disk served by its own control thread. A frontend can only
@@ -11,11 +12,15 @@ import CDataPlaneSys
 /// drain that waits for its guest's slow requests (GET_VRING_BASE, memory
 /// changes) never delay another disk's frontend. The data path never passes
 /// through here.
+///
+/// It logs to a swift-log `Logger`, each line with the disk's `disk` and
+/// `socket`, the `frontend` (the connection's number on that socket) and its
+/// `frontend-pid`, and `queue` where one is concerned; at `trace` level every
+/// vhost-user message and reply.
 public final class VhostUserServer: @unchecked Sendable {
     // An export's device and connection are touched by its own thread only;
     // `exports`, `started`, `stopping`, each export's `thread` and its
     // `connection` (for status) change under `lock`.
-    public typealias Log = @Sendable (String) -> Void
 
     /// Messages one wake-up handles before polling again (and seeing a stop).
     private static let messagesPerWake = 64
@@ -24,15 +29,20 @@ public final class VhostUserServer: @unchecked Sendable {
         let device: VhostUserBlkDevice
         let path: String
         let listenFD: Int32
+        /// With the disk's and socket's metadata (and the frontend's, while one is connected).
+        var logger: Logger
+        /// Frontends accepted so far: the `frontend` metadata.
+        var frontends = 0
         var connection: Connection?
         var thread: pthread_t?
         var joined = false
         var closed = false
 
-        init(device: VhostUserBlkDevice, path: String, listenFD: Int32) {
+        init(device: VhostUserBlkDevice, path: String, listenFD: Int32, logger: Logger) {
             self.device = device
             self.path = path
             self.listenFD = listenFD
+            self.logger = logger
         }
     }
 
@@ -60,7 +70,7 @@ public final class VhostUserServer: @unchecked Sendable {
     }
 
     private let plane: DataPlane
-    private let log: Log
+    private let logger: Logger
     private let lock = Lock()
     /// Held through a whole stop(): a second one waits for the first.
     private let stopLock = Lock()
@@ -70,9 +80,12 @@ public final class VhostUserServer: @unchecked Sendable {
     /// Readable once stopping: every export's thread polls it.
     private let wakeFD: Int32
 
-    public init(plane: DataPlane, log: @escaping Log) throws(DataPlaneError) {
+    /// A server for `plane`'s disks, logging to `logger` (by default one
+    /// labelled "dataplane.vhost-user", through whatever LoggingSystem the
+    /// program bootstrapped).
+    public init(plane: DataPlane, logger: Logger = Logger(label: "dataplane.vhost-user")) throws(DataPlaneError) {
         self.plane = plane
-        self.log = log
+        self.logger = logger
         let fd = dps_eventfd(0, true)
         guard fd >= 0 else { throw .system(operation: "eventfd", errno: -fd) }
         wakeFD = fd
@@ -89,7 +102,11 @@ public final class VhostUserServer: @unchecked Sendable {
     /// (see ``UnixSocket/listen(at:backlog:)``).
     public func addExport(disk: Disk, socketPath: String) throws(DataPlaneError) {
         let fd = try UnixSocket.listen(at: socketPath, backlog: 4)
-        let export = Export(device: VhostUserBlkDevice(disk: disk, plane: plane, log: log), path: socketPath, listenFD: fd)
+        var logger = self.logger
+        logger[metadataKey: "disk"] = "\(disk.name)"
+        logger[metadataKey: "socket"] = "\(socketPath)"
+        let export = Export(device: VhostUserBlkDevice(disk: disk, plane: plane, logger: logger), path: socketPath,
+                            listenFD: fd, logger: logger)
         let serveNow: Bool? = lock.withLock {
             guard !stopping else { return nil }
             exports.append(export)
@@ -204,7 +221,7 @@ public final class VhostUserServer: @unchecked Sendable {
                        pollfd(fd: export.connection?.fd ?? -1, events: Int16(POLLIN), revents: 0)]
             if poll(&fds, nfds_t(fds.count), -1) < 0 {
                 if errno == EINTR { continue }
-                log("\(export.path): poll failed, no longer served: \(DataPlaneError.message(errno))")
+                export.logger.error("\(export.path): poll failed, no longer served: \(DataPlaneError.message(errno))")
                 break
             }
             if fds[2].revents != 0, let connection = export.connection, let reason = serve(export, connection) {
@@ -232,19 +249,28 @@ public final class VhostUserServer: @unchecked Sendable {
     private func accept(_ export: Export) {
         let fd = dps_accept(export.listenFD)
         guard fd >= 0 else { return }
+        let pid = dps_peer_pid(fd)
         if export.connection != nil {
-            log("\(export.path): refused a second frontend (one is connected)")
+            export.logger.warning("\(export.path): refused a second frontend (one is connected)",
+                                  metadata: pid > 0 ? ["frontend-pid": "\(pid)"] : nil)
             closeFD(fd)
             return
         }
         lock.withLock { export.connection = Connection(fd: fd) }
-        log("\(export.path): frontend connected")
+        export.frontends += 1
+        export.logger[metadataKey: "frontend"] = "\(export.frontends)"
+        export.logger[metadataKey: "frontend-pid"] = pid > 0 ? "\(pid)" : nil
+        export.device.logger = export.logger
+        export.logger.info("\(export.path): frontend connected")
     }
 
     private func disconnect(_ export: Export, reason: String) {
-        log("\(export.path): frontend disconnected: \(reason)")
+        export.logger.info("\(export.path): frontend disconnected: \(reason)")
         export.device.reset()
         lock.withLock { export.connection = nil }
+        export.logger[metadataKey: "frontend"] = nil
+        export.logger[metadataKey: "frontend-pid"] = nil
+        export.device.logger = export.logger
     }
 
     /// Reads what is there; handles complete messages (a bounded number, so
@@ -297,12 +323,29 @@ public final class VhostUserServer: @unchecked Sendable {
 
     /// Handles one message; returns why the connection must close, or nil.
     private func process(_ export: Export, _ c: Connection, _ message: VhostUserMessage) -> String? {
+        export.logger.trace("vhost-user \(VhostUserRequest.name(message.request))",
+                            metadata: Self.traceMetadata(flags: message.flags, payload: message.payload, fds: message.fds.count))
         let outcome = export.device.process(message)
-        if let logLine = outcome.logLine { log("\(export.path): \(logLine)") }
+        if let logLine = outcome.logLine { export.logger.warning("\(export.path): \(logLine)") }
+        if let reply = outcome.reply {
+            export.logger.trace("vhost-user \(VhostUserRequest.name(message.request)) reply",
+                                metadata: Self.traceMetadata(flags: VhostUserFlags.version | VhostUserFlags.reply,
+                                                             payload: reply.payload, fds: reply.fds.count))
+        }
         if let reply = outcome.reply, !send(c, request: message.request, payload: reply.payload, fds: reply.fds) {
             return "reply failed"
         }
         return outcome.closeReason
+    }
+
+    /// A message's flags, size, file descriptors and (up to 64 bytes) payload in hex.
+    private static func traceMetadata(flags: UInt32, payload: [UInt8], fds: Int) -> Logger.Metadata {
+        var m: Logger.Metadata = ["flags": "0x\(String(flags, radix: 16))", "size": "\(payload.count)", "fds": "\(fds)"]
+        if !payload.isEmpty {
+            let hex = payload.prefix(64).map { ($0 < 16 ? "0" : "") + String($0, radix: 16) }.joined()
+            m["payload"] = "\(hex)\(payload.count > 64 ? "..." : "")"
+        }
+        return m
     }
 
     private func send(_ c: Connection, request: UInt32, payload: [UInt8], fds: [Int32]) -> Bool {
