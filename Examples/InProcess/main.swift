@@ -22,7 +22,7 @@ struct InProcessExample {
         let disk = try plane.addDisk(DiskConfiguration(path: imagePath, serial: "example"))
 
         // The guest's side: rings and buffers in a memfd, as a VMM would share them.
-        var config = gd_config(mem_size: 16 << 20, num_queues: 1, queue_size: 128, event_idx: true)
+        var config = gd_config(mem_size: 16 << 20, num_queues: 1, queue_size: 128, event_idx: true, packed: false)
         var driverPointer: OpaquePointer?
         guard gd_create(&config, &driverPointer) == 0, let driver = driverPointer else {
             throw ExampleError("cannot set up the guest driver")

@@ -12,9 +12,10 @@ final class TestGuest: @unchecked Sendable {
     let memory: GuestMemory
     let queueSize: Int
 
-    init(queues: Int = 1, queueSize: Int = 128, eventIndex: Bool = true, memorySize: UInt64 = 64 << 20) throws {
+    init(queues: Int = 1, queueSize: Int = 128, eventIndex: Bool = true, packed: Bool = false,
+         memorySize: UInt64 = 64 << 20) throws {
         var config = gd_config(mem_size: memorySize, num_queues: UInt32(queues), queue_size: UInt32(queueSize),
-                               event_idx: eventIndex)
+                               event_idx: eventIndex, packed: packed)
         var driver: OpaquePointer?
         let ret = gd_create(&config, &driver)
         guard ret == 0, let driver else { throw TestFailure("gd_create: \(ret)") }

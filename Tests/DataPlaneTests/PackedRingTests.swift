@@ -105,21 +105,28 @@ import Testing
 
     // MARK: - Hostile buffers
 
-    /// Writes a raw two-descriptor buffer (header, status) at the driver's
-    /// cursor, the head's flags last, and kicks.
-    func rawBuffer(_ g: TestGuest, id: UInt16, headFlags: UInt16 = 0, statusFlags: UInt16 = UInt16(GD_DESC_F_WRITE))
-        -> (header: UInt64, status: UInt64) {
+    /// Writes a raw buffer (header, an optional 4 KiB data buffer, status)
+    /// at the driver's cursor, the head's flags last, and kicks.
+    func rawBuffer(_ g: TestGuest, id: UInt16, headFlags: UInt16 = 0, statusFlags: UInt16 = UInt16(GD_DESC_F_WRITE),
+                   data: Bool = false) -> (header: UInt64, status: UInt64) {
         let header = g.alloc(16, align: 16), status = g.alloc(1, align: 1)
         g.write(header, [UInt8](repeating: 0, count: 16)) // GD_BLK_T_IN, sector 0
         g.write(status, [0xFF])
+        var descs: [(addr: UInt64, len: UInt32, flags: UInt16)] = [(header, 16, headFlags)]
+        if data { descs.append((g.alloc(4096), 4096, UInt16(GD_DESC_F_WRITE))) }
+        descs.append((status, 1, statusFlags))
         var bits: UInt16 = 0
-        let slot = gd_packed_next_slot(g.driver, 0, &bits)
-        let next = UInt16((Int(slot) + 1) % g.queueSize)
-        // The second slot may be in the next lap: its bits follow the wrap.
-        let nextBits = next == 0 ? (bits == UInt16(GD_PDESC_F_AVAIL) ? UInt16(GD_PDESC_F_USED) : UInt16(GD_PDESC_F_AVAIL)) : bits
-        gd_packed_write_desc(g.driver, 0, next, status, 1, id, statusFlags | nextBits)
-        gd_packed_write_desc(g.driver, 0, slot, header, 16, id, UInt16(GD_DESC_F_NEXT) | headFlags | bits)
-        gd_packed_skip(g.driver, 0, 2)
+        let first = Int(gd_packed_next_slot(g.driver, 0, &bits))
+        let other = bits == UInt16(GD_PDESC_F_AVAIL) ? UInt16(GD_PDESC_F_USED) : UInt16(GD_PDESC_F_AVAIL)
+        // Last to first, so the head becomes available last; a slot past the
+        // ring's end is in the next lap, with the other wrap bits.
+        for k in descs.indices.reversed() {
+            let slot = (first + k) % g.queueSize
+            let next: UInt16 = k + 1 < descs.count ? UInt16(GD_DESC_F_NEXT) : 0
+            gd_packed_write_desc(g.driver, 0, UInt16(slot), descs[k].addr, descs[k].len, id,
+                                 descs[k].flags | next | (first + k < g.queueSize ? bits : other))
+        }
+        gd_packed_skip(g.driver, 0, UInt16(descs.count))
         _ = gd_kick(g.driver, 0)
         return (header, status)
     }
@@ -142,11 +149,12 @@ import Testing
 
     @Test func aBufferIdAlreadyInFlightBreaksTheRing() throws {
         let image = try TestImage(size: Self.imageSize)
-        // A null disk would answer at once; a paused queue keeps the first in flight.
+        // Reads of the file stay in flight until the pass that popped both
+        // ends; the queue is paused while the guest makes both available.
         let h = try harness(image)
         try h.queues[0].pause()
-        _ = rawBuffer(h.guest, id: 3)
-        _ = rawBuffer(h.guest, id: 3)
+        _ = rawBuffer(h.guest, id: 3, data: true)
+        _ = rawBuffer(h.guest, id: 3, data: true)
         try h.queues[0].resume()
         let s = waitBroken(h)
         #expect(s.brokenReason?.contains("already in flight") == true, "\(s.brokenReason ?? "not broken")")

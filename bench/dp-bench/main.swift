@@ -294,7 +294,7 @@ final class Guest {
         let tables = UInt64(queueSize) * UInt64(queueSize) * 16
         var size: UInt64 = 16 << 20
         while size / 2 < tables + UInt64(queueSize) * 64 * 1024 + (4 << 20) { size *= 2 }
-        var config = gd_config(mem_size: size, num_queues: 1, queue_size: queueSize, event_idx: true)
+        var config = gd_config(mem_size: size, num_queues: 1, queue_size: queueSize, event_idx: true, packed: false)
         var driver: OpaquePointer?
         let ret = gd_create(&config, &driver)
         guard ret == 0, let driver else { fail("gd_create: \(errnoText(-ret))") }
