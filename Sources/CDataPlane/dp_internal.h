@@ -111,6 +111,7 @@ struct blk_req {
     struct iovec *iov;          /* data iovecs still to transfer */
     uint32_t iov_cnt;
     uint16_t head;
+    uint16_t ring_descs;        /* packed rings: ring descriptors its buffer took */
     uint8_t op;                 /* enum dp_op */
     uint8_t zero_phase;         /* discard/write-zeroes fallback step (backend_uring.c) */
     uint8_t *status;            /* the guest's status byte, NULL when it has none */
@@ -143,7 +144,7 @@ struct ctl_msg {
     int32_t call_fd; /* CTL_SET_NOTIFIERS */
     int32_t err_fd;
     int result;
-    uint16_t last_avail_idx;
+    uint32_t ring_base;         /* CTL_STOP_QUEUE's answer: vring_base */
     bool done;
     struct ctl_msg *next;
 };

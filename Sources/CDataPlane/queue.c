@@ -61,7 +61,7 @@ void queue_complete(struct dp_queue *q, struct blk_req *req, uint8_t status, uin
         used_len = (status == VIRTIO_BLK_S_OK ? req->data_in_len : 0) + 1;
     }
     backend_release(&q->io, req);
-    vring_push(&q->vr, req->head, used_len);
+    vring_push(&q->vr, req->head, used_len, req->ring_descs);
 
     STAT_ADD(q->stats.ops[req->op], 1);
     if (status == VIRTIO_BLK_S_OK) {
@@ -182,6 +182,7 @@ bool queue_start(struct dp_queue *q, uint16_t head, uint64_t now, bool fail_io, 
         return queue_reject_chain(q, ret);
 
     struct blk_req *req = queue_take_slot(q, head, now);
+    req->ring_descs = chain.ring_descs;
     if (ret < 0) {
         /* One buffer of a well-formed chain is bad: that request fails. */
         req->status = status;
@@ -262,6 +263,8 @@ static bool queue_pop_one(struct dp_queue *q, uint64_t now, uint32_t *cost)
 {
     uint16_t head;
     int ret = vring_pop_head(&q->vr, &head);
+    if (ret == -EAGAIN)
+        return false; /* a packed ring with nothing more available */
     if (ret) {
         queue_break(q, ret);
         return false;

@@ -92,6 +92,8 @@ int dp_queue_create(struct dp_iothread *thread, const struct dp_queue_config *co
     int ret = queue_config_check(config);
     if (ret)
         return ret;
+    if (config->packed && config->inflight)
+        return -ENOTSUP; /* the packed inflight layout (DescStatePacked) is not there yet */
     struct vring vr;
     ret = vring_init(&vr, config, mem, disk->seg_max + 2);
     if (ret)
@@ -129,6 +131,15 @@ int dp_queue_create(struct dp_iothread *thread, const struct dp_queue_config *co
 
 int dp_queue_stop(struct dp_queue *queue, uint16_t *last_avail_idx)
 {
+    uint32_t base;
+    int ret = dp_queue_stop_base(queue, &base);
+    if (!ret && last_avail_idx)
+        *last_avail_idx = (uint16_t)base;
+    return ret;
+}
+
+int dp_queue_stop_base(struct dp_queue *queue, uint32_t *base)
+{
     if (!queue)
         return -EINVAL;
     struct ctl_msg msg = {.type = CTL_STOP_QUEUE, .queue = queue};
@@ -136,11 +147,11 @@ int dp_queue_stop(struct dp_queue *queue, uint16_t *last_avail_idx)
     if (ret == -ESHUTDOWN || ret == -ENOENT) {
         /* Already detached: the thread exited or the queue was stopped before;
          * the thread no longer touches it, so its state is ours to read. */
-        msg.last_avail_idx = vring_last_avail_idx(&queue->vr);
+        msg.ring_base = vring_base(&queue->vr);
         ret = 0;
     }
-    if (!ret && last_avail_idx)
-        *last_avail_idx = msg.last_avail_idx;
+    if (!ret && base)
+        *base = msg.ring_base;
     return ret;
 }
 
@@ -197,9 +208,9 @@ const char *dp_ring_error_string(int reason)
     case -ERANGE:
         return "avail index moved more than the queue size ahead";
     case -EINVAL:
-        return "avail ring names a descriptor outside the table";
+        return "avail ring names a descriptor outside the table (packed: a buffer id not below the queue size)";
     case -EBUSY:
-        return "avail ring names a descriptor chain that is already in flight";
+        return "avail ring names a descriptor chain (packed: a buffer id) that is already in flight";
     case -EFAULT:
         return "ring lies outside guest memory";
     case -ENOMSG:

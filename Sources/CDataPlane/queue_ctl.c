@@ -62,6 +62,10 @@ static void slot_give_back(struct dp_queue *q, struct blk_req *req)
  * False: the ring is broken, and they must be failed instead. */
 static bool queue_requeue_held(struct dp_queue *q)
 {
+    /* Requeued heads are walked again from the descriptor table; a packed
+     * ring's buffers are found only at the avail position: fail them. */
+    if (q->vr.layout == VRING_LAYOUT_PACKED)
+        return false;
     uint32_t n = q->held_count, pending = q->resubmit_count - q->resubmit_next;
     uint32_t before = q->resubmit_held;
     /* Distinct heads fit: n + pending <= size. More means the guest made a
@@ -200,7 +204,7 @@ struct ctl_msg *queue_check_drained(struct dp_queue *q, bool *detach, int *resul
         *detach = true;
         q->drain_waiter = NULL;
         if (msg)
-            msg->last_avail_idx = vring_last_avail_idx(&q->vr);
+            msg->ring_base = vring_base(&q->vr);
         *result = 0;
         return msg;
     }

@@ -295,6 +295,23 @@ int vring_packed_pop_status(struct vring_packed *vr, const struct dp_mem *mem,
     return 0;
 }
 
+int vring_packed_peek_id(const struct vring_packed *vr, uint16_t *id)
+{
+    if (!vring_packed_has_avail(vr))
+        return -EAGAIN;
+    struct pcursor c;
+    struct vring_packed_desc d;
+    struct vring_chain count_only = {0};
+    cursor_init(vr, &c);
+    do {
+        int ret = cursor_read_ring(vr, &c, &count_only, &d);
+        if (ret)
+            return ret;
+    } while ((d.flags & VRING_DESC_F_NEXT) && !(d.flags & VRING_DESC_F_INDIRECT));
+    *id = d.id;
+    return 0;
+}
+
 int vring_packed_push(struct vring_packed *vr, uint16_t id, uint32_t len, uint16_t ndescs)
 {
     if (ndescs == 0 || ndescs > vr->inflight)

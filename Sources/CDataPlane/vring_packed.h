@@ -119,6 +119,13 @@ int vring_packed_pop_status(struct vring_packed *vr, const struct dp_mem *mem,
                             struct vring_chain *chain, uint8_t **status, uint16_t *id,
                             uint16_t *ndescs);
 
+/* The id of the buffer at the next avail position, read from its last ring
+ * descriptor without mapping or popping anything, so the caller can check
+ * it before the walk (pop) that follows. -EAGAIN when nothing is
+ * available; -ELOOP / -EBADMSG as pop for a ring chain that runs on or is
+ * not all available. The pop may still fault where this did not. */
+int vring_packed_peek_id(const struct vring_packed *vr, uint16_t *id);
+
 /* Writes a used descriptor (id, len) at the used position and moves past
  * the ndescs ring descriptors its buffer took (2.8.6). Buffers may be
  * pushed in any order. The first of a batch stays invisible to the guest

@@ -76,6 +76,7 @@ struct vring_chain {
     bool in_any;        /* a device-writable descriptor was seen (even an empty one) */
     uint32_t desc_reads; /* descriptors read: what walking the chain cost */
     uint8_t *status;    /* last byte of the last descriptor when it is writable and non-empty */
+    uint16_t ring_descs; /* packed rings: ring descriptors the buffer took (pushed back with it) */
 };
 
 /* Bytes the rings of a queue of this size occupy (spec 2.7: desc, avail, used). */

@@ -195,6 +195,8 @@ void gd_queue_config(const struct gd_driver *d, uint32_t qi, struct dp_queue_con
     out->event_idx = d->event_idx;
     out->indirect = true;
     out->last_avail_idx = 0;
+    out->packed = d->packed;
+    out->packed_base = d->packed ? gd_vring_base(d, qi) : 0;
     out->kick_fd = q->kick_fd;
     out->call_fd = q->call_fd;
 }

@@ -27,6 +27,13 @@ public struct VirtqueueConfiguration: Sendable, Equatable {
     public var errorFD: Int32
     /// This queue's part of a vhost-user inflight region (host address), or 0.
     public var inflight: UInt = 0
+    /// VIRTIO_F_RING_PACKED (virtio 1.2, 2.8): `descriptorTable` is the
+    /// descriptor ring, `availRing` the driver and `usedRing` the device event
+    /// suppression area, and `packedBase` where the ring resumes (vhost-user's
+    /// 32-bit SET_VRING_BASE value; a fresh ring is 0x8000_8000). Buffer ids
+    /// must be below `size`; no inflight region yet.
+    public var packed = false
+    public var packedBase: UInt32 = 0x8000_8000
 
     public init(size: Int, descriptorTable: UInt64, availRing: UInt64, usedRing: UInt64,
                 addressesAreUser: Bool = false, eventIndex: Bool = true, indirectDescriptors: Bool = true,
@@ -58,6 +65,8 @@ public struct VirtqueueConfiguration: Sendable, Equatable {
         config.call_fd = callFD
         config.err_fd = errorFD
         config.inflight = UnsafeMutableRawPointer(bitPattern: inflight)
+        config.packed = packed
+        config.packed_base = packedBase
         return config
     }
 }
@@ -72,7 +81,7 @@ public final class Virtqueue: @unchecked Sendable {
     public let thread: IOThread
     private let lock = Lock()
     private var memory: GuestMemory
-    private var stoppedAt: UInt16?
+    private var stoppedAt: UInt32?
 
     init(disk: Disk, index: Int, thread: IOThread, memory: GuestMemory,
          configuration: VirtqueueConfiguration) throws(DataPlaneError) {
@@ -95,12 +104,19 @@ public final class Virtqueue: @unchecked Sendable {
     /// avail index where popping stopped (GET_VRING_BASE). Idempotent.
     @discardableResult
     public func stop() -> UInt16 {
+        UInt16(truncatingIfNeeded: stopBase())
+    }
+
+    /// `stop`, answering GET_VRING_BASE for either layout: a split ring's
+    /// avail index, or a packed ring's 32-bit value (see `packedBase`).
+    @discardableResult
+    public func stopBase() -> UInt32 {
         lock.withLock {
             if let stoppedAt { return stoppedAt }
-            var last: UInt16 = 0
-            dp_queue_stop(handle, &last)
-            stoppedAt = last
-            return last
+            var base: UInt32 = 0
+            dp_queue_stop_base(handle, &base)
+            stoppedAt = base
+            return base
         }
     }
 

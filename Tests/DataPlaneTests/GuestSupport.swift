@@ -37,11 +37,14 @@ final class TestGuest: @unchecked Sendable {
     func queueConfiguration(_ q: Int) -> VirtqueueConfiguration {
         var c = dp_queue_config()
         gd_queue_config(driver, UInt32(q), &c)
-        return VirtqueueConfiguration(size: Int(c.size), descriptorTable: c.desc_addr, availRing: c.avail_addr,
-                                      usedRing: c.used_addr, addressesAreUser: c.addrs_are_user,
-                                      eventIndex: c.event_idx, indirectDescriptors: c.indirect,
-                                      lastAvailIndex: c.last_avail_idx, kickFD: c.kick_fd, callFD: c.call_fd,
-                                      errorFD: c.err_fd)
+        var config = VirtqueueConfiguration(size: Int(c.size), descriptorTable: c.desc_addr, availRing: c.avail_addr,
+                                            usedRing: c.used_addr, addressesAreUser: c.addrs_are_user,
+                                            eventIndex: c.event_idx, indirectDescriptors: c.indirect,
+                                            lastAvailIndex: c.last_avail_idx, kickFD: c.kick_fd, callFD: c.call_fd,
+                                            errorFD: c.err_fd)
+        config.packed = c.packed
+        config.packedBase = c.packed_base
+        return config
     }
 
     func alloc(_ size: UInt64, align: UInt64 = 4096) -> UInt64 {
@@ -173,7 +176,7 @@ final class Harness: @unchecked Sendable {
     private var inflightRegions: [UnsafeMutableRawPointer] = []
 
     init(disk diskConfig: DiskConfiguration, threads: Int = 1, queues: Int = 1, queueSize: Int = 128,
-         eventIndex: Bool = true, pollMicroseconds: UInt32 = 0, inflight: Bool = false) throws {
+         eventIndex: Bool = true, pollMicroseconds: UInt32 = 0, inflight: Bool = false, packed: Bool = false) throws {
         let cpus = try CPUSet(parsing: "0-\(ProcessInfo.processInfo.activeProcessorCount - 1)")
         plane = try DataPlane(iothreads: (0..<threads).map {
             IOThreadConfiguration(name: "test-io\($0)", cpuset: cpus, pollMaxMicroseconds: pollMicroseconds)
@@ -182,7 +185,7 @@ final class Harness: @unchecked Sendable {
         config.numQueues = queues
         config.queueSize = max(config.queueSize, queueSize) // the largest ring the disk takes
         disk = try plane.addDisk(config)
-        guest = try TestGuest(queues: queues, queueSize: queueSize, eventIndex: eventIndex)
+        guest = try TestGuest(queues: queues, queueSize: queueSize, eventIndex: eventIndex, packed: packed)
         for q in 0..<queues {
             var queueConfig = guest.queueConfiguration(q)
             if inflight {

@@ -320,7 +320,15 @@ struct dp_queue_config {
     bool addrs_are_user;
     bool event_idx;          /* VIRTIO_RING_F_EVENT_IDX negotiated */
     bool indirect;           /* VIRTIO_RING_F_INDIRECT_DESC negotiated */
-    uint16_t last_avail_idx; /* where to resume popping (vhost-user SET_VRING_BASE) */
+    uint16_t last_avail_idx; /* split: where to resume popping (vhost-user SET_VRING_BASE) */
+    /* VIRTIO_F_RING_PACKED (virtio 1.2, 2.8): desc_addr is the descriptor
+     * ring, avail_addr the driver and used_addr the device event suppression
+     * area; packed_base is SET_VRING_BASE's 32-bit value (bits 0-14 the next
+     * descriptor to pop, 15 its wrap counter, 16-30 the next used position,
+     * 31 its wrap counter; 0x80008000 on a fresh ring). Buffer ids must be
+     * below size. No inflight region yet (-ENOTSUP with one). */
+    bool packed;
+    uint32_t packed_base;
     int32_t kick_fd;         /* eventfd the driver writes; -1 = rely on polling */
     int32_t call_fd;         /* eventfd we write on completions; -1 = none */
     int32_t err_fd;          /* eventfd we write when the ring breaks; -1 = none */
@@ -346,6 +354,9 @@ int dp_queue_create(struct dp_iothread *thread, const struct dp_queue_config *co
 /* Stops popping, waits for every in-flight request to complete and be pushed,
  * detaches the queue and reports where popping stopped. */
 int dp_queue_stop(struct dp_queue *queue, uint16_t *last_avail_idx);
+/* dp_queue_stop, answering GET_VRING_BASE for either layout: split, the next
+ * avail index; packed, the 32-bit value packed_base describes. */
+int dp_queue_stop_base(struct dp_queue *queue, uint32_t *base);
 /* Frees a queue (stopping it first if still attached). */
 void dp_queue_destroy(struct dp_queue *queue);
 /* Stop popping new requests (in-flight ones complete) / start again. Resume
