@@ -109,11 +109,8 @@ static inline void vring_prefetch_next(const struct vring *vr)
 static inline int vring_walk(struct vring *vr, const struct dp_mem *mem, uint16_t head,
                              struct vring_chain *chain)
 {
-    uint16_t id;
-    int ret;
     VRING_DISPATCH(vr, return vring_split_walk(&vr->split, mem, head, chain),
-                   ret = vring_packed_pop(&vr->packed, mem, chain, &id, &chain->ring_descs);
-                   return ret ? ret : id == head ? 0 : -EBADMSG);
+                   return vring_packed_pop_id(&vr->packed, mem, chain, head, &chain->ring_descs));
 }
 
 /* After a fault: the chain's status byte, if it has one (packed: and pops
@@ -121,11 +118,8 @@ static inline int vring_walk(struct vring *vr, const struct dp_mem *mem, uint16_
 static inline int vring_status(struct vring *vr, const struct dp_mem *mem, uint16_t head,
                                struct vring_chain *chain, uint8_t **status)
 {
-    uint16_t id;
-    int ret;
     VRING_DISPATCH(vr, return vring_split_status(&vr->split, mem, head, chain, status),
-                   ret = vring_packed_pop_status(&vr->packed, mem, chain, status, &id, &chain->ring_descs);
-                   return ret ? ret : id == head ? 0 : -EBADMSG);
+                   return vring_packed_pop_status_id(&vr->packed, mem, chain, status, head, &chain->ring_descs));
 }
 
 /* Fills the next used element; invisible to the guest until publish.

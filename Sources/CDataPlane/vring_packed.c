@@ -245,8 +245,10 @@ static void cursor_pop(struct vring_packed *vr, const struct pcursor *c, uint16_
     *ndescs = c->ndescs;
 }
 
-int vring_packed_pop(struct vring_packed *vr, const struct dp_mem *mem, struct vring_chain *chain,
-                     uint16_t *id, uint16_t *ndescs)
+/* expect: the id the caller read ahead (vring_packed_peek_id), or NULL. A
+ * buffer whose id changed since (the guest rewrote it) is not popped. */
+static int pop_buffer(struct vring_packed *vr, const struct dp_mem *mem, struct vring_chain *chain,
+                      const uint16_t *expect, uint16_t *id, uint16_t *ndescs)
 {
     struct pcursor c;
     struct vring_packed_desc d;
@@ -267,13 +269,27 @@ int vring_packed_pop(struct vring_packed *vr, const struct dp_mem *mem, struct v
     }
     if (ret)
         return ret;
+    if (expect && c.id != *expect)
+        return -EBADMSG;
     cursor_pop(vr, &c, id, ndescs);
     return 0;
 }
 
-int vring_packed_pop_status(struct vring_packed *vr, const struct dp_mem *mem,
-                            struct vring_chain *chain, uint8_t **status, uint16_t *id,
-                            uint16_t *ndescs)
+int vring_packed_pop(struct vring_packed *vr, const struct dp_mem *mem, struct vring_chain *chain,
+                     uint16_t *id, uint16_t *ndescs)
+{
+    return pop_buffer(vr, mem, chain, NULL, id, ndescs);
+}
+
+int vring_packed_pop_id(struct vring_packed *vr, const struct dp_mem *mem, struct vring_chain *chain,
+                        uint16_t id, uint16_t *ndescs)
+{
+    uint16_t popped;
+    return pop_buffer(vr, mem, chain, &id, &popped, ndescs);
+}
+
+static int pop_status_buffer(struct vring_packed *vr, const struct dp_mem *mem, struct vring_chain *chain,
+                             const uint16_t *expect, uint8_t **status, uint16_t *id, uint16_t *ndescs)
 {
     struct pcursor c;
     struct vring_packed_desc d, last = {0};
@@ -288,11 +304,27 @@ int vring_packed_pop_status(struct vring_packed *vr, const struct dp_mem *mem,
         return ret;
     if (!(last.flags & VRING_DESC_F_WRITE) || last.len == 0 || last.addr + (last.len - 1) < last.addr)
         return -ENOMSG;
+    if (expect && c.id != *expect)
+        return -EBADMSG;
     *status = guest_mem_ptr(mem, last.addr + (last.len - 1), 1);
     if (!*status)
         return -ENOMSG;
     cursor_pop(vr, &c, id, ndescs);
     return 0;
+}
+
+int vring_packed_pop_status(struct vring_packed *vr, const struct dp_mem *mem,
+                            struct vring_chain *chain, uint8_t **status, uint16_t *id,
+                            uint16_t *ndescs)
+{
+    return pop_status_buffer(vr, mem, chain, NULL, status, id, ndescs);
+}
+
+int vring_packed_pop_status_id(struct vring_packed *vr, const struct dp_mem *mem, struct vring_chain *chain,
+                               uint8_t **status, uint16_t id, uint16_t *ndescs)
+{
+    uint16_t popped;
+    return pop_status_buffer(vr, mem, chain, &id, status, &popped, ndescs);
 }
 
 int vring_packed_peek_id(const struct vring_packed *vr, uint16_t *id)

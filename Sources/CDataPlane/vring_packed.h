@@ -126,6 +126,14 @@ int vring_packed_pop_status(struct vring_packed *vr, const struct dp_mem *mem,
  * not all available. The pop may still fault where this did not. */
 int vring_packed_peek_id(const struct vring_packed *vr, uint16_t *id);
 
+/* pop and pop_status for the buffer vring_packed_peek_id named: -EBADMSG,
+ * and nothing popped, when the buffer there no longer carries that id (the
+ * guest rewrote it between the two reads). */
+int vring_packed_pop_id(struct vring_packed *vr, const struct dp_mem *mem, struct vring_chain *chain,
+                        uint16_t id, uint16_t *ndescs);
+int vring_packed_pop_status_id(struct vring_packed *vr, const struct dp_mem *mem, struct vring_chain *chain,
+                               uint8_t **status, uint16_t id, uint16_t *ndescs);
+
 /* Writes a used descriptor (id, len) at the used position and moves past
  * the ndescs ring descriptors its buffer took (2.8.6). Buffers may be
  * pushed in any order. The first of a batch stays invisible to the guest
