@@ -204,36 +204,6 @@ static int cursor_next(const struct vring_packed *vr, const struct dp_mem *mem, 
     return 1;
 }
 
-/* Appends the host iovecs of one buffer descriptor to the chain (as
- * vring_split.c does; the ring interface will share one copy). */
-static int chain_map(const struct dp_mem *mem, const struct vring_packed_desc *d,
-                     struct vring_chain *chain)
-{
-    bool writable = d->flags & VRING_DESC_F_WRITE;
-    /* 2.8.17: device-writable elements come after
-     * device-readable ones (an empty writable one counts too). */
-    if (!writable && chain->in_any)
-        return -EPROTO;
-    uint32_t used = chain->out_num + chain->in_num;
-    int n = guest_mem_map(mem, d->addr, d->len, chain->iov + used, chain->iov_max - used);
-    if (n < 0)
-        return n;
-    chain->status = NULL;
-    if (!writable) {
-        chain->out_num += (uint32_t)n;
-        chain->out_len += d->len;
-        return 0;
-    }
-    chain->in_num += (uint32_t)n;
-    chain->in_len += d->len;
-    chain->in_any = true;
-    if (n) {
-        const struct iovec *last = &chain->iov[used + (uint32_t)n - 1];
-        chain->status = (uint8_t *)last->iov_base + last->iov_len - 1;
-    }
-    return 0;
-}
-
 /* Takes the walked buffer off the ring. */
 static void cursor_pop(struct vring_packed *vr, const struct pcursor *c, uint16_t *id,
                        uint16_t *ndescs)
@@ -254,16 +224,13 @@ static int pop_buffer(struct vring_packed *vr, const struct dp_mem *mem, struct 
     struct vring_packed_desc d;
     int ret;
 
-    chain->out_num = chain->in_num = 0;
-    chain->out_len = chain->in_len = 0;
-    chain->in_any = false;
-    chain->status = NULL;
+    vring_chain_reset(chain);
     /* Acquire: the rest of the buffer was written before its first flags. */
     if (!vring_packed_has_avail(vr))
         return -EAGAIN;
     cursor_init(vr, &c);
     while ((ret = cursor_next(vr, mem, &c, chain, &d)) == 1) {
-        ret = chain_map(mem, &d, chain);
+        ret = vring_chain_map(mem, d.addr, d.len, d.flags & VRING_DESC_F_WRITE, chain);
         if (ret)
             return ret;
     }

@@ -10,7 +10,7 @@
 #include <stdint.h>
 
 #include "guest_mem.h"
-#include "vring_split.h" /* struct vring_chain, VRING_DESC_F_*, VRING_INDIRECT_MAX */
+#include "vring_chain.h" /* struct vring_chain, VRING_DESC_F_*, VRING_INDIRECT_MAX */
 
 /* 2.8.1: a descriptor is available when AVAIL matches the driver's wrap
  * counter and USED does not; used when both match the device's. */

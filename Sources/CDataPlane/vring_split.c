@@ -175,34 +175,6 @@ static int cursor_next(const struct vring_split *vr, const struct dp_mem *mem, s
     return 0;
 }
 
-/* Appends the host iovecs of one buffer descriptor to the chain. */
-static int chain_map(const struct dp_mem *mem, const struct vring_desc *d, struct vring_chain *chain)
-{
-    bool writable = d->flags & VRING_DESC_F_WRITE;
-    /* 2.7.4.2: device-readable descriptors come before device-writable ones
-     * (counted in descriptors: an empty writable one counts too). */
-    if (!writable && chain->in_any)
-        return -EPROTO;
-    uint32_t used = chain->out_num + chain->in_num;
-    int n = guest_mem_map(mem, d->addr, d->len, chain->iov + used, chain->iov_max - used);
-    if (n < 0)
-        return n;
-    chain->status = NULL;
-    if (!writable) {
-        chain->out_num += (uint32_t)n;
-        chain->out_len += d->len;
-        return 0;
-    }
-    chain->in_num += (uint32_t)n;
-    chain->in_len += d->len;
-    chain->in_any = true;
-    if (n) {
-        const struct iovec *last = &chain->iov[used + (uint32_t)n - 1];
-        chain->status = (uint8_t *)last->iov_base + last->iov_len - 1;
-    }
-    return 0;
-}
-
 int vring_split_walk(const struct vring_split *vr, const struct dp_mem *mem, uint16_t head,
                      struct vring_chain *chain)
 {
@@ -211,12 +183,9 @@ int vring_split_walk(const struct vring_split *vr, const struct dp_mem *mem, uin
     int ret;
 
     cursor_init(vr, head, &c);
-    chain->out_num = chain->in_num = 0;
-    chain->out_len = chain->in_len = 0;
-    chain->in_any = false;
-    chain->status = NULL;
+    vring_chain_reset(chain);
     while ((ret = cursor_next(vr, mem, &c, chain, &d)) == 1) {
-        ret = chain_map(mem, &d, chain);
+        ret = vring_chain_map(mem, d.addr, d.len, d.flags & VRING_DESC_F_WRITE, chain);
         if (ret)
             return ret;
     }

@@ -10,20 +10,10 @@
 #include <sys/uio.h>
 
 #include "guest_mem.h"
+#include "vring_chain.h"
 
-#define VRING_DESC_F_NEXT 1
-#define VRING_DESC_F_WRITE 2
-#define VRING_DESC_F_INDIRECT 4
 #define VRING_AVAIL_F_NO_INTERRUPT 1
 #define VRING_USED_F_NO_NOTIFY 1
-
-struct vring_desc {
-    uint64_t addr;
-    uint32_t len;
-    uint16_t flags;
-    uint16_t next;
-};
-_Static_assert(sizeof(struct vring_desc) == 16, "virtq_desc is 16 bytes");
 
 struct vring_avail {
     uint16_t flags;
@@ -42,11 +32,6 @@ struct vring_used {
     struct vring_used_elem ring[]; /* then le16 avail_event */
 };
 
-/* The most entries an indirect table may have (QEMU's VIRTQUEUE_MAX_SIZE).
- * A chain is bounded by vring_split.max_chain anyway; this bounds the copy
- * of a table that cannot be read in place. */
-#define VRING_INDIRECT_MAX 1024
-
 struct vring_split {
     struct vring_desc *desc;
     struct vring_avail *avail;
@@ -60,23 +45,6 @@ struct vring_split {
     bool event_idx;
     bool indirect;
     uint32_t max_chain;      /* buffer descriptors a chain may have: seg_max + 2 */
-};
-
-/* One popped chain, as host iovecs: device-readable ones first, then writable. */
-struct vring_chain {
-    struct iovec *iov;
-    uint32_t iov_max;
-    struct vring_desc *scratch; /* VRING_INDIRECT_MAX entries: where an indirect
-                                 * table that is misaligned or spans regions is
-                                 * copied to be read */
-    uint32_t out_num;   /* device-readable iovecs */
-    uint32_t in_num;    /* device-writable iovecs, after the readable ones */
-    uint64_t out_len;   /* bytes */
-    uint64_t in_len;
-    bool in_any;        /* a device-writable descriptor was seen (even an empty one) */
-    uint32_t desc_reads; /* descriptors read: what walking the chain cost */
-    uint8_t *status;    /* last byte of the last descriptor when it is writable and non-empty */
-    uint16_t ring_descs; /* packed rings: ring descriptors the buffer took (pushed back with it) */
 };
 
 /* Bytes the rings of a queue of this size occupy (spec 2.7: desc, avail, used). */

@@ -507,6 +507,21 @@ int gd_wait_call(struct gd_driver *d, uint32_t qi, int timeout_ms)
 
 /* ---------------------------------------------------------------- requests */
 
+uint64_t gd_slot_fill(struct gd_queue *q, uint16_t head, const struct gd_req *req)
+{
+    uint8_t *slot = q->slots + (size_t)head * GD_SLOT_STRIDE;
+    uint32_t type_reserved[2] = { req->type, 0 };
+    memcpy(slot, type_reserved, 8);
+    memcpy(slot + 8, &req->sector, 8);
+    slot[GD_STATUS_OFF] = 0xFF; /* the device must overwrite it */
+    return q->slot_gpa + (uint64_t)head * GD_SLOT_STRIDE;
+}
+
+uint16_t gd_data_flags(const struct gd_req *req)
+{
+    return req->type == GD_BLK_T_IN || req->type == GD_BLK_T_GET_ID ? GD_DESC_F_WRITE : 0;
+}
+
 int gd_request_add(struct gd_driver *d, uint32_t qi, const struct gd_req *req, uint16_t *head_out)
 {
     struct gd_queue *q = queue_get(d, qi);
@@ -523,14 +538,8 @@ int gd_request_add(struct gd_driver *d, uint32_t qi, const struct gd_req *req, u
         return -ENOSPC;
 
     uint16_t head = q->free_head;
-    uint64_t hdr_gpa = q->slot_gpa + (uint64_t)head * GD_SLOT_STRIDE;
-    uint8_t *slot = q->slots + (size_t)head * GD_SLOT_STRIDE;
-    uint32_t type_reserved[2] = { req->type, 0 };
-    memcpy(slot, type_reserved, 8);
-    memcpy(slot + 8, &req->sector, 8);
-    slot[GD_STATUS_OFF] = 0xFF; /* the device must overwrite it */
-
-    uint16_t dflags = req->type == GD_BLK_T_IN || req->type == GD_BLK_T_GET_ID ? GD_DESC_F_WRITE : 0;
+    uint64_t hdr_gpa = gd_slot_fill(q, head, req);
+    uint16_t dflags = gd_data_flags(req);
     uint16_t last = head;
     if (req->indirect) {
         struct gd_vdesc *t = q->ind + (size_t)head * q->size;

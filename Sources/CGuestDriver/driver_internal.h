@@ -103,6 +103,11 @@ struct gd_driver {
     struct gd_queue queues[];
 };
 
+/* driver.c, for both layouts: writes head's request header (status byte
+ * 0xFF) and returns its GPA; the WRITE flag the request's data buffers take. */
+uint64_t gd_slot_fill(struct gd_queue *q, uint16_t head, const struct gd_req *req);
+uint16_t gd_data_flags(const struct gd_req *req);
+
 /* packed.c: the packed layout's side of the calls driver.c exports. */
 int gd_packed_queue_init(struct gd_driver *d, struct gd_queue *q);
 void gd_packed_queue_free(struct gd_queue *q);

@@ -13,7 +13,6 @@
 
 #include <errno.h>
 #include <stdlib.h>
-#include <string.h>
 
 static _Atomic uint16_t *flags_of(struct gd_pdesc *desc)
 {
@@ -91,14 +90,8 @@ int gd_packed_request_add(struct gd_driver *d, struct gd_queue *q, const struct 
     uint16_t id = q->free_head;
     q->free_head = q->free_next[id];
 
-    uint64_t hdr_gpa = q->slot_gpa + (uint64_t)id * GD_SLOT_STRIDE;
-    uint8_t *slot = q->slots + (size_t)id * GD_SLOT_STRIDE;
-    uint32_t type_reserved[2] = { req->type, 0 };
-    memcpy(slot, type_reserved, 8);
-    memcpy(slot + 8, &req->sector, 8);
-    slot[GD_STATUS_OFF] = 0xFF; /* the device must overwrite it */
-
-    uint16_t dflags = req->type == GD_BLK_T_IN || req->type == GD_BLK_T_GET_ID ? GD_DESC_F_WRITE : 0;
+    uint64_t hdr_gpa = gd_slot_fill(q, id, req);
+    uint16_t dflags = gd_data_flags(req);
     /* The chain in packed layout: in the ring, or as the indirect table
      * (2.8.19: only WRITE counts there; ids and NEXT are ignored). */
     struct gd_pdesc *t = (struct gd_pdesc *)(q->ind + (size_t)id * q->size);
