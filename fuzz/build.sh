@@ -21,16 +21,12 @@ CFLAGS=(-std=gnu11 -g -O1 -D_GNU_SOURCE
         -Wall -Wextra -Wno-unused-parameter
         -I"$SRC" -I"$SRC/include")
 
-# vring_blk: the split-ring walker and virtio-blk parsing, nothing else of the core.
+# vring_blk: both ring walkers and virtio-blk parsing, nothing else of the
+# core; the input's first byte picks the layout.
 "$CC" "${CFLAGS[@]}" "${LDFLAGS[@]}" -o "$OUT/vring_blk" \
-    fuzz/vring_blk_fuzz.c "$SRC/guest_mem.c" "$SRC/vring_split.c" "$SRC/blk.c"
-
+    fuzz/vring_blk_fuzz.c fuzz/fuzz_common.c fuzz/vring_split_model.c fuzz/vring_packed_model.c \
+    "$SRC/guest_mem.c" "$SRC/vring_split.c" "$SRC/vring_packed.c" "$SRC/blk.c"
 echo "built $OUT/vring_blk"
-
-# vring_packed: the packed-ring walker and virtio-blk parsing, likewise.
-"$CC" "${CFLAGS[@]}" "${LDFLAGS[@]}" -o "$OUT/vring_packed" \
-    fuzz/vring_packed_fuzz.c "$SRC/guest_mem.c" "$SRC/vring_packed.c" "$SRC/blk.c"
-echo "built $OUT/vring_packed"
 
 # The packed ring's deterministic self-test (a well-behaved driver and
 # hostile buffers), with the same sanitizers; scripts/test runs it.

@@ -11,8 +11,8 @@ cd "$(dirname "$0")/.."
 {
 target=${1:-}
 corpus=${2:-fuzz/corpus/$target}
-[[ $target == vring_blk || $target == vring_packed || $target == vhost_user ]] ||
-    { echo "usage: fuzz/coverage.sh vring_blk|vring_packed|vhost_user [CORPUS]" >&2; exit 2; }
+[[ $target == vring_blk || $target == vhost_user ]] ||
+    { echo "usage: fuzz/coverage.sh vring_blk|vhost_user [CORPUS]" >&2; exit 2; }
 [[ -d $corpus ]] || { echo "coverage.sh: no corpus directory $corpus" >&2; exit 2; }
 tools=$(dirname "$(readlink -f "$(command -v "${CC:-clang}")")")
 profdata=$tools/llvm-profdata
@@ -22,13 +22,12 @@ llvmcov=$tools/llvm-cov
 work=$(mktemp -d "${TMPDIR:-/tmp}/fuzzcov-$target.XXXXXX")
 trap 'rm -rf "$work"' EXIT
 src=Sources/CDataPlane
-if [[ $target == vring_blk || $target == vring_packed ]]; then
-    ring=split
-    [[ $target == vring_packed ]] && ring=packed
-    files=("$src/guest_mem.c" "$src/vring_$ring.c" "$src/blk.c")
+if [[ $target == vring_blk ]]; then
+    files=("$src/guest_mem.c" "$src/vring_split.c" "$src/vring_packed.c" "$src/blk.c")
     bin=$work/$target
     "${CC:-clang}" -std=gnu11 -g -O1 -D_GNU_SOURCE -fsanitize=fuzzer -fprofile-instr-generate -fcoverage-mapping \
-        -I"$src" -I"$src/include" -o "$bin" "fuzz/${target}_fuzz.c" "${files[@]}"
+        -I"$src" -I"$src/include" -o "$bin" fuzz/vring_blk_fuzz.c fuzz/fuzz_common.c fuzz/vring_split_model.c \
+        fuzz/vring_packed_model.c "${files[@]}"
 else
     files=(Sources/DataPlane/VhostUser/*.swift "$src"/{queue,iothread,inflight,guest_mem,vring_split,blk,backend_null}.c)
     DATAPLANE_FUZZ=1 swift build --scratch-path .build-fuzzcov --product vhost-user-fuzz \

@@ -1,20 +1,22 @@
 #!/usr/bin/env python3
-"""Writes the seed corpus of the vring_packed fuzz target (fuzz/corpus/vring_packed/).
+"""Writes the packed-ring seeds of the vring_blk fuzz target (fuzz/corpus/vring_blk/packed-*).
 
 One file per case of the packed-ring walker worth starting from: the
 well-behaved shapes, the subtle ones (a chain wrapping the ring's end, a
 misaligned indirect table, a ring of size 1, sizes that are not powers of
 two, out-of-order batches, notification offsets across a wrap) and the
 hostile ones of fuzz/vring_packed_selftest.c, encoded in the input format
-documented at the top of fuzz/vring_packed_fuzz.c. Keep the two in step.
-Re-running rewrites the directory. Usage: fuzz/make_packed_seeds.py [OUTDIR]
+documented at the top of fuzz/vring_blk_fuzz.c and fuzz/vring_packed_model.c
+(features bit 6 set). Keep them in step. Re-running rewrites the packed-*
+files; fuzz/make_seeds.py writes the split ones beside them. Usage: fuzz/make_packed_seeds.py [OUTDIR]
 """
 import os
 import struct
 import sys
 
-# Features (header byte 0); bits 3-5 pick the chain limit (1: max_chain 1, 2: 2, ...).
-EVENT_IDX, INDIRECT, READ_ONLY = 1, 2, 4
+# Features (header byte 0); bits 3-5 pick the chain limit (1: max_chain 1, 2: 2, ...);
+# bit 6 (PACKED, always set here) the packed layout.
+EVENT_IDX, INDIRECT, READ_ONLY, PACKED = 1, 2, 4, 0x40
 CHAIN_2 = 2 << 3
 # Element flags of OP_ADD.
 W, IND, FLIP_NEXT, FLIP_AVAIL, FLIP_USED = 1, 2, 4, 8, 16
@@ -63,7 +65,7 @@ class Case:
                  capacity=2048, lbs_log2=0, areas=None, avail=pos(0, 1), used=pos(0, 1)):
         regions = regions or [(0, 0x10000, 0x100000)]
         areas = areas or (R(0, DESC), R(0, DRIVER), R(0, DEVICE))
-        h = u8(features) + u8(size - 1) + u8(len(regions) - 1)
+        h = u8(features | PACKED) + u8(size - 1) + u8(len(regions) - 1)
         for place, rsize, param in regions:
             h += u8(place) + u16(rsize - 1) + u64(param)
         h += u16(iov_max - 1) + u64(capacity) + u8(lbs_log2)
@@ -219,13 +221,14 @@ def cases():
 
 
 def main():
-    out = sys.argv[1] if len(sys.argv) > 1 else os.path.join(os.path.dirname(__file__), "corpus", "vring_packed")
+    out = sys.argv[1] if len(sys.argv) > 1 else os.path.join(os.path.dirname(__file__), "corpus", "vring_blk")
     os.makedirs(out, exist_ok=True)
     for name in os.listdir(out):
-        os.unlink(os.path.join(out, name))
+        if name.startswith("packed-"):
+            os.unlink(os.path.join(out, name))
     all_cases = cases()
     for name, case in sorted(all_cases.items()):
-        with open(os.path.join(out, name), "wb") as f:
+        with open(os.path.join(out, "packed-" + name), "wb") as f:
             f.write(case.data)
     print(f"wrote {len(all_cases)} seeds to {out}")
 

@@ -4,7 +4,8 @@
 One file per case the unit tests cover (Tests/DataPlaneTests: RequestTests,
 HostileGuestTests), encoded in the input format documented at the top of
 fuzz/vring_blk_fuzz.c. Keep the two in step. Each file is named after its
-case; re-running rewrites the directory. Usage: fuzz/make_seeds.py [OUTDIR]
+case; re-running rewrites them (not the packed-* seeds, which
+fuzz/make_packed_seeds.py writes, nor the vring_blk-* crash reproducers). Usage: fuzz/make_seeds.py [OUTDIR]
 """
 import os
 import struct
@@ -284,7 +285,9 @@ def main():
     out = sys.argv[1] if len(sys.argv) > 1 else os.path.join(os.path.dirname(__file__), "corpus", "vring_blk")
     os.makedirs(out, exist_ok=True)
     for name in os.listdir(out):
-        os.unlink(os.path.join(out, name))
+        # packed-*: fuzz/make_packed_seeds.py's; vring_blk-*: fuzz/crashes/ reproducers.
+        if not name.startswith(("packed-", "vring_blk-")):
+            os.unlink(os.path.join(out, name))
     for name, case in sorted(cases().items()):
         with open(os.path.join(out, name), "wb") as f:
             f.write(case.data)
