@@ -671,6 +671,8 @@ void gd_packed_skip(struct gd_driver *d, uint32_t qi, uint16_t n)
     struct gd_queue *q = queue_get(d, qi);
     if (!q || !d->packed)
         return;
+    if (n)
+        q->raw_ndesc[q->next_avail] = n;
     for (uint16_t i = 0; i < n; i++)
         if (++q->next_avail == q->size) {
             q->next_avail = 0;

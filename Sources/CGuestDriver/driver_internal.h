@@ -88,6 +88,10 @@ struct gd_queue {
     uint16_t kick_added;      /* ring slots published since the last kick decision */
     uint16_t *pend_slot, *pend_flags; /* heads added, flags held until published */
     uint32_t npend;
+    /* Per starting slot, the length of a buffer written raw (gd_packed_skip):
+     * its id is not ours to look up, and a used descriptor written there
+     * skips that many slots (raw buffers are answered in order). */
+    uint16_t *raw_ndesc;
 };
 
 struct gd_driver {

@@ -41,13 +41,15 @@ int gd_packed_queue_init(struct gd_driver *d, struct gd_queue *q)
     q->avail_wrap = q->used_wrap = q->pub_wrap = true; /* 2.8.1: both start at 1 */
     q->pend_slot = malloc(q->size * sizeof(*q->pend_slot));
     q->pend_flags = malloc(q->size * sizeof(*q->pend_flags));
-    return q->pend_slot && q->pend_flags ? 0 : -ENOMEM;
+    q->raw_ndesc = calloc(q->size, sizeof(*q->raw_ndesc));
+    return q->pend_slot && q->pend_flags && q->raw_ndesc ? 0 : -ENOMEM;
 }
 
 void gd_packed_queue_free(struct gd_queue *q)
 {
     free(q->pend_slot);
     free(q->pend_flags);
+    free(q->raw_ndesc);
 }
 
 /* Takes the next ring slot: its index, and the AVAIL/USED bits for it. */
@@ -172,9 +174,15 @@ int gd_packed_used_pop(struct gd_driver *d, struct gd_queue *q, uint32_t *id, ui
     const struct gd_pdesc *e = &q->pdesc[q->last_used];
     uint16_t bid = e->id;
     uint32_t blen = e->len;
-    /* The buffer's slots are skipped whole; an id we never made available
+    /* The buffer's slots are skipped whole: as many as we gave the id, or
+     * as a raw buffer written from here held; an id we never made available
      * (a broken device) counts one slot, so the driver still moves on. */
-    uint16_t ndesc = bid < q->size && q->heads[bid].busy ? q->heads[bid].ndesc : 1;
+    uint16_t ndesc = 1;
+    if (bid < q->size && q->heads[bid].busy)
+        ndesc = q->heads[bid].ndesc;
+    else if (q->raw_ndesc[q->last_used])
+        ndesc = q->raw_ndesc[q->last_used];
+    q->raw_ndesc[q->last_used] = 0;
     uint32_t next = (uint32_t)q->last_used + ndesc;
     if (next >= q->size) {
         next -= q->size;

@@ -10,8 +10,15 @@ import Testing
 /// cannot be answered without guessing (no status byte, a loop, a chain
 /// longer than seg_max + 2, a malformed indirect table) breaks its queue
 /// (DEVICE_NEEDS_RESET); ring corruption breaks the queue; other queues
-/// keep running; nothing outside the guest's buffers is touched.
+/// keep running; nothing outside the guest's buffers is touched. Each case
+/// runs on split and packed rings, where the layout has it (a packed ring has
+/// no `next` to loop through and no avail index to run ahead).
 @Suite struct HostileGuestTests {
+    enum Layout: CaseIterable, CustomTestStringConvertible {
+        case split, packed
+        var testDescription: String { self == .split ? "split" : "packed" }
+    }
+
     static let imageSize = 4 << 20
     static let sectors = UInt64(imageSize / 512)
     static let imageBytes = pattern(imageSize, seed: 42)
@@ -28,10 +35,11 @@ import Testing
         var g: TestGuest { h.guest }
     }
 
-    func setup(queues: Int = 2, queueSize: Int = 64, errorFD: Int32 = -1) throws -> Setup {
+    func setup(_ layout: Layout, queues: Int = 2, queueSize: Int = 64, errorFD: Int32 = -1) throws -> Setup {
         let image = try TestImage(size: Self.imageSize)
         image.write(offset: 0, Self.imageBytes)
-        let h = try Harness(disk: DiskConfiguration(path: image.path), queues: queues, queueSize: queueSize)
+        let h = try Harness(disk: DiskConfiguration(path: image.path), queues: queues, queueSize: queueSize,
+                            packed: layout == .packed)
         if errorFD >= 0 {
             var config = h.guest.queueConfiguration(0)
             config.errorFD = errorFD
@@ -56,31 +64,51 @@ import Testing
         return gpa
     }
 
-    /// Writes descriptors first..first+n-1 chained in order (NEXT added
-    /// automatically unless `chain` is false), puts `first` on the avail
-    /// ring, publishes and kicks.
+    /// Makes one chain available and kicks: split, descriptors first..first+n-1
+    /// chained in order and `first` on the avail ring; packed, the
+    /// descriptors at the driver's next ring slots with buffer id `first`, the
+    /// head's flags written last. NEXT is added unless `chain` is false.
     func post(_ g: TestGuest, _ descs: [Desc], first: UInt16 = 0, queue: UInt32 = 0, chain: Bool = true) {
-        for (i, d) in descs.enumerated() {
-            let idx = first + UInt16(i)
-            let last = i == descs.count - 1
-            let flags = d.flags | (chain && !last ? Self.NEXT : 0)
-            gd_write_desc(g.driver, queue, idx, d.addr, d.len, flags, chain && !last ? idx + 1 : 0)
+        guard gd_is_packed(g.driver) else {
+            for (i, d) in descs.enumerated() {
+                let idx = first + UInt16(i)
+                let last = i == descs.count - 1
+                let flags = d.flags | (chain && !last ? Self.NEXT : 0)
+                gd_write_desc(g.driver, queue, idx, d.addr, d.len, flags, chain && !last ? idx + 1 : 0)
+            }
+            gd_avail_add(g.driver, queue, first)
+            gd_avail_publish(g.driver, queue)
+            gd_kick(g.driver, queue)
+            return
         }
-        gd_avail_add(g.driver, queue, first)
-        gd_avail_publish(g.driver, queue)
+        var bits: UInt16 = 0
+        let slot0 = Int(gd_packed_next_slot(g.driver, queue, &bits))
+        // A slot past the ring's end is in the next lap: both wrap bits flip.
+        let nextLap = bits ^ UInt16(GD_PDESC_F_AVAIL | GD_PDESC_F_USED)
+        for (k, d) in descs.enumerated().reversed() {
+            let next = chain && k + 1 < descs.count ? Self.NEXT : 0
+            let lap = slot0 + k < g.queueSize ? bits : nextLap
+            gd_packed_write_desc(g.driver, queue, UInt16((slot0 + k) % g.queueSize), d.addr, d.len, first,
+                                 d.flags | next | lap)
+        }
+        gd_packed_skip(g.driver, queue, UInt16(descs.count))
         gd_kick(g.driver, queue)
     }
 
-    /// An indirect table in guest memory (at `at`, or allocated 16-aligned).
+    /// An indirect table in guest memory (at `at`, or allocated 16-aligned),
+    /// in the ring's descriptor format (packed: `next` is dropped, the id
+    /// field left 0).
     func writeTable(_ g: TestGuest, _ descs: [(addr: UInt64, len: UInt32, flags: UInt16, next: UInt16)],
                     at: UInt64? = nil) -> UInt64 {
         let gpa = at ?? g.alloc(UInt64(max(descs.count, 1) * 16), align: 16)
         var bytes: [UInt8] = []
+        let packed = gd_is_packed(g.driver)
         for d in descs {
             bytes += withUnsafeBytes(of: d.addr.littleEndian) { Array($0) }
             bytes += withUnsafeBytes(of: d.len.littleEndian) { Array($0) }
+            if packed { bytes += [0, 0] }
             bytes += withUnsafeBytes(of: d.flags.littleEndian) { Array($0) }
-            bytes += withUnsafeBytes(of: d.next.littleEndian) { Array($0) }
+            if !packed { bytes += withUnsafeBytes(of: d.next.littleEndian) { Array($0) } }
         }
         g.write(gpa, bytes)
         return gpa
@@ -122,12 +150,12 @@ import Testing
 
     /// The chain cannot be answered: its queue is broken (no used element,
     /// no status written), and the disk's other queue goes on.
-    func expectBroken(_ s: Setup, reason: String, status: UInt64? = nil) throws {
+    func expectBroken(_ s: Setup, reason: String, status: UInt64? = nil, badRequests: UInt64 = 1) throws {
         let deadline = Date().addingTimeInterval(5)
         while !s.h.stats().broken && Date() < deadline { usleep(1000) }
         let stats = s.h.stats()
         #expect(stats.brokenReason?.contains(reason) == true, "broken: \(stats.brokenReason ?? "no")")
-        #expect(stats.badRequests == 1)
+        #expect(stats.badRequests == badRequests)
         #expect(stats.inFlight == 0)
         var id: UInt32 = 0, len: UInt32 = 0
         #expect(gd_used_pop(s.g.driver, 0, &id, &len) == 0, "the chain came back (used length \(len))")
@@ -146,8 +174,9 @@ import Testing
     /// default ring: 128 segments in a 130-entry indirect table, on a
     /// 128-entry ring. Refused once as "longer than the ring", and answered
     /// with no status written: the guest read 0 (OK) and lost the write.
-    @Test func indirectTableLongerThanTheRing() throws {
-        let s = try setup(queueSize: 128)
+    @Test(arguments: Layout.allCases)
+    func indirectTableLongerThanTheRing(layout: Layout) throws {
+        let s = try setup(layout, queueSize: 128)
         let g = s.g
         let data = g.alloc(128 * 512)
         let bytes = pattern(128 * 512, seed: 7)
@@ -164,8 +193,9 @@ import Testing
     }
 
     /// A guest allocator promises 8-byte alignment for an indirect table, not 16.
-    @Test func indirectTableAlignedTo8Bytes() throws {
-        let s = try setup()
+    @Test(arguments: Layout.allCases)
+    func indirectTableAlignedTo8Bytes(layout: Layout) throws {
+        let s = try setup(layout)
         let g = s.g
         let data = g.alloc(4 * 512)
         g.write(data, pattern(4 * 512, seed: 3))
@@ -180,8 +210,9 @@ import Testing
 
     /// An indirect table, like any buffer, may run from one region into a
     /// guest-physically adjacent one (mapped apart in our address space).
-    @Test func indirectTableSpanningTwoRegions() throws {
-        let s = try setup()
+    @Test(arguments: Layout.allCases)
+    func indirectTableSpanningTwoRegions(layout: Layout) throws {
+        let s = try setup(layout)
         let g = s.g
         let data = g.alloc(8 * 512)
         g.write(data, pattern(8 * 512, seed: 5))
@@ -196,8 +227,9 @@ import Testing
 
     // MARK: - A bad buffer fails its request, with the status written
 
-    @Test func addressOutsideGuestMemory() throws {
-        let s = try setup()
+    @Test(arguments: Layout.allCases)
+    func addressOutsideGuestMemory(layout: Layout) throws {
+        let s = try setup(layout)
         let g = s.g
         let status = statusByte(g)
         post(g, [(header(g, type: 1, sector: 0), 16, Self.R), (g.memorySize + 4096, 4096, Self.R), (status, 1, Self.W)])
@@ -206,8 +238,9 @@ import Testing
         try expectStillServes(s)
     }
 
-    @Test func lengthRunsPastTheLastRegion() throws {
-        let s = try setup()
+    @Test(arguments: Layout.allCases)
+    func lengthRunsPastTheLastRegion(layout: Layout) throws {
+        let s = try setup(layout)
         let g = s.g
         let status = statusByte(g)
         post(g, [(header(g, type: 0, sector: 0), 16, Self.R), (g.memorySize - 4096, 8192, Self.W), (status, 1, Self.W)])
@@ -215,8 +248,9 @@ import Testing
         try expectStillServes(s)
     }
 
-    @Test func lengthWrapsTheAddressSpace() throws {
-        let s = try setup()
+    @Test(arguments: Layout.allCases)
+    func lengthWrapsTheAddressSpace(layout: Layout) throws {
+        let s = try setup(layout)
         let g = s.g
         let status = statusByte(g)
         post(g, [(header(g, type: 0, sector: 0), 16, Self.R), (UInt64.max - 100, 4096, Self.W), (status, 1, Self.W)])
@@ -226,8 +260,9 @@ import Testing
 
     /// Found by fuzzing (fuzz/crashes/vring_blk-readable-after-empty-writable):
     /// an empty writable descriptor still counts as writable.
-    @Test func readableAfterEmptyWritable() throws {
-        let s = try setup()
+    @Test(arguments: Layout.allCases)
+    func readableAfterEmptyWritable(layout: Layout) throws {
+        let s = try setup(layout)
         let g = s.g
         let status = statusByte(g)
         post(g, [(header(g, type: 1, sector: 0), 16, Self.R), (g.alloc(16), 0, Self.W), (g.alloc(512), 512, Self.R),
@@ -240,7 +275,7 @@ import Testing
     // MARK: - A chain that cannot be answered breaks its queue
 
     @Test func descriptorLoop() throws {
-        let s = try setup()
+        let s = try setup(.split)
         let g = s.g
         let hdr = header(g, type: 1, sector: 0)
         gd_write_desc(g.driver, 0, 0, hdr, 16, Self.NEXT, 1)
@@ -252,8 +287,22 @@ import Testing
         expectImageUntouched(s)
     }
 
+    /// A packed ring has no `next` to loop through; its form of an endless
+    /// chain is one whose every descriptor says NEXT, round the whole ring.
+    @Test func packedChainRoundTheWholeRing() throws {
+        let s = try setup(.packed)
+        let g = s.g
+        var descs: [Desc] = [(header(g, type: 1, sector: 0), 16, Self.R)]
+        for _ in 1..<g.queueSize { descs.append((g.alloc(512), 512, Self.R | Self.NEXT)) }
+        post(g, descs)
+        // Found while looking for the buffer's id (in its last descriptor),
+        // before any request exists: the ring breaks, no request is counted.
+        try expectBroken(s, reason: "loops", badRequests: 0)
+        expectImageUntouched(s)
+    }
+
     @Test func loopInsideIndirectTable() throws {
-        let s = try setup()
+        let s = try setup(.split)
         let g = s.g
         let table = writeTable(g, [(header(g, type: 0, sector: 0), 16, Self.NEXT, 1),
                                    (g.alloc(512), 512, Self.W | Self.NEXT, 0)])
@@ -263,8 +312,9 @@ import Testing
 
     /// seg_max + 2 descriptors is what the config space announced (130 by
     /// default); one more is refused, whatever the table's room.
-    @Test func chainLongerThanSegMaxPlusTwo() throws {
-        let s = try setup(queueSize: 256)
+    @Test(arguments: Layout.allCases)
+    func chainLongerThanSegMaxPlusTwo(layout: Layout) throws {
+        let s = try setup(layout, queueSize: 256)
         let g = s.g
         let data = g.alloc(129 * 512)
         let status = statusByte(g)
@@ -274,8 +324,9 @@ import Testing
         expectImageUntouched(s)
     }
 
-    @Test func indirectInsideIndirect() throws {
-        let s = try setup()
+    @Test(arguments: Layout.allCases)
+    func indirectInsideIndirect(layout: Layout) throws {
+        let s = try setup(layout)
         let g = s.g
         let inner = writeTable(g, [(header(g, type: 0, sector: 0), 16, 0, 0)])
         let outer = writeTable(g, [(inner, 16, Self.INDIRECT, 0)])
@@ -283,31 +334,35 @@ import Testing
         try expectBroken(s, reason: "malformed")
     }
 
-    @Test func indirectLengthNotMultipleOf16() throws {
-        let s = try setup()
+    @Test(arguments: Layout.allCases)
+    func indirectLengthNotMultipleOf16(layout: Layout) throws {
+        let s = try setup(layout)
         let g = s.g
         let table = writeTable(g, [(header(g, type: 0, sector: 0), 16, Self.NEXT, 1), (g.alloc(1), 1, Self.W, 0)])
         post(g, [(table, 24, Self.INDIRECT)])
         try expectBroken(s, reason: "malformed")
     }
 
-    @Test func indirectTableOutsideGuestMemory() throws {
-        let s = try setup()
+    @Test(arguments: Layout.allCases)
+    func indirectTableOutsideGuestMemory(layout: Layout) throws {
+        let s = try setup(layout)
         let g = s.g
         post(g, [(g.memorySize - 16, 64, Self.INDIRECT)])
         try expectBroken(s, reason: "indirect descriptor table outside guest memory")
     }
 
-    @Test func readableAfterWritable() throws {
-        let s = try setup()
+    @Test(arguments: Layout.allCases)
+    func readableAfterWritable(layout: Layout) throws {
+        let s = try setup(layout)
         let g = s.g
         post(g, [(header(g, type: 1, sector: 0), 16, Self.R), (g.alloc(1), 1, Self.W), (g.alloc(512), 512, Self.R)])
         try expectBroken(s, reason: "status byte")
         expectImageUntouched(s)
     }
 
-    @Test func statusDescriptorDeviceReadable() throws {
-        let s = try setup()
+    @Test(arguments: Layout.allCases)
+    func statusDescriptorDeviceReadable(layout: Layout) throws {
+        let s = try setup(layout)
         let g = s.g
         let data = g.alloc(512)
         g.write(data, [UInt8](repeating: 0x11, count: 512))
@@ -317,15 +372,17 @@ import Testing
         expectImageUntouched(s) // the write was not carried out
     }
 
-    @Test func statusDescriptorMissing() throws {
-        let s = try setup()
+    @Test(arguments: Layout.allCases)
+    func statusDescriptorMissing(layout: Layout) throws {
+        let s = try setup(layout)
         let g = s.g
         post(g, [(header(g, type: 4, sector: 0), 16, Self.R)])
         try expectBroken(s, reason: "status byte")
     }
 
-    @Test func statusDescriptorEmpty() throws {
-        let s = try setup()
+    @Test(arguments: Layout.allCases)
+    func statusDescriptorEmpty(layout: Layout) throws {
+        let s = try setup(layout)
         let g = s.g
         post(g, [(header(g, type: 0, sector: 0), 16, Self.R), (g.alloc(512), 512, Self.W), (g.alloc(1), 0, Self.W)])
         try expectBroken(s, reason: "status byte")
@@ -334,7 +391,7 @@ import Testing
     @Test func availIndexTooFarAheadBreaksOnlyThatQueue() throws {
         let errorFD = gd_eventfd()
         defer { close(errorFD) }
-        let s = try setup(queues: 2, errorFD: errorFD)
+        let s = try setup(.split, queues: 2, errorFD: errorFD)
         let g = s.g
         gd_set_avail_idx(g.driver, 0, UInt16(g.queueSize + 5))
         gd_kick(g.driver, 0)
@@ -349,19 +406,32 @@ import Testing
         try expectStillServes(s, queue: 1)
     }
 
+    /// Corrupts queue 0 past what a device can answer: split, an avail index
+    /// more than a ring ahead; packed, a buffer id not below the queue size.
+    func corruptRing(_ s: Setup) {
+        let g = s.g
+        if gd_is_packed(g.driver) {
+            post(g, [(header(g, type: 0, sector: 0), 16, Self.R), (statusByte(g), 1, Self.W)],
+                 first: UInt16(g.queueSize + 3))
+        } else {
+            gd_set_avail_idx(g.driver, 0, UInt16(g.queueSize + 5))
+            gd_kick(g.driver, 0)
+        }
+    }
+
     /// Review finding: the err eventfd was written with a plain write(), but
     /// O_NONBLOCK belongs to the open file, which the frontend shares and may
     /// make blocking. A full counter then corrupt ring stalled the IOThread in
     /// that write, and every queue on it. The signal now cannot wait.
-    @Test func errorEventfdMadeBlockingAndFullDoesNotStallTheIOThread() throws {
+    @Test(arguments: Layout.allCases)
+    func errorEventfdMadeBlockingAndFullDoesNotStallTheIOThread(layout: Layout) throws {
         let errorFD = gd_eventfd()
         defer { close(errorFD) }
-        let s = try setup(queues: 2, errorFD: errorFD)
+        let s = try setup(layout, queues: 2, errorFD: errorFD)
         #expect(fcntl(errorFD, F_SETFL, fcntl(errorFD, F_GETFL) & ~O_NONBLOCK) == 0)
         var full: UInt64 = 0xffff_ffff_ffff_fffe
         #expect(write(errorFD, &full, 8) == 8)
-        gd_set_avail_idx(s.g.driver, 0, UInt16(s.g.queueSize + 5))
-        gd_kick(s.g.driver, 0)
+        corruptRing(s)
         let deadline = Date().addingTimeInterval(5)
         while !s.h.stats(0).broken && Date() < deadline { usleep(1000) }
         #expect(s.h.stats(0).broken)
@@ -371,19 +441,33 @@ import Testing
         try served.get()
     }
 
-    @Test func headIndexOutsideTheTableBreaksTheQueue() throws {
-        let s = try setup()
+    /// Split: a head index past the descriptor table; packed: a buffer id
+    /// not below the queue size. The error eventfd is signalled, nothing is
+    /// answered, the other queue goes on.
+    @Test(arguments: Layout.allCases)
+    func headIndexOutsideTheTableBreaksTheQueue(layout: Layout) throws {
+        let errorFD = gd_eventfd()
+        defer { close(errorFD) }
+        let s = try setup(layout, errorFD: errorFD)
         let g = s.g
-        gd_avail_add(g.driver, 0, UInt16(g.queueSize + 3))
-        gd_avail_publish(g.driver, 0)
-        gd_kick(g.driver, 0)
+        if layout == .split {
+            gd_avail_add(g.driver, 0, UInt16(g.queueSize + 3))
+            gd_avail_publish(g.driver, 0)
+            gd_kick(g.driver, 0)
+        } else {
+            corruptRing(s)
+        }
         let deadline = Date().addingTimeInterval(5)
         while !s.h.stats().broken && Date() < deadline { usleep(1000) }
         #expect(s.h.stats().brokenReason?.contains("outside the table") == true)
+        var value: UInt64 = 0
+        #expect(read(errorFD, &value, 8) == 8 && value == 1)
+        #expect(!gd_used_pending(g.driver, 0))
+        try expectStillServes(s, queue: 1)
     }
 
     @Test func headAlreadyInFlightBreaksTheQueue() throws {
-        let s = try setup()
+        let s = try setup(.split)
         let g = s.g
         let buf = g.alloc(4096)
         let status = g.alloc(1)
@@ -404,8 +488,29 @@ import Testing
         #expect(s.h.stats().inFlight == 0)
     }
 
-    @Test func headerShorterThan16Bytes() throws {
-        let s = try setup()
+    /// The packed form: two buffers with one id, both available in the same
+    /// pass (the queue is paused while the guest makes them available; file
+    /// reads keep the first in flight when the second is popped).
+    @Test func bufferIdAlreadyInFlightBreaksThePackedQueue() throws {
+        let s = try setup(.packed)
+        let g = s.g
+        try s.h.queues[0].pause()
+        for _ in 0..<2 {
+            post(g, [(header(g, type: 0, sector: 0), 16, Self.R), (g.alloc(4096), 4096, Self.W), (statusByte(g), 1, Self.W)],
+                 first: 3)
+        }
+        try s.h.queues[0].resume()
+        let deadline = Date().addingTimeInterval(5)
+        while !s.h.stats().broken && Date() < deadline { usleep(1000) }
+        #expect(s.h.stats().brokenReason?.contains("already in flight") == true, "\(s.h.stats().brokenReason ?? "not broken")")
+        while s.h.stats().inFlight != 0 && Date() < deadline { usleep(1000) }
+        #expect(s.h.stats().inFlight == 0)
+        try expectStillServes(s, queue: 1)
+    }
+
+    @Test(arguments: Layout.allCases)
+    func headerShorterThan16Bytes(layout: Layout) throws {
+        let s = try setup(layout)
         let g = s.g
         let status = g.alloc(1)
         g.write(status, [0xFF])
@@ -417,9 +522,9 @@ import Testing
         try expectStillServes(s)
     }
 
-    @Test(arguments: [UInt64.max, UInt64.max / 512 + 1, UInt64(1) << 63, HostileGuestTests.sectors])
-    func sectorArithmeticOverflows(sector: UInt64) throws {
-        let s = try setup()
+    @Test(arguments: Layout.allCases, [UInt64.max, UInt64.max / 512 + 1, UInt64(1) << 63, HostileGuestTests.sectors])
+    func sectorArithmeticOverflows(layout: Layout, sector: UInt64) throws {
+        let s = try setup(layout)
         let g = s.g
         let buf = g.alloc(4096)
         g.write(buf, [UInt8](repeating: 0x22, count: 4096))
@@ -431,8 +536,9 @@ import Testing
         expectImageUntouched(s)
     }
 
-    @Test func ioPastCapacityNeverGrowsTheImage() throws {
-        let s = try setup()
+    @Test(arguments: Layout.allCases)
+    func ioPastCapacityNeverGrowsTheImage(layout: Layout) throws {
+        let s = try setup(layout)
         let g = s.g
         let buf = g.alloc(1024)
         g.write(buf, [UInt8](repeating: 0x33, count: 1024))
@@ -446,8 +552,9 @@ import Testing
         #expect(s.image.size == Self.imageSize)
     }
 
-    @Test func dataLengthNotMultipleOf512() throws {
-        let s = try setup()
+    @Test(arguments: Layout.allCases)
+    func dataLengthNotMultipleOf512(layout: Layout) throws {
+        let s = try setup(layout)
         let g = s.g
         let buf = g.alloc(1000)
         let w = try g.run(type: UInt32(GD_BLK_T_OUT), sector: 0, segments: [(buf, 1000)])
@@ -458,8 +565,9 @@ import Testing
         expectImageUntouched(s)
     }
 
-    @Test func getIDIntoShortBuffer() throws {
-        let s = try setup()
+    @Test(arguments: Layout.allCases)
+    func getIDIntoShortBuffer(layout: Layout) throws {
+        let s = try setup(layout)
         let g = s.g
         let buf = g.alloc(32)
         g.write(buf, [UInt8](repeating: 0x77, count: 32))

@@ -6,7 +6,7 @@ import Testing
 
 /// Packed virtqueues (VIRTIO_F_RING_PACKED) through the whole data plane:
 /// the in-process driver's packed side against the queue, data checked in
-/// the image, and the hostile buffers the packed walker must refuse.
+/// the image. The hostile buffers are HostileGuestTests' packed cases.
 @Suite struct PackedRingTests {
     static let imageSize = 16 << 20
 
@@ -101,84 +101,5 @@ import Testing
         #expect(throws: DataPlaneError.self) {
             _ = try Harness(disk: DiskConfiguration(path: image.path), queueSize: 16, inflight: true, packed: true)
         }
-    }
-
-    // MARK: - Hostile buffers
-
-    /// Writes a raw buffer (header, an optional 4 KiB data buffer, status)
-    /// at the driver's cursor, the head's flags last, and kicks.
-    func rawBuffer(_ g: TestGuest, id: UInt16, headFlags: UInt16 = 0, statusFlags: UInt16 = UInt16(GD_DESC_F_WRITE),
-                   data: Bool = false) -> (header: UInt64, status: UInt64) {
-        let header = g.alloc(16, align: 16), status = g.alloc(1, align: 1)
-        g.write(header, [UInt8](repeating: 0, count: 16)) // GD_BLK_T_IN, sector 0
-        g.write(status, [0xFF])
-        var descs: [(addr: UInt64, len: UInt32, flags: UInt16)] = [(header, 16, headFlags)]
-        if data { descs.append((g.alloc(4096), 4096, UInt16(GD_DESC_F_WRITE))) }
-        descs.append((status, 1, statusFlags))
-        var bits: UInt16 = 0
-        let first = Int(gd_packed_next_slot(g.driver, 0, &bits))
-        let other = bits == UInt16(GD_PDESC_F_AVAIL) ? UInt16(GD_PDESC_F_USED) : UInt16(GD_PDESC_F_AVAIL)
-        // Last to first, so the head becomes available last; a slot past the
-        // ring's end is in the next lap, with the other wrap bits.
-        for k in descs.indices.reversed() {
-            let slot = (first + k) % g.queueSize
-            let next: UInt16 = k + 1 < descs.count ? UInt16(GD_DESC_F_NEXT) : 0
-            gd_packed_write_desc(g.driver, 0, UInt16(slot), descs[k].addr, descs[k].len, id,
-                                 descs[k].flags | next | (first + k < g.queueSize ? bits : other))
-        }
-        gd_packed_skip(g.driver, 0, UInt16(descs.count))
-        _ = gd_kick(g.driver, 0)
-        return (header, status)
-    }
-
-    func waitBroken(_ h: Harness) -> QueueStatistics {
-        let deadline = Date().addingTimeInterval(5)
-        while !h.stats().broken && Date() < deadline { usleep(1000) }
-        return h.stats()
-    }
-
-    @Test func aBufferIdNotBelowTheQueueSizeBreaksTheRing() throws {
-        let image = try TestImage(size: Self.imageSize)
-        let h = try harness(image)
-        let raw = rawBuffer(h.guest, id: 16)
-        let s = waitBroken(h)
-        #expect(s.brokenReason?.contains("buffer id not below the queue size") == true, "\(s.brokenReason ?? "not broken")")
-        #expect(h.guest.read(raw.status, 1) == [0xFF])
-        #expect(!gd_used_pending(h.guest.driver, 0))
-    }
-
-    @Test func aBufferIdAlreadyInFlightBreaksTheRing() throws {
-        let image = try TestImage(size: Self.imageSize)
-        // Reads of the file stay in flight until the pass that popped both
-        // ends; the queue is paused while the guest makes both available.
-        let h = try harness(image)
-        try h.queues[0].pause()
-        _ = rawBuffer(h.guest, id: 3, data: true)
-        _ = rawBuffer(h.guest, id: 3, data: true)
-        try h.queues[0].resume()
-        let s = waitBroken(h)
-        #expect(s.brokenReason?.contains("already in flight") == true, "\(s.brokenReason ?? "not broken")")
-    }
-
-    @Test func aBufferWithoutAStatusByteBreaksTheRing() throws {
-        let image = try TestImage(size: Self.imageSize)
-        let h = try harness(image)
-        let raw = rawBuffer(h.guest, id: 0, statusFlags: 0) // the last descriptor is not writable
-        let s = waitBroken(h)
-        #expect(s.brokenReason?.contains("no device-writable status byte") == true, "\(s.brokenReason ?? "not broken")")
-        #expect(h.guest.read(raw.status, 1) == [0xFF])
-        #expect(s.badRequests == 1)
-    }
-
-    @Test func aBufferOutsideGuestMemoryFailsThatRequestOnly() throws {
-        let image = try TestImage(size: Self.imageSize)
-        let h = try harness(image)
-        let g = h.guest
-        // A read whose data descriptor lies past the end of guest memory.
-        let r = try g.run(type: UInt32(GD_BLK_T_IN), sector: 0, segments: [(g.memorySize + 4096, 4096)])
-        #expect(r.status == UInt8(GD_BLK_S_IOERR))
-        #expect(h.stats().badRequests == 1 && !h.stats().broken)
-        let buf = g.alloc(4096)
-        #expect(try g.run(type: UInt32(GD_BLK_T_IN), sector: 0, segments: [(buf, 4096)]).status == 0)
     }
 }

@@ -148,8 +148,9 @@ void gd_packed_write_desc(struct gd_driver *d, uint32_t q, uint16_t slot, uint64
                           uint16_t id, uint16_t flags);
 /* The cursor's slot, and the AVAIL/USED bits that make a descriptor there available. */
 uint16_t gd_packed_next_slot(const struct gd_driver *d, uint32_t q, uint16_t *avail_bits);
-/* Moves the cursor past n slots written raw (the wrap counter follows) and
- * counts them as published for gd_kick_if_needed. */
+/* Moves the cursor past n slots written raw as one buffer (the wrap counter
+ * follows) and counts them as published for gd_kick_if_needed; gd_used_pop
+ * skips those n slots when that buffer's used descriptor comes back in order. */
 void gd_packed_skip(struct gd_driver *d, uint32_t q, uint16_t n);
 /* The device's event suppression area: flags << 16 | off_wrap. */
 uint32_t gd_packed_device_event(const struct gd_driver *d, uint32_t q);
