@@ -695,7 +695,7 @@ func procSelfMaps() -> String {
 import CDataPlane
 import Synchronization
 
-func dpInflightQueueSize(_ n: UInt32) -> UInt64 { dp_inflight_queue_size(n) }
+func dpInflightQueueSize(_ n: UInt32, packed: Bool = false) -> UInt64 { dp_inflight_queue_size(n, packed) }
 
 /// Collects the server's log: messages at info and above as `log` lines,
 /// every event (trace included) with its metadata.

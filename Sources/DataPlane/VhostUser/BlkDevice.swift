@@ -565,7 +565,7 @@ package final class VhostUserBlkDevice {
         guard queues > 0, queues <= numQueues, queueSize > 0, queueSize <= Int(DP_QUEUE_MAX_SIZE) else {
             throw .invalid("inflight region for \(queues) queues of \(queueSize)")
         }
-        let perQueue = dp_inflight_queue_size(UInt32(queueSize))
+        let perQueue = dp_inflight_queue_size(UInt32(queueSize), false)
         let size = perQueue * UInt64(queues)
         let fd = dps_memfd("dataplane-inflight", size)
         guard fd >= 0 else { throw .system("memfd for the inflight region", -fd) }
@@ -597,7 +597,7 @@ package final class VhostUserBlkDevice {
         guard queues > 0, queues <= numQueues, queueSize > 0, queueSize <= Int(DP_QUEUE_MAX_SIZE) else {
             throw .invalid("inflight region for \(queues) queues of \(queueSize)")
         }
-        let perQueue = dp_inflight_queue_size(UInt32(queueSize))
+        let perQueue = dp_inflight_queue_size(UInt32(queueSize), false)
         guard offset == 0, size >= perQueue * UInt64(queues) else {
             throw .invalid("inflight region of \(size) bytes at offset \(offset) is too small for \(queues) queues of \(queueSize)")
         }
