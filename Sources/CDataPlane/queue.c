@@ -106,39 +106,56 @@ static bool queue_reject_chain(struct dp_queue *q, int reason)
     return false;
 }
 
-/* Takes a free slot for head and marks it in flight. */
-static struct blk_req *queue_take_slot(struct dp_queue *q, uint16_t head, uint64_t now)
+/* Takes a free slot for head and marks it in flight; NULL (nothing
+ * taken) when the inflight region refuses the mark (inflight_mark). */
+static struct blk_req *queue_take_slot(struct dp_queue *q, uint16_t head, uint16_t ring_descs, bool resubmit,
+                                       uint64_t now, int *err)
 {
+    if (q->inflight && (*err = inflight_mark(q, head, ring_descs, resubmit)))
+        return NULL;
     uint16_t slot = q->free_slots[--q->free_count];
     struct blk_req *req = &q->reqs[slot];
     q->head_slot[head] = (uint16_t)(slot + 1);
     q->in_flight++;
-    if (q->inflight)
-        inflight_mark(q, head);
     req->head = head;
+    req->ring_descs = ring_descs;
     req->start_ns = now;
     return req;
 }
 
 /* Walks the chain at head into the iovecs of the slot it will take (taken
  * only once it can be answered). Returns 0 or the walk's fault; *status is
- * the byte to answer on, NULL when the chain has none. */
-static int queue_walk(struct dp_queue *q, uint16_t head, struct vring_chain *chain, uint8_t **status)
+ * the byte to answer on, NULL when the chain has none. A packed buffer
+ * popped before (resubmit) is walked from the copies of its ring
+ * descriptors the inflight region kept: its ring slots may hold used
+ * descriptors by now. */
+static int queue_walk(struct dp_queue *q, uint16_t head, bool resubmit, struct vring_chain *chain, uint8_t **status)
 {
     *chain = (struct vring_chain){
         .iov = q->iov_pool + (size_t)q->free_slots[q->free_count - 1] * DP_REQ_MAX_IOV,
         .iov_max = DP_REQ_MAX_IOV,
         .scratch = q->indirect_scratch,
+        .ring_copy = q->ipk.ring_copy,
     };
-    int ret = vring_walk(&q->vr, q->io.mem, head, chain);
     *status = NULL;
+    int saved = 0;
+    if (resubmit && q->vr.layout == VRING_LAYOUT_PACKED) {
+        saved = inflight_saved(q, head);
+        if (saved < 0)
+            return saved;
+        chain->ring_copy = NULL; /* the copies are the walk's input */
+    }
+    int ret = saved ? vring_packed_walk_saved(&q->vr.packed, q->io.mem, chain, q->ipk.ring_copy, (uint16_t)saved, head)
+                    : vring_walk(&q->vr, q->io.mem, head, chain);
     if (ret == 0) {
         *status = chain->status;
         if (!*status)
             ret = -ENOMSG;
     } else {
         /* Stopped at the first fault: is there a status byte to answer on? */
-        int found = vring_status(&q->vr, q->io.mem, head, chain, status);
+        int found = saved ? vring_packed_status_saved(&q->vr.packed, q->io.mem, chain, q->ipk.ring_copy,
+                                                      (uint16_t)saved, head, status)
+                          : vring_status(&q->vr, q->io.mem, head, chain, status);
         if (found < 0)
             ret = found;
     }
@@ -167,22 +184,27 @@ static void queue_run(struct dp_queue *q, struct blk_req *req, struct vring_chai
         queue_submit_io(q, req, now);
 }
 
-bool queue_start(struct dp_queue *q, uint16_t head, uint64_t now, bool fail_io, uint32_t *cost)
+bool queue_start(struct dp_queue *q, uint16_t head, uint64_t now, bool fail_io, bool resubmit, uint32_t *cost)
 {
-    /* The same head twice in flight would be pushed twice: the guest broke the ring. */
-    if (q->head_slot[head]) {
+    /* The same head twice in flight would be pushed twice: the guest broke
+     * the ring (also by reusing a packed id that waits to run again). */
+    if (q->head_slot[head] || (!resubmit && inflight_holds(q, head))) {
         queue_break(q, -EBUSY);
         return false;
     }
     struct vring_chain chain;
     uint8_t *status;
-    int ret = queue_walk(q, head, &chain, &status);
+    int ret = queue_walk(q, head, resubmit, &chain, &status);
     *cost += chain.desc_reads;
     if (!status)
         return queue_reject_chain(q, ret);
 
-    struct blk_req *req = queue_take_slot(q, head, now);
-    req->ring_descs = chain.ring_descs;
+    int err = 0;
+    struct blk_req *req = queue_take_slot(q, head, chain.ring_descs, resubmit, now, &err);
+    if (!req) {
+        queue_break(q, err);
+        return false;
+    }
     if (ret < 0) {
         /* One buffer of a well-formed chain is bad: that request fails. */
         req->status = status;
@@ -270,7 +292,7 @@ static bool queue_pop_one(struct dp_queue *q, uint64_t now, uint32_t *cost)
         return false;
     }
     vring_prefetch_next(&q->vr);
-    return queue_start(q, head, now, false, cost);
+    return queue_start(q, head, now, false, false, cost);
 }
 
 /* What the chains walked so far in this pass cost (descriptors read, and
@@ -305,7 +327,7 @@ unsigned queue_pop_batch(struct dp_queue *q, uint64_t now)
     uint32_t *cost = &budget.cost;
     /* Requests in flight when the previous backend went away come first. */
     while (q->resubmit_next < q->resubmit_count && q->free_count && !q->error_stopped &&
-           pass_budget_left(&budget) && queue_start(q, queue_resubmit_take(q), now, false, cost))
+           pass_budget_left(&budget) && queue_start(q, queue_resubmit_take(q), now, false, true, cost))
         popped++;
     /* Heads still waiting to run again were popped before anything new. */
     if (q->resubmit_next >= q->resubmit_count && pass_budget_left(&budget)) {
@@ -339,6 +361,8 @@ bool queue_publish_and_notify(struct dp_queue *q)
         return false;
     q->dirty = false;
     q->unpublished = 0;
+    if (q->inflight)
+        inflight_publish_begin(q);
     vring_publish(&q->vr);
     if (q->inflight)
         inflight_clear_published(q);

@@ -9,7 +9,6 @@
 #include "vring.h"
 
 struct loop;
-struct inflight_region;
 
 /* A queue's eventfds on its loop: the kick it waits on, the signals it owes. */
 struct queue_kick {
@@ -21,6 +20,26 @@ struct queue_kick {
     bool failed;
     bool multishot;             /* the armed poll is multishot (IORING_POLL_ADD_MULTI) */
     uint8_t signals_owed;       /* 1 << enum dp_signal: no SQE was free to send them */
+};
+
+/* One packed buffer the inflight region holds: its DescStatePacked
+ * entries, first (the head) to last, linked by inflight_packed.next. */
+struct inflight_buf {
+    uint16_t first;
+    uint16_t last;
+    uint16_t num;               /* ring descriptors; 0: the id holds no entries */
+};
+
+/* The packed inflight layout's private side (inflight.c). The region's
+ * entry links and free list are kept here too and only written there, so
+ * the hot path reads back nothing the frontend can rewrite. */
+struct inflight_packed {
+    uint16_t *next;             /* per entry: the next of its buffer, or of the free list */
+    struct inflight_buf *bufs;  /* per buffer id */
+    struct vring_packed_desc *ring_copy; /* DP_SEG_MAX + 2: a popped buffer's ring
+                                          * descriptors, or a saved one's to walk again */
+    uint32_t free_count;
+    uint16_t free_head;
 };
 
 struct dp_queue {
@@ -52,8 +71,9 @@ struct dp_queue {
     struct blk_req *held_tail;
     uint32_t held_count;
     bool error_stopped;
-    struct inflight_region *inflight; /* vhost-user inflight tracking, or NULL */
+    void *inflight;             /* vhost-user inflight region (inflight.c: its layout by the ring's), or NULL */
     uint64_t inflight_counter;  /* pop order, for resubmission */
+    struct inflight_packed ipk; /* packed rings with an inflight region */
     uint16_t *resubmit;         /* heads to run again before popping (after a restart or a memory swap) */
     uint32_t resubmit_count;
     uint32_t resubmit_next;
@@ -77,9 +97,10 @@ struct dp_queue {
 unsigned queue_pop_batch(struct dp_queue *q, uint64_t now);
 void queue_complete(struct dp_queue *q, struct blk_req *req, uint8_t status, uint64_t now);
 /* Starts the chain at head (with fail_io, a request that needs I/O fails
- * instead). Adds the descriptors it read to *cost. False when the ring is
+ * instead; resubmit: head was popped before and comes off the resubmit
+ * list). Adds the descriptors it read to *cost. False when the ring is
  * broken. */
-bool queue_start(struct dp_queue *q, uint16_t head, uint64_t now, bool fail_io, uint32_t *cost);
+bool queue_start(struct dp_queue *q, uint16_t head, uint64_t now, bool fail_io, bool resubmit, uint32_t *cost);
 /* A parsed request goes to its disk's backend (through fault injection). */
 void queue_submit_io(struct dp_queue *q, struct blk_req *req, uint64_t now);
 /* The backend finished req with 0 or a negative errno: apply the error policy. */
@@ -130,9 +151,31 @@ void queue_kick_init(struct dp_queue *q);
 /* Ends an armed multishot kick poll (tests); true when one was asked to end. */
 bool queue_kick_end_poll(struct dp_queue *q);
 
-/* ---- inflight.c: vhost-user inflight tracking (spec: "Inflight I/O tracking"). */
+/* ---- inflight.c: vhost-user inflight tracking (spec: "Inflight I/O tracking"),
+ * split (QueueRegionSplit) and packed (QueueRegionPacked) layouts. */
+
+/* On start: a fresh region is laid out; a used one says which requests
+ * were in flight (q->resubmit, in pop order) and, for a packed ring, where
+ * the ring stands (its base moved there). -EBADMSG when the region does not
+ * agree with the ring (refused rather than guessed), -ENOMEM. */
 int inflight_recover(struct dp_queue *q);
-void inflight_mark(struct dp_queue *q, uint16_t head);
+/* Marks head popped; ndescs: its ring descriptors (packed), whose copies
+ * the walk left in q->ipk.ring_copy. resubmit: popped before, its entries
+ * kept (it gets a new place in the pop order). Packed: -ENOSPC when the
+ * region has no room (the guest made more descriptors available than the
+ * ring holds), -EBUSY when the id still holds entries. */
+int inflight_mark(struct dp_queue *q, uint16_t head, uint16_t ndescs, bool resubmit);
+/* Whether a head still holds a packed region's entries (in flight, held or
+ * waiting for resubmission): popped again, the guest broke the ring. */
+bool inflight_holds(const struct dp_queue *q, uint16_t head);
+/* A packed buffer popped before: copies its ring descriptors from the
+ * region into q->ipk.ring_copy; their count, or -EINVAL. */
+int inflight_saved(struct dp_queue *q, uint16_t head);
+/* Around vring_publish, with the heads pushed since the last one in
+ * q->pushed: before (packed: their entries freed, the region's used
+ * position), and after (their marks cleared, the region's used position
+ * committed). */
+void inflight_publish_begin(struct dp_queue *q);
 void inflight_clear_published(struct dp_queue *q);
 
 #endif

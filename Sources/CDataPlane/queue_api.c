@@ -32,8 +32,9 @@ static int queue_config_check(const struct dp_queue_config *cfg)
 
 /* The queue and its arrays in one allocation on the thread's NUMA node:
  * the head, then slots, their iovecs, the free list, head-to-slot map,
- * pushed and resubmit lists, and the indirect-table scratch. */
-static struct dp_queue *queue_alloc(struct dp_iothread *thread, uint32_t size, uint32_t nslots)
+ * pushed and resubmit lists, the indirect-table scratch, and for a packed
+ * ring with an inflight region its private side (inflight_packed). */
+static struct dp_queue *queue_alloc(struct dp_iothread *thread, uint32_t size, uint32_t nslots, bool packed_inflight)
 {
     size_t head_size = sizeof(struct dp_queue);
     size_t reqs_off = (head_size + 63) & ~(size_t)63;
@@ -44,6 +45,13 @@ static struct dp_queue *queue_alloc(struct dp_iothread *thread, uint32_t size, u
     size_t resubmit_off = pushed_off + nslots * sizeof(uint16_t);
     size_t scratch_off = (resubmit_off + size * sizeof(uint16_t) + 15) & ~(size_t)15;
     size_t total = scratch_off + VRING_INDIRECT_MAX * sizeof(struct vring_desc);
+    size_t copy_off = total, next_off = total, bufs_off = total;
+    if (packed_inflight) {
+        copy_off = total;
+        next_off = copy_off + (DP_SEG_MAX + 2) * sizeof(struct vring_packed_desc);
+        bufs_off = next_off + size * sizeof(uint16_t);
+        total = bufs_off + size * sizeof(struct inflight_buf);
+    }
 
     int node;
     uint8_t *base = iothread_alloc(thread, total, &node);
@@ -57,6 +65,11 @@ static struct dp_queue *queue_alloc(struct dp_iothread *thread, uint32_t size, u
     q->pushed = (uint16_t *)(base + pushed_off);
     q->resubmit = (uint16_t *)(base + resubmit_off);
     q->indirect_scratch = (struct vring_desc *)(base + scratch_off);
+    if (packed_inflight) {
+        q->ipk.ring_copy = (struct vring_packed_desc *)(base + copy_off);
+        q->ipk.next = (uint16_t *)(base + next_off);
+        q->ipk.bufs = (struct inflight_buf *)(base + bufs_off);
+    }
     q->alloc_size = total;
     q->numa_node = node;
     q->nslots = nslots;
@@ -92,15 +105,13 @@ int dp_queue_create(struct dp_iothread *thread, const struct dp_queue_config *co
     int ret = queue_config_check(config);
     if (ret)
         return ret;
-    if (config->packed && config->inflight)
-        return -ENOTSUP; /* the packed inflight layout (DescStatePacked) is not there yet */
     struct vring vr;
     ret = vring_init(&vr, config, mem, disk->seg_max + 2);
     if (ret)
         return ret;
 
     uint32_t nslots = config->size < DP_QUEUE_MAX_SLOTS ? config->size : DP_QUEUE_MAX_SLOTS;
-    struct dp_queue *q = queue_alloc(thread, config->size, nslots);
+    struct dp_queue *q = queue_alloc(thread, config->size, nslots, config->packed && config->inflight);
     if (!q)
         return -ENOMEM;
     q->inflight = config->inflight;
@@ -211,6 +222,8 @@ const char *dp_ring_error_string(int reason)
         return "avail ring names a descriptor outside the table (packed: a buffer id not below the queue size)";
     case -EBUSY:
         return "avail ring names a descriptor chain (packed: a buffer id) that is already in flight";
+    case -ENOSPC:
+        return "more descriptors made available than the ring holds (packed: descriptors reused before they were used)";
     case -EFAULT:
         return "ring lies outside guest memory";
     case -ENOMSG:

@@ -63,8 +63,9 @@ static void slot_give_back(struct dp_queue *q, struct blk_req *req)
 static bool queue_requeue_held(struct dp_queue *q)
 {
     /* Requeued heads are walked again from the descriptor table; a packed
-     * ring's buffers are found only at the avail position: fail them. */
-    if (q->vr.layout == VRING_LAYOUT_PACKED)
+     * ring's buffers are found only at the avail position, or in the
+     * copies an inflight region keeps: without one, fail them. */
+    if (q->vr.layout == VRING_LAYOUT_PACKED && !q->inflight)
         return false;
     uint32_t n = q->held_count, pending = q->resubmit_count - q->resubmit_next;
     uint32_t before = q->resubmit_held;
@@ -98,7 +99,7 @@ static void queue_fail_requeued(struct dp_queue *q, uint64_t now)
 {
     uint32_t cost = 0;
     while (q->resubmit_next < q->resubmit_count && q->free_count &&
-           queue_start(q, queue_resubmit_take(q), now, true, &cost))
+           queue_start(q, queue_resubmit_take(q), now, true, true, &cost))
         ;
 }
 

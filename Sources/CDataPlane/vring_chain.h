@@ -30,6 +30,8 @@ _Static_assert(sizeof(struct vring_desc) == 16, "virtq_desc is 16 bytes");
  * of a table that cannot be read in place. */
 #define VRING_INDIRECT_MAX 1024
 
+struct vring_packed_desc;
+
 /* One popped chain, as host iovecs: device-readable ones first, then writable. */
 struct vring_chain {
     struct iovec *iov;
@@ -45,6 +47,9 @@ struct vring_chain {
     uint32_t desc_reads; /* descriptors read: what walking the chain cost */
     uint8_t *status;    /* last byte of the last descriptor when it is writable and non-empty */
     uint16_t ring_descs; /* packed rings: ring descriptors the buffer took (pushed back with it) */
+    struct vring_packed_desc *ring_copy; /* packed rings, or NULL: the buffer's ring descriptors as
+                                          * the walk read them (max_chain entries; for the
+                                          * inflight region, which keeps them) */
 };
 
 static inline void vring_chain_reset(struct vring_chain *chain)

@@ -52,22 +52,34 @@ int vring_packed_init(struct vring_packed *vr, uint16_t size, void *desc, void *
         return -EINVAL;
     if (((uintptr_t)desc & 15) || ((uintptr_t)driver_event & 3) || ((uintptr_t)device_event & 3))
         return -EINVAL;
-    uint16_t avail = base & 0x7fff, used = (base >> 16) & 0x7fff;
-    bool avail_wrap = base & (1u << 15), used_wrap = base & (1u << 31);
-    if (avail >= size || used >= size)
-        return -EINVAL;
     *vr = (struct vring_packed){
         .desc = desc, .driver = driver_event, .device = device_event, .size = size,
-        .avail_idx = avail, .used_idx = used, .avail_wrap = avail_wrap, .used_wrap = used_wrap,
         .event_idx = event_idx, .indirect = indirect, .max_chain = max_chain,
     };
+    return vring_packed_set_base(vr, base);
+}
+
+int vring_packed_set_base(struct vring_packed *vr, uint32_t base)
+{
+    uint16_t avail = base & 0x7fff, used = (base >> 16) & 0x7fff;
+    bool avail_wrap = base & (1u << 15), used_wrap = base & (1u << 31);
+    if (avail >= vr->size || used >= vr->size)
+        return -EINVAL;
     /* What lies between the used and the avail position was popped before
      * and is still in flight; more than a ring's worth cannot be. */
-    uint32_t two = 2u * size;
-    vr->inflight = (ring_pos(vr, avail, avail_wrap) + two - ring_pos(vr, used, used_wrap)) % two;
-    if (vr->inflight > size)
+    uint32_t two = 2u * vr->size;
+    uint32_t inflight = (ring_pos(vr, avail, avail_wrap) + two - ring_pos(vr, used, used_wrap)) % two;
+    if (inflight > vr->size)
         return -EINVAL;
+    vr->avail_idx = avail;
+    vr->avail_wrap = avail_wrap;
+    vr->used_idx = used;
+    vr->used_wrap = used_wrap;
+    vr->inflight = inflight;
+    vr->batch_count = 0;
     vr->signalled_used = ring_pos(vr, used, used_wrap);
+    vr->used_since_signal = 0;
+    vr->signalled_used_valid = false;
     return 0;
 }
 
@@ -79,6 +91,8 @@ uint32_t vring_packed_base(const struct vring_packed *vr)
 /* Where a walk stands in a buffer: the ring, then maybe one indirect
  * table, and the bounds that keep a hostile buffer finite. */
 struct pcursor {
+    const struct vring_packed_desc *saved; /* a buffer popped before: copies of its ring
+                                            * descriptors, read instead of the ring */
     const void *table;   /* the indirect table once entered */
     uint32_t table_size; /* its entries */
     uint32_t table_next; /* the next entry to read */
@@ -105,19 +119,37 @@ static void cursor_init(const struct vring_packed *vr, struct pcursor *c)
     };
 }
 
-/* Reads the buffer's next ring descriptor. */
+/* A buffer popped before, walked again from the copies of its n ring
+ * descriptors (private memory: each value was read once). Their AVAIL and
+ * USED bits are a past lap's and are not checked; the list must end with
+ * the last copy. */
+static void cursor_init_saved(const struct vring_packed *vr, struct pcursor *c,
+                              const struct vring_packed_desc *saved, uint16_t n)
+{
+    *c = (struct pcursor){.saved = saved, .ring_left = n, .budget = vr->max_chain};
+}
+
+/* Reads the buffer's next ring descriptor (and copies it to
+ * chain->ring_copy when asked). */
 static int cursor_read_ring(const struct vring_packed *vr, struct pcursor *c,
                             struct vring_chain *chain, struct vring_packed_desc *d)
 {
     if (c->ring_left == 0)
-        return -ELOOP;
+        return c->saved ? -EBADMSG : -ELOOP; /* saved: NEXT on the last copy */
     c->ring_left--;
-    desc_read(vr->desc, c->ring_next, d);
     chain->desc_reads++;
+    if (c->saved) {
+        *d = c->saved[c->ndescs++];
+        return 0;
+    }
+    desc_read(vr->desc, c->ring_next, d);
     /* 2.8.6: every descriptor of a list carries correct AVAIL/USED flags;
      * one that does not is not part of what the driver made available. */
     if (!flags_avail(d->flags, c->ring_wrap))
         return -EBADMSG;
+    /* A buffer of more than max_chain ring descriptors fails its walk. */
+    if (chain->ring_copy && c->ndescs < vr->max_chain)
+        chain->ring_copy[c->ndescs] = *d;
     c->ndescs++;
     if (++c->ring_next == vr->size) {
         c->ring_next = 0;
@@ -215,29 +247,61 @@ static void cursor_pop(struct vring_packed *vr, const struct pcursor *c, uint16_
     *ndescs = c->ndescs;
 }
 
-/* expect: the id the caller read ahead (vring_packed_peek_id), or NULL. A
- * buffer whose id changed since (the guest rewrote it) is not popped. */
-static int pop_buffer(struct vring_packed *vr, const struct dp_mem *mem, struct vring_chain *chain,
-                      const uint16_t *expect, uint16_t *id, uint16_t *ndescs)
+/* Maps the buffer the cursor stands at into chain->iov. expect: the id
+ * the caller knows the buffer by (read ahead, or kept with a saved copy),
+ * or NULL; a buffer that carries another one (the guest rewrote it) is a
+ * shape fault. A saved buffer must end with its last copy. */
+static int walk_map(const struct vring_packed *vr, const struct dp_mem *mem, struct pcursor *c,
+                    struct vring_chain *chain, const uint16_t *expect)
 {
-    struct pcursor c;
     struct vring_packed_desc d;
     int ret;
-
-    vring_chain_reset(chain);
-    /* Acquire: the rest of the buffer was written before its first flags. */
-    if (!vring_packed_has_avail(vr))
-        return -EAGAIN;
-    cursor_init(vr, &c);
-    while ((ret = cursor_next(vr, mem, &c, chain, &d)) == 1) {
+    while ((ret = cursor_next(vr, mem, c, chain, &d)) == 1) {
         ret = vring_chain_map(mem, d.addr, d.len, d.flags & VRING_DESC_F_WRITE, chain);
         if (ret)
             return ret;
     }
     if (ret)
         return ret;
-    if (expect && c.id != *expect)
+    if ((expect && c->id != *expect) || (c->saved && c->ring_left))
         return -EBADMSG;
+    return 0;
+}
+
+/* After a fault: follows the buffer's links only, to its status byte. */
+static int walk_status(const struct vring_packed *vr, const struct dp_mem *mem, struct pcursor *c,
+                       struct vring_chain *chain, const uint16_t *expect, uint8_t **status)
+{
+    struct vring_packed_desc d, last = {0};
+    int ret;
+    while ((ret = cursor_next(vr, mem, c, chain, &d)) == 1)
+        last = d;
+    if (ret < 0)
+        return ret;
+    if (c->saved && c->ring_left)
+        return -EBADMSG;
+    if (!(last.flags & VRING_DESC_F_WRITE) || last.len == 0 || last.addr + (last.len - 1) < last.addr)
+        return -ENOMSG;
+    if (expect && c->id != *expect)
+        return -EBADMSG;
+    *status = guest_mem_ptr(mem, last.addr + (last.len - 1), 1);
+    return *status ? 0 : -ENOMSG;
+}
+
+/* expect: the id the caller read ahead (vring_packed_peek_id), or NULL. A
+ * buffer whose id changed since (the guest rewrote it) is not popped. */
+static int pop_buffer(struct vring_packed *vr, const struct dp_mem *mem, struct vring_chain *chain,
+                      const uint16_t *expect, uint16_t *id, uint16_t *ndescs)
+{
+    struct pcursor c;
+    vring_chain_reset(chain);
+    /* Acquire: the rest of the buffer was written before its first flags. */
+    if (!vring_packed_has_avail(vr))
+        return -EAGAIN;
+    cursor_init(vr, &c);
+    int ret = walk_map(vr, mem, &c, chain, expect);
+    if (ret)
+        return ret;
     cursor_pop(vr, &c, id, ndescs);
     return 0;
 }
@@ -259,23 +323,12 @@ static int pop_status_buffer(struct vring_packed *vr, const struct dp_mem *mem, 
                              const uint16_t *expect, uint8_t **status, uint16_t *id, uint16_t *ndescs)
 {
     struct pcursor c;
-    struct vring_packed_desc d, last = {0};
-    int ret;
-
     if (!vring_packed_has_avail(vr))
         return -EAGAIN;
     cursor_init(vr, &c);
-    while ((ret = cursor_next(vr, mem, &c, chain, &d)) == 1)
-        last = d;
-    if (ret < 0)
+    int ret = walk_status(vr, mem, &c, chain, expect, status);
+    if (ret)
         return ret;
-    if (!(last.flags & VRING_DESC_F_WRITE) || last.len == 0 || last.addr + (last.len - 1) < last.addr)
-        return -ENOMSG;
-    if (expect && c.id != *expect)
-        return -EBADMSG;
-    *status = guest_mem_ptr(mem, last.addr + (last.len - 1), 1);
-    if (!*status)
-        return -ENOMSG;
     cursor_pop(vr, &c, id, ndescs);
     return 0;
 }
@@ -292,6 +345,29 @@ int vring_packed_pop_status_id(struct vring_packed *vr, const struct dp_mem *mem
 {
     uint16_t popped;
     return pop_status_buffer(vr, mem, chain, &id, status, &popped, ndescs);
+}
+
+int vring_packed_walk_saved(const struct vring_packed *vr, const struct dp_mem *mem, struct vring_chain *chain,
+                            const struct vring_packed_desc *saved, uint16_t n, uint16_t id)
+{
+    struct pcursor c;
+    vring_chain_reset(chain);
+    chain->ring_descs = n;
+    if (n == 0)
+        return -EBADMSG;
+    cursor_init_saved(vr, &c, saved, n);
+    return walk_map(vr, mem, &c, chain, &id);
+}
+
+int vring_packed_status_saved(const struct vring_packed *vr, const struct dp_mem *mem, struct vring_chain *chain,
+                              const struct vring_packed_desc *saved, uint16_t n, uint16_t id, uint8_t **status)
+{
+    struct pcursor c;
+    chain->ring_descs = n;
+    if (n == 0)
+        return -EBADMSG;
+    cursor_init_saved(vr, &c, saved, n);
+    return walk_status(vr, mem, &c, chain, &id, status);
 }
 
 int vring_packed_peek_id(const struct vring_packed *vr, uint16_t *id)

@@ -88,6 +88,12 @@ int vring_packed_init(struct vring_packed *vr, uint16_t size, void *desc, void *
                       void *device_event, uint32_t base, bool event_idx, bool indirect,
                       uint32_t max_chain);
 
+/* Moves the walker to another base (a ring resumed where the inflight
+ * region says it stood, not where the frontend's base does): the same
+ * checks as init, -EINVAL and nothing changed when it fails. Nothing may
+ * be pushed and unpublished. */
+int vring_packed_set_base(struct vring_packed *vr, uint32_t base);
+
 /* The GET_VRING_BASE value (see VRING_PACKED_BASE). Used descriptors
  * pushed but not published count as written: publish first. */
 uint32_t vring_packed_base(const struct vring_packed *vr);
@@ -96,7 +102,9 @@ uint32_t vring_packed_base(const struct vring_packed *vr);
  * its id (from its last ring descriptor) and the ring descriptors it takes
  * (to be pushed back with it). -EAGAIN when the descriptor there is not
  * available. Acquire: what the driver wrote before flipping the first
- * descriptor's flags is visible. On a fault nothing is popped. Faults of
+ * descriptor's flags is visible. On a fault nothing is popped. With
+ * chain->ring_copy set, the buffer's ring descriptors are copied there as
+ * read (pop_status likewise). Faults of
  * the buffer's shape (the ring is broken): -ELOOP (more ring descriptors
  * than the ring has free: the chain runs onto itself or onto buffers in
  * flight), -E2BIG (more than max_chain buffer descriptors, or an indirect
@@ -133,6 +141,19 @@ int vring_packed_pop_id(struct vring_packed *vr, const struct dp_mem *mem, struc
                         uint16_t id, uint16_t *ndescs);
 int vring_packed_pop_status_id(struct vring_packed *vr, const struct dp_mem *mem, struct vring_chain *chain,
                                uint8_t **status, uint16_t id, uint16_t *ndescs);
+
+/* A buffer popped before (by this or an earlier backend) walked again from
+ * private copies of its n ring descriptors, as the vhost-user inflight
+ * region kept them: its ring slots may hold used descriptors by now, but
+ * an indirect table it points to is still the guest's (the buffer is not
+ * used yet). Nothing is popped; chain->ring_descs = n. The faults of pop
+ * and pop_status, and -EBADMSG also when the copies do not make one list
+ * of exactly n (NEXT on the last, none on an earlier one, an indirect one
+ * among several) or its id is not id. */
+int vring_packed_walk_saved(const struct vring_packed *vr, const struct dp_mem *mem, struct vring_chain *chain,
+                            const struct vring_packed_desc *saved, uint16_t n, uint16_t id);
+int vring_packed_status_saved(const struct vring_packed *vr, const struct dp_mem *mem, struct vring_chain *chain,
+                              const struct vring_packed_desc *saved, uint16_t n, uint16_t id, uint8_t **status);
 
 /* Writes a used descriptor (id, len) at the used position and moves past
  * the ndescs ring descriptors its buffer took (2.8.6). Buffers may be

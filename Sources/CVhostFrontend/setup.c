@@ -363,6 +363,7 @@ int vuf_setup(struct vuf_conn *c, struct gd_driver *d, const struct vuf_options 
     int rc = get_u64(c, VUF_GET_FEATURES, &info.features_offered);
     if (rc == 0)
         rc = negotiate_features(c, d, &info);
+    c->packed = has(info.features, VUF_F_RING_PACKED);
     if (rc == 0 && o->features_early)
         rc = set_features(c, &info);
     bool protocol = has(info.features, VUF_F_PROTOCOL_FEATURES);
@@ -382,6 +383,10 @@ int vuf_setup(struct vuf_conn *c, struct gd_driver *d, const struct vuf_options 
         rc = call(c, VUF_SET_OWNER, NULL, 0, NULL, 0, NULL, 0, NULL);
     if (rc == 0 && has(info.protocol, VUF_PF_CONFIG))
         rc = get_config(c, &info);
+    /* QEMU's vhost_dev_prepare_inflight: the features go first, since the
+     * back-end lays the inflight region out for the ring layout they name. */
+    if (rc == 0 && has(info.protocol, VUF_PF_INFLIGHT_SHMFD) && !o->features_early)
+        rc = set_features(c, &info);
     if (rc == 0 && has(info.protocol, VUF_PF_INFLIGHT_SHMFD))
         rc = setup_inflight(c, d, nq, o, &info);
     if (rc == 0 && !o->features_early)
@@ -399,7 +404,7 @@ int vuf_setup(struct vuf_conn *c, struct gd_driver *d, const struct vuf_options 
     return rc;
 }
 
-int vuf_stop_queue(struct vuf_conn *c, uint32_t q, uint16_t *last_avail)
+int vuf_stop_queue(struct vuf_conn *c, uint32_t q, uint32_t *base)
 {
     if (!c)
         return -EINVAL;
@@ -407,10 +412,10 @@ int vuf_stop_queue(struct vuf_conn *c, uint32_t q, uint16_t *last_avail)
     int rc = call(c, VUF_GET_VRING_BASE, &s, sizeof(s), NULL, 0, &r, sizeof(r), NULL);
     if (rc < 0)
         return rc;
-    if (r.index != q || r.num > UINT16_MAX)
+    if (r.index != q || (r.num > UINT16_MAX && !c->packed))
         return _vuf_fail(c, -EPROTO, "GET_VRING_BASE: reply {index %u, num %u} for queue %u", r.index, r.num, q);
-    if (last_avail)
-        *last_avail = (uint16_t)r.num;
+    if (base)
+        *base = r.num;
     return 0;
 }
 

@@ -21,6 +21,7 @@
 struct vuf_conn {
     int fd;
     bool reply_ack;  /* REPLY_ACK negotiated: no-reply messages ask for an ack */
+    bool packed;     /* VIRTIO_F_RING_PACKED negotiated: ring bases are 32-bit */
     int timeout_ms;  /* for replies during vuf_setup and vuf_stop_queue */
     int inflight_fd; /* the inflight region's memfd, -1 without */
     uint64_t inflight_size;

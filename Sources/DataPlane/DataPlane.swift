@@ -121,6 +121,14 @@ public final class DataPlane: Sendable {
     /// stay in the disk's and the queue index's statistics.
     @discardableResult
     public func stopQueue(disk: Disk, index: Int) -> UInt16? {
+        stopQueueBase(disk: disk, index: index).map { UInt16(truncatingIfNeeded: $0) }
+    }
+
+    /// `stopQueue`, answering GET_VRING_BASE for either layout: a split
+    /// ring's avail index, or a packed ring's 32-bit value
+    /// (`VirtqueueConfiguration.packedBase`).
+    @discardableResult
+    public func stopQueueBase(disk: Disk, index: Int) -> UInt32? {
         let id = ObjectIdentifier(disk)
         let queue: Virtqueue? = state.withLock { state in
             guard let queue = state.disks[id]?.queues.removeValue(forKey: index) else { return nil }
@@ -128,7 +136,7 @@ public final class DataPlane: Sendable {
             return queue
         }
         guard let queue else { return nil }
-        let last = queue.stop()
+        let last = queue.stopBase()
         let final = queue.statistics().countersOnly
         state.withLock { state in
             guard var entry = state.disks[id] else { return }

@@ -59,7 +59,8 @@ public enum DataPlaneError: Error, Equatable, CustomStringConvertible {
             return "cannot start IOThread \(name.debugDescription): \(Self.message(err))"
         case .queue(let disk, let index, let err):
             let detail = err == EFAULT ? "ring addresses lie outside guest memory"
-                : err == EINVAL ? "invalid queue size or misaligned ring"
+                : err == EINVAL ? "invalid queue size, misaligned ring, or a ring base outside the ring"
+                : err == EBADMSG ? "its vhost-user inflight region does not agree with the ring (refused rather than guessing which requests were in flight)"
                 : Self.message(err)
             return "cannot start queue \(index) of disk \(disk.debugDescription): \(detail)"
         case .socketPath(let path, let reason):

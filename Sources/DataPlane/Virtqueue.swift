@@ -31,7 +31,8 @@ public struct VirtqueueConfiguration: Sendable, Equatable {
     /// descriptor ring, `availRing` the driver and `usedRing` the device event
     /// suppression area, and `packedBase` where the ring resumes (vhost-user's
     /// 32-bit SET_VRING_BASE value; a fresh ring is 0x8000_8000). Buffer ids
-    /// must be below `size`; no inflight region yet.
+    /// must be below `size`. With an inflight region that holds requests, the
+    /// region says where the ring resumes (see `dp_queue_config.inflight`).
     public var packed = false
     public var packedBase: UInt32 = 0x8000_8000
 

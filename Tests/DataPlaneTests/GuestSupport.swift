@@ -173,7 +173,8 @@ final class Harness: @unchecked Sendable {
     let disk: Disk
     let guest: TestGuest
     var queues: [Virtqueue] = []
-    private var inflightRegions: [UnsafeMutableRawPointer] = []
+    private(set) var inflightRegions: [UnsafeMutableRawPointer] = []
+    let packed: Bool
 
     init(disk diskConfig: DiskConfiguration, threads: Int = 1, queues: Int = 1, queueSize: Int = 128,
          eventIndex: Bool = true, pollMicroseconds: UInt32 = 0, inflight: Bool = false, packed: Bool = false) throws {
@@ -185,11 +186,12 @@ final class Harness: @unchecked Sendable {
         config.numQueues = queues
         config.queueSize = max(config.queueSize, queueSize) // the largest ring the disk takes
         disk = try plane.addDisk(config)
+        self.packed = packed
         guest = try TestGuest(queues: queues, queueSize: queueSize, eventIndex: eventIndex, packed: packed)
         for q in 0..<queues {
             var queueConfig = guest.queueConfiguration(q)
             if inflight {
-                let size = Int(dp_inflight_queue_size(UInt32(queueSize)))
+                let size = Int(dp_inflight_queue_size(UInt32(queueSize), packed))
                 let region = UnsafeMutableRawPointer.allocate(byteCount: size, alignment: 64)
                 region.initializeMemory(as: UInt8.self, repeating: 0, count: size)
                 inflightRegions.append(region)
@@ -205,19 +207,29 @@ final class Harness: @unchecked Sendable {
         inflightRegions.forEach { $0.deallocate() }
     }
 
-    /// Whether the inflight region marks a head as in flight (DescStateSplit's
-    /// first byte; the queue's region starts with a 16-byte header).
+    /// Whether the inflight region marks a head as in flight (split:
+    /// DescStateSplit's first byte, after a 16-byte header; packed: a marked
+    /// DescStatePacked head entry whose last entry carries the buffer id).
     func inflightMarked(_ q: Int = 0, head: UInt16) -> Bool {
-        q < inflightRegions.count && inflightRegions[q].load(fromByteOffset: 16 + Int(head) * 16, as: UInt8.self) != 0
+        guard q < inflightRegions.count else { return false }
+        let r = inflightRegions[q]
+        guard packed else { return r.load(fromByteOffset: 16 + Int(head) * 16, as: UInt8.self) != 0 }
+        return (0..<guest.queueSize).contains { e in
+            let entry = 32 + e * 32
+            guard r.load(fromByteOffset: entry, as: UInt8.self) == 1 else { return false }
+            let last = Int(r.load(fromByteOffset: entry + 4, as: UInt16.self))
+            return last < guest.queueSize && r.load(fromByteOffset: 32 + last * 32 + 16, as: UInt16.self) == head
+        }
     }
 
     func stats(_ q: Int = 0) -> QueueStatistics { queues[q].statistics() }
 
     /// Starts a stopped queue again on the same rings and inflight region,
     /// as a frontend does after GET_VRING_BASE (a VM pause, a reconnect).
-    func restartQueue(_ q: Int = 0, lastAvailIndex: UInt16) throws {
+    func restartQueue(_ q: Int = 0, lastAvailIndex: UInt16 = 0, packedBase: UInt32? = nil) throws {
         var config = guest.queueConfiguration(q)
         config.lastAvailIndex = lastAvailIndex
+        if let packedBase { config.packedBase = packedBase }
         if q < inflightRegions.count { config.inflight = UInt(bitPattern: inflightRegions[q]) }
         queues[q] = try plane.startQueue(disk: disk, index: q, memory: guest.memory, configuration: config)
     }

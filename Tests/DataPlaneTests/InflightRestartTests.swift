@@ -10,19 +10,22 @@ import Testing
 @Suite(.serialized) struct InflightRestartTests {
     /// SIGKILL leaves requests in the region; a graceful stop (SIGTERM,
     /// `dpctl stop`) leaves those the error policy holds there too, rather
-    /// than turning them into guest I/O errors.
-    @Test(arguments: [true, false])
-    func backendsRequestsAreResubmittedOnce(killed: Bool) throws {
+    /// than turning them into guest I/O errors. Split rings, and packed ones
+    /// (VIRTIO_F_RING_PACKED: QueueRegionPacked, and the ring's place taken
+    /// from the region; the reads completing first wrote their used
+    /// descriptors over the held writes' ring slots).
+    @Test(arguments: [(true, false), (false, false), (true, true), (false, true)])
+    func backendsRequestsAreResubmittedOnce(killed: Bool, packed: Bool) throws {
         let image = try TestImage(size: 4 << 20)
         do {
-            try run(image, killed: killed)
+            try run(image, killed: killed, packed: packed)
         } catch {
             let logs = ["dpctl1.log", "dpctl2.log"].map { (try? String(contentsOfFile: image.directory + "/" + $0, encoding: .utf8)) ?? "" }
             Issue.record("\(error)\nfirst dpctl:\n\(logs[0])\nsecond dpctl:\n\(logs[1])")
         }
     }
 
-    func run(_ image: TestImage, killed: Bool) throws {
+    func run(_ image: TestImage, killed: Bool, packed: Bool) throws {
         let socket = image.directory + "/vu.sock"
         // Writes fail and, under the stop policy, are held: in flight when we kill.
         var first = try QEMUEndToEndTests.Instance(
@@ -30,11 +33,13 @@ import Testing
              "--fault", "errno=EIO,ops=write", "--control", image.directory + "/1.ctl"],
             log: image.directory + "/dpctl1.log")
         defer { _ = first.terminate() }
-        let g = try TestGuest(queues: 1, queueSize: 64)
+        let g = try TestGuest(queues: 1, queueSize: 64, packed: packed)
 
         var options = vuf_options()
         options.inflight = true
-        let conn = try g.connectFrontend(socket, options: options)
+        var info = vuf_info()
+        let conn = try g.connectFrontend(socket, options: options, info: &info)
+        #expect((info.features >> 34) & 1 == (packed ? 1 : 0), "RING_PACKED negotiated iff the driver is packed")
         // One batch, W R W R W R W R: the writes fail and are held (stop
         // policy), the reads between them complete: completions out of pop
         // order, which a restart from the used index alone would get wrong.
@@ -96,5 +101,6 @@ import Testing
         #expect(try g.run(type: UInt32(GD_BLK_T_IN), sector: 0, segments: [(buf, 4096)]).status == 0)
         #expect(g.read(buf, 4096) == pattern(4096, seed: 0))
         #expect(first.log.contains("queue 0 started"), "\(first.log)")
+        #expect(first.log.contains("packed ring") == packed, "\(first.log)")
     }
 }

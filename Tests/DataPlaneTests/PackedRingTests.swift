@@ -92,14 +92,4 @@ import Testing
         h.queues[0] = try h.plane.startQueue(disk: h.disk, index: 0, memory: g.memory, configuration: config)
         #expect(try g.run(type: UInt32(GD_BLK_T_IN), sector: 1, segments: [(buf, 4096)]).status == 0)
     }
-
-    /// Reconnect without loss needs the packed inflight layout, which is not
-    /// there yet: a packed queue with an inflight region is refused, not run
-    /// without it.
-    @Test func anInflightRegionIsRefusedForPackedRings() throws {
-        let image = try TestImage(size: Self.imageSize)
-        #expect(throws: DataPlaneError.self) {
-            _ = try Harness(disk: DiskConfiguration(path: image.path), queueSize: 16, inflight: true, packed: true)
-        }
-    }
 }

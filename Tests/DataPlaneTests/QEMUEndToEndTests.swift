@@ -105,8 +105,10 @@ struct QEMUEndToEndTests {
     /// 128-entry ring (these were refused once, and the guest, reading a
     /// status byte nobody wrote, believed its writes done). Several boots:
     /// where the guest's pages land, and so the segment count, varies.
-    @Test(arguments: [nil, 64] as [Int?])
-    func largeDirectIOReachesTheImage(queueSize: Int?) throws {
+    /// Packed: the device with packed=on; the guest's features (bit 34) and
+    /// dpctl's log both say the ring is packed.
+    @Test(arguments: [(nil, false), (64, false), (nil, true)] as [(Int?, Bool)])
+    func largeDirectIOReachesTheImage(queueSize: Int?, packed: Bool) throws {
         let w = try Workspace(imageSize: 64 << 20)
         defer { w.remove() }
         let dp = try Instance(["--disk", w.image, "--socket", w.socket, "--num-queues", "1"], log: w.dir + "/dpctl.log")
@@ -115,10 +117,12 @@ struct QEMUEndToEndTests {
             var args = ["--socket", w.socket, "--workload", "dio-large", "--log", w.dir + "/guest\(boot).log",
                         "--verify-image", w.image, "--timeout", "300"]
             if let queueSize { args += ["--queue-size", String(queueSize)] }
+            if packed { args.append("--packed") }
             let result = try Self.boot(args)
             let guest = (try? String(contentsOfFile: w.dir + "/guest\(boot).log", encoding: .utf8)) ?? ""
             #expect(result.status == 0, "boot \(boot): \(result.output)\nguest: \(guest.suffix(3000))\ndpctl: \(dp.log)")
             #expect(guest.contains("max_segments=128"), "guest: \(guest.suffix(2000))")
+            #expect(guest.contains(packed ? "ring=packed" : "ring=split"), "guest: \(guest.suffix(2000))")
         }
         // The guest really sent requests of seg_max segments: 130 iovecs
         // (header and status besides), more than a 64-entry ring holds.
@@ -126,6 +130,7 @@ struct QEMUEndToEndTests {
         #expect(disk?["longestChain"] as? Int == 130, "\(disk ?? [:])")
         _ = dp.terminate()
         #expect(!dp.log.contains("broken"), "dpctl: \(dp.log)")
+        #expect(dp.log.contains("packed ring") == packed, "dpctl: \(dp.log)")
     }
 
     @Test func twoQueuesOnTwoIOThreads() throws {
@@ -141,7 +146,11 @@ struct QEMUEndToEndTests {
         #expect(dp.log.contains("queue 1 started") && dp.log.contains("iothread1"))
     }
 
-    @Test func guestSurvivesBackendKillAndRestart() throws {
+    /// Packed: QEMU keeps no packed ring position of its own and, after the
+    /// kill, sends the base from its last GET_VRING_BASE: the new dpctl takes
+    /// the ring's place from the inflight region.
+    @Test(arguments: [false, true])
+    func guestSurvivesBackendKillAndRestart(packed: Bool) throws {
         let w = try Workspace(imageSize: 128 << 20)
         let args = ["--disk", w.image, "--socket", w.socket, "--num-queues", "1"]
         var dp = try Instance(args, log: w.dir + "/dpctl.log")
@@ -149,7 +158,7 @@ struct QEMUEndToEndTests {
         boot.executableURL = URL(fileURLWithPath: "/bin/bash")
         boot.arguments = [Self.root.appendingPathComponent("Tests/e2e/boot.sh").path, "--socket", w.socket,
                           "--workload", "long-io", "--seconds", "20", "--reconnect", "--log", w.dir + "/guest.log",
-                          "--timeout", "300"]
+                          "--timeout", "300"] + (packed ? ["--packed"] : [])
         let out = Pipe()
         boot.standardOutput = out
         boot.standardError = out
@@ -167,6 +176,8 @@ struct QEMUEndToEndTests {
         _ = dp.terminate()
         #expect(boot.terminationStatus == 0, "boot.sh: \(output)\nguest: \(guestTail(w))\nfirst dpctl: \(firstLog)\nsecond: \(dp.log)\nkept in \(w.dir)")
         #expect(dp.log.contains("frontend connected"), "QEMU reconnected to the new dpctl: \(dp.log)")
+        #expect(dp.log.contains("packed ring") == packed, "\(dp.log)")
+        #expect(guestTail(w).contains(packed ? "ring=packed" : "ring=split"), "\(guestTail(w))")
         if boot.terminationStatus == 0 { w.remove() }
     }
 

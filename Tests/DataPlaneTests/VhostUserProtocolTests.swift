@@ -197,9 +197,10 @@ func procSelfMaps() -> String {
     }
 
     /// Negotiates features (optionally REPLY_ACK) as QEMU does.
-    func negotiate(_ f: RawFrontend, replyAck: Bool = true, moreProtocolFeatures: UInt64 = 0) throws {
+    func negotiate(_ f: RawFrontend, replyAck: Bool = true, moreProtocolFeatures: UInt64 = 0, packed: Bool = false) throws {
         let offered = try #require(f.u64Reply(Self.getFeatures))
-        f.send(Self.setFeatures, payload: le64(offered & ((1 << 32) | (1 << 30) | (1 << 28) | (1 << 29))))
+        #expect(offered & (1 << 34) != 0) // VIRTIO_F_RING_PACKED offered
+        f.send(Self.setFeatures, payload: le64(offered & ((1 << 32) | (1 << 30) | (1 << 28) | (1 << 29) | (packed ? 1 << 34 : 0))))
         let protocolFeatures = try #require(f.u64Reply(Self.getProtocolFeatures))
         #expect(protocolFeatures & (1 << 3) != 0) // REPLY_ACK offered
         f.send(Self.setProtocolFeatures, payload: le64((replyAck ? (1 << 3) | (1 << 9) : 0) | moreProtocolFeatures))
@@ -490,9 +491,9 @@ func procSelfMaps() -> String {
     }
 
     /// Sets up ring 0 with the given addresses (user addresses in the 1 MiB table) and enables it.
-    func startRing(_ f: RawFrontend, desc: UInt64, avail: UInt64, used: UInt64, num: UInt32 = 8) {
+    func startRing(_ f: RawFrontend, desc: UInt64, avail: UInt64, used: UInt64, num: UInt32 = 8, base: UInt32 = 0) {
         f.send(Self.setVringNum, payload: state(0, num))
-        f.send(Self.setVringBase, payload: state(0, 0))
+        f.send(Self.setVringBase, payload: state(0, base))
         var addr: [UInt8] = []
         addr.appendLE(UInt32(0)); addr.appendLE(UInt32(0))
         addr.appendLE(desc); addr.appendLE(used); addr.appendLE(avail); addr.appendLE(UInt64(0))
@@ -548,6 +549,43 @@ func procSelfMaps() -> String {
         while references(to: name).maps > 0 && Date() < deadline { usleep(10_000) }
         #expect(references(to: name) == (0, 0))
         #expect(try h.stillServes())
+    }
+
+    /// Packed rings (VIRTIO_F_RING_PACKED): SET_VRING_BASE and GET_VRING_BASE
+    /// carry the 32-bit value (both positions and wrap counters: here a ring
+    /// in its second lap, two descriptors in flight), and the ring runs
+    /// there; its addresses are the descriptor ring and the driver and device
+    /// event suppression areas.
+    @Test func packedBaseRoundTrips() throws {
+        let h = try ServerHarness()
+        let f = try RawFrontend(path: h.socket)
+        try negotiate(f, packed: true)
+        close(sendMemory(f))
+        #expect(f.receive()?.payload == le64(0))
+        startRing(f, desc: 0x1000_0000, avail: 0x1000_1004, used: 0x1000_2008, base: 0x0003_0005)
+        #expect(f.receive()?.payload == le64(0))
+        #expect(h.plane.queues(of: h.disk).count == 1)
+        f.send(Self.getVringBase, payload: state(0, 0))
+        #expect(try #require(f.receive()).payload == state(0, 0x0003_0005))
+        #expect(h.plane.queues(of: h.disk).isEmpty)
+        #expect(h.log.contains("packed ring, base 0x30005"), "\(h.log)")
+    }
+
+    /// A base the negotiated layout cannot have closes the connection with
+    /// the reason, and nothing else: a packed position not below the ring
+    /// size, more than a ring's worth between the positions, a 32-bit value
+    /// for a split ring.
+    @Test(arguments: [(true, UInt32(0x0000_8009), "not both below the ring size"),
+                      (true, UInt32(0x8000_0005), "more than the ring's 8 descriptors"),
+                      (false, UInt32(0x8000_8000), "not a split-ring avail index")])
+    func aRingBaseTheLayoutCannotHaveIsRefused(packed: Bool, base: UInt32, reason: String) throws {
+        let h = try ServerHarness()
+        let f = try RawFrontend(path: h.socket)
+        try negotiate(f, packed: packed)
+        f.send(Self.setVringNum, payload: state(0, 8))
+        f.send(Self.setVringBase, flags: Self.needReply, payload: state(0, base))
+        #expect(f.receive().map { $0.payload != le64(0) } ?? true)
+        try expectClosedAndServing(f, h, reason)
     }
 
     /// Review finding: SET_VRING_CALL on a running ring closed the old call fd
@@ -672,18 +710,24 @@ func procSelfMaps() -> String {
         try expectClosedAndServing(f, h, "GET_INFLIGHT_FD while rings run")
     }
 
-    @Test func inflightRegionIsHandedOut() throws {
+    /// Sized by the backend for the layout the features negotiated (QEMU
+    /// sends SET_FEATURES first), the same for every queue: DescStatePacked
+    /// is twice DescStateSplit.
+    @Test(arguments: [false, true])
+    func inflightRegionIsHandedOut(packed: Bool) throws {
         let h = try ServerHarness()
         let f = try RawFrontend(path: h.socket)
         let offered = try #require(f.u64Reply(Self.getFeatures))
-        f.send(Self.setFeatures, payload: le64(offered & ((1 << 32) | (1 << 30))))
+        f.send(Self.setFeatures, payload: le64(offered & ((1 << 32) | (1 << 30) | (packed ? 1 << 34 : 0))))
         f.send(Self.setProtocolFeatures, payload: le64(1 << 12))
         f.send(Self.getInflightFD, payload: inflightRequest(queues: 2, queueSize: 128))
         let reply = try #require(f.receive())
         #expect(reply.fds.count == 1)
-        #expect(PayloadReaderForTests.u64(reply.payload, 0) == 2 * dpInflightQueueSize(128))
+        let perQueue = dpInflightQueueSize(128, packed: packed)
+        #expect(perQueue == (packed ? 4160 : 2112)) // headers of 32 and 16 bytes, 64-aligned
+        #expect(PayloadReaderForTests.u64(reply.payload, 0) == 2 * perQueue)
         var size: UInt64 = 0
-        #expect(dps_fd_size(reply.fds[0], &size) == 0 && size == 2 * dpInflightQueueSize(128))
+        #expect(dps_fd_size(reply.fds[0], &size) == 0 && size == 2 * perQueue)
         // Sealed: the frontend cannot shrink it under our mapping (SIGBUS).
         // F_GET_SEALS = 1034, F_SEAL_SHRINK = 2, F_SEAL_GROW = 4 (linux/fcntl.h).
         #expect(fcntl(reply.fds[0], 1034) & 6 == 6)
@@ -695,7 +739,7 @@ func procSelfMaps() -> String {
 import CDataPlane
 import Synchronization
 
-func dpInflightQueueSize(_ n: UInt32) -> UInt64 { dp_inflight_queue_size(n) }
+func dpInflightQueueSize(_ n: UInt32, packed: Bool = false) -> UInt64 { dp_inflight_queue_size(n, packed) }
 
 /// Collects the server's log: messages at info and above as `log` lines,
 /// every event (trace included) with its metadata.

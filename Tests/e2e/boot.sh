@@ -9,6 +9,8 @@
 #   --log FILE           serial console + QEMU messages go here
 #   --queues N           num-queues of the vhost-user-blk-pci device
 #   --queue-size N       queue-size of the device (QEMU's default: 128)
+#   --packed             packed=on on the device (VIRTIO_F_RING_PACKED; the
+#                        guest's result line says ring=packed when negotiated)
 #                        (default 1; 2 for mq); the guest checks it sees
 #                        min(N, 2) blk-mq queues
 #   --reconnect          add reconnect=1 to the chardev (survive backend restarts)
@@ -41,7 +43,7 @@ QEMU=${QEMU:-qemu-system-x86_64}
 die() { echo "boot.sh: error: $*" >&2; exit 2; }
 trap 'echo "boot.sh: error: unexpected failure at line $LINENO: $BASH_COMMAND" >&2' ERR
 
-socket= workload= log= queues= queue_size= reconnect=0 seconds=20 timeout_s= seed= regions= region= slot=
+socket= workload= log= queues= queue_size= packed=0 reconnect=0 seconds=20 timeout_s= seed= regions= region= slot=
 verify_image= wait_socket=10 stall= readers= exit_grace=20 kernel= initrd= append= show=0
 qemu_extra=()
 while [[ $# -gt 0 ]]; do
@@ -51,6 +53,7 @@ while [[ $# -gt 0 ]]; do
         --log) log=${2:?}; shift 2 ;;
         --queues) queues=${2:?}; shift 2 ;;
         --queue-size) queue_size=${2:?}; shift 2 ;;
+        --packed) packed=1; shift ;;
         --reconnect) reconnect=1; shift ;;
         --seconds) seconds=${2:?}; shift 2 ;;
         --timeout) timeout_s=${2:?}; shift 2 ;;
@@ -122,6 +125,8 @@ chardev="socket,id=c0,path=$socket"
 # TCG (QEMU 7.2, guest 6.12) about one boot in 30 oopsed on an int3 while the
 # kernel patched its own text (static keys: "Oops: int3" in sched_clock_cpu,
 # or RIP one byte into a jmp), before virtio-blk was even probed.
+packed_opt=
+if [[ $packed == 1 ]]; then packed_opt=,packed=on; fi
 qemu_cmd=(
     "$QEMU"
     -machine q35,memory-backend=mem -accel tcg,thread=single
@@ -130,7 +135,7 @@ qemu_cmd=(
     -kernel "$kernel" -initrd "$initrd"
     -append "$cmdline"
     -chardev "$chardev"
-    -device "vhost-user-blk-pci,chardev=c0,num-queues=$queues${queue_size:+,queue-size=$queue_size}"
+    -device "vhost-user-blk-pci,chardev=c0,num-queues=$queues${queue_size:+,queue-size=$queue_size}${packed_opt}"
     -smp $smp
     -serial stdio -display none -no-reboot -nodefaults
     "${qemu_extra[@]}"

@@ -304,14 +304,14 @@ static int lg_stop(const struct lg_opts *o, struct lg_disk *k)
 {
     int bad = 0;
     for (uint32_t q = 0; q < o->queues; q++) {
-        uint16_t last;
+        uint32_t last;
         int rc = vuf_stop_queue(k->c, q, &last);
         if (rc < 0) {
             fprintf(stderr, "dp-loadgen: %s: stopping queue %u: %s\n", k->socket, q, vuf_last_error(k->c));
             bad = 1;
-        } else if (last != gd_used_idx(k->d, q)) {
-            fprintf(stderr, "dp-loadgen: %s: queue %u stopped at avail index %u, its used index is %u\n", k->socket,
-                    q, last, gd_used_idx(k->d, q));
+        } else if (last != gd_vring_base(k->d, q)) {
+            fprintf(stderr, "dp-loadgen: %s: queue %u stopped at base 0x%x, the driver's used position is 0x%x\n",
+                    k->socket, q, last, gd_vring_base(k->d, q));
             bad = 1;
         }
     }

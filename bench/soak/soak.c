@@ -1137,14 +1137,15 @@ static void run_phase(struct sk *s, enum sk_phase phase, uint64_t end_ns)
 static void stop_rings(struct sk *s)
 {
     for (uint32_t qi = 0; qi < s->o.queues; qi++) {
-        uint16_t last = 0;
+        uint32_t last = 0;
         int rc = vuf_stop_queue(s->conn, qi, &last);
         if (rc < 0) {
             s->n.backend_failures++;
             report(s, "stopping queue %u (GET_VRING_BASE): %s", qi, vuf_last_error(s->conn));
-        } else if (last != gd_used_idx(s->d, qi)) {
+        } else if (last != gd_vring_base(s->d, qi)) {
             s->n.backend_failures++;
-            report(s, "queue %u stopped at avail index %u, its used index is %u", qi, last, gd_used_idx(s->d, qi));
+            report(s, "queue %u stopped at base 0x%x, the driver's used position is 0x%x", qi, last,
+                   gd_vring_base(s->d, qi));
         }
     }
 }

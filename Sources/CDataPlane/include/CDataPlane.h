@@ -326,7 +326,7 @@ struct dp_queue_config {
      * area; packed_base is SET_VRING_BASE's 32-bit value (bits 0-14 the next
      * descriptor to pop, 15 its wrap counter, 16-30 the next used position,
      * 31 its wrap counter; 0x80008000 on a fresh ring). Buffer ids must be
-     * below size. No inflight region yet (-ENOTSUP with one). */
+     * below size. */
     bool packed;
     uint32_t packed_base;
     int32_t kick_fd;         /* eventfd the driver writes; -1 = rely on polling */
@@ -334,15 +334,21 @@ struct dp_queue_config {
     int32_t err_fd;          /* eventfd we write when the ring breaks; -1 = none */
                              /* (both are made O_NONBLOCK: we never wait to signal) */
     /* vhost-user inflight tracking (INFLIGHT_SHMFD): this queue's part of the
-     * shared region, dp_inflight_queue_size(size) bytes, or NULL. When the
-     * region holds requests from a previous backend or connection, they are
-     * resubmitted first, in the order they were popped, and popping resumes
-     * after them (last_avail_idx is then taken from the region). */
+     * shared region, dp_inflight_queue_size(size, packed) bytes, or NULL.
+     * When the region holds requests from a previous backend or connection,
+     * they are resubmitted first, in the order they were popped, and popping
+     * resumes after them (split: last_avail_idx is then taken from the
+     * region and the used ring; packed: the whole base, which QEMU cannot
+     * know after a backend died, is taken from the region). A region that
+     * disagrees with the ring is refused (-EBADMSG). */
     void *inflight;
 };
 
-/* Bytes one queue's inflight region takes (split ring layout, 64-aligned). */
-uint64_t dp_inflight_queue_size(uint32_t queue_size);
+/* Bytes one queue's inflight region takes: QueueRegionSplit, or with packed
+ * QueueRegionPacked (vhost-user.rst "Inflight I/O tracking"), 64-aligned.
+ * The backend sizes the region (GET_INFLIGHT_FD), so every queue of a
+ * device gets the same layout: the one its negotiated features give. */
+uint64_t dp_inflight_queue_size(uint32_t queue_size, bool packed);
 
 struct dp_queue;
 

@@ -196,8 +196,8 @@ struct vuf_info {
 
 /* The whole handshake, in QEMU's order (hw/block/vhost-user-blk.c, hw/virtio/vhost.c):
  *   GET_FEATURES, GET_PROTOCOL_FEATURES, SET_PROTOCOL_FEATURES, GET_QUEUE_NUM,
- *   GET_MAX_MEM_SLOTS, SET_OWNER, GET_CONFIG, [GET_INFLIGHT_FD, SET_INFLIGHT_FD],
- *   SET_FEATURES, SET_MEM_TABLE or ADD_MEM_REG, per queue SET_VRING_NUM,
+ *   GET_MAX_MEM_SLOTS, SET_OWNER, GET_CONFIG, [SET_FEATURES, GET_INFLIGHT_FD,
+ *   SET_INFLIGHT_FD (vhost_dev_prepare_inflight)], SET_FEATURES, SET_MEM_TABLE or ADD_MEM_REG, per queue SET_VRING_NUM,
  *   SET_VRING_BASE, SET_VRING_ADDR, SET_VRING_KICK, SET_VRING_CALL, then
  *   SET_VRING_ENABLE 1 on each queue (not sent without PROTOCOL_FEATURES).
  * SET_VRING_BASE is the ring's used index: 0 on a fresh driver, and after
@@ -217,9 +217,10 @@ struct vuf_info {
 int vuf_setup(struct vuf_conn *c, struct gd_driver *d, const struct vuf_options *opts, struct vuf_info *info);
 
 /* GET_VRING_BASE: stops queue q (the back-end drains it first) and reports
- * where it stopped popping. The back-end closes its copies of the queue's
- * eventfds. */
-int vuf_stop_queue(struct vuf_conn *c, uint32_t q, uint16_t *last_avail);
+ * where it stopped: a split ring's avail index, or a packed ring's 32-bit
+ * value (gd_vring_base's encoding). The back-end closes its copies of the
+ * queue's eventfds. */
+int vuf_stop_queue(struct vuf_conn *c, uint32_t q, uint32_t *base);
 
 /* A duplicate of the inflight region's fd (the caller's to close) and its
  * size, or -ENOENT when there is none. */

@@ -23,7 +23,9 @@ package final class VhostUserBlkDevice {
         var used: UInt64 = 0
         var avail: UInt64 = 0
         var addressSet = false
-        var base: UInt16 = 0
+        /// SET_VRING_BASE: a split ring's next avail index, or a packed
+        /// ring's 32-bit value (`VirtqueueConfiguration.packedBase`).
+        var base: UInt32 = 0
         var kick: Int32 = -1
         var call: Int32 = -1
         var err: Int32 = -1
@@ -41,6 +43,9 @@ package final class VhostUserBlkDevice {
         var numQueues: Int
         var queueSize: Int
         var perQueue: UInt64
+        /// Laid out for packed rings (QueueRegionPacked): VIRTIO_F_RING_PACKED
+        /// was negotiated when the region was sized.
+        var packed: Bool
     }
 
     let disk: Disk
@@ -72,7 +77,7 @@ package final class VhostUserBlkDevice {
 
     var offeredFeatures: UInt64 {
         var f = VirtioFeature.version1 | VirtioFeature.protocolFeatures | VirtioFeature.ringIndirectDesc
-            | VirtioFeature.ringEventIndex | VirtioFeature.blkSizeMax | VirtioFeature.blkSegMax | VirtioFeature.blkBlockSize
+            | VirtioFeature.ringEventIndex | VirtioFeature.ringPacked | VirtioFeature.blkSizeMax | VirtioFeature.blkSegMax | VirtioFeature.blkBlockSize
             | VirtioFeature.blkFlush | VirtioFeature.blkTopology | VirtioFeature.blkMultiQueue
         if disk.configuration.readOnly {
             f |= VirtioFeature.blkReadOnly
@@ -92,6 +97,11 @@ package final class VhostUserBlkDevice {
     var segMax: UInt32 { UInt32(disk.configuration.segmentsPerRequest) }
 
     func hasProtocolFeature(_ f: ProtocolFeature) -> Bool { protocolFeatures & f.mask != 0 }
+
+    /// Packed rings were negotiated (SET_FEATURES): ring bases are 32-bit
+    /// values, ring addresses name the descriptor ring and the two event
+    /// suppression areas, the inflight region is QueueRegionPacked.
+    var packedNegotiated: Bool { features & VirtioFeature.ringPacked != 0 }
 
     /// Whether a failed message gets a non-zero REPLY_ACK.
     var replyAckNegotiated: Bool { hasProtocolFeature(.replyAck) }
@@ -248,9 +258,9 @@ package final class VhostUserBlkDevice {
             try expectSize(message, 8)
             let i = try vringIndex(p.u32(0))
             let base = try p.u32(4)
-            guard base <= UInt32(UInt16.max) else { throw .invalid("ring base \(base) is not a split-ring index") }
             guard vrings[i].queue == nil else { throw .outOfOrder("SET_VRING_BASE on running ring \(i)") }
-            vrings[i].base = UInt16(base)
+            try checkBase(base, ring: i)
+            vrings[i].base = base
             return nil
         case .getVringBase:
             try expectSize(message, 8)
@@ -260,7 +270,7 @@ package final class VhostUserBlkDevice {
             closeNotifiers(i)
             var out: [UInt8] = []
             out.appendLE(UInt32(i))
-            out.appendLE(UInt32(last))
+            out.appendLE(last)
             return Reply(payload: out)
         case .setVringKick, .setVringCall, .setVringErr:
             try expectSize(message, 8)
@@ -486,13 +496,38 @@ package final class VhostUserBlkDevice {
         try startReadyQueues()
     }
 
-    /// Stops a ring (its in-flight requests complete) and returns where it stopped.
-    private func stopRing(_ i: Int) -> UInt16 {
+    /// Stops a ring (its in-flight requests complete) and returns where it
+    /// stopped: GET_VRING_BASE's value for the ring's layout.
+    private func stopRing(_ i: Int) -> UInt32 {
         guard let queue = vrings[i].queue else { return vrings[i].base }
         vrings[i].queue = nil
-        let last = plane.stopQueue(disk: disk, index: i) ?? queue.stop()
+        let last = plane.stopQueueBase(disk: disk, index: i) ?? queue.stopBase()
         vrings[i].base = last
         return last
+    }
+
+    /// SET_VRING_BASE's value for the negotiated layout. Split: a 16-bit
+    /// avail index. Packed (vhost-user.rst "Vring descriptor indices for
+    /// packed virtqueues"): both 15-bit positions below the ring size (the
+    /// spec's 2.8 ring indices; checked here when the size is known, and
+    /// again when the ring starts), at most a ring's worth in flight.
+    private func checkBase(_ base: UInt32, ring i: Int) throws(VhostUserError) {
+        guard packedNegotiated else {
+            guard base <= UInt32(UInt16.max) else {
+                throw .invalid("ring \(i): base 0x\(String(base, radix: 16)) is not a split-ring avail index (VIRTIO_F_RING_PACKED was not negotiated)")
+            }
+            return
+        }
+        let num = vrings[i].num
+        guard num > 0 else { return }
+        let avail = Int(base & 0x7fff), used = Int(base >> 16 & 0x7fff)
+        guard avail < num, used < num else {
+            throw .invalid("ring \(i): packed base 0x\(String(base, radix: 16)) names avail position \(avail) and used position \(used), not both below the ring size \(num)")
+        }
+        let availPos = avail + (base & 0x8000 != 0 ? 0 : num), usedPos = used + (base & 0x8000_0000 != 0 ? 0 : num)
+        guard (availPos - usedPos + 2 * num) % (2 * num) <= num else {
+            throw .invalid("ring \(i): packed base 0x\(String(base, radix: 16)) puts more than the ring's \(num) descriptors between its used and avail positions")
+        }
     }
 
     private func closeNotifiers(_ i: Int) {
@@ -510,10 +545,19 @@ package final class VhostUserBlkDevice {
                 size: v.num, descriptorTable: v.desc, availRing: v.avail, usedRing: v.used, addressesAreUser: true,
                 eventIndex: features & VirtioFeature.ringEventIndex != 0,
                 indirectDescriptors: features & VirtioFeature.ringIndirectDesc != 0,
-                lastAvailIndex: v.base, kickFD: v.kick, callFD: v.call, errorFD: v.err)
+                lastAvailIndex: UInt16(truncatingIfNeeded: v.base), kickFD: v.kick, callFD: v.call, errorFD: v.err)
+            // SET_VRING_BASE may have come before SET_FEATURES or SET_VRING_NUM.
+            try checkBase(v.base, ring: i)
+            if packedNegotiated {
+                config.packed = true
+                config.packedBase = v.base
+            }
             if let inflight {
                 guard i < inflight.numQueues, v.num <= inflight.queueSize else {
                     throw .invalid("ring \(i) of size \(v.num) does not fit the inflight region (\(inflight.numQueues) queues of \(inflight.queueSize))")
+                }
+                guard inflight.packed == packedNegotiated else {
+                    throw .invalid("ring \(i): the inflight region was laid out for \(inflight.packed ? "packed" : "split") rings and \(packedNegotiated ? "packed" : "split") rings were negotiated (SET_FEATURES must come before GET_INFLIGHT_FD / SET_INFLIGHT_FD)")
                 }
                 config.inflight = UInt(bitPattern: inflight.mapping.base) + UInt(UInt64(i) * inflight.perQueue)
             }
@@ -523,7 +567,8 @@ package final class VhostUserBlkDevice {
                 throw .invalid(error.description)
             }
             let thread = vrings[i].queue?.thread.configuration.name ?? "?"
-            logger.info("disk \(disk.name): queue \(i) started (size \(v.num), avail index \(v.base), \(thread))",
+            let place = packedNegotiated ? "packed ring, base 0x\(String(v.base, radix: 16))" : "avail index \(v.base)"
+            logger.info("disk \(disk.name): queue \(i) started (size \(v.num), \(place), \(thread))",
                         metadata: ["queue": "\(i)", "iothread": "\(thread)"])
         }
     }
@@ -565,13 +610,15 @@ package final class VhostUserBlkDevice {
         guard queues > 0, queues <= numQueues, queueSize > 0, queueSize <= Int(DP_QUEUE_MAX_SIZE) else {
             throw .invalid("inflight region for \(queues) queues of \(queueSize)")
         }
-        let perQueue = dp_inflight_queue_size(UInt32(queueSize))
+        // The layout follows the features negotiated (QEMU sends SET_FEATURES
+        // first: vhost_dev_prepare_inflight), the same for every queue.
+        let perQueue = dp_inflight_queue_size(UInt32(queueSize), packedNegotiated)
         let size = perQueue * UInt64(queues)
         let fd = dps_memfd("dataplane-inflight", size)
         guard fd >= 0 else { throw .system("memfd for the inflight region", -fd) }
         do {
             inflight = Inflight(mapping: try SharedMapping(fd: fd, length: size), numQueues: queues,
-                                queueSize: queueSize, perQueue: perQueue)
+                                queueSize: queueSize, perQueue: perQueue, packed: packedNegotiated)
         } catch {
             closeFD(fd)
             throw error
@@ -597,7 +644,7 @@ package final class VhostUserBlkDevice {
         guard queues > 0, queues <= numQueues, queueSize > 0, queueSize <= Int(DP_QUEUE_MAX_SIZE) else {
             throw .invalid("inflight region for \(queues) queues of \(queueSize)")
         }
-        let perQueue = dp_inflight_queue_size(UInt32(queueSize))
+        let perQueue = dp_inflight_queue_size(UInt32(queueSize), packedNegotiated)
         guard offset == 0, size >= perQueue * UInt64(queues) else {
             throw .invalid("inflight region of \(size) bytes at offset \(offset) is too small for \(queues) queues of \(queueSize)")
         }
@@ -608,7 +655,7 @@ package final class VhostUserBlkDevice {
         guard vrings.allSatisfy({ $0.queue == nil }) else { throw .outOfOrder("SET_INFLIGHT_FD while rings run") }
         // Only what we use of it: the size announced may be far larger.
         inflight = Inflight(mapping: try SharedMapping(fd: fd, length: perQueue * UInt64(queues)), numQueues: queues,
-                            queueSize: queueSize, perQueue: perQueue)
+                            queueSize: queueSize, perQueue: perQueue, packed: packedNegotiated)
     }
 
     // MARK: - Helpers

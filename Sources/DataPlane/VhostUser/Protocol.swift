@@ -82,6 +82,8 @@ enum VirtioFeature {
     static let ringEventIndex: UInt64 = 1 << 29
     static let protocolFeatures: UInt64 = 1 << 30
     static let version1: UInt64 = 1 << 32
+    /// VIRTIO_F_RING_PACKED (virtio 1.2, 2.8).
+    static let ringPacked: UInt64 = 1 << 34
 }
 
 /// The header is 12 bytes: request, flags, payload size.
