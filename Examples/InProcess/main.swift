@@ -41,6 +41,9 @@ struct InProcessExample {
             configuration: VirtqueueConfiguration(
                 size: Int(ring.size), descriptorTable: ring.desc_addr, availRing: ring.avail_addr,
                 usedRing: ring.used_addr, eventIndex: ring.event_idx, kickFD: ring.kick_fd, callFD: ring.call_fd))
+        // Defers run last first: the queue stops before gd_destroy unmaps the
+        // rings it polls (plane.stop() alone would come after the unmap).
+        defer { _ = plane.stopQueue(disk: disk, index: 0) }
 
         // Write 4 KiB at sector 8, read it back.
         let buffer = gd_alloc(driver, 4096, 4096)

@@ -1,5 +1,6 @@
 /* System-call shims for the Swift control path. */
 #include <errno.h>
+#include <stddef.h>
 #include <fcntl.h>
 #include <sched.h>
 #include <stdio.h>
@@ -28,6 +29,11 @@ static int unix_addr(const char *path, struct sockaddr_un *addr)
 
 int dps_unix_listen(const char *path, int backlog)
 {
+    return dps_unix_listen_as(path, backlog, -1, -1, -1);
+}
+
+int dps_unix_listen_as(const char *path, int backlog, int mode, int64_t uid, int64_t gid)
+{
     struct sockaddr_un addr;
     int ret = unix_addr(path, &addr);
     if (ret)
@@ -35,12 +41,110 @@ int dps_unix_listen(const char *path, int backlog)
     int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
     if (fd < 0)
         return -errno;
-    if (bind(fd, (struct sockaddr *)&addr, sizeof(addr)) < 0 || listen(fd, backlog) < 0) {
+    if (bind(fd, (struct sockaddr *)&addr, sizeof(addr)) < 0) {
         ret = -errno;
         close(fd);
         return ret;
     }
+    /* Owner and mode are set on the path before listen(): until then a
+     * connect is refused, so nobody gets in under the umask's mode. */
+    ret = dps_path_permissions(path, mode, uid, gid);
+    if (ret == 0 && listen(fd, backlog) < 0)
+        ret = -errno;
+    if (ret) {
+        unlink(path);
+        close(fd);
+        return ret;
+    }
     return fd;
+}
+
+int dps_path_permissions(const char *path, int mode, int64_t uid, int64_t gid)
+{
+    /* The mode first, while the file may still be ours: chmod of another
+     * user's file would need CAP_FOWNER besides the CAP_CHOWN of lchown. */
+    if (mode >= 0 && chmod(path, (mode_t)mode) < 0)
+        return -errno;
+    if ((uid >= 0 || gid >= 0) &&
+        lchown(path, uid >= 0 ? (uid_t)uid : (uid_t)-1, gid >= 0 ? (gid_t)gid : (gid_t)-1) < 0)
+        return -errno;
+    return 0;
+}
+
+int dps_socket_describe(int fd, int *type, bool *listening, char *path, size_t path_len)
+{
+    struct stat st;
+    if (fstat(fd, &st) < 0)
+        return -errno;
+    if (!S_ISSOCK(st.st_mode))
+        return -ENOTSOCK;
+    int value = 0;
+    socklen_t len = sizeof(value);
+    if (getsockopt(fd, SOL_SOCKET, SO_TYPE, &value, &len) < 0)
+        return -errno;
+    *type = value;
+    value = 0;
+    len = sizeof(value);
+    if (getsockopt(fd, SOL_SOCKET, SO_ACCEPTCONN, &value, &len) < 0)
+        return -errno;
+    *listening = value != 0;
+    struct sockaddr_un addr;
+    memset(&addr, 0, sizeof(addr));
+    len = sizeof(addr);
+    if (getsockname(fd, (struct sockaddr *)&addr, &len) < 0)
+        return -errno;
+    if (path_len > 0)
+        path[0] = 0;
+    if (addr.sun_family != AF_UNIX)
+        return addr.sun_family;
+    size_t n = len > offsetof(struct sockaddr_un, sun_path) ? len - offsetof(struct sockaddr_un, sun_path) : 0;
+    if (n > 0 && addr.sun_path[0] == 0) { /* abstract: shown as @name */
+        if (path_len < n + 1)
+            return -ENAMETOOLONG;
+        path[0] = '@';
+        memcpy(path + 1, addr.sun_path + 1, n - 1);
+        path[n] = 0;
+    } else if (n > 0) {
+        size_t l = strnlen(addr.sun_path, n);
+        if (path_len < l + 1)
+            return -ENAMETOOLONG;
+        memcpy(path, addr.sun_path, l);
+        path[l] = 0;
+    }
+    return AF_UNIX;
+}
+
+int dps_notify(const char *address, const void *message, size_t len)
+{
+    struct sockaddr_un addr;
+    memset(&addr, 0, sizeof(addr));
+    addr.sun_family = AF_UNIX;
+    size_t n = strlen(address);
+    if (n < 2 || n > sizeof(addr.sun_path) || (address[0] != '/' && address[0] != '@'))
+        return -EAFNOSUPPORT;
+    if (address[0] != '@' && n == sizeof(addr.sun_path))
+        return -ENAMETOOLONG;
+    memcpy(addr.sun_path, address, n);
+    socklen_t addr_len = (socklen_t)(offsetof(struct sockaddr_un, sun_path) + n);
+    if (address[0] == '@')
+        addr.sun_path[0] = 0; /* the abstract namespace: no terminating NUL is part of the name */
+    else
+        addr_len += 1;
+    int fd = socket(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
+    if (fd < 0)
+        return -errno;
+    ssize_t r = sendto(fd, message, len, MSG_NOSIGNAL, (struct sockaddr *)&addr, addr_len);
+    int ret = r < 0 ? -errno : (size_t)r == len ? 0 : -EMSGSIZE;
+    close(fd);
+    return ret;
+}
+
+int dps_fd_claim(int fd)
+{
+    int flags = fcntl(fd, F_GETFD);
+    if (flags < 0 || fcntl(fd, F_SETFD, flags | FD_CLOEXEC) < 0)
+        return -errno;
+    return dps_set_nonblocking(fd, true);
 }
 
 int dps_unix_connect(const char *path)

@@ -21,6 +21,11 @@ struct Dpctl: ParsableCommand {
           2  usage error (an unknown option, a bad value)
           3  'dpctl status' only: something needs an operator (see its --help)
 
+        VHOST-USER BACKEND (QEMU docs/interop/vhost-user.rst, "Backend program
+        conventions"): dpctl --print-capabilities prints the block backend's
+        capabilities as JSON and exits; dpctl --socket-path PATH (or --fd N)
+        --blk-file IMAGE [--read-only] with no command is 'dpctl start'.
+
         Shell completions: dpctl --generate-completion-script bash|zsh|fish
         """,
         version: DataPlane.version,
@@ -30,11 +35,13 @@ struct Dpctl: ParsableCommand {
 
 struct Start: ParsableCommand {
     static let configuration = CommandConfiguration(
-        abstract: "Serve disks in the foreground (logs on stderr; SIGINT/SIGTERM drain and exit).",
+        abstract: "Serve disks in the foreground (logs on stderr; SIGINT/SIGTERM drain and exit, SIGHUP reloads --config).",
         usage: """
         dpctl start [<instance options>] --disk path=PATH,socket=PATH[,KEY=VALUE...] [--disk ...]
         dpctl start [<instance options>] --config FILE
+        dpctl start [<instance options>] --socket-path PATH|--fd N --blk-file IMAGE [--read-only]
         dpctl start ... --check
+        dpctl --print-capabilities
         """,
         discussion: """
         Serves each disk as a vhost-user-blk device on its unix socket, in the
@@ -102,6 +109,39 @@ struct Start: ParsableCommand {
                               ops=read+write+flush+discard+write-zeroes,
                               sectors=START-END, after=N, every=N; their
                               commas doubled)
+          socket-owner=USER   The socket's owner, a name or number (chown
+                              to another user needs root or CAP_CHOWN)
+          socket-group=GROUP  The socket's group, a name or number
+          socket-mode=MODE    The socket's permission bits in octal, e.g.
+                              0660: connecting needs write permission, so
+                              socket-group=kvm,socket-mode=0660 lets a QEMU
+                              in group kvm in (unset: what the umask leaves)
+          Set before the socket listens; --socket-owner, --socket-group and
+          --socket-mode set them for every disk that does not. They do not
+          apply to sockets systemd passes (set SocketUser=, SocketGroup=,
+          SocketMode= there) nor to the control socket.
+
+        SYSTEMD: with NOTIFY_SOCKET set (Type=notify), dpctl sends READY=1
+        once every socket listens, STATUS= lines, RELOADING=1 on SIGHUP and
+        STOPPING=1 when it drains. Sockets passed by socket activation
+        (LISTEN_FDS, LISTEN_PID, LISTEN_FDNAMES) serve the disk whose socket=
+        path equals the socket's FileDescriptorName=, or else the path it is
+        bound to (ListenStream=); one that matches the control socket's path
+        becomes the control socket; one that matches nothing is an error.
+        dpctl leaves passed sockets' files in place when it exits. See
+        contrib/systemd/ and the README.
+
+        SIGHUP re-reads --config: disks added to the file are served,
+        fault= and socket-owner/-group/-mode changes are applied; a disk
+        removed from the file stays served and other changes wait for a
+        restart (each is logged as such). Without --config, SIGHUP changes
+        nothing.
+
+        VHOST-USER BACKEND CONVENTIONS: --socket-path PATH is --socket PATH
+        for the one disk; --fd N serves the one disk on the listening unix
+        socket inherited as fd N; --blk-file IMAGE is --disk IMAGE;
+        --read-only makes every disk read-only; --print-capabilities prints
+        {"type": "block", "features": ["read-only", "blk-file"]} and exits.
 
         The form of earlier versions works as well: --disk PATH --socket PATH
         [--readonly] [--num-queues N] [--no-direct] [--locking on|off] ...: each
@@ -168,6 +208,50 @@ struct Start: ParsableCommand {
         """, valueName: "file"), completion: .file(extensions: ["json"]))
     var config: String?
 
+    @Option(name: .customLong("socket-owner"), help: ArgumentHelp("""
+        Owner of every disk's socket that sets no socket-owner=, a user name or number
+        """, valueName: "user"))
+    var socketOwner: String?
+
+    @Option(name: .customLong("socket-group"), help: ArgumentHelp("""
+        Group of every disk's socket that sets no socket-group=, a name or number
+        """, valueName: "group"))
+    var socketGroup: String?
+
+    @Option(name: .customLong("socket-mode"), help: ArgumentHelp("""
+        Permission bits of every disk's socket that sets no socket-mode=, in octal: 0660 lets the \
+        socket's group connect
+        """, valueName: "mode"))
+    var socketMode: String?
+
+    @Option(name: .customLong("socket-path"), help: ArgumentHelp("""
+        The vhost-user socket of the one disk (vhost-user.rst's name for socket=); not with --fd or --config
+        """, valueName: "path"), completion: .file())
+    var socketPath: String?
+
+    @Option(help: ArgumentHelp("""
+        Serve the one disk on the listening unix stream socket inherited as this file descriptor \
+        (vhost-user.rst's --fd); not with --socket-path or --config
+        """, valueName: "n"))
+    var fd: Int32?
+
+    // Never set: start's arguments are rewritten before parsing, --blk-file
+    // IMAGE into --disk IMAGE (the grouped form). Declared for --help.
+    @Option(name: .customLong("blk-file"), help: ArgumentHelp("""
+        The image of a disk (vhost-user.rst's --blk-file): the same as --disk IMAGE
+        """, valueName: "image"), completion: .file())
+    var blkFile: [String] = []
+
+    @Flag(name: .customLong("read-only"), help: """
+        Every disk read-only (vhost-user.rst's --read-only; per disk: readonly=on)
+        """)
+    var readOnly = false
+
+    @Flag(name: .customLong("print-capabilities"), help: """
+        Print the vhost-user backend capabilities as JSON and exit; every other option is ignored
+        """)
+    var printCapabilities = false
+
     @Flag(help: """
         Check the options (no image is opened, no socket made), print the configuration with every \
         default filled in, as a --config file, and exit
@@ -178,6 +262,6 @@ struct Start: ParsableCommand {
     var logging: LoggingOptions
 
     func run() throws {
-        try StartCommand.run(try StartCommand.configuration(self), logging: logging)
+        try StartCommand.run(self)
     }
 }

@@ -27,13 +27,15 @@ enum ConfigFile {
 
     static let instanceKeys = [Key("iothreads"), Key("cpuset"), Key("poll-us", alias: "pollMicroseconds"),
                                Key("notify-after", alias: "notifyAfter"), Key("control"),
-                               Key("disable-io-uring"), Key("disks")]
+                               Key("disable-io-uring"), Key("socket-owner"), Key("socket-group"), Key("socket-mode"),
+                               Key("disks")]
     static let diskKeys = [
         Key("path"), Key("socket"), Key("readonly", alias: "readOnly"), Key("num-queues", alias: "numQueues"),
         Key("queue-size", alias: "queueSize"), Key("backend"), Key("null-size", alias: "nullSize"),
         Key("null-read-zeroes", alias: "nullReadZeroes"), Key("serial"), Key("direct", alias: "directIO"),
         Key("block-size", alias: "logicalBlockSize"), Key("rerror", alias: "readErrorPolicy"),
         Key("werror", alias: "writeErrorPolicy"), Key("fault"), Key("locking"), Key("fixed-buffers"),
+        Key("socket-owner"), Key("socket-group"), Key("socket-mode"),
     ]
 
     /// Reads a configuration file's contents; errors name the file and the setting.
@@ -70,6 +72,9 @@ enum ConfigFile {
                     config.disabledIOURing = try StartCommand.parseIOURingFeatures(names.isEmpty ? "none" : names.joined(separator: ","), option: key)
                 default: throw CLIError("\"disable-io-uring\" must be a list of feature names or a comma list, not \(value)")
                 }
+            case "socket-owner": config.socketOwner = try SocketOwnership.checkName(try string(value, key), option: key)
+            case "socket-group": config.socketGroup = try SocketOwnership.checkName(try string(value, key), option: key)
+            case "socket-mode": config.socketMode = try mode(value, key)
             case "disks":
                 guard case .array(let entries) = value else { throw CLIError("\"disks\" must be a list of disks") }
                 config.disks = try entries.enumerated().map { (i, entry) throws(CLIError) in try disk(entry, at: "disks[\(i)]") }
@@ -119,10 +124,21 @@ enum ConfigFile {
                 d.fault = text
             case "locking": d.locking = try onOff(value, name)
             case "fixed-buffers": d.fixedBuffers = try onOff(value, name)
+            case "socket-owner": d.socketOwner = try SocketOwnership.checkName(try string(value, name), option: name)
+            case "socket-group": d.socketGroup = try SocketOwnership.checkName(try string(value, name), option: name)
+            case "socket-mode": d.socketMode = try mode(value, name)
             default: preconditionFailure("key \(key) is listed but not handled")
             }
         }
         return d
+    }
+
+    /// A mode is a string ("0660"): a JSON number would be read in decimal.
+    private static func mode(_ value: JSONValue, _ name: String) throws(CLIError) -> mode_t {
+        guard case .string(let text) = value else {
+            throw CLIError("\(name) must be an octal mode in a string, such as \"0660\", not \(value)")
+        }
+        return try SocketOwnership.parseMode(text, option: name)
     }
 
     /// A switch, as the flag takes it ("on"/"off") or as JSON does (true/false).

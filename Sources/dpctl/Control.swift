@@ -66,6 +66,7 @@ final class ControlServer: @unchecked Sendable {
     // `stopping` and `thread` are guarded by `lock`; the rest is immutable.
     private let path: String
     private let listenFD: Int32
+    private let ownsPath: Bool
     private let plane: DataPlane
     private let server: VhostUserServer
     private let cpus: [CPUSet]
@@ -82,14 +83,22 @@ final class ControlServer: @unchecked Sendable {
     /// those clients wait for. The control thread's own.
     private var stopClients: [Int32] = []
 
-    init(path: String, plane: DataPlane, server: VhostUserServer, cpus: [CPUSet], logger: Logger) throws {
+    /// Serves at `path`; on `inheritedFD` when socket activation passed the
+    /// control socket (which is then left in place at stop, systemd's).
+    init(path: String, inheritedFD: Int32? = nil, plane: DataPlane, server: VhostUserServer, cpus: [CPUSet],
+         logger: Logger) throws {
         let fd: Int32
-        do {
-            fd = try UnixSocket.listen(at: path, backlog: 8)
-        } catch {
-            throw CLIError("control socket: \(error)")
+        if let inheritedFD {
+            fd = inheritedFD
+        } else {
+            do {
+                fd = try UnixSocket.listen(at: path, backlog: 8)
+            } catch {
+                throw CLIError("control socket: \(error)")
+            }
         }
         self.path = path
+        self.ownsPath = inheritedFD == nil
         self.listenFD = fd
         self.plane = plane
         self.server = server
@@ -106,7 +115,7 @@ final class ControlServer: @unchecked Sendable {
         // The loop polls with a timeout and sees the flag.
         while lock.withLock({ thread?.isFinished == false }) { usleep(10_000) }
         close(listenFD)
-        unlink(path)
+        if ownsPath { unlink(path) }
     }
 
     private func run() {

@@ -34,6 +34,7 @@ enum DiskSpec {
         Key("null-read-zeroes", "on|off"), Key("serial", "TEXT"), Key("block-size", "N"),
         Key("direct", "on|off", flag: "--no-direct", flagValue: "off"), Key("locking", "on|off"),
         Key("fixed-buffers", "on|off"), Key("rerror", "POLICY"), Key("werror", "POLICY"), Key("fault", "SPEC"),
+        Key("socket-owner", "USER"), Key("socket-group", "GROUP"), Key("socket-mode", "MODE"),
     ]
 
     static var keyNames: String { keys.map(\.name).joined(separator: ", ") }
@@ -83,15 +84,18 @@ enum DiskSpec {
 
     /// A --disk value as a disk: key=value form, or a bare path (which then
     /// has no socket and is refused).
-    static func parse(_ text: String) throws(CLIError) -> InstanceConfiguration.DiskEntry {
+    ///
+    /// With `socketElsewhere` (--socket-path or --fd given), a disk may lack
+    /// socket= (its `socket` is then empty, for the caller to fill).
+    static func parse(_ text: String, socketElsewhere: Bool = false) throws(CLIError) -> InstanceConfiguration.DiskEntry {
         let shown = "--disk \(text.debugDescription)"
-        guard isKeyValue(text) else {
+        guard isKeyValue(text) || socketElsewhere else {
             throw CLIError("\(shown) has no socket: write --disk path=\(escape(text)),socket=PATH "
                            + "(or put --socket PATH after --disk \(text))", usage: true)
         }
         var settings: [String: String] = [:]
         var order: [String] = []
-        for item in items(text) {
+        for item in isKeyValue(text) ? items(text) : ["path=" + text] {
             if item.isEmpty { throw CLIError("\(shown): an empty item (two commas in a value are written ,,,, ; one comma ends an item)", usage: true) }
             let parts = item.split(separator: "=", maxSplits: 1, omittingEmptySubsequences: false).map(String.init)
             let name = parts[0]
@@ -126,7 +130,8 @@ enum DiskSpec {
         guard let path = settings["path"], !path.isEmpty else {
             throw CLIError("\(shown) has no path: add path=PATH (the image, or a name with backend=null)", usage: true)
         }
-        guard let socket = settings["socket"], !socket.isEmpty else {
+        let socket = settings["socket"] ?? ""
+        guard !socket.isEmpty || (socketElsewhere && settings["socket"] == nil) else {
             throw CLIError("\(shown) has no socket: add socket=PATH (the vhost-user socket to listen on)", usage: true)
         }
         var d = InstanceConfiguration.DiskEntry(path: path, socket: socket)
@@ -156,6 +161,9 @@ enum DiskSpec {
             case "fault":
                 _ = try StartCommand.parseFault(value)
                 d.fault = value
+            case "socket-owner": d.socketOwner = try SocketOwnership.checkName(value, option: option)
+            case "socket-group": d.socketGroup = try SocketOwnership.checkName(value, option: option)
+            case "socket-mode": d.socketMode = try SocketOwnership.parseMode(value, option: option)
             default: preconditionFailure("key \(name) is listed but not handled")
             }
         }
@@ -173,16 +181,19 @@ enum GroupedDiskArguments {
     /// values pass through untouched.
     static let instanceOptionsWithValues: Set<String> = [
         "--iothreads", "--cpuset", "--poll-us", "--notify-after", "--control", "--disable-io-uring", "--config",
-        "--log-level", "--log-format",
+        "--log-level", "--log-format", "--socket-path", "--fd", "--socket-owner", "--socket-group", "--socket-mode",
     ]
 
     static func rewrite(_ words: [String]) throws(CLIError) -> [String] {
+        // --socket-path or --fd gives the one disk its socket: a bare --disk PATH needs no --socket.
+        let socketElsewhere = BackendCapabilities.mentions("--socket-path", in: words)
+            || BackendCapabilities.mentions("--fd", in: words)
         var out: [String] = []
         var disk: [String]? // the items of the disk being grouped
         var barePath: String? // its --disk PATH, in the grouped form
         func finish() throws(CLIError) {
             guard let items = disk else { return }
-            if let path = barePath, !items.contains(where: { $0.hasPrefix("socket=") }) {
+            if let path = barePath, !socketElsewhere, !items.contains(where: { $0.hasPrefix("socket=") }) {
                 throw CLIError("--disk \(path) has no socket: put --socket PATH after it, "
                                + "or write --disk path=\(DiskSpec.escape(path)),socket=PATH", usage: true)
             }
@@ -217,7 +228,8 @@ enum GroupedDiskArguments {
                 }
                 continue
             }
-            if option == "--disk" {
+            // vhost-user.rst's name for the image (--blk-file=PATH): the grouped form's --disk PATH.
+            if option == "--disk" || option == "--blk-file" {
                 try finish()
                 let text = try value(option, inline)
                 barePath = DiskSpec.isKeyValue(text) ? nil : text

@@ -23,6 +23,13 @@ struct InstanceConfiguration {
         var fault: String?
         var locking: Bool?
         var fixedBuffers: Bool?
+        /// Who may connect: a user and group (names or numbers) and a mode.
+        var socketOwner: String?
+        var socketGroup: String?
+        var socketMode: mode_t?
+        /// --fd: the disk's socket is this inherited, listening fd (and
+        /// `socket` is the path it is bound to, or "fd N").
+        var fd: Int32?
     }
 
     var iothreads: Int?
@@ -31,6 +38,10 @@ struct InstanceConfiguration {
     var notifyAfter: UInt32?
     var control: String?
     var disabledIOURing: IOURingFeatures?
+    /// The socket owner, group and mode of disks that do not set their own.
+    var socketOwner: String?
+    var socketGroup: String?
+    var socketMode: mode_t?
     var disks: [DiskEntry]
     /// --check: print the configuration and exit without serving.
     var checkOnly = false
@@ -57,11 +68,15 @@ struct EffectiveConfiguration: Encodable {
         var fault: String?
         var locking: Bool
         var fixedBuffers: Bool
+        var socketOwner: String?
+        var socketGroup: String?
+        var socketMode: String?
 
         enum CodingKeys: String, CodingKey {
             case path, socket, readonly, backend, serial, direct, rerror, werror, fault, locking
             case numQueues = "num-queues", queueSize = "queue-size", nullSize = "null-size"
             case nullReadZeroes = "null-read-zeroes", blockSize = "block-size", fixedBuffers = "fixed-buffers"
+            case socketOwner = "socket-owner", socketGroup = "socket-group", socketMode = "socket-mode"
         }
     }
 
@@ -69,7 +84,8 @@ struct EffectiveConfiguration: Encodable {
     var cpuset: String
     var pollMicroseconds: UInt32
     var notifyAfter: UInt32
-    var control: String
+    /// nil: no control socket (see StartCommand.controlPath).
+    var control: String?
     /// The names of the io_uring features left unused.
     var disableIOURing: [String]
     var disks: [Disk]
@@ -102,9 +118,19 @@ enum StartCommand {
                                             range: 0...Int(IOThreadConfiguration.maxNotifyAfter)).map(UInt32.init)
         config.control = o.control
         if let text = o.disableIOURing { config.disabledIOURing = try parseIOURingFeatures(text, option: "--disable-io-uring") }
-        config.disks = try o.disks.map { (text: String) throws(CLIError) in try DiskSpec.parse(text) }
+        if o.socketPath != nil && o.fd != nil {
+            throw CLIError("--socket-path and --fd conflict: the one disk listens on a path or on an inherited socket", usage: true)
+        }
+        let socketElsewhere = o.socketPath != nil || o.fd != nil
+        config.disks = try o.disks.map { (text: String) throws(CLIError) in try DiskSpec.parse(text, socketElsewhere: socketElsewhere) }
+        config.socketOwner = try o.socketOwner.map { (t: String) throws(CLIError) in try SocketOwnership.checkName(t, option: "--socket-owner") }
+        config.socketGroup = try o.socketGroup.map { (t: String) throws(CLIError) in try SocketOwnership.checkName(t, option: "--socket-group") }
+        config.socketMode = try o.socketMode.map { (t: String) throws(CLIError) in try SocketOwnership.parseMode(t, option: "--socket-mode") }
         if let configFile = o.config {
             if !config.disks.isEmpty { throw CLIError("--config and --disk conflict: put the disks in the file", usage: true) }
+            if socketElsewhere {
+                throw CLIError("--config and \(o.fd != nil ? "--fd" : "--socket-path") conflict: put the socket in the file", usage: true)
+            }
             guard let data = FileManager.default.contents(atPath: configFile) else {
                 throw CLIError("cannot read config file \(configFile.debugDescription)")
             }
@@ -115,15 +141,61 @@ enum StartCommand {
             fromFile.notifyAfter = config.notifyAfter ?? fromFile.notifyAfter
             fromFile.control = config.control ?? fromFile.control
             fromFile.disabledIOURing = config.disabledIOURing ?? fromFile.disabledIOURing
+            fromFile.socketOwner = config.socketOwner ?? fromFile.socketOwner
+            fromFile.socketGroup = config.socketGroup ?? fromFile.socketGroup
+            fromFile.socketMode = config.socketMode ?? fromFile.socketMode
             fromFile.checkOnly = config.checkOnly
             config = fromFile
         }
         if config.disks.isEmpty {
             throw CLIError("nothing to serve: give --disk path=PATH,socket=PATH (or --config FILE)", usage: true)
         }
+        if socketElsewhere {
+            let option = o.fd != nil ? "--fd" : "--socket-path"
+            guard config.disks.count == 1 else {
+                throw CLIError("\(option) serves one disk; \(config.disks.count) are given (give each its socket=)", usage: true)
+            }
+            guard config.disks[0].socket.isEmpty else {
+                throw CLIError("\(option) and the disk's socket= conflict: give one", usage: true)
+            }
+            if let path = o.socketPath {
+                guard !path.isEmpty else { throw CLIError("--socket-path needs a path", usage: true) }
+                config.disks[0].socket = path
+            }
+            if let fd = o.fd {
+                guard fd >= 0 else { throw CLIError("--fd \(fd) is not a file descriptor", usage: true) }
+                let inherited: UnixSocket.Inherited
+                do { inherited = try UnixSocket.describe(fd: fd, origin: "--fd \(fd)") } catch { throw CLIError("\(error)") }
+                config.disks[0].fd = fd
+                config.disks[0].socket = inherited.address ?? "fd \(fd)"
+            }
+        }
+        for i in config.disks.indices {
+            if o.readOnly {
+                if config.disks[i].readOnly == false {
+                    throw CLIError("--read-only and readonly=off of \(config.disks[i].path) conflict", usage: true)
+                }
+                config.disks[i].readOnly = true
+            }
+            config.disks[i].socketOwner = config.disks[i].socketOwner ?? config.socketOwner
+            config.disks[i].socketGroup = config.disks[i].socketGroup ?? config.socketGroup
+            config.disks[i].socketMode = config.disks[i].socketMode ?? config.socketMode
+            // Names are looked up now, so that --check and a reload catch an unknown one.
+            _ = try SocketOwnership.permissions(config.disks[i])
+        }
         let sockets = config.disks.map(\.socket)
         if Set(sockets).count != sockets.count { throw CLIError("two disks share a socket path", usage: true) }
         return config
+    }
+
+    /// The control socket's path: --control, else the first disk's socket
+    /// path + ".ctl"; nil when the first disk has no path (--fd on a socket
+    /// bound to none, or to an abstract name) and no --control was given.
+    static func controlPath(_ config: InstanceConfiguration) -> String? {
+        if let control = config.control { return control }
+        let first = config.disks[0]
+        if first.fd != nil && (first.socket.hasPrefix("fd ") || first.socket.hasPrefix("@")) { return nil }
+        return first.socket + ".ctl"
     }
 
     static func diskConfiguration(_ d: InstanceConfiguration.DiskEntry) throws -> DiskConfiguration {
@@ -218,7 +290,8 @@ enum StartCommand {
             + "and share them, which costs latency; use --iothreads \(cpuset.cpus.count) or more CPUs"
     }
 
-    static func run(_ config: InstanceConfiguration, logging: LoggingOptions) throws {
+    static func run(_ options: Start) throws {
+        let config = try configuration(options)
         let cpuset = try resolveCPUSet(config.cpuset)
         let threadCount = config.iothreads ?? defaultIOThreads
         let pollMicroseconds = config.pollMicroseconds ?? defaultPollMicroseconds
@@ -228,7 +301,7 @@ enum StartCommand {
         if totalQueues > threadCount * 256 {
             throw CLIError("\(totalQueues) queues are more than \(threadCount) IOThread(s) serve (256 each): add --iothreads or lower num-queues")
         }
-        let controlPath = config.control ?? config.disks[0].socket + ".ctl"
+        let controlPath = controlPath(config)
         if config.checkOnly {
             for (entry, disk) in zip(config.disks, disks) {
                 do { try disk.validate() } catch { throw CLIError("disk \(entry.path): \(error)") }
@@ -242,10 +315,23 @@ enum StartCommand {
                         path: d.path, socket: entry.socket, readonly: d.readOnly, numQueues: d.numQueues, queueSize: d.queueSize,
                         backend: d.backend.rawValue, nullSize: d.nullSizeBytes, nullReadZeroes: d.nullReadZeroes, serial: d.serial,
                         direct: d.directIO, blockSize: d.logicalBlockSize, rerror: d.readErrorPolicy, werror: d.writeErrorPolicy,
-                        fault: entry.fault, locking: d.locking, fixedBuffers: d.fixedBuffers)
+                        fault: entry.fault, locking: d.locking, fixedBuffers: d.fixedBuffers, socketOwner: entry.socketOwner,
+                        socketGroup: entry.socketGroup, socketMode: entry.socketMode.map(SocketOwnership.format))
                 })
             StatusCommand.printJSON(effective)
             return
+        }
+
+        // Before anything else reads the environment: NOTIFY_SOCKET and the
+        // LISTEN_* variables are taken out of it (nothing we run inherits them).
+        let notifier = SystemdNotifier()
+        let activation = try SocketActivation.take()
+        let assigned = try SocketActivation.assign(activation.passed, sockets: config.disks.map(\.socket), control: controlPath)
+        var inherited: [Int: (fd: Int32, origin: String)] = assigned.disks.mapValues { ($0.socket.fd, $0.origin) }
+        for (i, entry) in config.disks.enumerated() {
+            guard let fd = entry.fd else { continue }
+            do { _ = try UnixSocket.adopt(fd: fd, origin: "--fd \(fd)") } catch { throw CLIError("\(error)") }
+            inherited[i] = (fd, "--fd \(fd)")
         }
 
         // Signals are taken by sigwait in this thread; every other thread inherits the mask.
@@ -253,6 +339,7 @@ enum StartCommand {
         sigemptyset(&signals)
         sigaddset(&signals, SIGINT)
         sigaddset(&signals, SIGTERM)
+        sigaddset(&signals, SIGHUP)
         pthread_sigmask(SIG_BLOCK, &signals, nil)
 
         let threads = (0..<threadCount).map { i in
@@ -261,30 +348,28 @@ enum StartCommand {
             thread.disabledIOURingFeatures = config.disabledIOURing ?? []
             return thread
         }
-        logging.bootstrap()
+        options.logging.bootstrap()
         let logger = Logger(label: "dpctl")
+        notifier.setLogger(logger)
+        if let ignored = activation.ignored { logger.notice("\(ignored)") }
         let plane = try DataPlane(iothreads: threads)
         let server = try VhostUserServer(plane: plane, logger: Logger(label: "dataplane.vhost-user"))
-        var opened: [(Disk, String)] = []
+        let instance = Instance(plane: plane, server: server, logger: logger)
         do {
-            for (entry, diskConfig) in zip(config.disks, disks) {
-                let disk = try plane.addDisk(diskConfig)
-                if let spec = entry.fault {
-                    disk.injectFaults(try parseFault(spec))
-                    logger.warning("\(disk.name): injecting faults: \(spec)", metadata: ["disk": "\(disk.name)"])
-                }
-                try server.addExport(disk: disk, socketPath: entry.socket)
-                opened.append((disk, entry.socket))
+            for (i, (entry, diskConfig)) in zip(config.disks, disks).enumerated() {
+                try instance.serve(entry, diskConfig, inherited: inherited[i])
             }
         } catch {
             server.stop()
             plane.stop()
             throw error
         }
-        let control: ControlServer
+        let control: ControlServer?
         do {
-            control = try ControlServer(path: controlPath, plane: plane, server: server, cpus: threads.map { $0.cpuset },
-                                        logger: logger)
+            control = try controlPath.map { path in
+                try ControlServer(path: path, inheritedFD: assigned.control?.socket.fd, plane: plane, server: server,
+                                  cpus: threads.map { $0.cpuset }, logger: logger)
+            }
         } catch {
             server.stop()
             plane.stop()
@@ -296,19 +381,42 @@ enum StartCommand {
             logger.info("\(t.configuration.name): CPU \(threads[i].cpuset), NUMA node \(t.numaNode.map(String.init) ?? "unknown"), poll window up to \(t.configuration.pollMaxMicroseconds) us, io_uring: \(t.statistics().ioURingFeatures)",
                         metadata: ["iothread": "\(t.configuration.name)"])
         }
-        for (disk, socket) in opened {
+        for (disk, socket) in instance.served.map({ ($0.disk, $0.entry.socket) }) {
             logger.info("serving \(disk.name) (\(disk.capacityBytes) bytes, \(disk.configuration.readOnly ? "read-only" : "read-write"), \(disk.usesDirectIO ? "O_DIRECT" : "page cache"), \(disk.logicalBlockSize)-byte blocks, up to \(disk.configuration.numQueues) queues\(disk.configuration.fixedBuffers && disk.configuration.backend == .file ? ", guest memory registered as fixed buffers" : "")) on \(socket)",
                         metadata: ["disk": "\(disk.name)", "socket": "\(socket)"])
         }
-        logger.info("control socket \(controlPath); ready")
+        if let controlPath {
+            logger.info("control socket \(controlPath)\(assigned.control != nil ? " (socket-activated)" : ""); ready")
+        } else {
+            logger.info("no control socket (the disk's inherited socket has no path: give --control PATH for status, stats and stop); ready")
+        }
+        // Every socket listens and every control thread runs: a frontend that connects now is served.
+        notifier.ready(status: instance.summary)
 
+        var current = config
         var received: Int32 = 0
-        sigwait(&signals, &received)
+        while true {
+            sigwait(&signals, &received)
+            guard received == SIGHUP else { break }
+            guard let file = options.config else {
+                logger.notice("SIGHUP: started without --config, so there is nothing to reload")
+                continue
+            }
+            notifier.reloading(status: "reloading \(file)")
+            logger.info("SIGHUP: reloading \(file)")
+            do {
+                current = try instance.reload(from: current, to: configuration(options), file: file)
+                notifier.ready(status: instance.summary)
+            } catch {
+                logger.error("reload of \(file) failed, the running configuration is unchanged: \(error)")
+                notifier.ready(status: "reload of \(file) failed (see the log); " + instance.summary)
+            }
+        }
         logger.info("\(received == SIGINT ? "SIGINT" : "SIGTERM"): draining and stopping")
-        control.stop()
+        notifier.stopping(status: "draining in-flight I/O and stopping")
+        control?.stop()
         server.stop() // frontends are disconnected after their in-flight requests complete
         plane.stop()
         logger.info("stopped")
     }
 }
-

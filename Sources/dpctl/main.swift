@@ -11,6 +11,18 @@ func run(_ arguments: [String]) -> Int32 {
     signal(SIGPIPE, SIG_IGN)
     var words = arguments
     let verbs = Dpctl.configuration.subcommands.map { $0._commandName }
+    // vhost-user.rst's backend conventions: --print-capabilities ignores
+    // every other option; --socket-path, --fd or --blk-file with no command
+    // is start (how a management layer runs a backend).
+    if words.first == "start" || words.first?.hasPrefix("-") == true {
+        if BackendCapabilities.mentions("--print-capabilities", in: words) {
+            print(BackendCapabilities.json)
+            return ExitStatus.ok
+        }
+        if words.first != "start", BackendCapabilities.startOptions.contains(where: { BackendCapabilities.mentions($0, in: words) }) {
+            words.insert("start", at: 0)
+        }
+    }
     if let verb = words.first, !verb.hasPrefix("-"), verb != "help", !verbs.contains(verb) {
         return report(CLIError("unknown command \(verb.debugDescription); commands: \(verbs.joined(separator: ", "))", usage: true))
     }

@@ -54,9 +54,9 @@ import Testing
 
     @Test(arguments: [
         (#"{ "disks": [ { "path": "x", "socket": "s", "read-only": true } ] }"#,
-         #"unknown key "read-only" in disks[0] (keys: path, socket, readonly, num-queues, queue-size, backend, null-size, null-read-zeroes, serial, direct, block-size, rerror, werror, fault, locking, fixed-buffers)"#),
+         #"unknown key "read-only" in disks[0] (keys: path, socket, readonly, num-queues, queue-size, backend, null-size, null-read-zeroes, serial, direct, block-size, rerror, werror, fault, locking, fixed-buffers, socket-owner, socket-group, socket-mode)"#),
         (#"{ "iothread": 2, "disks": [ { "path": "x", "socket": "s" } ] }"#,
-         #"unknown key "iothread" in the file (keys: iothreads, cpuset, poll-us, notify-after, control, disable-io-uring, disks)"#),
+         #"unknown key "iothread" in the file (keys: iothreads, cpuset, poll-us, notify-after, control, disable-io-uring, socket-owner, socket-group, socket-mode, disks)"#),
         (#"{ "disks": [ { "path": "x", "socket": "s", "readonly": true, "readOnly": false } ] }"#,
          #"disks[0] gives both "readOnly" and "readonly", the same setting: keep "readonly""#),
         (#"{ "poll-us": 5, "pollMicroseconds": 5, "disks": [ { "path": "x", "socket": "s" } ] }"#,

@@ -18,6 +18,22 @@ extern "C" {
 /* A listening unix stream socket at path (non-blocking, close-on-exec).
  * -EADDRINUSE when something is already bound there. */
 int dps_unix_listen(const char *path, int backlog);
+/* dps_unix_listen, with the socket's path given an owner, group and mode
+ * (each -1: left as bind made it) before listen(), so that no connection is
+ * accepted under the umask's mode. Fails (path removed) if they cannot be set. */
+int dps_unix_listen_as(const char *path, int backlog, int mode, int64_t uid, int64_t gid);
+/* lchown/chmod of a path (each -1: left as it is). */
+int dps_path_permissions(const char *path, int mode, int64_t uid, int64_t gid);
+/* What an inherited fd is: returns its address family (-ENOTSOCK if it is
+ * not a socket), its SO_TYPE in *type, whether it listens, and for AF_UNIX
+ * the address it is bound to in path ("" unbound, "@name" abstract). */
+int dps_socket_describe(int fd, int *type, bool *listening, char *path, size_t path_len);
+/* Sends one datagram to a unix socket address: "/path", or "@name" in the
+ * abstract namespace (systemd's NOTIFY_SOCKET). -EAFNOSUPPORT for any other
+ * form. Never blocks: a receiver whose queue is full gives -EAGAIN. */
+int dps_notify(const char *address, const void *message, size_t len);
+/* Takes over an inherited fd: close-on-exec and non-blocking. */
+int dps_fd_claim(int fd);
 /* A connected unix stream socket (blocking, close-on-exec). */
 int dps_unix_connect(const char *path);
 /* Whether a process listens on the unix socket at path: 1 if one does (even

@@ -29,6 +29,9 @@ public final class VhostUserServer: @unchecked Sendable {
         let device: VhostUserBlkDevice
         let path: String
         let listenFD: Int32
+        /// Whether the socket file is ours to remove at the end: not when it
+        /// was inherited (systemd's socket unit owns it, and keeps listening).
+        let ownsPath: Bool
         /// With the disk's and socket's metadata (and the frontend's, while one is connected).
         var logger: Logger
         /// Frontends accepted so far: the `frontend` metadata.
@@ -38,10 +41,11 @@ public final class VhostUserServer: @unchecked Sendable {
         var joined = false
         var closed = false
 
-        init(device: VhostUserBlkDevice, path: String, listenFD: Int32, logger: Logger) {
+        init(device: VhostUserBlkDevice, path: String, listenFD: Int32, ownsPath: Bool, logger: Logger) {
             self.device = device
             self.path = path
             self.listenFD = listenFD
+            self.ownsPath = ownsPath
             self.logger = logger
         }
     }
@@ -99,14 +103,28 @@ public final class VhostUserServer: @unchecked Sendable {
     /// Listens for a frontend of `disk` at `socketPath` (served at once when
     /// the server has started). A stale socket file (nobody listening) is
     /// replaced; a live one, or a path that is not a socket, is an error
-    /// (see ``UnixSocket/listen(at:backlog:)``).
-    public func addExport(disk: Disk, socketPath: String) throws(DataPlaneError) {
-        let fd = try UnixSocket.listen(at: socketPath, backlog: 4)
+    /// (see ``UnixSocket/listen(at:backlog:permissions:)``). The path gets
+    /// `permissions` before it listens, and is removed at stop.
+    public func addExport(disk: Disk, socketPath: String,
+                          permissions: SocketPermissions = SocketPermissions()) throws(DataPlaneError) {
+        let fd = try UnixSocket.listen(at: socketPath, backlog: 4, permissions: permissions)
+        try addExport(disk: disk, listenFD: fd, name: socketPath, ownsPath: true)
+    }
+
+    /// Serves `disk` on a socket that already listens (socket activation,
+    /// `--fd`; see ``UnixSocket/adopt(fd:origin:)``), which the server now
+    /// owns and closes at stop. `name` stands for it in logs and status. Its
+    /// path, if any, is left in place: whoever bound it (systemd) keeps it.
+    public func addExport(disk: Disk, inheritedFD fd: Int32, name: String) throws(DataPlaneError) {
+        try addExport(disk: disk, listenFD: fd, name: name, ownsPath: false)
+    }
+
+    private func addExport(disk: Disk, listenFD fd: Int32, name socketPath: String, ownsPath: Bool) throws(DataPlaneError) {
         var logger = self.logger
         logger[metadataKey: "disk"] = "\(disk.name)"
         logger[metadataKey: "socket"] = "\(socketPath)"
         let export = Export(device: VhostUserBlkDevice(disk: disk, plane: plane, logger: logger), path: socketPath,
-                            listenFD: fd, logger: logger)
+                            listenFD: fd, ownsPath: ownsPath, logger: logger)
         let serveNow: Bool? = lock.withLock {
             guard !stopping else { return nil }
             exports.append(export)
@@ -136,11 +154,14 @@ public final class VhostUserServer: @unchecked Sendable {
         public var socketPath: String
         public var disk: String
         public var connected: Bool
+        /// The socket was inherited (socket activation, --fd) rather than made here.
+        public var inherited: Bool?
     }
 
     public var exportStatus: [ExportStatus] {
         lock.withLock {
-            exports.map { ExportStatus(socketPath: $0.path, disk: $0.device.disk.name, connected: $0.connection != nil) }
+            exports.map { ExportStatus(socketPath: $0.path, disk: $0.device.disk.name, connected: $0.connection != nil,
+                                       inherited: $0.ownsPath ? nil : true) }
         }
     }
 
@@ -242,7 +263,7 @@ public final class VhostUserServer: @unchecked Sendable {
             return !export.closed
         }
         guard first else { return }
-        unlink(export.path)
+        if export.ownsPath { unlink(export.path) }
         closeFD(export.listenFD)
     }
 
