@@ -26,7 +26,7 @@ NEXT, WRITE, INDIR, AVAIL, USED = 1, 2, 4, 1 << 7, 1 << 15
 EV_ENABLE, EV_DISABLE, EV_DESC = 0, 1, 2
 T_IN, T_OUT, T_FLUSH = 0, 1, 4
 (OP_DESC, OP_TABLE, OP_ADD, OP_DRIVER_POS, OP_POKE, OP_POP, OP_COMPLETE, OP_PUBLISH,
- OP_NOTIFY, OP_KICKS, OP_DRIVER_EVENT) = range(11)
+ OP_NOTIFY, OP_KICKS, OP_DRIVER_EVENT, OP_REWALK) = range(12)
 
 u8 = lambda v: struct.pack("<B", v & 0xFF)
 u16 = lambda v: struct.pack("<H", v & 0xFFFF)
@@ -127,6 +127,12 @@ def indirect_read(c, table=R(0, TABLE), id_=0, table_off=TABLE):
 def cases():
     c = {}
     c["good_read"] = Case().poke(R(0, HDR), blk_hdr(T_IN)).serve(read_elems())
+    # A held read walked again from its saved ring descriptors (a restart from
+    # the inflight region), intact, then with one copy rewritten.
+    c["rewalk_from_saved_copies"] = (Case().poke(R(0, HDR), blk_hdr(T_IN)).add(read_elems()).pop()
+                                     .op(OP_REWALK, u8(0), u8(0), raw_desc(R(0, DATA), 4096, 0, WRITE))
+                                     .op(OP_REWALK, u8(0), u8(0x81), raw_desc(R(0, DATA), 4096, 0, WRITE | NEXT))
+                                     .complete().publish())
     c["good_read_no_event_idx"] = Case(features=INDIRECT).poke(R(0, HDR), blk_hdr(T_IN)).serve(read_elems())
     segs = ((R(0, DATA), 512), (R(0, DATA + 0x1000), 1024), (R(0, DATA + 0x3000), 512))
     c["good_write_3_segments"] = Case().poke(R(0, HDR), blk_hdr(T_OUT, 8)).serve(write_elems(5, segs))

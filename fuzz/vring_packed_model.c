@@ -56,6 +56,9 @@ enum fz_op {
     FZ_OP_NOTIFY,       /* should_notify alone */
     FZ_OP_KICKS,        /* u8: even enables kicks, odd disables them */
     FZ_OP_DRIVER_EVENT, /* u16 off_wrap, u16 flags: the guest's Driver Area */
+    FZ_OP_REWALK,       /* u8 sel, u8 k, desc: held request sel % held walked again from its saved
+                           ring descriptors (as after a restart from the inflight region);
+                           k bit 7: copy k % ndescs replaced by desc first */
     FZ_OP_COUNT
 };
 
@@ -66,6 +69,14 @@ struct fz_slot {
     struct iovec *iov; /* iov_max entries, malloc'ed to exactly that */
     uint16_t id;
     uint16_t ndescs;
+    /* The ring descriptors as the pop read them (chain.ring_copy), what the
+     * walk found, and the guest writes done by then: a walk again from the
+     * copies must find the same while the guest has written nothing. */
+    struct vring_packed_desc *copy; /* min(max_chain, size + 1) entries, malloc'ed to exactly that */
+    uint64_t out_len, in_len;
+    uint32_t niov;
+    uint64_t guest_writes;
+    bool copy_rewritten;
 };
 
 struct fz {
@@ -90,6 +101,8 @@ struct fz {
     bool signalled_valid;
     uint32_t batch_count;
     uint16_t batch_idx, batch_flags;
+    uint64_t guest_writes; /* OP_TABLE, OP_POKE, OP_DESC, OP_ADD so far */
+    struct iovec rewalk_iov[DP_REQ_MAX_IOV];
 };
 
 static struct vring_packed_desc fz_desc(struct fz *f, struct fz_input *in)
@@ -158,9 +171,13 @@ static bool fz_setup_rings(struct fz *f, struct fz_input *in, bool event_idx, bo
 
 static bool fz_setup_slots(struct fz *f)
 {
+    /* What the queue promises the walker (max_chain entries), and no more
+     * than a walk can fill (it stops one past the ring). */
+    uint32_t copies = f->m.max_chain < f->size + 1u ? f->m.max_chain : f->size + 1u;
     for (unsigned i = 0; i < f->size; i++) {
         f->slots[i].iov = malloc(f->m.iov_max * sizeof(struct iovec));
-        if (!f->slots[i].iov)
+        f->slots[i].copy = malloc(copies * sizeof(struct vring_packed_desc));
+        if (!f->slots[i].iov || !f->slots[i].copy)
             return false;
         f->free_slots[i] = (uint16_t)(f->size - 1 - i);
     }
@@ -170,8 +187,10 @@ static bool fz_setup_slots(struct fz *f)
 
 static void fz_teardown(struct fz *f)
 {
-    for (unsigned i = 0; i < FZ_MAX_QUEUE; i++)
+    for (unsigned i = 0; i < FZ_MAX_QUEUE; i++) {
         free(f->slots[i].iov);
+        free(f->slots[i].copy);
+    }
     fz_teardown_mem(&f->m);
 }
 
@@ -224,6 +243,7 @@ static void fz_complete(struct fz *f, uint16_t slot, uint8_t status)
     FZ_CHECK(s->req.status && fz_host_region(&f->m, s->req.status, 1));
     __atomic_store_n(s->req.status, status, __ATOMIC_RELAXED);
     uint32_t used_len = (status == VIRTIO_BLK_S_OK ? s->req.data_in_len : 0) + 1;
+    f->guest_writes++; /* the status byte and read data may overlap another buffer's table */
     fz_push(f, s->id, used_len, s->ndescs);
     f->free_slots[f->free_count++] = slot;
 }
@@ -262,7 +282,8 @@ static bool fz_start(struct fz *f)
     uint16_t slot = f->free_slots[--f->free_count];
     struct fz_slot *s = &f->slots[slot];
     memset(&s->req, 0, sizeof(s->req));
-    struct vring_chain chain = {.iov = s->iov, .iov_max = f->m.iov_max, .scratch = f->m.indirect_scratch};
+    struct vring_chain chain = {.iov = s->iov, .iov_max = f->m.iov_max, .scratch = f->m.indirect_scratch,
+                                .ring_copy = s->copy};
     uint32_t base = vring_packed_base(&f->vr);
     int ret = vring_packed_pop(&f->vr, f->m.mem, &chain, &s->id, &s->ndescs);
     if (ret == -EAGAIN) {
@@ -290,6 +311,11 @@ static bool fz_start(struct fz *f)
         return true;
     }
     s->req.head = s->id;
+    s->out_len = chain.out_len;
+    s->in_len = chain.in_len;
+    s->niov = chain.out_num + chain.in_num;
+    s->guest_writes = f->guest_writes;
+    s->copy_rewritten = false;
     memcpy(f->m.scratch, chain.iov, (chain.out_num + chain.in_num) * sizeof(struct iovec));
     enum dp_err err = DP_ERR_COUNT + 1; /* blk_parse must set it */
     int status = blk_parse(&f->m.disk, &chain, &s->req, &err);
@@ -412,6 +438,46 @@ static void fz_add(struct fz *f, struct fz_input *in)
     __atomic_store_n(&f->vr.desc[head].flags, htole16(head_flags), __ATOMIC_RELEASE);
 }
 
+/* A held request walked again from its saved ring descriptors, as a
+ * restarted backend does from the inflight region (whose copies the
+ * frontend could have rewritten: so may the input). Nothing is popped; with
+ * the copies intact and no guest write since the pop, the walk finds what
+ * the pop found. */
+static void fz_rewalk(struct fz *f, struct fz_input *in)
+{
+    uint8_t sel = fz_u8(in), k = fz_u8(in);
+    struct vring_packed_desc d = fz_desc(f, in);
+    if (!f->held_count)
+        return;
+    struct fz_slot *s = &f->slots[f->held[sel % f->held_count]];
+    if (k & 0x80) {
+        s->copy[(k & 0x7f) % s->ndescs] = d;
+        s->copy_rewritten = true;
+    }
+    bool intact = !s->copy_rewritten;
+    uint32_t base = vring_packed_base(&f->vr), inflight = f->vr.inflight;
+    struct vring_chain chain = {.iov = f->rewalk_iov, .iov_max = f->m.iov_max, .scratch = f->m.indirect_scratch};
+    int ret = vring_packed_walk_saved(&f->vr, f->m.mem, &chain, s->copy, s->ndescs, s->id);
+    FZ_TRACE("rewalk id %u ndescs %u%s: %d out %u/%llu in %u/%llu\n", s->id, s->ndescs, intact ? "" : " (copy rewritten)",
+             ret, chain.out_num, (unsigned long long)chain.out_len, chain.in_num, (unsigned long long)chain.in_len);
+    fz_check_chain(&f->m, ret, &chain);
+    FZ_CHECK(chain.desc_reads <= s->ndescs + f->m.max_chain + 1u);
+    FZ_CHECK(chain.ring_descs == s->ndescs);
+    if (intact && s->guest_writes == f->guest_writes) {
+        FZ_CHECK(ret == 0 && chain.status);
+        FZ_CHECK(chain.out_len == s->out_len && chain.in_len == s->in_len &&
+                 chain.out_num + chain.in_num == s->niov);
+    }
+    if (ret < 0) {
+        uint8_t *status = NULL;
+        int found = vring_packed_status_saved(&f->vr, f->m.mem, &chain, s->copy, s->ndescs, s->id, &status);
+        FZ_TRACE("  status search %d\n", found);
+        if (found == 0)
+            FZ_CHECK(status && fz_host_region(&f->m, status, 1));
+    }
+    FZ_CHECK(vring_packed_base(&f->vr) == base && f->vr.inflight == inflight); /* nothing popped */
+}
+
 static void fz_run_op(struct fz *f, struct fz_input *in)
 {
     switch (fz_u8(in) % FZ_OP_COUNT) {
@@ -422,6 +488,7 @@ static void fz_run_op(struct fz *f, struct fz_input *in)
         break;
     }
     case FZ_OP_TABLE: {
+        f->guest_writes++;
         uint64_t gpa = fz_gpa(&f->m, in);
         unsigned n = 1 + fz_u8(in) % FZ_MAX_TABLE;
         for (unsigned i = 0; i < n; i++) {
@@ -440,6 +507,7 @@ static void fz_run_op(struct fz *f, struct fz_input *in)
         break;
     }
     case FZ_OP_POKE: {
+        f->guest_writes++;
         uint64_t gpa = fz_gpa(&f->m, in);
         uint8_t buf[FZ_MAX_POKE];
         unsigned n = fz_u8(in) % (FZ_MAX_POKE + 1);
@@ -464,6 +532,9 @@ static void fz_run_op(struct fz *f, struct fz_input *in)
         break;
     case FZ_OP_KICKS:
         fz_kicks(f, !(fz_u8(in) & 1));
+        break;
+    case FZ_OP_REWALK:
+        fz_rewalk(f, in);
         break;
     case FZ_OP_DRIVER_EVENT:
         f->vr.driver->off_wrap = htole16(fz_u16(in));
