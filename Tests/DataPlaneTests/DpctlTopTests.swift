@@ -24,7 +24,7 @@ struct DpctlTopTests {
             posix_spawn_file_actions_addopen(&actions, 1, out, O_WRONLY | O_CREAT | O_TRUNC, 0o644)
             posix_spawn_file_actions_adddup2(&actions, 1, 2)
             let argv = ["tmux", "-S", socket] + arguments
-            var cargs = argv.map { strdup($0) }
+            let cargs = argv.map { strdup($0) }
             defer { cargs.forEach { free($0) } }
             var pid: pid_t = 0
             let rc = posix_spawnp(&pid, "tmux", &actions, nil, cargs + [nil], environ)
