@@ -14,6 +14,8 @@ let package = Package(
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.0"),
         .package(url: "https://github.com/apple/swift-log", from: "1.6.0"),
+        .package(url: "https://github.com/apple/swift-metrics", from: "2.13.0"),
+        .package(url: "https://github.com/swift-server/swift-prometheus", from: "2.4.1"),
     ],
     targets: [
         // The hot path: guest memory, split rings, virtio-blk, io_uring, the IOThread loop.
@@ -30,7 +32,9 @@ let package = Package(
         ),
         // System calls the Swift control path needs but cannot import (CMSG_*, sockaddr_un).
         .target(name: "CDataPlaneSys", cSettings: [.define("_GNU_SOURCE")]),
-        .target(name: "DataPlane", dependencies: ["CDataPlane", "CDataPlaneSys", .product(name: "Logging", package: "swift-log")]),
+        .target(name: "DataPlane", dependencies: ["CDataPlane", "CDataPlaneSys", .product(name: "Logging", package: "swift-log"),
+                                                  .product(name: "CoreMetrics", package: "swift-metrics"),
+                                                  .product(name: "Prometheus", package: "swift-prometheus")]),
         // A vhost-user-blk frontend (QEMU's side) over the guest driver: tests and the load generator.
         .target(name: "CVhostFrontend", dependencies: ["CGuestDriver", "CDataPlane"], cSettings: [.define("_GNU_SOURCE")]),
         .executableTarget(name: "dp-loadgen", dependencies: ["CVhostFrontend", "CGuestDriver"], path: "bench/loadgen",
