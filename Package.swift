@@ -16,6 +16,7 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-log", from: "1.6.0"),
         .package(url: "https://github.com/apple/swift-metrics", from: "2.13.0"),
         .package(url: "https://github.com/swift-server/swift-prometheus", from: "2.4.1"),
+        .package(url: "https://github.com/apple/swift-nio", from: "2.101.0"),
     ],
     targets: [
         // The hot path: guest memory, split rings, virtio-blk, io_uring, the IOThread loop.
@@ -44,7 +45,11 @@ let package = Package(
                           exclude: ["run"], cSettings: [.define("_GNU_SOURCE")]),
         .executableTarget(name: "dpctl", dependencies: ["DataPlane", "CDataPlaneSys",
                                                        .product(name: "ArgumentParser", package: "swift-argument-parser"),
-                                                       .product(name: "Logging", package: "swift-log")]),
+                                                       .product(name: "Logging", package: "swift-log"),
+                                                       // The --metrics-address HTTP endpoint.
+                                                       .product(name: "NIOCore", package: "swift-nio"),
+                                                       .product(name: "NIOPosix", package: "swift-nio"),
+                                                       .product(name: "NIOHTTP1", package: "swift-nio")]),
         .executableTarget(name: "dataplane-example", dependencies: ["DataPlane", "CGuestDriver"], path: "Examples/InProcess"),
         .executableTarget(name: "dp-bench", dependencies: ["DataPlane", "CDataPlane", "CGuestDriver"], path: "bench/dp-bench"),
         .testTarget(name: "DataPlaneTests", dependencies: ["DataPlane", "CDataPlane", "CDataPlaneSys", "CGuestDriver", "CVhostFrontend",

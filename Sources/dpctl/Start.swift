@@ -31,6 +31,8 @@ struct InstanceConfiguration {
     var notifyAfter: UInt32?
     var control: String?
     var disabledIOURing: IOURingFeatures?
+    /// Where to serve GET /metrics (nil: nowhere).
+    var metricsAddress: MetricsAddress?
     var disks: [DiskEntry]
     /// --check: print the configuration and exit without serving.
     var checkOnly = false
@@ -72,11 +74,14 @@ struct EffectiveConfiguration: Encodable {
     var control: String
     /// The names of the io_uring features left unused.
     var disableIOURing: [String]
+    /// Absent when the metrics are not served.
+    var metricsAddress: String?
     var disks: [Disk]
 
     enum CodingKeys: String, CodingKey {
         case iothreads, cpuset, control, disks
         case pollMicroseconds = "poll-us", notifyAfter = "notify-after", disableIOURing = "disable-io-uring"
+        case metricsAddress = "metrics-address"
     }
 }
 
@@ -102,6 +107,7 @@ enum StartCommand {
                                             range: 0...Int(IOThreadConfiguration.maxNotifyAfter)).map(UInt32.init)
         config.control = o.control
         if let text = o.disableIOURing { config.disabledIOURing = try parseIOURingFeatures(text, option: "--disable-io-uring") }
+        if let text = o.metricsAddress { config.metricsAddress = try MetricsAddress.parse(text, option: "--metrics-address") }
         config.disks = try o.disks.map { (text: String) throws(CLIError) in try DiskSpec.parse(text) }
         if let configFile = o.config {
             if !config.disks.isEmpty { throw CLIError("--config and --disk conflict: put the disks in the file", usage: true) }
@@ -115,6 +121,7 @@ enum StartCommand {
             fromFile.notifyAfter = config.notifyAfter ?? fromFile.notifyAfter
             fromFile.control = config.control ?? fromFile.control
             fromFile.disabledIOURing = config.disabledIOURing ?? fromFile.disabledIOURing
+            fromFile.metricsAddress = config.metricsAddress ?? fromFile.metricsAddress
             fromFile.checkOnly = config.checkOnly
             config = fromFile
         }
@@ -237,6 +244,7 @@ enum StartCommand {
                 iothreads: threadCount, cpuset: cpuset.description, pollMicroseconds: pollMicroseconds,
                 notifyAfter: notifyAfter, control: controlPath,
                 disableIOURing: (config.disabledIOURing ?? []).names,
+                metricsAddress: config.metricsAddress?.description,
                 disks: zip(config.disks, disks).map { entry, d in
                     EffectiveConfiguration.Disk(
                         path: d.path, socket: entry.socket, readonly: d.readOnly, numQueues: d.numQueues, queueSize: d.queueSize,
@@ -290,6 +298,18 @@ enum StartCommand {
             plane.stop()
             throw error
         }
+        // After the signal mask: its thread must leave SIGINT and SIGTERM to sigwait.
+        var metrics: MetricsServer?
+        if let address = config.metricsAddress {
+            do {
+                metrics = try MetricsServer(address: address, exporter: PrometheusExporter(plane: plane))
+            } catch {
+                control.stop()
+                server.stop()
+                plane.stop()
+                throw error
+            }
+        }
         try server.start()
         if let warning = sharedCPUWarning(threads: threadCount, cpuset: cpuset) { logger.warning("\(warning)") }
         for (i, t) in plane.threads.enumerated() {
@@ -300,12 +320,14 @@ enum StartCommand {
             logger.info("serving \(disk.name) (\(disk.capacityBytes) bytes, \(disk.configuration.readOnly ? "read-only" : "read-write"), \(disk.usesDirectIO ? "O_DIRECT" : "page cache"), \(disk.logicalBlockSize)-byte blocks, up to \(disk.configuration.numQueues) queues\(disk.configuration.fixedBuffers && disk.configuration.backend == .file ? ", guest memory registered as fixed buffers" : "")) on \(socket)",
                         metadata: ["disk": "\(disk.name)", "socket": "\(socket)"])
         }
+        if let metrics { logger.info("metrics on http://\(metrics.boundAddress)/metrics") }
         logger.info("control socket \(controlPath); ready")
 
         var received: Int32 = 0
         sigwait(&signals, &received)
         logger.info("\(received == SIGINT ? "SIGINT" : "SIGTERM"): draining and stopping")
         control.stop()
+        metrics?.stop()
         server.stop() // frontends are disconnected after their in-flight requests complete
         plane.stop()
         logger.info("stopped")
