@@ -78,6 +78,11 @@ func parseExposition(_ text: String) -> [String: Double] {
         #expect(try h.guest.run(type: UInt32(GD_BLK_T_FLUSH)).status == 0)
         #expect(parseExposition(exporter.renderString())[key] == 5)
 
+        try h.queues[0].pause()
+        #expect(parseExposition(exporter.renderString())["dataplane_queue_state{disk=\"null\",queue=\"0\",state=\"paused\"}"] == 1)
+        try h.queues[0].resume()
+        #expect(parseExposition(exporter.renderString())["dataplane_queue_state{disk=\"null\",queue=\"0\",state=\"running\"}"] == 1)
+
         // A stopped ring keeps its counts, with state "stopped".
         h.plane.stopQueue(disk: h.disk, index: 0)
         let samples = parseExposition(exporter.renderString())
@@ -92,6 +97,23 @@ func parseExposition(_ text: String) -> [String: Double] {
         let text = PrometheusExporter(plane: h.plane).renderString()
         #expect(text.contains("dataplane_disk_capacity_bytes{disk=\"null\"}"))
         #expect(text.contains("dataplane_disk_capacity_bytes{disk=\"null#2\"}"), "\(text)")
+    }
+
+    /// A removed disk's series go; a disk that takes its name starts from
+    /// its own counts, not the removed one's.
+    @Test func aRemovedDisksSeriesGo() throws {
+        let h = try Harness(disk: DiskConfiguration(path: "a", backend: .null))
+        let exporter = PrometheusExporter(plane: h.plane)
+        for _ in 0..<3 { #expect(try h.guest.run(type: UInt32(GD_BLK_T_FLUSH)).status == 0) }
+        let key = "dataplane_requests_total{disk=\"null\",queue=\"0\",op=\"flush\"}"
+        #expect(parseExposition(exporter.renderString())[key] == 3)
+        h.plane.removeDisk(h.disk)
+        let gone = exporter.renderString()
+        #expect(!gone.contains("disk=\"null\""), "\(gone)")
+        _ = try h.plane.addDisk(DiskConfiguration(path: "b", backend: .null, nullSizeBytes: 1 << 20))
+        let again = parseExposition(exporter.renderString())
+        #expect(again["dataplane_disk_capacity_bytes{disk=\"null\"}"] == Double(1 << 20))
+        #expect(again[key] == nil, "the new disk has no queue yet")
     }
 }
 
