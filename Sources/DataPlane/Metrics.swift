@@ -158,11 +158,7 @@ public final class DataPlaneMetrics: Sendable {
     /// Reads the data plane and brings every metric up to date; returns what it read.
     @discardableResult
     public func update() -> MetricsSample {
-        state.withLock { state in
-            let sample = Self.read(plane)
-            push(sample, into: &state)
-            return sample
-        }
+        withUpdate { $0 }
     }
 
     /// Runs `body` with a fresh sample while no other update runs: what it
