@@ -14,6 +14,9 @@ let package = Package(
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.0"),
         .package(url: "https://github.com/apple/swift-log", from: "1.6.0"),
+        .package(url: "https://github.com/apple/swift-metrics", from: "2.13.0"),
+        .package(url: "https://github.com/swift-server/swift-prometheus", from: "2.4.1"),
+        .package(url: "https://github.com/apple/swift-nio", from: "2.101.0"),
     ],
     targets: [
         // The hot path: guest memory, split rings, virtio-blk, io_uring, the IOThread loop.
@@ -30,7 +33,9 @@ let package = Package(
         ),
         // System calls the Swift control path needs but cannot import (CMSG_*, sockaddr_un).
         .target(name: "CDataPlaneSys", cSettings: [.define("_GNU_SOURCE")]),
-        .target(name: "DataPlane", dependencies: ["CDataPlane", "CDataPlaneSys", .product(name: "Logging", package: "swift-log")]),
+        .target(name: "DataPlane", dependencies: ["CDataPlane", "CDataPlaneSys", .product(name: "Logging", package: "swift-log"),
+                                                  .product(name: "CoreMetrics", package: "swift-metrics"),
+                                                  .product(name: "Prometheus", package: "swift-prometheus")]),
         // A vhost-user-blk frontend (QEMU's side) over the guest driver: tests and the load generator.
         .target(name: "CVhostFrontend", dependencies: ["CGuestDriver", "CDataPlane"], cSettings: [.define("_GNU_SOURCE")]),
         .executableTarget(name: "dp-loadgen", dependencies: ["CVhostFrontend", "CGuestDriver"], path: "bench/loadgen",
@@ -40,7 +45,11 @@ let package = Package(
                           exclude: ["run"], cSettings: [.define("_GNU_SOURCE")]),
         .executableTarget(name: "dpctl", dependencies: ["DataPlane", "CDataPlaneSys",
                                                        .product(name: "ArgumentParser", package: "swift-argument-parser"),
-                                                       .product(name: "Logging", package: "swift-log")]),
+                                                       .product(name: "Logging", package: "swift-log"),
+                                                       // The --metrics-address HTTP endpoint.
+                                                       .product(name: "NIOCore", package: "swift-nio"),
+                                                       .product(name: "NIOPosix", package: "swift-nio"),
+                                                       .product(name: "NIOHTTP1", package: "swift-nio")]),
         .executableTarget(name: "dataplane-example", dependencies: ["DataPlane", "CGuestDriver"], path: "Examples/InProcess"),
         .executableTarget(name: "dp-bench", dependencies: ["DataPlane", "CDataPlane", "CGuestDriver"], path: "bench/dp-bench"),
         .testTarget(name: "DataPlaneTests", dependencies: ["DataPlane", "CDataPlane", "CDataPlaneSys", "CGuestDriver", "CVhostFrontend",

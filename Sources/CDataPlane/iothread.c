@@ -278,13 +278,17 @@ static bool poll_window(struct dp_iothread *t, uint64_t start)
     if (!t->poll_ns)
         return false;
     uint64_t deadline = start + t->poll_ns;
+    uint64_t now = now_ns();
+    stats_thread_phase(&t->stats.time, DP_PHASE_POLL, now);
     do {
         if (any_queue_ready(t) || loop_completions_ready(&t->loop)) {
+            stats_thread_phase(&t->stats.time, DP_PHASE_BUSY, now_ns());
             STAT_ADD(t->stats.poll_hits, 1);
             return true;
         }
         __builtin_ia32_pause();
-    } while (now_ns() < deadline);
+    } while ((now = now_ns()) < deadline);
+    stats_thread_phase(&t->stats.time, DP_PHASE_BUSY, now);
     STAT_ADD(t->stats.poll_misses, 1);
     return false;
 }
@@ -387,10 +391,12 @@ static unsigned iothread_pass(struct dp_iothread *t, uint64_t now)
 
 static void iothread_loop(struct dp_iothread *t)
 {
+    stats_thread_phase(&t->stats.time, DP_PHASE_BUSY, now_ns());
     for (;;) {
         uint64_t now = now_ns();
         unsigned work = iothread_pass(t, now);
         if (t->stop_waiter && t->nqueues == 0) {
+            stats_thread_phase(&t->stats.time, DP_PHASES, now_ns());
             ctl_reply(t, t->stop_waiter, 0);
             return;
         }
@@ -419,8 +425,11 @@ static void iothread_loop(struct dp_iothread *t)
         }
         uint64_t before = now_ns();
         STAT_ADD(t->stats.waits, 1);
+        stats_thread_phase(&t->stats.time, DP_PHASE_SLEEP, before);
         loop_enter(&t->loop, 1);
-        poll_adjust(t, now_ns() - before);
+        uint64_t after = now_ns();
+        stats_thread_phase(&t->stats.time, DP_PHASE_BUSY, after);
+        poll_adjust(t, after - before);
         disable_kicks(t);
     }
 }

@@ -1,6 +1,8 @@
 /* Lock-free snapshots of the counters. */
+#include <sched.h>
 #include <string.h>
 
+#include "dp_internal.h"
 #include "stats.h"
 
 void stats_queue_snapshot(const struct dp_queue_counters *c, struct dp_queue_stats *out)
@@ -56,4 +58,25 @@ void stats_thread_snapshot(const struct dp_thread_counters *c, struct dp_iothrea
     out->fixed_buffer_ios = STAT_LOAD(c->fixed_buffer_ios);
     out->single_rw_ios = STAT_LOAD(c->single_rw_ios);
     out->kick_rearms = STAT_LOAD(c->kick_rearms);
+
+    /* The time accounting, consistent (a sequence lock, see stats.h). */
+    uint64_t total[DP_PHASES], since;
+    uint32_t phase, seq;
+    for (;;) {
+        seq = atomic_load_explicit(&c->time.seq, memory_order_acquire);
+        phase = STAT_LOAD(c->time.phase);
+        since = STAT_LOAD(c->time.since_ns);
+        for (int i = 0; i < DP_PHASES; i++)
+            total[i] = STAT_LOAD(c->time.total_ns[i]);
+        atomic_thread_fence(memory_order_acquire);
+        if (!(seq & 1) && STAT_LOAD(c->time.seq) == seq)
+            break;
+        sched_yield(); /* the IOThread is between two stores (or preempted there) */
+    }
+    uint64_t now = now_ns();
+    if (since && phase < DP_PHASES && now > since)
+        total[phase] += now - since;
+    out->busy_time_ns = total[DP_PHASE_BUSY];
+    out->poll_time_ns = total[DP_PHASE_POLL];
+    out->sleep_time_ns = total[DP_PHASE_SLEEP];
 }

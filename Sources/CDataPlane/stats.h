@@ -38,6 +38,21 @@ struct dp_queue_counters {
     _Atomic uint64_t latency_hist[DP_LATENCY_BUCKETS];
 };
 
+/* Where an IOThread's wall-clock time goes: the phase it is in and since
+ * when, and the time of the phases ended. The thread changes phase only
+ * around its idle stretches (a poll window, a sleep), never per request or
+ * per busy pass. One writer, so a sequence lock: seq is odd while the
+ * thread updates the rest; a reader retries until it read an even seq that
+ * did not move, then adds the phase under way. */
+enum dp_thread_phase { DP_PHASE_BUSY, DP_PHASE_POLL, DP_PHASE_SLEEP, DP_PHASES };
+
+struct dp_thread_time {
+    _Alignas(64) _Atomic uint32_t seq;
+    _Atomic uint32_t phase;    /* DP_PHASES: the loop is not running */
+    _Atomic uint64_t since_ns; /* CLOCK_MONOTONIC; 0 before the loop starts */
+    _Atomic uint64_t total_ns[DP_PHASES];
+};
+
 struct dp_thread_counters {
     _Alignas(64) _Atomic uint64_t iterations;
     _Atomic uint64_t waits;
@@ -58,6 +73,7 @@ struct dp_thread_counters {
     _Alignas(64) _Atomic uint64_t fixed_file_ios;
     _Atomic uint64_t fixed_buffer_ios;
     _Atomic uint64_t single_rw_ios;
+    struct dp_thread_time time;
 };
 
 #define STAT_LOAD(field) atomic_load_explicit(&(field), memory_order_relaxed)
@@ -69,6 +85,24 @@ static inline unsigned stats_log2_bucket(uint64_t v, unsigned buckets)
 {
     unsigned b = v ? 63u - (unsigned)__builtin_clzll(v) : 0u;
     return b < buckets ? b : buckets - 1;
+}
+
+/* The IOThread enters `phase` at `now` (its own thread only). */
+static inline void stats_thread_phase(struct dp_thread_time *t, enum dp_thread_phase phase, uint64_t now)
+{
+    uint32_t seq = STAT_LOAD(t->seq);
+    STAT_SET(t->seq, seq + 1);
+    /* The odd seq before the data: pairs with the acquire fence in
+     * stats_thread_snapshot, which then sees seq moved. */
+    atomic_thread_fence(memory_order_release);
+    uint32_t cur = STAT_LOAD(t->phase);
+    uint64_t since = STAT_LOAD(t->since_ns);
+    if (since && cur < DP_PHASES && now > since)
+        STAT_ADD(t->total_ns[cur], now - since);
+    STAT_SET(t->phase, (uint32_t)phase);
+    STAT_SET(t->since_ns, now);
+    /* The data before the even seq: pairs with the reader's acquire load. */
+    atomic_store_explicit(&t->seq, seq + 2, memory_order_release);
 }
 
 void stats_queue_snapshot(const struct dp_queue_counters *c, struct dp_queue_stats *out);

@@ -181,34 +181,49 @@ public final class DataPlane: Sendable {
     /// ``Snapshot/stoppedQueues`` while none runs there). Gauges come from
     /// the running queue only.
     public func statistics() -> Snapshot {
+        let readings = diskReadings()
+        return Snapshot(
+            monotonicNanoseconds: Self.monotonicNanoseconds(),
+            threads: threads.map { $0.statistics() },
+            queues: readings.flatMap { $0.running.map(\.statistics) },
+            stoppedQueues: readings.flatMap(\.stopped),
+            disks: readings.map(\.total))
+    }
+
+    /// One disk's queue indices at one moment: what ``statistics()`` and
+    /// the metrics read.
+    struct DiskReading {
+        var disk: Disk
+        /// The running queues by index, each with the counters of the
+        /// queues stopped before it there, and whether it is paused.
+        var running: [(statistics: QueueStatistics, paused: Bool)]
+        /// The counters of indices where no queue runs now.
+        var stopped: [QueueStatistics]
+        /// The sum of both.
+        var total: QueueStatistics
+    }
+
+    /// Every disk's reading, in the order the disks were added.
+    func diskReadings() -> [DiskReading] {
         // One copy under the lock: a queue moving from running to stopped
         // is counted exactly once, before or after.
         let entries = state.withLock { state in state.disks.values.sorted { $0.ordinal < $1.ordinal } }
-        var queueStats: [QueueStatistics] = []
-        var stoppedStats: [QueueStatistics] = []
-        var diskStats: [QueueStatistics] = []
-        for entry in entries {
+        return entries.map { entry in
             var history = entry.stoppedCounters
             for queue in entry.draining {
                 let counters = queue.statistics().countersOnly
                 history[queue.index] = history[queue.index].map { $0.addingCounters(of: counters) } ?? counters
             }
-            var perIndex: [QueueStatistics] = []
+            var running: [(statistics: QueueStatistics, paused: Bool)] = []
             for (index, queue) in entry.queues.sorted(by: { $0.key < $1.key }) {
+                let paused = queue.isPaused
                 let live = queue.statistics()
-                perIndex.append(history.removeValue(forKey: index).map { live.addingCounters(of: $0) } ?? live)
+                running.append((history.removeValue(forKey: index).map { live.addingCounters(of: $0) } ?? live, paused))
             }
-            queueStats += perIndex
             let stopped = history.sorted { $0.key < $1.key }.map(\.value)
-            stoppedStats += stopped
-            diskStats.append(QueueStatistics.sum(perIndex + stopped, disk: entry.disk.name, thread: "*"))
+            return DiskReading(disk: entry.disk, running: running, stopped: stopped,
+                               total: QueueStatistics.sum(running.map(\.statistics) + stopped, disk: entry.disk.name, thread: "*"))
         }
-        return Snapshot(
-            monotonicNanoseconds: Self.monotonicNanoseconds(),
-            threads: threads.map { $0.statistics() },
-            queues: queueStats,
-            stoppedQueues: stoppedStats,
-            disks: diskStats)
     }
 
     /// Stops every queue (each drains its in-flight requests) and every thread.

@@ -269,6 +269,13 @@ public struct IOThreadStatistics: Sendable, Equatable, Codable {
     public var singleSegmentRequests: UInt64 = 0
     /// Multishot kick polls armed again after the kernel ended one.
     public var kickPollRearms: UInt64 = 0
+    /// Where the thread's wall-clock time went since it started: passes
+    /// over its queues (busy), spinning in the busy-poll window, and
+    /// sleeping until a kick, a completion or a control message. Each
+    /// stretch is added when it ends.
+    public var busyTimeNanoseconds: UInt64 = 0
+    public var pollTimeNanoseconds: UInt64 = 0
+    public var sleepTimeNanoseconds: UInt64 = 0
 
     init(_ raw: dp_iothread_stats, name: String) {
         self.name = name
@@ -291,13 +298,16 @@ public struct IOThreadStatistics: Sendable, Equatable, Codable {
         fixedBufferRequests = raw.fixed_buffer_ios
         singleSegmentRequests = raw.single_rw_ios
         kickPollRearms = raw.kick_rearms
+        busyTimeNanoseconds = raw.busy_time_ns
+        pollTimeNanoseconds = raw.poll_time_ns
+        sleepTimeNanoseconds = raw.sleep_time_ns
     }
 
     private enum CodingKeys: String, CodingKey {
         case name, iterations, waits, pollHits, pollMisses, pollWindowNanoseconds, submits, cpuNanoseconds, queues
         case failure, completionQueueOverflows, ioURingFeatures, registeredFiles, registeredBuffers
         case bufferRegistrationFailures, bufferRegistrationError, fixedFileRequests, fixedBufferRequests
-        case singleSegmentRequests, kickPollRearms
+        case singleSegmentRequests, kickPollRearms, busyTimeNanoseconds, pollTimeNanoseconds, sleepTimeNanoseconds
     }
 
     /// Decodes what older versions sent too (without the io_uring counters).
@@ -323,5 +333,8 @@ public struct IOThreadStatistics: Sendable, Equatable, Codable {
         fixedBufferRequests = try c.decodeIfPresent(UInt64.self, forKey: .fixedBufferRequests) ?? 0
         singleSegmentRequests = try c.decodeIfPresent(UInt64.self, forKey: .singleSegmentRequests) ?? 0
         kickPollRearms = try c.decodeIfPresent(UInt64.self, forKey: .kickPollRearms) ?? 0
+        busyTimeNanoseconds = try c.decodeIfPresent(UInt64.self, forKey: .busyTimeNanoseconds) ?? 0
+        pollTimeNanoseconds = try c.decodeIfPresent(UInt64.self, forKey: .pollTimeNanoseconds) ?? 0
+        sleepTimeNanoseconds = try c.decodeIfPresent(UInt64.self, forKey: .sleepTimeNanoseconds) ?? 0
     }
 }

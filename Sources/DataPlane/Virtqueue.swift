@@ -4,6 +4,7 @@ import Glibc
 import Musl
 #endif
 import CDataPlane
+import Synchronization
 
 /// Where a virtqueue's rings are and how the guest signals (what a
 /// vhost-user frontend sends with SET_VRING_*).
@@ -83,6 +84,9 @@ public final class Virtqueue: @unchecked Sendable {
     private let lock = Lock()
     private var memory: GuestMemory
     private var stoppedAt: UInt32?
+    /// Set by `pause`, cleared by `resume`; read without `lock`, which a
+    /// pause holds while in-flight requests drain.
+    private let paused = Atomic<Bool>(false)
 
     init(disk: Disk, index: Int, thread: IOThread, memory: GuestMemory,
          configuration: VirtqueueConfiguration) throws(DataPlaneError) {
@@ -123,15 +127,26 @@ public final class Virtqueue: @unchecked Sendable {
 
     /// Stops taking new requests; returns when in-flight ones have completed.
     public func pause() throws(DataPlaneError) {
-        let ret = lock.withLock { stoppedAt == nil ? dp_queue_pause(handle) : -ESHUTDOWN }
+        let ret = lock.withLock {
+            let ret = stoppedAt == nil ? dp_queue_pause(handle) : -ESHUTDOWN
+            if ret == 0 { paused.store(true, ordering: .relaxed) }
+            return ret
+        }
         if ret != 0 { throw .system(operation: "pausing queue \(index)", errno: -ret) }
     }
 
     /// Takes requests again after `pause`.
     public func resume() throws(DataPlaneError) {
-        let ret = lock.withLock { stoppedAt == nil ? dp_queue_resume(handle) : -ESHUTDOWN }
+        let ret = lock.withLock {
+            let ret = stoppedAt == nil ? dp_queue_resume(handle) : -ESHUTDOWN
+            if ret == 0 { paused.store(false, ordering: .relaxed) }
+            return ret
+        }
         if ret != 0 { throw .system(operation: "resuming queue \(index)", errno: -ret) }
     }
+
+    /// Paused by `pause` and not resumed since.
+    public var isPaused: Bool { paused.load(ordering: .relaxed) }
 
     /// Swaps the guest memory table (after draining in-flight requests).
     public func setMemory(_ newMemory: GuestMemory) throws(DataPlaneError) {

@@ -150,7 +150,8 @@ struct Start: ParsableCommand {
 
         EXIT STATUS: 0 after a drain on SIGINT, SIGTERM or 'dpctl stop' (or a
         --check that passed); 1 on a runtime failure (an image that cannot be
-        opened, a socket in use, CPUs not allowed); 2 on a usage error.
+        opened, a socket or metrics port in use, CPUs not allowed);
+        2 on a usage error.
         """
     )
 
@@ -193,6 +194,14 @@ struct Start: ParsableCommand {
         """, valueName: "list"))
     var disableIOURing: String?
 
+    @Option(name: .customLong("metrics-address"), help: ArgumentHelp("""
+        Serve Prometheus metrics (per disk and queue: requests, bytes and errors by type, in flight, \
+        latency histogram, queue state; per IOThread: busy, poll and sleep seconds) as GET /metrics on \
+        HOST:PORT, e.g. 127.0.0.1:9100 or [::1]:9100; port 0 takes a free port (logged). Plain HTTP, \
+        no authentication: listen on a trusted address. (default: not served)
+        """, valueName: "host:port"))
+    var metricsAddress: String?
+
     @Option(name: .customLong("disk"), help: ArgumentHelp("""
         A disk to serve: path=PATH,socket=PATH[,KEY=VALUE...], the keys below (repeatable)
         """, valueName: "keys"))
@@ -201,10 +210,11 @@ struct Start: ParsableCommand {
     @Option(help: ArgumentHelp("""
         Read the instance and its disks from a JSON file. Its keys are the names of these options \
         without the dashes, with the values they take: "iothreads", "cpuset", "poll-us", \
-        "notify-after", "control", "disable-io-uring" (a list of names, or the comma list), and \
-        "disks", a list of objects with the disk keys ("null-size": "1G" or bytes, switches true/false \
-        or "on"/"off"). An unknown key is an error. --iothreads, --cpuset, --poll-us, --notify-after, \
-        --control and --disable-io-uring override the file; --disk cannot be combined with it.
+        "notify-after", "control", "disable-io-uring" (a list of names, or the comma list), \
+        "metrics-address", and "disks", a list of objects with the disk keys ("null-size": "1G" or \
+        bytes, switches true/false or "on"/"off"). An unknown key is an error. --iothreads, --cpuset, \
+        --poll-us, --notify-after, --control, --disable-io-uring and --metrics-address override the \
+        file; --disk cannot be combined with it.
         """, valueName: "file"), completion: .file(extensions: ["json"]))
     var config: String?
 

@@ -27,7 +27,7 @@ enum ConfigFile {
 
     static let instanceKeys = [Key("iothreads"), Key("cpuset"), Key("poll-us", alias: "pollMicroseconds"),
                                Key("notify-after", alias: "notifyAfter"), Key("control"),
-                               Key("disable-io-uring"), Key("socket-owner"), Key("socket-group"), Key("socket-mode"),
+                               Key("disable-io-uring"), Key("socket-owner"), Key("socket-group"), Key("socket-mode"), Key("metrics-address"),
                                Key("disks")]
     static let diskKeys = [
         Key("path"), Key("socket"), Key("readonly", alias: "readOnly"), Key("num-queues", alias: "numQueues"),
@@ -64,6 +64,7 @@ enum ConfigFile {
             case "notify-after":
                 config.notifyAfter = UInt32(try integer(value, key, range: 0...Int(IOThreadConfiguration.maxNotifyAfter)))
             case "control": config.control = try string(value, key)
+            case "metrics-address": config.metricsAddress = try MetricsAddress.parse(try string(value, key), option: key)
             case "disable-io-uring":
                 switch value {
                 case .string(let text): config.disabledIOURing = try StartCommand.parseIOURingFeatures(text, option: key)

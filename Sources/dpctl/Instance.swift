@@ -73,6 +73,7 @@ final class Instance {
             ("notify-after", { "\($0.notifyAfter.map(String.init) ?? "default")" }),
             ("control", { $0.control ?? "default" }),
             ("disable-io-uring", { ($0.disabledIOURing ?? []).names.joined(separator: ",") }),
+            ("metrics-address", { $0.metricsAddress?.description ?? "off" }),
         ]
         for (key, value) in instanceSettings where value(old) != value(new) {
             restart.append("\(key) (\(value(old)) -> \(value(new)))")

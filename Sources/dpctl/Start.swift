@@ -42,6 +42,8 @@ struct InstanceConfiguration {
     var socketOwner: String?
     var socketGroup: String?
     var socketMode: mode_t?
+    /// Where to serve GET /metrics (nil: nowhere).
+    var metricsAddress: MetricsAddress?
     var disks: [DiskEntry]
     /// --check: print the configuration and exit without serving.
     var checkOnly = false
@@ -88,11 +90,14 @@ struct EffectiveConfiguration: Encodable {
     var control: String?
     /// The names of the io_uring features left unused.
     var disableIOURing: [String]
+    /// Absent when the metrics are not served.
+    var metricsAddress: String?
     var disks: [Disk]
 
     enum CodingKeys: String, CodingKey {
         case iothreads, cpuset, control, disks
         case pollMicroseconds = "poll-us", notifyAfter = "notify-after", disableIOURing = "disable-io-uring"
+        case metricsAddress = "metrics-address"
     }
 }
 
@@ -118,6 +123,7 @@ enum StartCommand {
                                             range: 0...Int(IOThreadConfiguration.maxNotifyAfter)).map(UInt32.init)
         config.control = o.control
         if let text = o.disableIOURing { config.disabledIOURing = try parseIOURingFeatures(text, option: "--disable-io-uring") }
+        if let text = o.metricsAddress { config.metricsAddress = try MetricsAddress.parse(text, option: "--metrics-address") }
         if o.socketPath != nil && o.fd != nil {
             throw CLIError("--socket-path and --fd conflict: the one disk listens on a path or on an inherited socket", usage: true)
         }
@@ -144,6 +150,7 @@ enum StartCommand {
             fromFile.socketOwner = config.socketOwner ?? fromFile.socketOwner
             fromFile.socketGroup = config.socketGroup ?? fromFile.socketGroup
             fromFile.socketMode = config.socketMode ?? fromFile.socketMode
+            fromFile.metricsAddress = config.metricsAddress ?? fromFile.metricsAddress
             fromFile.checkOnly = config.checkOnly
             config = fromFile
         }
@@ -310,6 +317,7 @@ enum StartCommand {
                 iothreads: threadCount, cpuset: cpuset.description, pollMicroseconds: pollMicroseconds,
                 notifyAfter: notifyAfter, control: controlPath,
                 disableIOURing: (config.disabledIOURing ?? []).names,
+                metricsAddress: config.metricsAddress?.description,
                 disks: zip(config.disks, disks).map { entry, d in
                     EffectiveConfiguration.Disk(
                         path: d.path, socket: entry.socket, readonly: d.readOnly, numQueues: d.numQueues, queueSize: d.queueSize,
@@ -375,6 +383,18 @@ enum StartCommand {
             plane.stop()
             throw error
         }
+        // After the signal mask: its thread must leave SIGINT and SIGTERM to sigwait.
+        var metrics: MetricsServer?
+        if let address = config.metricsAddress {
+            do {
+                metrics = try MetricsServer(address: address, exporter: PrometheusExporter(plane: plane))
+            } catch {
+                control?.stop()
+                server.stop()
+                plane.stop()
+                throw error
+            }
+        }
         try server.start()
         if let warning = sharedCPUWarning(threads: threadCount, cpuset: cpuset) { logger.warning("\(warning)") }
         for (i, t) in plane.threads.enumerated() {
@@ -390,6 +410,7 @@ enum StartCommand {
         } else {
             logger.info("no control socket (the disk's inherited socket has no path: give --control PATH for status, stats and stop); ready")
         }
+        if let metrics { logger.info("metrics on http://\(metrics.boundAddress)/metrics") }
         // Every socket listens and every control thread runs: a frontend that connects now is served.
         notifier.ready(status: instance.summary)
 
@@ -415,6 +436,7 @@ enum StartCommand {
         logger.info("\(received == SIGINT ? "SIGINT" : "SIGTERM"): draining and stopping")
         notifier.stopping(status: "draining in-flight I/O and stopping")
         control?.stop()
+        metrics?.stop()
         server.stop() // frontends are disconnected after their in-flight requests complete
         plane.stop()
         logger.info("stopped")

@@ -56,7 +56,7 @@ import Testing
         (#"{ "disks": [ { "path": "x", "socket": "s", "read-only": true } ] }"#,
          #"unknown key "read-only" in disks[0] (keys: path, socket, readonly, num-queues, queue-size, backend, null-size, null-read-zeroes, serial, direct, block-size, rerror, werror, fault, locking, fixed-buffers, socket-owner, socket-group, socket-mode)"#),
         (#"{ "iothread": 2, "disks": [ { "path": "x", "socket": "s" } ] }"#,
-         #"unknown key "iothread" in the file (keys: iothreads, cpuset, poll-us, notify-after, control, disable-io-uring, socket-owner, socket-group, socket-mode, disks)"#),
+         #"unknown key "iothread" in the file (keys: iothreads, cpuset, poll-us, notify-after, control, disable-io-uring, socket-owner, socket-group, socket-mode, metrics-address, disks)"#),
         (#"{ "disks": [ { "path": "x", "socket": "s", "readonly": true, "readOnly": false } ] }"#,
          #"disks[0] gives both "readOnly" and "readonly", the same setting: keep "readonly""#),
         (#"{ "poll-us": 5, "pollMicroseconds": 5, "disks": [ { "path": "x", "socket": "s" } ] }"#,
@@ -204,6 +204,7 @@ import Testing
             "rerror": { disk["rerror"] as? String == $0 },
             "werror": { disk["werror"] as? String == $0 },
             "--disable-io-uring": { $0 == "none" && (json["disable-io-uring"] as? [String]) == [] },
+            "--metrics-address": { $0 == "not" && json["metrics-address"] == nil },
         ]
         #expect(Set(claimed.keys) == Set(checks.keys), "defaults claimed by the help: \(claimed)")
         for (option, value) in claimed.sorted(by: { $0.key < $1.key }) {

@@ -93,4 +93,21 @@ import Testing
         #expect(p99 < 1e6, "only the 10 new latencies count")
         #expect(counterIncrease(from: 5, to: 3) == 0 && counterIncrease(from: 3, to: 5) == 2)
     }
+
+    /// The IOThread's time: busy, poll and sleep add up to its wall-clock
+    /// time (the stretch under way included), and an idle thread sleeps.
+    @Test func anIOThreadsTimeAddsUpAndAnIdleOneSleeps() throws {
+        let h = try Harness(disk: DiskConfiguration(path: "n", backend: .null), pollMicroseconds: 50)
+        let start = DataPlane.monotonicNanoseconds()
+        let first = h.plane.threads[0].statistics()
+        for _ in 0..<50 { #expect(try h.guest.run(type: UInt32(GD_BLK_T_FLUSH)).status == 0) }
+        usleep(300_000)
+        let t = h.plane.threads[0].statistics()
+        let elapsed = DataPlane.monotonicNanoseconds() - start
+        #expect(t.sleepTimeNanoseconds > first.sleepTimeNanoseconds + 200_000_000, "\(t)")
+        #expect(t.pollTimeNanoseconds > 0 && t.busyTimeNanoseconds > 0, "\(t)")
+        let grew = (t.busyTimeNanoseconds + t.pollTimeNanoseconds + t.sleepTimeNanoseconds)
+            - (first.busyTimeNanoseconds + first.pollTimeNanoseconds + first.sleepTimeNanoseconds)
+        #expect(grew <= elapsed + 1_000_000 && grew + 50_000_000 >= elapsed, "\(grew) ns accounted in \(elapsed) ns")
+    }
 }

@@ -272,6 +272,16 @@ struct dp_iothread_stats {
     uint64_t fixed_buffer_ios;   /* reads and writes into registered memory (READ_FIXED/WRITE_FIXED) */
     uint64_t single_rw_ios;      /* other one-segment reads and writes, as READ/WRITE */
     uint64_t kick_rearms;        /* multishot kick polls armed again after the kernel ended one */
+    /* Where the thread's wall-clock time went since its loop started, in
+     * nanoseconds: sleeping in io_uring_enter, spinning in the busy-poll
+     * window, and the rest (passes over the queues, submitting, reaping).
+     * The stretch under way counts up to the moment of the snapshot, so the
+     * three add up to the time the loop has run. (A snapshot taken while
+     * the thread changes phase may see the phase it left a little longer
+     * than the next one does: nanoseconds.) */
+    uint64_t busy_time_ns;
+    uint64_t poll_time_ns;
+    uint64_t sleep_time_ns;
 };
 
 /* ---------------------------------------------------------------- IOThreads */
