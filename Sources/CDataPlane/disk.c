@@ -2,6 +2,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <linux/fs.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/ioctl.h>
@@ -140,6 +141,26 @@ int dp_image_lock(int fd, uint32_t perm, uint32_t shared, struct dp_lock_conflic
     return ret == 1 ? -EAGAIN : ret;
 }
 
+/* I/O goes through an open file description of its own, apart from the one
+ * that holds the image locks: the kernel keeps an io_uring's files (the
+ * registered ones, those of requests in flight) until the ring is torn
+ * down, which after a SIGKILL completes only after the process is gone.
+ * Locks on that description would outlive us and refuse the dpctl started
+ * in our place. Reopened through /proc with the same access and caching
+ * flags; without /proc, a dup (and that race) is all there is. */
+static int reopen_for_io(int fd)
+{
+    int flags = fcntl(fd, F_GETFL);
+    if (flags < 0)
+        return -errno;
+    char path[32];
+    snprintf(path, sizeof(path), "/proc/self/fd/%d", fd);
+    int io = open(path, (flags & (O_ACCMODE | O_DIRECT | O_DSYNC | O_SYNC | O_NOATIME)) | O_CLOEXEC);
+    if (io < 0 && errno == ENOENT)
+        io = fcntl(fd, F_DUPFD_CLOEXEC, 0);
+    return io < 0 ? -errno : io;
+}
+
 int dp_disk_create(const struct dp_disk_config *config, struct dp_disk **out)
 {
     if (!config || !out)
@@ -165,16 +186,18 @@ int dp_disk_create(const struct dp_disk_config *config, struct dp_disk **out)
     if (!disk)
         return -ENOMEM;
     disk->backend = config->backend;
-    disk->fd = -1;
+    disk->fd = disk->lock_fd = -1;
     if (config->backend == DP_BACKEND_FILE) {
         struct stat st;
-        disk->fd = fcntl(config->fd, F_DUPFD_CLOEXEC, 0);
-        if (disk->fd < 0 || fstat(disk->fd, &st) < 0) {
-            int err = -errno;
-            if (disk->fd >= 0)
-                close(disk->fd);
-            free(disk);
-            return err;
+        disk->lock_fd = fcntl(config->fd, F_DUPFD_CLOEXEC, 0);
+        int ret = disk->lock_fd < 0 ? -errno : reopen_for_io(disk->lock_fd);
+        if (ret >= 0)
+            disk->fd = ret;
+        if (ret >= 0 && fstat(disk->fd, &st) < 0)
+            ret = -errno;
+        if (ret < 0) {
+            dp_disk_destroy(disk);
+            return ret;
         }
         disk->is_block_device = S_ISBLK(st.st_mode);
     }
@@ -220,5 +243,7 @@ void dp_disk_destroy(struct dp_disk *disk)
         return;
     if (disk->fd >= 0)
         close(disk->fd);
+    if (disk->lock_fd >= 0)
+        close(disk->lock_fd);
     free(disk);
 }

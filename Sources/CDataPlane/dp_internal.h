@@ -64,7 +64,8 @@
 
 struct dp_disk {
     int backend;
-    int fd;
+    int fd;      /* I/O: an open file description without the image locks */
+    int lock_fd; /* the description the image locks are on (see disk.c) */
     bool is_block_device;
     uint64_t capacity_sectors;
     uint32_t logical_block_size;

@@ -1,3 +1,5 @@
+import CGuestDriver
+import CVhostFrontend
 import Foundation
 import Testing
 
@@ -161,5 +163,34 @@ import Testing
 
         let bad = try DpctlTests.dpctl(["start", "--disk", "x", "--backend", "null", "--socket", socket, "--locking", "maybe"])
         #expect(bad.status == 2 && bad.stderr.contains("locking=\"maybe\": use on or off"), "\(bad.stderr)")
+    }
+
+    /// Found by the soak: a dpctl killed with I/O in flight left its image
+    /// locks behind for a moment (the kernel tears a dead process's
+    /// io_uring down after it is gone, and the ring held the locked file),
+    /// so the dpctl restarted in its place was refused. The locks now sit
+    /// on a file description the ring never sees. Several rounds: the
+    /// teardown races the restart.
+    @Test func aKilledInstancesLocksGoWithIt() throws {
+        let image = try TestImage(size: 8 << 20)
+        let socket = image.directory + "/vu.sock"
+        for round in 0..<5 {
+            let dp = try QEMUEndToEndTests.Instance(["--disk", image.path, "--socket", socket, "--num-queues", "1"],
+                                                    log: image.directory + "/dp\(round).log")
+            let g = try TestGuest(queues: 1, queueSize: 64)
+            let conn = try g.connectFrontend(socket)
+            for i in 0..<32 { // reads and writes in flight when it dies
+                let buf = g.alloc(65536)
+                try g.submit(type: UInt32(i % 2 == 0 ? GD_BLK_T_IN : GD_BLK_T_OUT), sector: UInt64(i * 128),
+                             segments: [(buf, 65536)], indirect: true)
+            }
+            dp.kill9()
+            vuf_close(conn)
+            let next = try QEMUEndToEndTests.Instance(["--disk", image.path, "--socket", socket, "--num-queues", "1"],
+                                                      log: image.directory + "/next\(round).log")
+            waitForReady(next)
+            #expect(next.log.contains("ready"), "round \(round): \(next.log)")
+            #expect(next.terminate() == 0, "round \(round): \(next.log)")
+        }
     }
 }

@@ -71,7 +71,7 @@ struct sk_opts {
     const char *dir, *dpctl;
     uint32_t queues, depth, queue_size;
     int32_t poll_us;    /* -1: dpctl's default */
-    bool keep, verbose, event_idx, inject;
+    bool keep, verbose, event_idx, inject, packed;
 };
 
 static void usage(FILE *f)
@@ -99,6 +99,7 @@ static void usage(FILE *f)
             "  --stall S            a request not completed after S seconds without progress is lost (default 10)\n"
             "  --poll-us N          passed to dpctl start (default: dpctl's)\n"
             "  --no-event-idx       don't use VIRTIO_RING_F_EVENT_IDX\n"
+            "  --packed             packed virtqueues (VIRTIO_F_RING_PACKED; its inflight layout on restarts)\n"
             "  --seed N             random seed (default: from the clock; printed)\n"
             "  --keep               keep the image and logs even when the run passes\n"
             "  --inject-corruption  self-test: overwrite one block of the image behind dpctl's back\n"
@@ -199,6 +200,8 @@ static void parse(int argc, char **argv, struct sk_opts *o)
             o->seed = parse_uint(a, v, UINT64_MAX);
         } else if (!strcmp(a, "--no-event-idx")) {
             o->event_idx = false;
+        } else if (!strcmp(a, "--packed")) {
+            o->packed = true;
         } else if (!strcmp(a, "--keep")) {
             o->keep = true;
         } else if (!strcmp(a, "--inject-corruption")) {
@@ -845,8 +848,8 @@ static uint32_t reap(struct sk *s, uint32_t qi)
         s->q[qi].popped++;
         if (rc == -EINVAL) {
             s->n.duplicates++;
-            report(s, "queue %u: a completion for a head not in flight (completed twice?) at used index %u", qi,
-                   (unsigned)(gd_used_idx(s->d, qi)));
+            report(s, "queue %u: a completion for a head not in flight (completed twice?), the %u-th reaped", qi,
+                   (unsigned)s->q[qi].popped);
             continue;
         }
         if (rc < 0) {
@@ -891,7 +894,7 @@ static void wait_calls(struct sk *s, int timeout_ms)
         /* A completion published while we slept 100 ms or more should have
          * woken us. Counted, not failed: one can land just as poll gives up. */
         for (uint32_t qi = 0; qi < s->o.queues; qi++)
-            if (gd_used_idx(s->d, qi) != s->q[qi].popped) {
+            if (gd_used_pending(s->d, qi)) {
                 s->n.timeouts_pending++;
                 break;
             }
@@ -947,14 +950,18 @@ static bool dpctl_died(struct sk *s)
 
 /* Of our requests still in flight, how many the stopped back-end had popped:
  * marked in flight in the inflight region (vhost-user.rst "Inflight I/O
- * tracking", split rings: per queue a 16-byte header, then a 16-byte
- * DescStateSplit per head whose first byte is the inflight flag). These are
- * the ones the next back-end must resubmit. -1 if the region is not laid out
- * as expected. */
+ * tracking"). Split rings: per queue a 16-byte header, then a 16-byte
+ * DescStateSplit per head whose first byte is the inflight flag. Packed
+ * rings: a 32-byte header, then 32-byte DescStatePacked entries; a buffer's
+ * first entry has the inflight flag, its count (num) and its last entry
+ * (last), whose copy of the ring descriptor holds the buffer id. These are
+ * the ones the next back-end must resubmit. -1 if the region is not laid
+ * out as expected. */
 static int count_popped(struct sk *s, int fd, uint64_t size)
 {
     uint64_t per_queue = size / s->o.queues;
-    if (per_queue < 16 + 16ull * s->o.queue_size)
+    uint32_t entry = s->o.packed ? 32 : 16, header = s->o.packed ? 32 : 16;
+    if (per_queue < header + (uint64_t)entry * s->o.queue_size)
         return -1;
     const uint8_t *m = mmap(NULL, size, PROT_READ, MAP_SHARED, fd, 0);
     if (m == MAP_FAILED)
@@ -966,10 +973,24 @@ static int count_popped(struct sk *s, int fd, uint64_t size)
         memcpy(&desc_num, r + 10, 2);
         if (desc_num != s->o.queue_size)
             continue; /* never used by a back-end yet */
-        for (uint32_t h = 0; h < s->o.queue_size; h++)
-            if (r[16 + 16 * h] == 1 && s->q[qi].by_head[h] >= 0 &&
-                !s->q[qi].req[s->q[qi].by_head[h]].outstanding)
+        for (uint32_t e = 0; e < s->o.queue_size; e++) {
+            const uint8_t *d = r + header + (uint64_t)entry * e;
+            if (d[0] != 1)
+                continue;
+            uint16_t head = (uint16_t)e;
+            if (s->o.packed) {
+                uint16_t num, last;
+                memcpy(&last, d + 4, 2);
+                memcpy(&num, d + 6, 2);
+                if (num == 0 || last >= s->o.queue_size)
+                    continue;
+                memcpy(&head, r + header + (uint64_t)entry * last + 16, 2); /* the last copy's id */
+                if (head >= s->o.queue_size)
+                    continue;
+            }
+            if (s->q[qi].by_head[head] >= 0 && !s->q[qi].req[s->q[qi].by_head[head]].outstanding)
                 n++;
+        }
     }
     munmap((void *)m, size);
     return n;
@@ -1254,7 +1275,7 @@ static int setup(struct sk *s)
     uint64_t rings = 4096 + o->queues * ring;
     uint64_t data = (uint64_t)o->queues * o->depth * SK_BUF;
     struct gd_config gc = { .mem_size = round_up(2 * (rings + data) + (1u << 20), 2u << 20), .num_queues = o->queues,
-                            .queue_size = o->queue_size, .event_idx = o->event_idx };
+                            .queue_size = o->queue_size, .event_idx = o->event_idx, .packed = o->packed };
     int rc = gd_create(&gc, &s->d);
     if (rc < 0) {
         say("guest driver (%" PRIu64 " bytes of memory): %s", gc.mem_size, strerror(-rc));
@@ -1310,8 +1331,9 @@ int main(int argc, char **argv)
     if (s.o.kill_mean > 0)
         snprintf(restarts, sizeof(restarts), "restarts every %.1f s on average (%.0f%% SIGTERM)", s.o.kill_mean,
                  s.o.term_share * 100);
-    say("seed %" PRIu64 "; %" PRIu64 " MiB image %s; %u queues x depth %u (ring %u%s); %s; load %.0f s", s.seed,
-        s.o.size >> 20, s.image, s.o.queues, s.o.depth, s.o.queue_size, s.o.event_idx ? ", event_idx" : "", restarts,
+    say("seed %" PRIu64 "; %" PRIu64 " MiB image %s; %u queues x depth %u (%s ring %u%s); %s; load %.0f s", s.seed,
+        s.o.size >> 20, s.image, s.o.queues, s.o.depth, s.o.packed ? "packed" : "split", s.o.queue_size,
+        s.o.event_idx ? ", event_idx" : "", restarts,
         s.o.seconds);
     int rc = dpctl_start(&s);
     if (rc == 0)
