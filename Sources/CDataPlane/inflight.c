@@ -335,8 +335,11 @@ static void packed_clear_published(struct dp_queue *q)
     for (uint32_t i = 0; i < q->pushed_count; i++)
         WRITE_ONCE(&r->desc[q->ipk.bufs[q->pushed[i]].first].inflight, 0);
     q->pushed_count = 0;
-    WRITE_ONCE(&r->old_free_head, q->ipk.free_head);
-    WRITE_ONCE(&r->old_used_wrap_counter, q->vr.packed.used_wrap);
+    /* Release, after the clears: for a batch of a whole lap the wrap
+     * counter alone tells the commit (the index is where it was). A death
+     * between these stores is told by recovery from the indices. */
+    __atomic_store_n(&r->old_free_head, q->ipk.free_head, __ATOMIC_RELEASE);
+    __atomic_store_n(&r->old_used_wrap_counter, q->vr.packed.used_wrap, __ATOMIC_RELEASE);
     /* Last, after the clears: the commit. */
     __atomic_store_n(&r->old_used_idx, q->vr.packed.used_idx, __ATOMIC_RELEASE);
 }
@@ -471,6 +474,12 @@ static int packed_recover(struct dp_queue *q)
     uint16_t free_head = READ_ONCE(&r->free_head), old_free = READ_ONCE(&r->old_free_head);
     if (used >= size || old_used >= size)
         return -EBADMSG;
+    /* A batch moves the used position forward by 1..size descriptors, so
+     * the old position's lap follows from the indices: the stored old wrap
+     * counter may be the new one already (a death between its store and
+     * the index's), and trusted it would put the ring a lap off. */
+    if (used != old_used)
+        old_wrap = old_used < used ? wrap : !wrap;
     if (used != old_used || wrap != old_wrap) {
         /* A batch was under way. Published when the descriptor at its first
          * position is no longer the driver's available one of that lap (it

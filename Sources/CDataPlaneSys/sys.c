@@ -7,6 +7,7 @@
 #include <string.h>
 #include <sys/eventfd.h>
 #include <sys/mman.h>
+#include <sys/signalfd.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/un.h>
@@ -61,14 +62,29 @@ int dps_unix_listen_as(const char *path, int backlog, int mode, int64_t uid, int
 
 int dps_path_permissions(const char *path, int mode, int64_t uid, int64_t gid)
 {
-    /* The mode first, while the file may still be ours: chmod of another
-     * user's file would need CAP_FOWNER besides the CAP_CHOWN of lchown. */
-    if (mode >= 0 && chmod(path, (mode_t)mode) < 0)
+    if (mode < 0 && uid < 0 && gid < 0)
+        return 0;
+    /* Through a handle on the socket itself, never by path: a symlink put
+     * at the path (by anyone who can write its directory) must not make us
+     * chmod or chown what it points to. */
+    int fd = open(path, O_PATH | O_NOFOLLOW | O_CLOEXEC);
+    if (fd < 0)
         return -errno;
-    if ((uid >= 0 || gid >= 0) &&
-        lchown(path, uid >= 0 ? (uid_t)uid : (uid_t)-1, gid >= 0 ? (gid_t)gid : (gid_t)-1) < 0)
-        return -errno;
-    return 0;
+    struct stat st;
+    int ret = fstat(fd, &st) < 0 ? -errno : S_ISSOCK(st.st_mode) ? 0 : -ENOTSOCK;
+    /* Owner before mode: a wider mode must not let the old group in first
+     * (root, which may give a socket away, may change its mode after too). */
+    if (ret == 0 && (uid >= 0 || gid >= 0) &&
+        fchownat(fd, "", uid >= 0 ? (uid_t)uid : (uid_t)-1, gid >= 0 ? (gid_t)gid : (gid_t)-1, AT_EMPTY_PATH) < 0)
+        ret = -errno;
+    if (ret == 0 && mode >= 0) {
+        char self[32];
+        snprintf(self, sizeof(self), "/proc/self/fd/%d", fd);
+        if (chmod(self, (mode_t)mode) < 0) /* the inode fd names, not a path lookup */
+            ret = -errno;
+    }
+    close(fd);
+    return ret;
 }
 
 int dps_socket_describe(int fd, int *type, bool *listening, char *path, size_t path_len)
@@ -355,4 +371,10 @@ int dps_allowed_cpus(int32_t *cpus, int max_cpus)
             cpus[count++] = cpu;
     CPU_FREE(set);
     return count;
+}
+
+int dps_signalfd(const sigset_t *mask)
+{
+    int fd = signalfd(-1, mask, SFD_CLOEXEC | SFD_NONBLOCK);
+    return fd < 0 ? -errno : fd;
 }

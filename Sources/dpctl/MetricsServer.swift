@@ -47,10 +47,12 @@ struct MetricsAddress: Equatable, CustomStringConvertible {
 /// buffered per connection, for a client that does not read); what it
 /// sends after its first request is dropped unread; request headers are
 /// limited to NIO's 80 KiB; at most `maxConnections` are open at once (more
-/// are closed at once), and each is closed `deadline` after it opened.
+/// are closed at once), and each is closed `deadline` after it opened (5 s:
+/// a scraper sends its request at once, and idle connections must not
+/// hold the slots long).
 final class MetricsServer: Sendable {
     static let maxConnections = 16
-    static let deadline = TimeAmount.seconds(30)
+    static let deadline = TimeAmount.seconds(5)
 
     private let group: MultiThreadedEventLoopGroup
     private let channel: any Channel
@@ -75,8 +77,13 @@ final class MetricsServer: Sendable {
                     open.count.wrappingSubtract(1, ordering: .relaxed)
                     return channel.close()
                 }
-                channel.closeFuture.whenComplete { _ in open.count.wrappingSubtract(1, ordering: .relaxed) }
-                channel.eventLoop.scheduleTask(in: Self.deadline) { channel.close(promise: nil) }
+                // The deadline task is cancelled with the connection: a
+                // closed channel must not stay alive until it fires.
+                let deadline = channel.eventLoop.scheduleTask(in: Self.deadline) { channel.close(promise: nil) }
+                channel.closeFuture.whenComplete { _ in
+                    deadline.cancel()
+                    open.count.wrappingSubtract(1, ordering: .relaxed)
+                }
                 return channel.eventLoop.makeCompletedFuture {
                     try channel.pipeline.syncOperations.configureHTTPServerPipeline(withPipeliningAssistance: false)
                     try channel.pipeline.syncOperations.addHandler(MetricsHandler(exporter: exporter))

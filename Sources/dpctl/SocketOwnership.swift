@@ -34,7 +34,11 @@ enum SocketOwnership {
         var entry = passwd()
         var result: UnsafeMutablePointer<passwd>?
         var buffer = [CChar](repeating: 0, count: 16384)
-        let r = getpwnam_r(text, &entry, &buffer, buffer.count, &result)
+        var r = getpwnam_r(text, &entry, &buffer, buffer.count, &result)
+        while r == ERANGE && buffer.count < 1 << 24 { // a large entry: a larger buffer
+            buffer = [CChar](repeating: 0, count: buffer.count * 4)
+            r = getpwnam_r(text, &entry, &buffer, buffer.count, &result)
+        }
         guard r == 0, result != nil else {
             throw CLIError("\(option): no user named \(text.debugDescription)\(r == 0 ? "" : ": \(errnoText(r))")", usage: true)
         }
@@ -46,7 +50,11 @@ enum SocketOwnership {
         var entry = group()
         var result: UnsafeMutablePointer<group>?
         var buffer = [CChar](repeating: 0, count: 16384)
-        let r = getgrnam_r(text, &entry, &buffer, buffer.count, &result)
+        var r = getgrnam_r(text, &entry, &buffer, buffer.count, &result)
+        while r == ERANGE && buffer.count < 1 << 24 { // a group of many members (LDAP): a larger buffer
+            buffer = [CChar](repeating: 0, count: buffer.count * 4)
+            r = getgrnam_r(text, &entry, &buffer, buffer.count, &result)
+        }
         guard r == 0, result != nil else {
             throw CLIError("\(option): no group named \(text.debugDescription)\(r == 0 ? "" : ": \(errnoText(r))")", usage: true)
         }

@@ -395,7 +395,15 @@ enum StartCommand {
                 throw error
             }
         }
-        try server.start()
+        do {
+            try server.start()
+        } catch {
+            metrics?.stop()
+            control?.stop()
+            server.stop()
+            plane.stop()
+            throw error
+        }
         if let warning = sharedCPUWarning(threads: threadCount, cpuset: cpuset) { logger.warning("\(warning)") }
         for (i, t) in plane.threads.enumerated() {
             logger.info("\(t.configuration.name): CPU \(threads[i].cpuset), NUMA node \(t.numaNode.map(String.init) ?? "unknown"), poll window up to \(t.configuration.pollMaxMicroseconds) us, io_uring: \(t.statistics().ioURingFeatures)",

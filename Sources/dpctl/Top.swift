@@ -1,3 +1,4 @@
+import CDataPlaneSys
 import ArgumentParser
 import DataPlane
 import Foundation
@@ -74,8 +75,12 @@ struct Top: ParsableCommand {
             if let screen {
                 screen.draw(view.lines(width: screen.width), height: screen.height)
             } else {
-                // Written at once, not through stdio's buffer: a pipe sees each block as it comes.
-                FileHandle.standardOutput.write(Data((view.lines(width: Int.max).joined(separator: "\n") + "\n\n").utf8))
+                // Written at once, not through stdio's buffer: a pipe sees
+                // each block as it comes; a reader that went away (| head)
+                // ends top quietly.
+                guard TopTerminal.writeAll(STDOUT_FILENO, view.lines(width: Int.max).joined(separator: "\n") + "\n\n") else {
+                    return
+                }
             }
             before = after
             shown += 1
@@ -187,10 +192,20 @@ struct TopView {
 /// restored on exit.
 final class TopTerminal {
     private var saved = termios()
+    private var savedMask = sigset_t()
+    private var signals: Int32 = -1
     private(set) var width = 80
     private(set) var height = 24
 
     init() throws {
+        // SIGTERM and SIGHUP (kill, a closed terminal window) end top as q
+        // does, with the terminal restored: blocked, and read from a
+        // signalfd beside the keys.
+        var mask = sigset_t()
+        sigemptyset(&mask)
+        for sig in [SIGTERM, SIGHUP, SIGINT] { sigaddset(&mask, sig) }
+        pthread_sigmask(SIG_BLOCK, &mask, &savedMask)
+        signals = dps_signalfd(&mask) // < 0: no signalfd, then kill leaves the terminal as it is
         guard tcgetattr(STDIN_FILENO, &saved) == 0 else { throw CLIError("cannot read the terminal's settings: \(errnoText(errno))") }
         var raw = saved
         // No line editing, echo or signal keys: q and Ctrl-C arrive as bytes.
@@ -207,18 +222,25 @@ final class TopTerminal {
     func restore() {
         write("\u{1B}[?25h\u{1B}[?1049l")
         _ = tcsetattr(STDIN_FILENO, TCSANOW, &saved)
+        if signals >= 0 { close(signals) }
+        pthread_sigmask(SIG_SETMASK, &savedMask, nil)
     }
 
     private func write(_ text: String) {
-        var bytes = Array(text.utf8)
+        _ = Self.writeAll(STDOUT_FILENO, text)
+    }
+
+    /// Writes all of text; false when the reader is gone (EPIPE) or the write fails.
+    static func writeAll(_ fd: Int32, _ text: String) -> Bool {
+        let bytes = Array(text.utf8)
         var offset = 0
         while offset < bytes.count {
-            let n = bytes.withUnsafeMutableBytes { Glibc.write(STDOUT_FILENO, $0.baseAddress! + offset, $0.count - offset) }
+            let n = bytes.withUnsafeBytes { Glibc.write(fd, $0.baseAddress! + offset, $0.count - offset) }
             if n < 0 && errno == EINTR { continue }
-            if n <= 0 { return }
+            if n <= 0 { return false }
             offset += n
         }
-        bytes.removeAll()
+        return true
     }
 
     private func measure() {
@@ -240,8 +262,10 @@ final class TopTerminal {
     func readKey(until deadline: ContinuousClock.Instant) -> Character? {
         let left = deadline - ContinuousClock.now
         let ms = max(0, Int(left.components.seconds) * 1000 + Int(left.components.attoseconds / 1_000_000_000_000_000))
-        var fds = pollfd(fd: STDIN_FILENO, events: Int16(POLLIN), revents: 0)
-        guard poll(&fds, 1, Int32(min(ms, 60_000))) > 0 else { return nil }
+        var fds = [pollfd(fd: STDIN_FILENO, events: Int16(POLLIN), revents: 0),
+                   pollfd(fd: signals, events: Int16(POLLIN), revents: 0)]
+        guard poll(&fds, 2, Int32(min(ms, 60_000))) > 0 else { return nil }
+        if fds[1].revents != 0 { return "q" } // SIGTERM, SIGHUP or SIGINT: leave as q does
         var byte: UInt8 = 0
         guard Glibc.read(STDIN_FILENO, &byte, 1) == 1 else { return nil }
         return Character(Unicode.Scalar(byte))

@@ -419,6 +419,8 @@ import Testing
         #expect(try guestA.run(type: UInt32(GD_BLK_T_IN), segments: [(buffer, 4096)]).status == UInt8(GD_BLK_S_IOERR),
                 "the fault added by the reload")
         vuf_close(connA)
+        let restartLogged = Date().addingTimeInterval(5)
+        while !dp.log.contains("reload: added y on \(b)") && Date() < restartLogged { usleep(10_000) }
         #expect(dp.log.contains("reload: needs a restart to take effect: \(a): num-queues"), "\(dp.log)")
         #expect(dp.log.contains("reload: added y on \(b)"), "\(dp.log)")
 
@@ -427,6 +429,9 @@ import Testing
         dp.signal(SIGHUP)
         #expect(receiver.next()?.hasPrefix("RELOADING=1") == true)
         #expect(receiver.next()?.contains("reload of \(config) failed") == true)
+        // The log goes out through its own writer thread: it may trail the notification.
+        let logged = Date().addingTimeInterval(5)
+        while !dp.log.contains("the running configuration is unchanged") && Date() < logged { usleep(10_000) }
         #expect(dp.log.contains("the running configuration is unchanged"), "\(dp.log)")
         dp.signal(SIGTERM)
         #expect(dp.wait() == 0, "\(dp.log)")

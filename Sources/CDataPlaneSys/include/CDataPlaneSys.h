@@ -8,6 +8,7 @@
 
 #include <stdbool.h>
 #include <stddef.h>
+#include <signal.h>
 #include <stdint.h>
 #include <sys/types.h>
 
@@ -24,6 +25,8 @@ int dps_unix_listen(const char *path, int backlog);
 int dps_unix_listen_as(const char *path, int backlog, int mode, int64_t uid, int64_t gid);
 /* lchown/chmod of a path (each -1: left as it is). */
 int dps_path_permissions(const char *path, int mode, int64_t uid, int64_t gid);
+/* A non-blocking, close-on-exec signalfd for the signals in mask (block them first). */
+int dps_signalfd(const sigset_t *mask);
 /* What an inherited fd is: returns its address family (-ENOTSOCK if it is
  * not a socket), its SO_TYPE in *type, whether it listens, and for AF_UNIX
  * the address it is bound to in path ("" unbound, "@name" abstract). */

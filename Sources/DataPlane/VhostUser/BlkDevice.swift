@@ -26,6 +26,10 @@ package final class VhostUserBlkDevice {
         /// SET_VRING_BASE: a split ring's next avail index, or a packed
         /// ring's 32-bit value (`VirtqueueConfiguration.packedBase`).
         var base: UInt32 = 0
+        /// Whether `base` came from SET_VRING_BASE or a stop: a packed ring
+        /// started without one begins at both wrap counters 1 (0x8000_8000),
+        /// where a fresh driver begins, not at 0 (both 0).
+        var baseSet = false
         var kick: Int32 = -1
         var call: Int32 = -1
         var err: Int32 = -1
@@ -201,6 +205,11 @@ package final class VhostUserBlkDevice {
         case .resetOwner, .resetDevice:
             try expectSize(message, 0)
             resetRings()
+            // A reset device starts afresh: requests marked in the old
+            // region belong to the driver that was reset, and their saved
+            // descriptors point at memory it no longer owns. A frontend that
+            // tracks inflight I/O hands a region again (QEMU does at every start).
+            inflight = nil
             features = 0
             featuresAcked = false
             status = 0
@@ -261,6 +270,7 @@ package final class VhostUserBlkDevice {
             guard vrings[i].queue == nil else { throw .outOfOrder("SET_VRING_BASE on running ring \(i)") }
             try checkBase(base, ring: i)
             vrings[i].base = base
+            vrings[i].baseSet = true
             return nil
         case .getVringBase:
             try expectSize(message, 8)
@@ -503,6 +513,7 @@ package final class VhostUserBlkDevice {
         vrings[i].queue = nil
         let last = plane.stopQueueBase(disk: disk, index: i) ?? queue.stopBase()
         vrings[i].base = last
+        vrings[i].baseSet = true
         return last
     }
 
@@ -547,10 +558,11 @@ package final class VhostUserBlkDevice {
                 indirectDescriptors: features & VirtioFeature.ringIndirectDesc != 0,
                 lastAvailIndex: UInt16(truncatingIfNeeded: v.base), kickFD: v.kick, callFD: v.call, errorFD: v.err)
             // SET_VRING_BASE may have come before SET_FEATURES or SET_VRING_NUM.
-            try checkBase(v.base, ring: i)
+            let base = packedNegotiated && !v.baseSet ? 0x8000_8000 : v.base
+            try checkBase(base, ring: i)
             if packedNegotiated {
                 config.packed = true
-                config.packedBase = v.base
+                config.packedBase = base
             }
             if let inflight {
                 guard i < inflight.numQueues, v.num <= inflight.queueSize else {
