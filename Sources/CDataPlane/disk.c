@@ -100,6 +100,9 @@ static int ofd_byte_taken(int fd, off_t offset)
     return fl.l_type != F_UNLCK;
 }
 
+/* dataplane's own byte, outside QEMU's ranges (dp_disk_claim_io). */
+#define LOCK_IO_BYTE 300
+
 static void image_unlock(int fd)
 {
     ofd_lock(fd, F_UNLCK, LOCK_PERM_BASE, LOCK_PERM_COUNT);
@@ -145,9 +148,11 @@ int dp_image_lock(int fd, uint32_t perm, uint32_t shared, struct dp_lock_conflic
  * that holds the image locks: the kernel keeps an io_uring's files (the
  * registered ones, those of requests in flight) until the ring is torn
  * down, which after a SIGKILL completes only after the process is gone.
- * Locks on that description would outlive us and refuse the dpctl started
- * in our place. Reopened through /proc with the same access and caching
- * flags; without /proc, a dup (and that race) is all there is. */
+ * The image locks must go with the process (the dpctl started in our place
+ * takes them); the I/O claim must stay until the last request is done
+ * (dp_disk_claim_io). Reopened through /proc with the same access and
+ * caching flags; without /proc, a dup (one description for both) is all
+ * there is. */
 static int reopen_for_io(int fd)
 {
     int flags = fcntl(fd, F_GETFL);
@@ -230,6 +235,16 @@ int dp_disk_set_fault(struct dp_disk *disk, const struct dp_fault_config *fault)
     atomic_store_explicit(&disk->fault_seen, 0, memory_order_relaxed);
     atomic_store_explicit(&disk->fault_error, fault->error, memory_order_release);
     return 0;
+}
+
+int dp_disk_claim_io(struct dp_disk *disk)
+{
+    if (!disk)
+        return -EINVAL;
+    if (disk->fd < 0)
+        return 0;
+    int ret = ofd_lock(disk->fd, disk->read_only ? F_RDLCK : F_WRLCK, LOCK_IO_BYTE, 1);
+    return ret == -EACCES ? -EAGAIN : ret;
 }
 
 int dp_disk_flush_error(const struct dp_disk *disk)

@@ -129,6 +129,7 @@ int dp_queue_create(struct dp_iothread *thread, const struct dp_queue_config *co
     }
     STAT_SET(q->stats.last_avail_idx, vring_last_avail_idx(&q->vr));
     STAT_SET(q->stats.used_idx, vring_used_idx(&q->vr));
+    STAT_SET(q->stats.recovered, q->resubmit_count);
 
     struct ctl_msg msg = {.type = CTL_ADD_QUEUE, .queue = q};
     ret = iothread_call(thread, &msg);

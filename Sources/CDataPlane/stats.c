@@ -35,6 +35,7 @@ void stats_queue_snapshot(const struct dp_queue_counters *c, struct dp_queue_sta
     out->broken_reason = STAT_LOAD(c->broken_reason);
     out->last_avail_idx = STAT_LOAD(c->last_avail_idx);
     out->used_idx = STAT_LOAD(c->used_idx);
+    out->recovered = STAT_LOAD(c->recovered);
 }
 
 void stats_thread_snapshot(const struct dp_thread_counters *c, struct dp_iothread_stats *out)

@@ -25,6 +25,7 @@ struct dp_queue_counters {
     _Atomic uint16_t last_avail_idx;
     _Atomic uint16_t used_idx;
     _Atomic uint32_t longest_chain;
+    _Atomic uint64_t recovered;
     _Alignas(64) _Atomic uint64_t errors[DP_ERR_COUNT];
     _Atomic uint64_t bounces;
     _Atomic uint64_t bounce_bytes_peak;

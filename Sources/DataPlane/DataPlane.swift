@@ -1,3 +1,4 @@
+import Logging
 import Synchronization
 #if canImport(Glibc)
 import Glibc
@@ -63,7 +64,9 @@ public final class DataPlane: Sendable {
 
     /// Opens a disk. `iothreads` optionally names the threads (indices into
     /// `threads`) its queues go to, queue i to `iothreads[i % count]`.
-    public func addDisk(_ configuration: DiskConfiguration, iothreads: [Int]? = nil) throws(DataPlaneError) -> Disk {
+    /// `logger` hears of a wait for a killed process's requests (``Disk``).
+    public func addDisk(_ configuration: DiskConfiguration, iothreads: [Int]? = nil,
+                        logger: Logger? = nil) throws(DataPlaneError) -> Disk {
         if let indices = iothreads {
             if indices.isEmpty {
                 throw .notFound("an empty IOThread list for disk \(configuration.path.debugDescription)")
@@ -72,7 +75,7 @@ public final class DataPlane: Sendable {
                 throw .notFound("IOThread \(bad) (there are \(threads.count))")
             }
         }
-        let disk = try Disk(configuration)
+        let disk = try Disk(configuration, logger: logger)
         let added: Bool = state.withLock { state in
             guard !state.stopped else { return false }
             state.disks[ObjectIdentifier(disk)] = DiskEntry(disk: disk, ordinal: state.nextOrdinal, threadIndices: iothreads)

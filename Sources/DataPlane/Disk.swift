@@ -4,6 +4,7 @@ import Glibc
 import Musl
 #endif
 import CDataPlane
+import Logging
 
 /// An opened image (or the null backend) that virtqueues serve.
 /// Immutable once opened; queues on many IOThreads share it.
@@ -29,8 +30,17 @@ public final class Disk: @unchecked Sendable {
     /// A short name for logs and statistics: the image path, or "null".
     public var name: String { configuration.backend == .null ? "null" : configuration.path }
 
-    /// Opens the image. Validates the configuration first.
-    public init(_ configuration: DiskConfiguration) throws(DataPlaneError) {
+    /// How long opening an image waits for the requests a killed process
+    /// left in flight on it (see ``init(_:logger:)``).
+    public static let previousIOTimeout: Duration = .seconds(60)
+
+    /// Opens the image. Validates the configuration first. With locking on,
+    /// waits (up to ``previousIOTimeout``, saying so on `logger`) while a
+    /// killed process's requests are still in flight on the image: the
+    /// kernel completes them after the process is gone, and a write of
+    /// theirs landing after ours, or a read filling guest memory the guest
+    /// has reused, would corrupt it.
+    public init(_ configuration: DiskConfiguration, logger: Logger? = nil) throws(DataPlaneError) {
         do { try configuration.validate() } catch { throw .configuration(error) }
         self.configuration = configuration
 
@@ -118,7 +128,44 @@ public final class Disk: @unchecked Sendable {
         guard ret == 0, let disk else {
             throw .system(operation: "setting up disk \(configuration.path)", errno: -ret)
         }
+        if configuration.backend == .file && configuration.locking {
+            do {
+                try Self.claimIO(disk, path: configuration.path, logger: logger)
+            } catch {
+                dp_disk_destroy(disk)
+                throw error
+            }
+        }
         handle = disk
+    }
+
+    private static func claimIO(_ disk: OpaquePointer, path: String, logger: Logger?) throws(DataPlaneError) {
+        let clock = ContinuousClock()
+        let start = clock.now
+        var told = false
+        while true {
+            let ret = dp_disk_claim_io(disk)
+            if ret == 0 {
+                if told { logger?.info("\(path): the previous process's requests have finished; opening it") }
+                return
+            }
+            guard ret == -EAGAIN else {
+                throw .unusableImage(path: path, reason: "it cannot be locked (\(DataPlaneError.message(-ret)))")
+            }
+            let waited = clock.now - start
+            if waited >= previousIOTimeout {
+                throw .unusableImage(
+                    path: path,
+                    reason: "requests of a process that served it and was killed are still in flight in the "
+                        + "kernel after \(previousIOTimeout) (its storage may hang); starting now could let its "
+                        + "writes land after ours. Wait for them to finish (or the storage to fail them), then start again")
+            }
+            if !told && waited >= .milliseconds(100) {
+                logger?.warning("\(path): waiting for the requests a killed process left in flight on it to finish (up to \(previousIOTimeout))")
+                told = true
+            }
+            usleep(10_000)
+        }
     }
 
     /// Set once a flush of the page cache failed (without O_DIRECT): the

@@ -86,6 +86,9 @@ public struct QueueStatistics: Sendable, Equatable, Codable {
     public var brokenReason: String?
     public var lastAvailIndex: UInt16 = 0
     public var usedIndex: UInt16 = 0
+    /// Requests a previous backend or connection left in flight that the
+    /// inflight region gave back when the queue started, and that ran again.
+    public var recoveredRequests: UInt64 = 0
 
     public var broken: Bool { brokenReason != nil }
     public var requests: UInt64 { reads + writes + flushes + getIDs + discards + writeZeroes + otherRequests }
@@ -136,6 +139,7 @@ public struct QueueStatistics: Sendable, Equatable, Codable {
         }
         lastAvailIndex = raw.last_avail_idx
         usedIndex = raw.used_idx
+        recoveredRequests = raw.recovered
     }
 
     /// This one's counters plus `other`'s; the gauges (in flight, held,
@@ -161,6 +165,7 @@ public struct QueueStatistics: Sendable, Equatable, Codable {
         total.longestChain = max(total.longestChain, other.longestChain)
         total.latency = total.latency.adding(other.latency)
         total.ignoredErrors &+= other.ignoredErrors
+        total.recoveredRequests &+= other.recoveredRequests
         return total
     }
 

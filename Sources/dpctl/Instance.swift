@@ -27,7 +27,7 @@ final class Instance {
     /// given, else at its socket path with its owner, group and mode).
     func serve(_ entry: InstanceConfiguration.DiskEntry, _ configuration: DiskConfiguration,
                inherited: (fd: Int32, origin: String)?) throws {
-        let disk = try plane.addDisk(configuration)
+        let disk = try plane.addDisk(configuration, logger: logger)
         do {
             if let spec = entry.fault {
                 disk.injectFaults(try StartCommand.parseFault(spec))

@@ -193,4 +193,54 @@ import Testing
             #expect(next.terminate() == 0, "round \(round): \(next.log)")
         }
     }
+
+    /// The kernel completes a SIGKILLed process's io_uring requests after
+    /// the process is gone: a write of the dead dpctl's could land after the
+    /// same sectors were written again through its successor (and a read
+    /// fill guest memory the guest has reused: a CI guest's slab was
+    /// corrupted, likely that way). The image is a loop device over a file
+    /// on a frozen filesystem: the dead one's writes are bios the loop
+    /// driver holds, and the process is reaped at once. The next dpctl must
+    /// wait until they land, and only then listen.
+    @Test(.enabled(if: runningAsRoot, "loop devices and fsfreeze need root"))
+    func theNextInstanceWaitsForAKilledOnesRequests() throws {
+        let fs = try ScratchFilesystem(sectorSize: 512)
+        let loop = try LoopDevice(backing: try fs.makeImage(size: 8 << 20))
+        let image = try TestImage(size: 4096) // its directory, for the socket and logs
+        let socket = image.directory + "/vu.sock"
+        let args = ["--disk", loop.path, "--socket", socket, "--num-queues", "1"]
+        let dp = try QEMUEndToEndTests.Instance(args, log: image.directory + "/first.log")
+        waitForReady(dp)
+        let g = try TestGuest(queues: 1, queueSize: 64)
+        let conn = try g.connectFrontend(socket)
+        defer { vuf_close(conn) }
+        try runToolChecked("fsfreeze", ["-f", fs.mountPoint])
+        var frozen = true
+        defer { if frozen { _ = try? runTool("fsfreeze", ["-u", fs.mountPoint]) } }
+        for i in 0..<8 {
+            let buf = g.alloc(65536)
+            g.write(buf, [UInt8](repeating: 0xA5, count: 65536))
+            try g.submit(type: UInt32(GD_BLK_T_OUT), sector: UInt64(i * 128), segments: [(buf, 65536)], indirect: true)
+        }
+        usleep(300_000) // popped and submitted: held by the loop driver behind the freeze
+        dp.kill9()
+        let next = try QEMUEndToEndTests.Instance(args, log: image.directory + "/next.log")
+        defer { _ = next.terminate() }
+        let deadline = Date().addingTimeInterval(10)
+        while !next.log.contains("waiting for the requests") && next.process.isRunning && Date() < deadline { usleep(20_000) }
+        usleep(500_000)
+        #expect(next.log.contains("waiting for the requests"), "\(next.log)")
+        #expect(!next.log.contains("ready"), "listening while the killed dpctl's writes were in flight: \(next.log)")
+        try runToolChecked("fsfreeze", ["-u", fs.mountPoint])
+        frozen = false
+        waitForReady(next)
+        #expect(next.log.contains("ready"), "\(next.log)")
+        // The killed one's writes landed before the next one opened the image.
+        let fd = open(loop.path, O_RDONLY)
+        try #require(fd >= 0)
+        defer { close(fd) }
+        var data = [UInt8](repeating: 0, count: 8 * 65536)
+        #expect(pread(fd, &data, data.count, 0) == data.count)
+        #expect(data.allSatisfy { $0 == 0xA5 }, "the killed dpctl's writes are not on the device")
+    }
 }

@@ -121,6 +121,16 @@ void dp_disk_destroy(struct dp_disk *disk);
 int dp_disk_flush_error(const struct dp_disk *disk);
 /* Changes fault injection while the disk is served (any thread). */
 int dp_disk_set_fault(struct dp_disk *disk, const struct dp_fault_config *fault);
+/* Claims the image for I/O: an OFD lock on byte 300 (beside QEMU's bytes)
+ * of the file description our I/O goes through, exclusive for a writer,
+ * shared for a read-only disk. An io_uring keeps that description, and so
+ * the lock, until every request of a dead process has completed, which may
+ * be long after the process is gone: its writes still land, its reads
+ * still fill guest memory. -EAGAIN while such a ring (or a live disk that
+ * conflicts; the image locks refuse those first) holds it: a disk that
+ * started its I/O then could see old writes land after its own, and the
+ * guest find old reads in memory it reused. 0 for the null backend. */
+int dp_disk_claim_io(struct dp_disk *disk);
 
 /* Opens an image for the file backend: O_CLOEXEC, read-only or read-write,
  * with O_DIRECT when direct is set. Returns the fd or a negative errno. */
@@ -224,6 +234,7 @@ struct dp_queue_stats {
     int32_t broken_reason;    /* negative errno naming the corruption */
     uint16_t last_avail_idx;
     uint16_t used_idx;
+    uint64_t recovered;       /* requests the inflight region gave back at a start, run again */
 };
 
 /* io_uring features an IOThread uses where its kernel has them; each is

@@ -579,7 +579,12 @@ package final class VhostUserBlkDevice {
                 throw .invalid(error.description)
             }
             let thread = vrings[i].queue?.thread.configuration.name ?? "?"
-            let place = packedNegotiated ? "packed ring, base 0x\(String(v.base, radix: 16))" : "avail index \(v.base)"
+            var place = packedNegotiated ? "packed ring, base 0x\(String(v.base, radix: 16))" : "avail index \(v.base)"
+            if let started = vrings[i].queue?.statistics(), started.recoveredRequests > 0 {
+                let n = started.recoveredRequests
+                place += ", \(n) request\(n == 1 ? "" : "s") from the inflight region run again, resumed at avail "
+                    + "\(started.lastAvailIndex) used \(started.usedIndex)"
+            }
             logger.info("disk \(disk.name): queue \(i) started (size \(v.num), \(place), \(thread))",
                         metadata: ["queue": "\(i)", "iothread": "\(thread)"])
         }
