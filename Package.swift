@@ -17,6 +17,8 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-metrics", from: "2.13.0"),
         .package(url: "https://github.com/swift-server/swift-prometheus", from: "2.4.1"),
         .package(url: "https://github.com/apple/swift-nio", from: "2.101.0"),
+        // FileDescriptor and Errno for the control path's own fds (already in the graph through swift-nio).
+        .package(url: "https://github.com/apple/swift-system", from: "1.8.0"),
     ],
     targets: [
         // The hot path: guest memory, split rings, virtio-blk, io_uring, the IOThread loop.
@@ -35,7 +37,8 @@ let package = Package(
         .target(name: "CDataPlaneSys", cSettings: [.define("_GNU_SOURCE")]),
         .target(name: "DataPlane", dependencies: ["CDataPlane", "CDataPlaneSys", .product(name: "Logging", package: "swift-log"),
                                                   .product(name: "CoreMetrics", package: "swift-metrics"),
-                                                  .product(name: "Prometheus", package: "swift-prometheus")]),
+                                                  .product(name: "Prometheus", package: "swift-prometheus"),
+                                                  .product(name: "SystemPackage", package: "swift-system")]),
         // A vhost-user-blk frontend (QEMU's side) over the guest driver: tests and the load generator.
         .target(name: "CVhostFrontend", dependencies: ["CGuestDriver", "CDataPlane"], cSettings: [.define("_GNU_SOURCE")]),
         .executableTarget(name: "dp-loadgen", dependencies: ["CVhostFrontend", "CGuestDriver"], path: "bench/loadgen",

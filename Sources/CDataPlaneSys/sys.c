@@ -2,6 +2,7 @@
 #include <errno.h>
 #include <stddef.h>
 #include <fcntl.h>
+#include <pthread.h>
 #include <sched.h>
 #include <stdio.h>
 #include <string.h>
@@ -377,4 +378,11 @@ int dps_signalfd(const sigset_t *mask)
 {
     int fd = signalfd(-1, mask, SFD_CLOEXEC | SFD_NONBLOCK);
     return fd < 0 ? -errno : fd;
+}
+
+int dps_thread_set_name(const char *name)
+{
+    char short_name[16] = {0};
+    strncpy(short_name, name, sizeof(short_name) - 1); /* the kernel keeps 15 bytes */
+    return -pthread_setname_np(pthread_self(), short_name);
 }

@@ -8,8 +8,15 @@ import Logging
 
 /// An opened image (or the null backend) that virtqueues serve.
 /// Immutable once opened; queues on many IOThreads share it.
-public final class Disk: @unchecked Sendable {
-    let handle: OpaquePointer
+public final class Disk: Sendable {
+    /// The C disk.
+    private struct Handle: @unchecked Sendable {
+        // Unchecked: a dp_disk is immutable once created; its flush error and fault injection are for any thread.
+        let pointer: OpaquePointer
+    }
+
+    private let disk: Handle
+    var handle: OpaquePointer { disk.pointer }
     /// The configuration the disk was opened with.
     public let configuration: DiskConfiguration
     /// Size in bytes, from the file or device (or the null backend's size).
@@ -136,7 +143,7 @@ public final class Disk: @unchecked Sendable {
                 throw error
             }
         }
-        handle = disk
+        self.disk = Handle(pointer: disk)
     }
 
     private static func claimIO(_ disk: OpaquePointer, path: String, logger: Logger?) throws(DataPlaneError) {

@@ -24,9 +24,15 @@ public struct MemoryRegion: Sendable, Equatable {
 ///
 /// The mappings themselves belong to whoever created them; `release` runs
 /// when the table is freed (a vhost-user server passes one that unmaps).
-public final class GuestMemory: @unchecked Sendable {
-    // The C table is immutable once created; sharing it between threads is safe.
-    let handle: OpaquePointer
+public final class GuestMemory: Sendable {
+    /// The C table.
+    private struct Handle: @unchecked Sendable {
+        // Unchecked: a dp_mem is immutable once created, read by any thread.
+        let pointer: OpaquePointer
+    }
+
+    private let table: Handle
+    var handle: OpaquePointer { table.pointer }
     /// The regions, sorted by guest-physical address.
     public let regions: [MemoryRegion]
     private let release: (@Sendable () -> Void)?
@@ -41,7 +47,7 @@ public final class GuestMemory: @unchecked Sendable {
         guard ret == 0, let table else {
             throw .system(operation: "guest memory table (\(regions.count) regions)", errno: -ret)
         }
-        self.handle = table
+        self.table = Handle(pointer: table)
         self.regions = regions.sorted { $0.guestPhysicalAddress < $1.guestPhysicalAddress }
         self.release = release
     }

@@ -1,11 +1,19 @@
 import CDataPlane
+import Synchronization
 
 /// A data-plane thread pinned to a cpuset, with its own io_uring, serving
 /// the virtqueues given to it.
-public final class IOThread: @unchecked Sendable {
-    // The C thread object is safe to use from any thread: it takes requests
-    // through its control mailbox and exposes counters as atomics.
-    let handle: OpaquePointer
+public final class IOThread: Sendable {
+    /// The C thread object.
+    private struct Handle: @unchecked Sendable {
+        // Unchecked: a dp_iothread takes requests from any thread through its mailbox and its counters are atomics.
+        let pointer: OpaquePointer
+    }
+
+    private let thread: Handle
+    var handle: OpaquePointer { thread.pointer }
+    /// Set once `stop` succeeded: concurrent stops must not both join the C thread.
+    private let stopped = Mutex<Bool>(false)
     /// The configuration it was started with.
     public let configuration: IOThreadConfiguration
 
@@ -29,12 +37,16 @@ public final class IOThread: @unchecked Sendable {
             return dp_iothread_create(&config, &thread)
         }
         guard ret == 0, let thread else { throw .threadStart(name: configuration.name, errno: -ret) }
-        handle = thread
+        self.thread = Handle(pointer: thread)
     }
 
-    /// Drains every queue on the thread and stops it. Idempotent.
+    /// Drains every queue on the thread and stops it. Idempotent; a second
+    /// call while one runs waits for it.
     public func stop() {
-        dp_iothread_stop(handle)
+        stopped.withLock { stopped in
+            // A stop that failed (the thread never got the message) may be tried again.
+            if !stopped { stopped = dp_iothread_stop(handle) == 0 }
+        }
     }
 
     /// The NUMA node its memory comes from, or nil when unknown.

@@ -74,18 +74,29 @@ public struct VirtqueueConfiguration: Sendable, Equatable {
 }
 
 /// A running virtqueue of a disk, served by one IOThread.
-public final class Virtqueue: @unchecked Sendable {
-    // Control calls go through the IOThread's mailbox and are serialised by
-    // `lock`; counters are atomics. So sharing the handle is safe.
-    let handle: OpaquePointer
+public final class Virtqueue: Sendable {
+    /// The C queue.
+    private struct Handle: @unchecked Sendable {
+        // Unchecked: calls that change the queue are made holding `state` (CDataPlane.h: they must not
+        // overlap) and reach its IOThread through the mailbox; its counters are for any thread.
+        let pointer: OpaquePointer
+    }
+
+    /// What changes, serialising the control calls on the queue.
+    private struct State {
+        /// Kept alive while the queue translates through it.
+        var memory: GuestMemory
+        var stoppedAt: UInt32?
+    }
+
+    private let queue: Handle
+    var handle: OpaquePointer { queue.pointer }
     public let disk: Disk
     public let index: Int
     public let thread: IOThread
-    private let lock = Lock()
-    private var memory: GuestMemory
-    private var stoppedAt: UInt32?
-    /// Set by `pause`, cleared by `resume`; read without `lock`, which a
-    /// pause holds while in-flight requests drain.
+    private let state: Mutex<State>
+    /// Set by `pause`, cleared by `resume`; read without `state`'s lock,
+    /// which a pause holds while in-flight requests drain.
     private let paused = Atomic<Bool>(false)
 
     init(disk: Disk, index: Int, thread: IOThread, memory: GuestMemory,
@@ -98,11 +109,11 @@ public final class Virtqueue: @unchecked Sendable {
         var queue: OpaquePointer?
         let ret = dp_queue_create(thread.handle, &config, disk.handle, memory.handle, &queue)
         guard ret == 0, let queue else { throw .queue(disk: disk.name, index: index, errno: -ret) }
-        self.handle = queue
+        self.queue = Handle(pointer: queue)
         self.disk = disk
         self.index = index
         self.thread = thread
-        self.memory = memory
+        self.state = Mutex(State(memory: memory))
     }
 
     /// Stops popping, lets every in-flight request complete, and returns the
@@ -116,19 +127,19 @@ public final class Virtqueue: @unchecked Sendable {
     /// avail index, or a packed ring's 32-bit value (see `packedBase`).
     @discardableResult
     public func stopBase() -> UInt32 {
-        lock.withLock {
-            if let stoppedAt { return stoppedAt }
+        state.withLock { state in
+            if let stoppedAt = state.stoppedAt { return stoppedAt }
             var base: UInt32 = 0
             dp_queue_stop_base(handle, &base)
-            stoppedAt = base
+            state.stoppedAt = base
             return base
         }
     }
 
     /// Stops taking new requests; returns when in-flight ones have completed.
     public func pause() throws(DataPlaneError) {
-        let ret = lock.withLock {
-            let ret = stoppedAt == nil ? dp_queue_pause(handle) : -ESHUTDOWN
+        let ret = state.withLock { state in
+            let ret = state.stoppedAt == nil ? dp_queue_pause(handle) : -ESHUTDOWN
             if ret == 0 { paused.store(true, ordering: .relaxed) }
             return ret
         }
@@ -137,8 +148,8 @@ public final class Virtqueue: @unchecked Sendable {
 
     /// Takes requests again after `pause`.
     public func resume() throws(DataPlaneError) {
-        let ret = lock.withLock {
-            let ret = stoppedAt == nil ? dp_queue_resume(handle) : -ESHUTDOWN
+        let ret = state.withLock { state in
+            let ret = state.stoppedAt == nil ? dp_queue_resume(handle) : -ESHUTDOWN
             if ret == 0 { paused.store(false, ordering: .relaxed) }
             return ret
         }
@@ -150,9 +161,9 @@ public final class Virtqueue: @unchecked Sendable {
 
     /// Swaps the guest memory table (after draining in-flight requests).
     public func setMemory(_ newMemory: GuestMemory) throws(DataPlaneError) {
-        let ret = lock.withLock {
-            let ret = stoppedAt == nil ? dp_queue_set_mem(handle, newMemory.handle) : -ESHUTDOWN
-            if ret == 0 { memory = newMemory }
+        let ret = state.withLock { state in
+            let ret = state.stoppedAt == nil ? dp_queue_set_mem(handle, newMemory.handle) : -ESHUTDOWN
+            if ret == 0 { state.memory = newMemory }
             return ret
         }
         if ret != 0 { throw .queue(disk: disk.name, index: index, errno: -ret) }
@@ -163,7 +174,9 @@ public final class Virtqueue: @unchecked Sendable {
     /// longer uses the old fds when this returns (the caller may close them);
     /// the new call fd is signalled once.
     public func setNotifiers(callFD: Int32, errorFD: Int32) throws(DataPlaneError) {
-        let ret = lock.withLock { stoppedAt == nil ? dp_queue_set_notifiers(handle, callFD, errorFD) : -ESHUTDOWN }
+        let ret = state.withLock { state in
+            state.stoppedAt == nil ? dp_queue_set_notifiers(handle, callFD, errorFD) : -ESHUTDOWN
+        }
         if ret != 0 { throw .queue(disk: disk.name, index: index, errno: -ret) }
     }
 

@@ -2,6 +2,7 @@ import CDataPlaneSys
 import DataPlane
 import Foundation
 import Logging
+import Synchronization
 
 /// The control protocol: one JSON request line, one JSON response line.
 struct ControlRequest: Codable {
@@ -62,8 +63,7 @@ struct ControlResponse: Codable {
 }
 
 /// Serves control requests on a unix socket from its own thread.
-final class ControlServer: @unchecked Sendable {
-    // `stopping` and `thread` are guarded by `lock`; the rest is immutable.
+final class ControlServer: Sendable {
     private let path: String
     private let listenFD: Int32
     private let ownsPath: Bool
@@ -71,17 +71,21 @@ final class ControlServer: @unchecked Sendable {
     private let server: VhostUserServer
     private let cpus: [CPUSet]
     private let logger: Logger
-    private let lock = NSLock()
-    private var stopping = false
-    private var thread: Thread?
-    /// What was last logged of each queue's error state, and when the queues
-    /// were last looked at (the control thread's own).
-    private var loggedStates: [String: String] = [:]
-    private var lastWatch = Date.distantPast
-    /// Connections of "stop" clients, never closed: they close when the
-    /// process exits (close-on-exec, so no child keeps them), which is what
-    /// those clients wait for. The control thread's own.
-    private var stopClients: [Int32] = []
+
+    private struct State {
+        var stopping = false
+        var thread: ControlThread?
+    }
+
+    private let state = Mutex<State>(State())
+
+    /// What the control thread remembers between requests (its own).
+    private struct Watch {
+        /// What was last logged of each queue's error state, and when the
+        /// queues were last looked at.
+        var loggedStates: [String: String] = [:]
+        var lastWatch = Date.distantPast
+    }
 
     /// Serves at `path`; on `inheritedFD` when socket activation passed the
     /// control socket (which is then left in place at stop, systemd's).
@@ -104,53 +108,65 @@ final class ControlServer: @unchecked Sendable {
         self.server = server
         self.cpus = cpus
         self.logger = logger
-        let thread = Thread { [weak self] in self?.run() }
-        thread.name = "dpctl-control"
-        self.thread = thread
-        thread.start()
+        do {
+            let thread = try ControlThread(name: "dpctl-control") { [weak self] in self?.run() }
+            state.withLock { $0.thread = thread }
+        } catch {
+            closeSocket()
+            throw CLIError("cannot start the control thread: \(errnoText(error.rawValue))")
+        }
     }
 
+    /// Ends the control thread and closes the socket. Idempotent.
     func stop() {
-        lock.withLock { stopping = true }
+        let (first, thread) = state.withLock { state in
+            defer { state.stopping = true }
+            return (!state.stopping, state.thread)
+        }
+        guard first else { return }
         // The loop polls with a timeout and sees the flag.
-        while lock.withLock({ thread?.isFinished == false }) { usleep(10_000) }
+        thread?.join()
+        closeSocket()
+    }
+
+    private func closeSocket() {
         close(listenFD)
         if ownsPath { unlink(path) }
     }
 
     private func run() {
-        while !lock.withLock({ stopping }) {
-            logErrorStates()
+        var watch = Watch()
+        while !state.withLock({ $0.stopping }) {
+            logErrorStates(&watch)
             var p = pollfd(fd: listenFD, events: Int16(POLLIN), revents: 0)
             guard poll(&p, 1, 200) > 0 else { continue }
             let client = dps_accept(listenFD)
             guard client >= 0 else { continue }
-            if handle(client) == .keepOpenUntilExit {
-                stopClients.append(client)
-            } else {
-                close(client)
-            }
+            // The connection of a "stop" client is never closed: it closes
+            // when the process exits (close-on-exec, so no child keeps it),
+            // which is what that client waits for.
+            if handle(client) == .close { close(client) }
         }
     }
 
     /// Logs, once a second at most, a queue that stopped on an I/O error,
     /// runs again, or broke: the log tells an operator without anyone
     /// polling `dpctl status`.
-    private func logErrorStates() {
-        guard Date().timeIntervalSince(lastWatch) >= 1 else { return }
-        lastWatch = Date()
+    private func logErrorStates(_ watch: inout Watch) {
+        guard Date().timeIntervalSince(watch.lastWatch) >= 1 else { return }
+        watch.lastWatch = Date()
         var states: [String: String] = [:]
         for thread in plane.threads {
             let key = thread.configuration.name
             states[key] = thread.statistics().failure.map { "FAILED (\($0)): its queues are broken; restart dpctl" } ?? "running"
-            if states[key] != loggedStates[key, default: "running"] {
+            if states[key] != watch.loggedStates[key, default: "running"] {
                 log(states[key], "\(key): \(states[key] ?? "")", ["iothread": "\(key)"])
             }
         }
         for disk in plane.disks {
             let key = "\(disk.name) flush"
             states[key] = disk.flushFailureReason.map(Self.flushFailureText) ?? "running"
-            if states[key] != loggedStates[key, default: "running"] {
+            if states[key] != watch.loggedStates[key, default: "running"] {
                 log(states[key], "\(disk.name): \(states[key] ?? "")", ["disk": "\(disk.name)"])
             }
             for queue in plane.queues(of: disk) {
@@ -160,13 +176,13 @@ final class ControlServer: @unchecked Sendable {
                     ?? s.stoppedOnError.map { "stopped on error: \($0); fix the cause, then 'dpctl resume'" }
                     ?? "running"
                 states[key] = state
-                if state != loggedStates[key, default: "running"] {
+                if state != watch.loggedStates[key, default: "running"] {
                     log(state, "\(key): \(state)" + (s.stoppedOnError != nil ? " (\(s.heldRequests) request(s) held)" : ""),
                         ["disk": "\(disk.name)", "queue": "\(s.queue)"])
                 }
             }
         }
-        loggedStates = states
+        watch.loggedStates = states
     }
 
     /// A change of state: back to running is news (info), anything else an error.

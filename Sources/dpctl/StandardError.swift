@@ -1,3 +1,4 @@
+import DataPlane
 import Dispatch
 import Foundation
 import Synchronization
@@ -44,10 +45,10 @@ enum StandardError {
             defer { s.writerStarted = true }
             return !s.writerStarted
         }
-        if startWriter {
-            let thread = Thread { writerLoop() }
-            thread.name = "dpctl-stderr"
-            thread.start()
+        // A thread that lives as long as the process: never joined. Should it
+        // not start, lines queue (up to `capacity`) until a later write starts it.
+        if startWriter, (try? ControlThread(name: "dpctl-stderr", { writerLoop() })) == nil {
+            state.withLock { $0.writerStarted = false }
         }
         wake.signal()
     }

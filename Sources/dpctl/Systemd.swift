@@ -2,6 +2,7 @@ import CDataPlaneSys
 import DataPlane
 import Foundation
 import Logging
+import Synchronization
 
 /// systemd's readiness protocol (sd_notify(3)) without libsystemd: one
 /// datagram of newline-separated VAR=value fields to the unix socket named by
@@ -10,13 +11,17 @@ import Logging
 /// NOTIFY_SOCKET is read once and removed from the environment, so that
 /// nothing dpctl runs (it runs nothing while serving today) talks to systemd
 /// on its behalf. Without NOTIFY_SOCKET every call does nothing.
-final class SystemdNotifier: @unchecked Sendable {
+final class SystemdNotifier: Sendable {
     /// Where the messages go; nil when not run by systemd with Type=notify.
     let address: String?
-    private var logger: Logger?
-    /// A failure is logged once, not at every message.
-    private var failed = false
-    private let lock = NSLock()
+
+    private struct State {
+        var logger: Logger?
+        /// A failure is logged once, not at every message.
+        var failed = false
+    }
+
+    private let state = Mutex<State>(State())
 
     init() {
         address = getenv("NOTIFY_SOCKET").map { String(cString: $0) }
@@ -24,7 +29,7 @@ final class SystemdNotifier: @unchecked Sendable {
     }
 
     /// Failures are logged here from now on (the notifier exists before logging starts).
-    func setLogger(_ logger: Logger) { lock.withLock { self.logger = logger } }
+    func setLogger(_ logger: Logger) { state.withLock { $0.logger = logger } }
 
     /// READY=1: every socket listens; STATUS= says what is served.
     func ready(status: String) { send(["READY=1", "STATUS=" + Self.oneLine(status)]) }
@@ -48,9 +53,9 @@ final class SystemdNotifier: @unchecked Sendable {
         let message = fields.joined(separator: "\n")
         let r = message.withCString { dps_notify(address, $0, strlen($0)) }
         guard r < 0 else { return }
-        let (log, first): (Logger?, Bool) = lock.withLock {
-            defer { failed = true }
-            return (logger, !failed)
+        let (log, first): (Logger?, Bool) = state.withLock { state in
+            defer { state.failed = true }
+            return (state.logger, !state.failed)
         }
         guard first else { return }
         let reason = r == -EAFNOSUPPORT ? "only a path or an @abstract name is supported" : errnoText(-r)

@@ -80,6 +80,8 @@ int dps_set_nonblocking(int fd, bool on);
  * mask: taskset, a cgroup cpuset, systemd's AllowedCPUs=/CPUAffinity=), in
  * ascending order into cpus. Returns their count. */
 int dps_allowed_cpus(int32_t *cpus, int max_cpus);
+/* Names the calling thread (pthread_setname_np: at most 15 bytes are kept). */
+int dps_thread_set_name(const char *name);
 
 #ifdef __cplusplus
 }

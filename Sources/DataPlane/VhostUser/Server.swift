@@ -5,6 +5,8 @@ import Musl
 #endif
 import CDataPlaneSys
 import Logging
+import Synchronization
+import SystemPackage
 
 /// A vhost-user-blk server: one unix socket per disk, one frontend at a time
 /// per disk, each disk served by its own control thread. A frontend can only
@@ -17,32 +19,29 @@ import Logging
 /// `socket`, the `frontend` (the connection's number on that socket) and its
 /// `frontend-pid`, and `queue` where one is concerned; at `trace` level every
 /// vhost-user message and reply.
-public final class VhostUserServer: @unchecked Sendable {
-    // An export's device and connection are touched by its own thread only;
-    // `exports`, `started`, `stopping`, each export's `thread` and its
-    // `connection` (for status) change under `lock`.
+public final class VhostUserServer: Sendable {
+    // An export's session (its device and connection) is its control
+    // thread's own; what other threads see of it, and `started`, `stopping`,
+    // is in `state`.
 
     /// Messages one wake-up handles before polling again (and seeing a stop).
     private static let messagesPerWake = 64
 
-    private final class Export {
-        let device: VhostUserBlkDevice
+    /// A disk served on a listening socket: what any thread may read of it.
+    private final class Export: Sendable {
+        let disk: Disk
         let path: String
-        let listenFD: Int32
+        let listenFD: FileDescriptor
         /// Whether the socket file is ours to remove at the end: not when it
         /// was inherited (systemd's socket unit owns it, and keeps listening).
         let ownsPath: Bool
-        /// With the disk's and socket's metadata (and the frontend's, while one is connected).
-        var logger: Logger
-        /// Frontends accepted so far: the `frontend` metadata.
-        var frontends = 0
-        var connection: Connection?
-        var thread: pthread_t?
-        var joined = false
-        var closed = false
+        /// With the disk's and socket's metadata.
+        let logger: Logger
+        /// Set by the first `close`.
+        let closed = Atomic<Bool>(false)
 
-        init(device: VhostUserBlkDevice, path: String, listenFD: Int32, ownsPath: Bool, logger: Logger) {
-            self.device = device
+        init(disk: Disk, path: String, listenFD: FileDescriptor, ownsPath: Bool, logger: Logger) {
+            self.disk = disk
             self.path = path
             self.listenFD = listenFD
             self.ownsPath = ownsPath
@@ -50,15 +49,49 @@ public final class VhostUserServer: @unchecked Sendable {
         }
     }
 
+    /// What changes of an export, in `state`.
+    private struct ExportState {
+        let export: Export
+        /// A frontend is connected (for status).
+        var connected = false
+        var thread: ControlThread?
+        var joined = false
+    }
+
+    private struct State {
+        var exports: [ExportState] = []
+        var started = false
+        var stopping = false
+
+        func index(of export: Export) -> Int? { exports.firstIndex { $0.export === export } }
+    }
+
+    /// An export's frontend side: made, used and dropped by its control thread.
+    private final class Session {
+        let export: Export
+        let device: VhostUserBlkDevice
+        /// The export's, with the frontend's metadata while one is connected.
+        var logger: Logger
+        /// Frontends accepted so far: the `frontend` metadata.
+        var frontends = 0
+        var connection: Connection?
+
+        init(export: Export, plane: DataPlane) {
+            self.export = export
+            self.logger = export.logger
+            self.device = VhostUserBlkDevice(disk: export.disk, plane: plane, logger: export.logger)
+        }
+    }
+
     private final class Connection {
-        let fd: Int32
+        let fd: FileDescriptor
         var header = [UInt8](repeating: 0, count: vhostUserHeaderSize)
         var headerFilled = 0
         var payload: [UInt8] = []
         var payloadFilled = 0
         var fds: [Int32] = []
 
-        init(fd: Int32) { self.fd = fd }
+        init(fd: FileDescriptor) { self.fd = fd }
 
         func resetMessage() {
             headerFilled = 0
@@ -69,20 +102,17 @@ public final class VhostUserServer: @unchecked Sendable {
 
         deinit {
             fds.forEach { closeFD($0) }
-            closeFD(fd)
+            try? fd.close()
         }
     }
 
     private let plane: DataPlane
     private let logger: Logger
-    private let lock = Lock()
+    private let state = Mutex<State>(State())
     /// Held through a whole stop(): a second one waits for the first.
-    private let stopLock = Lock()
-    private var exports: [Export] = []
-    private var started = false
-    private var stopping = false
+    private let stopLock = Mutex<Void>(())
     /// Readable once stopping: every export's thread polls it.
-    private let wakeFD: Int32
+    private let wakeFD: FileDescriptor
 
     /// A server for `plane`'s disks, logging to `logger` (by default one
     /// labelled "dataplane.vhost-user", through whatever LoggingSystem the
@@ -92,12 +122,12 @@ public final class VhostUserServer: @unchecked Sendable {
         self.logger = logger
         let fd = dps_eventfd(0, true)
         guard fd >= 0 else { throw .system(operation: "eventfd", errno: -fd) }
-        wakeFD = fd
+        wakeFD = FileDescriptor(rawValue: fd)
     }
 
     deinit {
         stop()
-        closeFD(wakeFD)
+        try? wakeFD.close()
     }
 
     /// Listens for a frontend of `disk` at `socketPath` (served at once when
@@ -108,7 +138,7 @@ public final class VhostUserServer: @unchecked Sendable {
     public func addExport(disk: Disk, socketPath: String,
                           permissions: SocketPermissions = SocketPermissions()) throws(DataPlaneError) {
         let fd = try UnixSocket.listen(at: socketPath, backlog: 4, permissions: permissions)
-        try addExport(disk: disk, listenFD: fd, name: socketPath, ownsPath: true)
+        try addExport(disk: disk, listenFD: FileDescriptor(rawValue: fd), name: socketPath, ownsPath: true)
     }
 
     /// Serves `disk` on a socket that already listens (socket activation,
@@ -116,19 +146,19 @@ public final class VhostUserServer: @unchecked Sendable {
     /// owns and closes at stop. `name` stands for it in logs and status. Its
     /// path, if any, is left in place: whoever bound it (systemd) keeps it.
     public func addExport(disk: Disk, inheritedFD fd: Int32, name: String) throws(DataPlaneError) {
-        try addExport(disk: disk, listenFD: fd, name: name, ownsPath: false)
+        try addExport(disk: disk, listenFD: FileDescriptor(rawValue: fd), name: name, ownsPath: false)
     }
 
-    private func addExport(disk: Disk, listenFD fd: Int32, name socketPath: String, ownsPath: Bool) throws(DataPlaneError) {
+    private func addExport(disk: Disk, listenFD fd: FileDescriptor, name socketPath: String,
+                           ownsPath: Bool) throws(DataPlaneError) {
         var logger = self.logger
         logger[metadataKey: "disk"] = "\(disk.name)"
         logger[metadataKey: "socket"] = "\(socketPath)"
-        let export = Export(device: VhostUserBlkDevice(disk: disk, plane: plane, logger: logger), path: socketPath,
-                            listenFD: fd, ownsPath: ownsPath, logger: logger)
-        let serveNow: Bool? = lock.withLock {
-            guard !stopping else { return nil }
-            exports.append(export)
-            return started
+        let export = Export(disk: disk, path: socketPath, listenFD: fd, ownsPath: ownsPath, logger: logger)
+        let serveNow: Bool? = state.withLock { state in
+            guard !state.stopping else { return nil }
+            state.exports.append(ExportState(export: export))
+            return state.started
         }
         guard let serveNow else {
             close(export)
@@ -139,9 +169,9 @@ public final class VhostUserServer: @unchecked Sendable {
             try launch(export)
         } catch {
             // Unless a start() racing us launched it after all.
-            let unserved: Bool = lock.withLock {
-                guard export.thread == nil else { return false }
-                exports.removeAll { $0 === export }
+            let unserved: Bool = state.withLock { state in
+                guard let i = state.index(of: export), state.exports[i].thread == nil else { return false }
+                state.exports.remove(at: i)
                 return true
             }
             if unserved { close(export) }
@@ -159,76 +189,72 @@ public final class VhostUserServer: @unchecked Sendable {
     }
 
     public var exportStatus: [ExportStatus] {
-        lock.withLock {
-            exports.map { ExportStatus(socketPath: $0.path, disk: $0.device.disk.name, connected: $0.connection != nil,
-                                       inherited: $0.ownsPath ? nil : true) }
+        state.withLock { state in
+            state.exports.map {
+                ExportStatus(socketPath: $0.export.path, disk: $0.export.disk.name, connected: $0.connected,
+                             inherited: $0.export.ownsPath ? nil : true)
+            }
         }
     }
 
     /// The socket paths served.
-    public var socketPaths: [String] { lock.withLock { exports.map(\.path) } }
+    public var socketPaths: [String] { state.withLock { $0.exports.map(\.export.path) } }
 
     /// Whether a frontend is connected to the disk's socket.
     public func isConnected(socketPath: String) -> Bool {
-        lock.withLock { exports.first { $0.path == socketPath }?.connection != nil }
+        state.withLock { $0.exports.first { $0.export.path == socketPath }?.connected ?? false }
     }
 
     /// Starts serving: a control thread for each export.
     public func start() throws(DataPlaneError) {
-        let waiting: [Export] = lock.withLock {
-            started = true
-            return stopping ? [] : exports.filter { $0.thread == nil }
+        let waiting: [Export] = state.withLock { state in
+            state.started = true
+            return state.stopping ? [] : state.exports.filter { $0.thread == nil }.map(\.export)
         }
         for export in waiting { try launch(export) }
     }
 
-    /// What a new control thread is handed.
-    private final class Launch {
-        let server: VhostUserServer
-        let export: Export
-        init(server: VhostUserServer, export: Export) {
-            self.server = server
-            self.export = export
-        }
-    }
+    private enum Launched { case started, alreadyRunning, stopping, failed(Errno) }
 
     private func launch(_ export: Export) throws(DataPlaneError) {
-        let box = Unmanaged.passRetained(Launch(server: self, export: export))
-        // Held across the create: stop() must not miss the thread (it would
+        // Held across the start: stop() must not miss the thread (it would
         // close the socket under it).
-        let ret: Int32 = lock.withLock {
-            guard !stopping else { return ESHUTDOWN }
-            guard export.thread == nil else { return EALREADY } // start() and addExport() raced
-            var tid = pthread_t()
-            let ret = pthread_create(&tid, nil, { arg in
-                let launch = Unmanaged<Launch>.fromOpaque(arg!).takeRetainedValue()
-                launch.server.run(launch.export)
-                return nil
-            }, box.toOpaque())
-            if ret == 0 { export.thread = tid }
-            return ret
+        let launched: Launched = state.withLock { state in
+            guard !state.stopping else { return .stopping }
+            // start() and addExport() raced (or a failed addExport took it back).
+            guard let i = state.index(of: export), state.exports[i].thread == nil else { return .alreadyRunning }
+            do throws(Errno) {
+                state.exports[i].thread = try ControlThread { [self] in run(export) }
+                return .started
+            } catch {
+                return .failed(error)
+            }
         }
-        guard ret == 0 else {
-            box.release()
-            if ret == EALREADY { return }
-            if ret == ESHUTDOWN { throw .stopped }
-            throw .system(operation: "starting the vhost-user thread of \(export.path)", errno: ret)
+        switch launched {
+        case .started, .alreadyRunning: return
+        case .stopping: throw .stopped
+        case .failed(let error):
+            throw .system(operation: "starting the vhost-user thread of \(export.path)", errno: error.rawValue)
         }
     }
 
     /// Disconnects every frontend (their queues drain first), removes the
     /// sockets and ends the control threads. Idempotent.
     public func stop() {
-        stopLock.withLock {
-            let (threads, unserved): ([pthread_t], [Export]) = lock.withLock {
-                stopping = true
-                let running = exports.filter { $0.thread != nil && !$0.joined }
-                running.forEach { $0.joined = true }
-                return (running.compactMap(\.thread), exports.filter { $0.thread == nil })
+        stopLock.withLock { _ in
+            let (threads, unserved): ([ControlThread], [Export]) = state.withLock { state in
+                state.stopping = true
+                var running: [ControlThread] = []
+                for i in state.exports.indices where !state.exports[i].joined {
+                    guard let thread = state.exports[i].thread else { continue }
+                    running.append(thread)
+                    state.exports[i].joined = true
+                }
+                return (running, state.exports.filter { $0.thread == nil }.map(\.export))
             }
-            var one: UInt64 = 1
-            _ = write(wakeFD, &one, 8)
-            threads.forEach { pthread_join($0, nil) }
+            let one: UInt64 = 1
+            _ = withUnsafeBytes(of: one) { try? wakeFD.write($0) }
+            threads.forEach { $0.join() }
             unserved.forEach(close)
         }
     }
@@ -236,21 +262,23 @@ public final class VhostUserServer: @unchecked Sendable {
     // MARK: - The control threads
 
     private func run(_ export: Export) {
-        while !lock.withLock({ stopping }) {
-            var fds = [pollfd(fd: wakeFD, events: Int16(POLLIN), revents: 0),
-                       pollfd(fd: export.listenFD, events: Int16(POLLIN), revents: 0),
-                       pollfd(fd: export.connection?.fd ?? -1, events: Int16(POLLIN), revents: 0)]
+        let session = Session(export: export, plane: plane)
+        while !state.withLock({ $0.stopping }) {
+            var fds = [pollfd(fd: wakeFD.rawValue, events: Int16(POLLIN), revents: 0),
+                       pollfd(fd: export.listenFD.rawValue, events: Int16(POLLIN), revents: 0),
+                       pollfd(fd: session.connection?.fd.rawValue ?? -1, events: Int16(POLLIN), revents: 0)]
             if poll(&fds, nfds_t(fds.count), -1) < 0 {
-                if errno == EINTR { continue }
-                export.logger.error("\(export.path): poll failed, no longer served: \(DataPlaneError.message(errno))")
+                let error = Errno(rawValue: errno)
+                if error == .interrupted { continue }
+                session.logger.error("\(export.path): poll failed, no longer served: \(DataPlaneError.message(error.rawValue))")
                 break
             }
-            if fds[2].revents != 0, let connection = export.connection, let reason = serve(export, connection) {
-                disconnect(export, reason: reason)
+            if fds[2].revents != 0, let connection = session.connection, let reason = serve(session, connection) {
+                disconnect(session, reason: reason)
             }
-            if fds[1].revents & Int16(POLLIN) != 0 { accept(export) }
+            if fds[1].revents & Int16(POLLIN) != 0 { accept(session) }
         }
-        if export.connection != nil { disconnect(export, reason: "server stopping") }
+        if session.connection != nil { disconnect(session, reason: "server stopping") }
         close(export)
     }
 
@@ -258,46 +286,51 @@ public final class VhostUserServer: @unchecked Sendable {
     /// closed first, the path would look stale to another process, which
     /// could take it over before our unlink removed its socket.
     private func close(_ export: Export) {
-        let first: Bool = lock.withLock {
-            defer { export.closed = true }
-            return !export.closed
-        }
-        guard first else { return }
+        guard !export.closed.exchange(true, ordering: .acquiringAndReleasing) else { return }
         if export.ownsPath { unlink(export.path) }
-        closeFD(export.listenFD)
+        try? export.listenFD.close()
     }
 
-    private func accept(_ export: Export) {
-        let fd = dps_accept(export.listenFD)
+    private func accept(_ session: Session) {
+        let path = session.export.path
+        let fd = dps_accept(session.export.listenFD.rawValue)
         guard fd >= 0 else { return }
         let pid = dps_peer_pid(fd)
-        if export.connection != nil {
-            export.logger.warning("\(export.path): refused a second frontend (one is connected)",
-                                  metadata: pid > 0 ? ["frontend-pid": "\(pid)"] : nil)
+        if session.connection != nil {
+            session.logger.warning("\(path): refused a second frontend (one is connected)",
+                                   metadata: pid > 0 ? ["frontend-pid": "\(pid)"] : nil)
             closeFD(fd)
             return
         }
-        lock.withLock { export.connection = Connection(fd: fd) }
-        export.frontends += 1
-        export.logger[metadataKey: "frontend"] = "\(export.frontends)"
-        export.logger[metadataKey: "frontend-pid"] = pid > 0 ? "\(pid)" : nil
-        export.device.logger = export.logger
-        export.logger.info("\(export.path): frontend connected")
+        session.connection = Connection(fd: FileDescriptor(rawValue: fd))
+        setConnected(session.export, true)
+        session.frontends += 1
+        session.logger[metadataKey: "frontend"] = "\(session.frontends)"
+        session.logger[metadataKey: "frontend-pid"] = pid > 0 ? "\(pid)" : nil
+        session.device.logger = session.logger
+        session.logger.info("\(path): frontend connected")
     }
 
-    private func disconnect(_ export: Export, reason: String) {
-        export.logger.info("\(export.path): frontend disconnected: \(reason)")
-        export.device.reset()
-        lock.withLock { export.connection = nil }
-        export.logger[metadataKey: "frontend"] = nil
-        export.logger[metadataKey: "frontend-pid"] = nil
-        export.device.logger = export.logger
+    private func disconnect(_ session: Session, reason: String) {
+        session.logger.info("\(session.export.path): frontend disconnected: \(reason)")
+        session.device.reset()
+        session.connection = nil
+        setConnected(session.export, false)
+        session.logger[metadataKey: "frontend"] = nil
+        session.logger[metadataKey: "frontend-pid"] = nil
+        session.device.logger = session.logger
+    }
+
+    private func setConnected(_ export: Export, _ connected: Bool) {
+        state.withLock { state in
+            if let i = state.index(of: export) { state.exports[i].connected = connected }
+        }
     }
 
     /// Reads what is there; handles complete messages (a bounded number, so
     /// a flood cannot keep the thread from seeing a stop). Returns why the
     /// connection must close, or nil to keep it.
-    private func serve(_ export: Export, _ c: Connection) -> String? {
+    private func serve(_ session: Session, _ c: Connection) -> String? {
         var handled = 0
         while handled < Self.messagesPerWake {
             let inHeader = c.headerFilled < vhostUserHeaderSize
@@ -306,7 +339,7 @@ public final class VhostUserServer: @unchecked Sendable {
                 let message = VhostUserMessage(request: header(c, 0), flags: header(c, 4), payload: c.payload, fds: c.fds)
                 c.fds = []
                 c.resetMessage()
-                if let reason = process(export, c, message) { return reason }
+                if let reason = process(session, c, message) { return reason }
                 handled += 1
                 continue
             }
@@ -314,8 +347,8 @@ public final class VhostUserServer: @unchecked Sendable {
             var count: Int32 = 0
             var truncated = false
             let r: Int = inHeader
-                ? c.header.withUnsafeMutableBytes { dps_recv_fds(c.fd, $0.baseAddress! + c.headerFilled, want, &received, 8, &count, &truncated) }
-                : c.payload.withUnsafeMutableBytes { dps_recv_fds(c.fd, $0.baseAddress! + c.payloadFilled, want, &received, 8, &count, &truncated) }
+                ? c.header.withUnsafeMutableBytes { dps_recv_fds(c.fd.rawValue, $0.baseAddress! + c.headerFilled, want, &received, 8, &count, &truncated) }
+                : c.payload.withUnsafeMutableBytes { dps_recv_fds(c.fd.rawValue, $0.baseAddress! + c.payloadFilled, want, &received, 8, &count, &truncated) }
             c.fds += received.prefix(Int(count))
             if truncated || c.fds.count > 8 { return "more file descriptors than a message may carry" }
             if r == -EAGAIN || r == -EWOULDBLOCK { return nil }
@@ -343,13 +376,13 @@ public final class VhostUserServer: @unchecked Sendable {
     }
 
     /// Handles one message; returns why the connection must close, or nil.
-    private func process(_ export: Export, _ c: Connection, _ message: VhostUserMessage) -> String? {
-        export.logger.trace("vhost-user \(VhostUserRequest.name(message.request))",
+    private func process(_ session: Session, _ c: Connection, _ message: VhostUserMessage) -> String? {
+        session.logger.trace("vhost-user \(VhostUserRequest.name(message.request))",
                             metadata: Self.traceMetadata(flags: message.flags, payload: message.payload, fds: message.fds.count))
-        let outcome = export.device.process(message)
-        if let logLine = outcome.logLine { export.logger.warning("\(export.path): \(logLine)") }
+        let outcome = session.device.process(message)
+        if let logLine = outcome.logLine { session.logger.warning("\(session.export.path): \(logLine)") }
         if let reply = outcome.reply {
-            export.logger.trace("vhost-user \(VhostUserRequest.name(message.request)) reply",
+            session.logger.trace("vhost-user \(VhostUserRequest.name(message.request)) reply",
                                 metadata: Self.traceMetadata(flags: VhostUserFlags.version | VhostUserFlags.reply,
                                                              payload: reply.payload, fds: reply.fds.count))
         }
@@ -381,12 +414,12 @@ public final class VhostUserServer: @unchecked Sendable {
         while sent < bytes.count {
             let r = bytes.withUnsafeBytes { raw in
                 fds.withUnsafeBufferPointer { fdBuffer in
-                    dps_send_fds(c.fd, raw.baseAddress! + sent, raw.count - sent,
+                    dps_send_fds(c.fd.rawValue, raw.baseAddress! + sent, raw.count - sent,
                                  first ? fdBuffer.baseAddress : nil, first ? Int32(fdBuffer.count) : 0)
                 }
             }
             if r == -EAGAIN || r == -EWOULDBLOCK {
-                var p = pollfd(fd: c.fd, events: Int16(POLLOUT), revents: 0)
+                var p = pollfd(fd: c.fd.rawValue, events: Int16(POLLOUT), revents: 0)
                 if poll(&p, 1, 1000) <= 0 { return false }
                 continue
             }
