@@ -145,7 +145,11 @@ import Testing
         let noisy = g.queues[0].statistics()
         #expect(noisy.longestChain == 130 && noisy.reads > 1000 && noisy.errors == 0,
                 "the flood ran: \(noisy.reads) reads, longest \(noisy.longestChain), \(noisy.errors) errors")
-        #expect(floodedMedian <= 2 * idleMedian,
+        // Without the budget the quiet read waits behind a walk of up to 33k
+        // descriptors; with it, behind a pass of a few hundred. 5x leaves
+        // room for a machine whose other tests boot TCG guests beside this
+        // one (2.5x seen in a full run here) and still tells the two apart.
+        #expect(floodedMedian <= 5 * idleMedian,
                 "quiet queue p50: \(idle) ns idle, \(flooded) ns beside the flood (\(noisy.reads) flood reads)")
     }
 
