@@ -113,6 +113,7 @@ struct blk_req {
     uint32_t iov_cnt;
     uint16_t head;
     uint16_t ring_descs;        /* packed rings: ring descriptors its buffer took */
+    uint16_t log_cnt;           /* dirty logging: its writable iovecs, as walked (queue.c) */
     uint8_t op;                 /* enum dp_op */
     uint8_t zero_phase;         /* discard/write-zeroes fallback step (backend_uring.c) */
     uint8_t *status;            /* the guest's status byte, NULL when it has none */

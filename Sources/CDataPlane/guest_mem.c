@@ -124,6 +124,20 @@ void *guest_mem_ptr(const struct dp_mem *mem, uint64_t gpa, uint64_t len)
     return (uint8_t *)r->host_addr + (gpa - r->guest_phys_addr);
 }
 
+int guest_mem_gpa_of(const struct dp_mem *mem, const void *host, uint64_t len, uint64_t *gpa)
+{
+    uintptr_t h = (uintptr_t)host;
+    for (uint32_t i = 0; i < mem->count; i++) {
+        const struct dp_mem_region *r = &mem->regions[i];
+        uintptr_t base = (uintptr_t)r->host_addr;
+        if (h - base < r->size && len <= r->size - (h - base)) {
+            *gpa = r->guest_phys_addr + (h - base);
+            return 0;
+        }
+    }
+    return -EFAULT;
+}
+
 int guest_mem_copy_from(const struct dp_mem *mem, uint64_t gpa, void *buf, uint64_t len)
 {
     if (len && gpa + (len - 1) < gpa)

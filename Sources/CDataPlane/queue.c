@@ -47,6 +47,23 @@ void queue_break_loop_failed(struct dp_queue *q, int err)
     }
 }
 
+/* Every byte a request may have written to the guest: its writable
+ * iovecs as walked, and the status byte (also for a chain that failed its
+ * walk, which has no copy). Over-marks a failed read's pages: harmless. */
+static void queue_log_request(struct dp_queue *q, const struct blk_req *req)
+{
+    dirty_log_iov(&q->log, q->io.mem, q->log_iov + (size_t)(req - q->reqs) * DP_REQ_MAX_IOV, req->log_cnt);
+    if (req->status)
+        dirty_log_host(&q->log, q->io.mem, req->status, 1);
+}
+
+void queue_log_rings(struct dp_queue *q)
+{
+    struct iovec areas[2];
+    unsigned n = vring_device_areas(&q->vr, areas);
+    dirty_log_iov(&q->log, q->io.mem, areas, n);
+}
+
 void queue_complete(struct dp_queue *q, struct blk_req *req, uint8_t status, uint64_t now)
 {
     /* pushed[] holds nslots heads. One pass can complete more than that
@@ -61,6 +78,8 @@ void queue_complete(struct dp_queue *q, struct blk_req *req, uint8_t status, uin
         used_len = (status == VIRTIO_BLK_S_OK ? req->data_in_len : 0) + 1;
     }
     backend_release(&q->io, req);
+    if (dirty_log_on(&q->log))
+        queue_log_request(q, req);
     vring_push(&q->vr, req->head, used_len, req->ring_descs);
 
     STAT_ADD(q->stats.ops[req->op], 1);
@@ -119,6 +138,7 @@ static struct blk_req *queue_take_slot(struct dp_queue *q, uint16_t head, uint16
     q->in_flight++;
     req->head = head;
     req->ring_descs = ring_descs;
+    req->log_cnt = 0;
     req->start_ns = now;
     return req;
 }
@@ -168,6 +188,12 @@ static void queue_run(struct dp_queue *q, struct blk_req *req, struct vring_chai
                       bool fail_io)
 {
     uint32_t iovecs = chain->out_num + chain->in_num;
+    if (dirty_log_on(&q->log)) {
+        /* Before parsing, which trims the status byte off them. */
+        struct iovec *copy = q->log_iov + (size_t)(req - q->reqs) * DP_REQ_MAX_IOV;
+        memcpy(copy, chain->iov + chain->out_num, chain->in_num * sizeof(*copy));
+        req->log_cnt = (uint16_t)chain->in_num;
+    }
     if (iovecs > q->longest_chain) {
         q->longest_chain = iovecs;
         STAT_SET(q->stats.longest_chain, iovecs);
@@ -364,6 +390,8 @@ bool queue_publish_and_notify(struct dp_queue *q)
     if (q->inflight)
         inflight_publish_begin(q);
     vring_publish(&q->vr);
+    if (dirty_log_on(&q->log))
+        queue_log_rings(q);
     if (q->inflight)
         inflight_clear_published(q);
     STAT_SET(q->stats.used_idx, vring_used_idx(&q->vr));

@@ -5,6 +5,7 @@
 #define DP_QUEUE_H
 
 #include "backend.h"
+#include "dirty_log.h"
 #include "dp_internal.h"
 #include "vring.h"
 
@@ -81,6 +82,9 @@ struct dp_queue {
     uint16_t *pushed;           /* heads pushed since the last publish (inflight clearing) */
     uint32_t pushed_count;
     uint32_t longest_chain;     /* most iovecs a request carried (statistics) */
+    struct dirty_log log;       /* live migration: pages we write get marked; off when bitmap is NULL */
+    struct iovec *log_iov;      /* with logging, slots * DP_REQ_MAX_IOV: each request's writable
+                                 * iovecs as walked (the backend advances its own in place) */
     struct backend_ctx io;      /* its disk and memory, as its backend sees them */
     struct dp_queue_config config;
     /* --- control side --- */
@@ -95,6 +99,9 @@ struct dp_queue {
 /* The per-queue work of one loop pass. Pops what the queue's share of a
  * pass allows (q->budget_spent when work is left). */
 unsigned queue_pop_batch(struct dp_queue *q, uint64_t now);
+/* Dirty logging: marks the ring areas the device writes (used ring, event
+ * suppression), after writing them. */
+void queue_log_rings(struct dp_queue *q);
 void queue_complete(struct dp_queue *q, struct blk_req *req, uint8_t status, uint64_t now);
 /* Starts the chain at head (with fail_io, a request that needs I/O fails
  * instead; resubmit: head was popped before and comes off the resubmit
@@ -128,12 +135,19 @@ static inline uint16_t queue_resubmit_take(struct dp_queue *q)
 /* Ask for kicks before sleeping (true: work came meanwhile), or stop asking. */
 static inline bool queue_enable_kicks(struct dp_queue *q)
 {
-    return queue_accepts_work(q) && vring_enable_kicks(&q->vr);
+    if (!queue_accepts_work(q))
+        return false;
+    bool ready = vring_enable_kicks(&q->vr);
+    if (dirty_log_on(&q->log))
+        queue_log_rings(q);
+    return ready;
 }
 
 static inline void queue_disable_kicks(struct dp_queue *q)
 {
     vring_disable_kicks(&q->vr);
+    if (dirty_log_on(&q->log))
+        queue_log_rings(q);
 }
 
 /* ---- queue_notify.c: kicks in, signals out */

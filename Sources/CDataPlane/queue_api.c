@@ -27,6 +27,8 @@ static int queue_config_check(const struct dp_queue_config *cfg)
         return -EINVAL;
     if (cfg->kick_fd < 0)
         return -EBADF;
+    if (cfg->log_bitmap && cfg->log_size == 0)
+        return -EINVAL;
     return notifiers_set_nonblocking(cfg->call_fd, cfg->err_fd);
 }
 
@@ -34,7 +36,8 @@ static int queue_config_check(const struct dp_queue_config *cfg)
  * the head, then slots, their iovecs, the free list, head-to-slot map,
  * pushed and resubmit lists, the indirect-table scratch, and for a packed
  * ring with an inflight region its private side (inflight_packed). */
-static struct dp_queue *queue_alloc(struct dp_iothread *thread, uint32_t size, uint32_t nslots, bool packed_inflight)
+static struct dp_queue *queue_alloc(struct dp_iothread *thread, uint32_t size, uint32_t nslots, bool packed_inflight,
+                                    bool logging)
 {
     size_t head_size = sizeof(struct dp_queue);
     size_t reqs_off = (head_size + 63) & ~(size_t)63;
@@ -52,6 +55,9 @@ static struct dp_queue *queue_alloc(struct dp_iothread *thread, uint32_t size, u
         bufs_off = next_off + size * sizeof(uint16_t);
         total = bufs_off + size * sizeof(struct inflight_buf);
     }
+    size_t log_off = (total + 15) & ~(size_t)15;
+    if (logging)
+        total = log_off + (size_t)nslots * DP_REQ_MAX_IOV * sizeof(struct iovec);
 
     int node;
     uint8_t *base = iothread_alloc(thread, total, &node);
@@ -70,6 +76,8 @@ static struct dp_queue *queue_alloc(struct dp_iothread *thread, uint32_t size, u
         q->ipk.next = (uint16_t *)(base + next_off);
         q->ipk.bufs = (struct inflight_buf *)(base + bufs_off);
     }
+    if (logging)
+        q->log_iov = (struct iovec *)(base + log_off);
     q->alloc_size = total;
     q->numa_node = node;
     q->nslots = nslots;
@@ -111,9 +119,11 @@ int dp_queue_create(struct dp_iothread *thread, const struct dp_queue_config *co
         return ret;
 
     uint32_t nslots = config->size < DP_QUEUE_MAX_SLOTS ? config->size : DP_QUEUE_MAX_SLOTS;
-    struct dp_queue *q = queue_alloc(thread, config->size, nslots, config->packed && config->inflight);
+    struct dp_queue *q = queue_alloc(thread, config->size, nslots, config->packed && config->inflight,
+                                     config->log_bitmap != NULL);
     if (!q)
         return -ENOMEM;
+    q->log = (struct dirty_log){.bitmap = config->log_bitmap, .size = config->log_size};
     q->inflight = config->inflight;
     q->thread = thread;
     q->notify_after = iothread_notify_after(thread);

@@ -143,6 +143,20 @@ static inline bool vring_should_notify(struct vring *vr)
                    return vring_packed_should_notify(&vr->packed));
 }
 
+/* The ring memory the device writes, for dirty logging: split, the used
+ * ring (avail_event included); packed, the descriptor ring (used
+ * descriptors) and the device event suppression area. Returns the count. */
+static inline unsigned vring_device_areas(const struct vring *vr, struct iovec areas[2])
+{
+    if (vr->layout == VRING_LAYOUT_PACKED) {
+        areas[0] = (struct iovec){vr->packed.desc, VRING_DESC_BYTES(vr->packed.size)};
+        areas[1] = (struct iovec){vr->packed.device, sizeof(*vr->packed.device)};
+        return 2;
+    }
+    areas[0] = (struct iovec){vr->split.used, VRING_USED_BYTES(vr->split.size)};
+    return 1;
+}
+
 /* Ask for kicks, then look again: true when requests arrived meanwhile. */
 static inline bool vring_enable_kicks(struct vring *vr)
 {

@@ -36,6 +36,13 @@ public struct VirtqueueConfiguration: Sendable, Equatable {
     /// region says where the ring resumes (see `dp_queue_config.inflight`).
     public var packed = false
     public var packedBase: UInt32 = 0x8000_8000
+    /// Live migration's dirty log (vhost-user SET_LOG_BASE with
+    /// VHOST_F_LOG_ALL): the host address of the frontend's bitmap, one bit
+    /// per 4 KiB guest page, `dirtyLogSize` bytes; 0 for none. Every page the
+    /// queue writes gets its bit (see `dp_queue_config.log_bitmap`). The
+    /// mapping must outlive the queue.
+    public var dirtyLog: UInt = 0
+    public var dirtyLogSize: UInt64 = 0
 
     public init(size: Int, descriptorTable: UInt64, availRing: UInt64, usedRing: UInt64,
                 addressesAreUser: Bool = false, eventIndex: Bool = true, indirectDescriptors: Bool = true,
@@ -69,6 +76,8 @@ public struct VirtqueueConfiguration: Sendable, Equatable {
         config.inflight = UnsafeMutableRawPointer(bitPattern: inflight)
         config.packed = packed
         config.packed_base = packedBase
+        config.log_bitmap = UnsafeMutableRawPointer(bitPattern: dirtyLog)
+        config.log_size = dirtyLogSize
         return config
     }
 }

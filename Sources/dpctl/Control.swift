@@ -40,6 +40,8 @@ struct DiskStatus: Codable {
     var path: String
     var socket: String
     var connected: Bool
+    /// While the frontend migrates the guest: its dirty log's size in bytes.
+    var dirtyLogBytes: Int? = nil
     var readOnly: Bool
     var capacityBytes: UInt64
     var maxQueues: Int
@@ -258,6 +260,7 @@ final class ControlServer: Sendable {
         let disks = zip(plane.disks, exports).map { disk, export in
             DiskStatus(
                 path: disk.name, socket: export.socketPath, connected: export.connected,
+                dirtyLogBytes: export.dirtyLogBytes,
                 readOnly: disk.configuration.readOnly, capacityBytes: disk.capacityBytes,
                 maxQueues: disk.configuration.numQueues, directIO: disk.usesDirectIO,
                 flushFailure: disk.flushFailureReason,

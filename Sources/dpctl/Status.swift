@@ -102,7 +102,8 @@ enum StatusCommand {
         for d in r.disks ?? [] {
             let size = binarySize(d.capacityBytes)
             print("disk \(d.path): \(size), \(d.readOnly ? "read-only" : "read-write"), \(d.directIO ? "O_DIRECT" : "page cache"), up to \(d.maxQueues) queues")
-            print("  socket \(d.socket): \(d.connected ? "frontend connected" : "waiting for a frontend")")
+            print("  socket \(d.socket): \(d.connected ? "frontend connected" : "waiting for a frontend")"
+                  + (d.dirtyLogBytes.map { ", migrating: logging dirty pages (log of \(binarySize(UInt64($0))))" } ?? ""))
             if let reason = d.flushFailure { print("  \(ControlServer.flushFailureText(reason))") }
             for q in d.queues {
                 let state = q.broken.map { "BROKEN (\($0)): the guest must reset the device" }

@@ -363,6 +363,16 @@ struct dp_queue_config {
      * know after a backend died, is taken from the region). A region that
      * disagrees with the ring is refused (-EBADMSG). */
     void *inflight;
+    /* Dirty page logging for live migration (vhost-user VHOST_F_LOG_ALL):
+     * the frontend's bitmap, one bit per 4 KiB guest-physical page (bit
+     * page % 8 of byte page / 8), log_size bytes, or NULL. Every byte the
+     * queue writes into guest memory (read data, status bytes, GET_ID
+     * strings, the used ring or packed used descriptors, event suppression
+     * fields) gets its page marked after the write and before the used
+     * index that hands it over is published. Off, it costs one branch per
+     * request and per publish. */
+    void *log_bitmap;
+    uint64_t log_size;
 };
 
 /* Bytes one queue's inflight region takes: QueueRegionSplit, or with packed

@@ -66,6 +66,13 @@ package final class VhostUserBlkDevice {
     private var memory: GuestMemory?
     private var vrings: [Vring]
     private var inflight: Inflight?
+    /// SET_LOG_BASE's bitmap; the rings log into it while VHOST_F_LOG_ALL is negotiated.
+    private var dirtyLog: SharedMapping?
+
+    /// Whether the rings mark the pages they write (live migration).
+    var loggingDirtyPages: Bool { features & VirtioFeature.logAll != 0 && dirtyLog != nil }
+    /// The dirty log's size in bytes, when one is mapped.
+    var dirtyLogBytes: Int? { dirtyLog?.length }
 
     package init(disk: Disk, plane: DataPlane, logger: Logger) {
         self.disk = disk
@@ -82,7 +89,7 @@ package final class VhostUserBlkDevice {
     var offeredFeatures: UInt64 {
         var f = VirtioFeature.version1 | VirtioFeature.protocolFeatures | VirtioFeature.ringIndirectDesc
             | VirtioFeature.ringEventIndex | VirtioFeature.ringPacked | VirtioFeature.blkSizeMax | VirtioFeature.blkSegMax | VirtioFeature.blkBlockSize
-            | VirtioFeature.blkFlush | VirtioFeature.blkTopology | VirtioFeature.blkMultiQueue
+            | VirtioFeature.blkFlush | VirtioFeature.blkTopology | VirtioFeature.blkMultiQueue | VirtioFeature.logAll
         if disk.configuration.readOnly {
             f |= VirtioFeature.blkReadOnly
         } else {
@@ -92,7 +99,7 @@ package final class VhostUserBlkDevice {
     }
 
     static let offeredProtocolFeatures: UInt64 = [
-        ProtocolFeature.mq, .replyAck, .config, .inflightShmfd, .resetDevice, .configureMemSlots, .status,
+        ProtocolFeature.mq, .logShmfd, .replyAck, .config, .inflightShmfd, .resetDevice, .configureMemSlots, .status,
     ].reduce(0) { $0 | $1.mask }
 
     /// seg_max: the data segments a request may carry. The data plane
@@ -114,7 +121,7 @@ package final class VhostUserBlkDevice {
     static func hasReply(_ request: VhostUserRequest) -> Bool {
         switch request {
         case .getFeatures, .getProtocolFeatures, .getVringBase, .getQueueNum, .getConfig, .getInflightFD,
-             .getMaxMemSlots, .getStatus:
+             .getMaxMemSlots, .getStatus, .setLogBase:
             return true
         default:
             return false
@@ -127,7 +134,7 @@ package final class VhostUserBlkDevice {
         case .setMemTable:
             let n = Int(try payload.u32(0))
             return n...n
-        case .addMemReg, .setInflightFD:
+        case .addMemReg, .setInflightFD, .setLogBase, .setLogFD:
             return 1...1
         case .remMemReg:
             return 0...1 // QEMU sends the region's fd along; it is not needed
@@ -181,13 +188,16 @@ package final class VhostUserBlkDevice {
             let requested = try p.u64(0)
             let unknown = requested & ~offeredFeatures
             guard unknown == 0 else { throw .invalid("features 0x\(String(unknown, radix: 16)) were not offered") }
+            let loggingChanged = (features ^ requested) & VirtioFeature.logAll != 0
             features = requested
             featuresAcked = true
             // Without PROTOCOL_FEATURES, rings start enabled (vhost-user.rst "Ring states").
             if features & VirtioFeature.protocolFeatures == 0 {
                 for i in vrings.indices { vrings[i].enabled = true }
             }
-            try startReadyQueues()
+            // QEMU turns LOG_ALL on and off with the rings running: they
+            // restart (draining their requests) to log, or to stop logging.
+            if loggingChanged { try restartRunningRings() } else { try startReadyQueues() }
             return nil
         case .getProtocolFeatures:
             return Reply(payload: le64(Self.offeredProtocolFeatures))
@@ -210,6 +220,7 @@ package final class VhostUserBlkDevice {
             // descriptors point at memory it no longer owns. A frontend that
             // tracks inflight I/O hands a region again (QEMU does at every start).
             inflight = nil
+            dirtyLog = nil
             features = 0
             featuresAcked = false
             status = 0
@@ -321,8 +332,15 @@ package final class VhostUserBlkDevice {
             return nil
         case .getStatus:
             return Reply(payload: le64(status))
-        case .setLogBase, .setLogFD:
-            throw .invalid("dirty logging was not offered")
+        case .setLogBase:
+            try setLogBase(message, p)
+            return Reply(payload: le64(0))
+        case .setLogFD:
+            // An eventfd to tell the frontend the log changed; QEMU neither
+            // sends nor reads one, and the bitmap is all a migration needs.
+            guard hasProtocolFeature(.logShmfd) else { throw .outOfOrder("SET_LOG_FD without LOG_SHMFD") }
+            closeFD(message.takeFDs()[0])
+            return nil
         }
     }
 
@@ -564,6 +582,10 @@ package final class VhostUserBlkDevice {
                 config.packed = true
                 config.packedBase = base
             }
+            if loggingDirtyPages, let log = dirtyLog {
+                config.dirtyLog = UInt(bitPattern: log.base)
+                config.dirtyLogSize = UInt64(log.length)
+            }
             if let inflight {
                 guard i < inflight.numQueues, v.num <= inflight.queueSize else {
                     throw .invalid("ring \(i) of size \(v.num) does not fit the inflight region (\(inflight.numQueues) queues of \(inflight.queueSize))")
@@ -585,9 +607,45 @@ package final class VhostUserBlkDevice {
                 place += ", \(n) request\(n == 1 ? "" : "s") from the inflight region run again, resumed at avail "
                     + "\(started.lastAvailIndex) used \(started.usedIndex)"
             }
+            if config.dirtyLog != 0 { place += ", logging dirty pages" }
             logger.info("disk \(disk.name): queue \(i) started (size \(v.num), \(place), \(thread))",
                         metadata: ["queue": "\(i)", "iothread": "\(thread)"])
         }
+    }
+
+    /// Restarts the running rings on what they should use now (the dirty
+    /// log, on or off): a stop drains their requests, which log as they go.
+    private func restartRunningRings() throws(VhostUserError) {
+        for i in vrings.indices where vrings[i].queue != nil { _ = stopRing(i) }
+        try startReadyQueues()
+    }
+
+    // MARK: - Dirty log
+
+    /// SET_LOG_BASE (LOG_SHMFD): the bitmap's memfd, mmap_size and
+    /// mmap_offset. A new log replaces the old one under running rings,
+    /// which restart on it.
+    private func setLogBase(_ message: VhostUserMessage, _ p: PayloadReader) throws(VhostUserError) {
+        guard hasProtocolFeature(.logShmfd) else { throw .outOfOrder("SET_LOG_BASE without LOG_SHMFD") }
+        try expectSize(message, 16)
+        let fd = message.takeFDs()[0]
+        defer { closeFD(fd) }
+        let size = try p.u64(0)
+        let offset = try p.u64(8)
+        let page = UInt64(sysconf(Int32(_SC_PAGESIZE)))
+        guard size > 0, size <= maxDirtyLogBytes, offset % page == 0, offset <= UInt64(Int64.max) - size else {
+            throw .invalid("dirty log of \(size) bytes at offset \(offset) (at most \(maxDirtyLogBytes) bytes, at a page boundary)")
+        }
+        var fileSize: UInt64 = 0
+        guard dps_fd_size(fd, &fileSize) == 0, fileSize >= offset + size else {
+            throw .invalid("dirty log fd is smaller than the \(offset + size) bytes announced")
+        }
+        let mapping = try SharedMapping(fd: fd, offset: offset, length: size)
+        let logging = features & VirtioFeature.logAll != 0
+        if logging { for i in vrings.indices where vrings[i].queue != nil { _ = stopRing(i) } }
+        dirtyLog = mapping
+        logger.info("disk \(disk.name): dirty log of \(size) bytes mapped (guest memory up to \(size * 8 * 4096 >> 20) MiB)")
+        if logging { try startReadyQueues() }
     }
 
     private func resetRings() {
@@ -606,6 +664,7 @@ package final class VhostUserBlkDevice {
         memory = nil
         regions = []
         inflight = nil
+        dirtyLog = nil
         features = 0
         featuresAcked = false
         protocolFeatures = 0

@@ -78,6 +78,8 @@ enum VirtioFeature {
     static let blkMultiQueue: UInt64 = 1 << 12
     static let blkDiscard: UInt64 = 1 << 13
     static let blkWriteZeroes: UInt64 = 1 << 14
+    /// VHOST_F_LOG_ALL: dirty page logging for live migration (vhost-user.rst "Migration").
+    static let logAll: UInt64 = 1 << 26
     static let ringIndirectDesc: UInt64 = 1 << 28
     static let ringEventIndex: UInt64 = 1 << 29
     static let protocolFeatures: UInt64 = 1 << 30
@@ -95,6 +97,9 @@ let vhostUserMaxPayload = 4096
 let vringNoFDFlag: UInt64 = 1 << 8
 /// Regions SET_MEM_TABLE carries at most (VHOST_MEMORY_BASELINE_NREGIONS).
 let memTableMaxRegions = 8
+/// The largest dirty log SET_LOG_BASE may map: one bit per 4 KiB page, so
+/// 1 GiB covers 32 TiB of guest memory.
+let maxDirtyLogBytes: UInt64 = 1 << 30
 /// Memory slots offered with CONFIGURE_MEM_SLOTS.
 let maxMemorySlots = 32
 /// Guest memory one frontend may map into us, all its regions together.

@@ -54,6 +54,8 @@ public final class VhostUserServer: Sendable {
         let export: Export
         /// A frontend is connected (for status).
         var connected = false
+        /// Its rings mark the pages they write into this dirty log (bytes): a migration is under way.
+        var dirtyLogBytes: Int?
         var thread: ControlThread?
         var joined = false
     }
@@ -184,6 +186,9 @@ public final class VhostUserServer: Sendable {
         public var socketPath: String
         public var disk: String
         public var connected: Bool
+        /// While the frontend migrates its guest (VHOST_F_LOG_ALL with a
+        /// dirty log from SET_LOG_BASE): the log's size in bytes.
+        public var dirtyLogBytes: Int?
         /// The socket was inherited (socket activation, --fd) rather than made here.
         public var inherited: Bool?
     }
@@ -192,7 +197,7 @@ public final class VhostUserServer: Sendable {
         state.withLock { state in
             state.exports.map {
                 ExportStatus(socketPath: $0.export.path, disk: $0.export.disk.name, connected: $0.connected,
-                             inherited: $0.export.ownsPath ? nil : true)
+                             dirtyLogBytes: $0.dirtyLogBytes, inherited: $0.export.ownsPath ? nil : true)
             }
         }
     }
@@ -323,7 +328,10 @@ public final class VhostUserServer: Sendable {
 
     private func setConnected(_ export: Export, _ connected: Bool) {
         state.withLock { state in
-            if let i = state.index(of: export) { state.exports[i].connected = connected }
+            if let i = state.index(of: export) {
+                state.exports[i].connected = connected
+                if !connected { state.exports[i].dirtyLogBytes = nil }
+            }
         }
     }
 
@@ -380,6 +388,13 @@ public final class VhostUserServer: Sendable {
         session.logger.trace("vhost-user \(VhostUserRequest.name(message.request))",
                             metadata: Self.traceMetadata(flags: message.flags, payload: message.payload, fds: message.fds.count))
         let outcome = session.device.process(message)
+        if message.request == VhostUserRequest.setLogBase.rawValue || message.request == VhostUserRequest.setFeatures.rawValue
+            || message.request == VhostUserRequest.resetOwner.rawValue || message.request == VhostUserRequest.resetDevice.rawValue {
+            let logging = session.device.loggingDirtyPages ? session.device.dirtyLogBytes : nil
+            state.withLock { state in
+                if let i = state.index(of: session.export) { state.exports[i].dirtyLogBytes = logging }
+            }
+        }
         if let logLine = outcome.logLine { session.logger.warning("\(session.export.path): \(logLine)") }
         if let reply = outcome.reply {
             session.logger.trace("vhost-user \(VhostUserRequest.name(message.request)) reply",
