@@ -644,7 +644,7 @@ package final class VhostUserBlkDevice {
         let logging = features & VirtioFeature.logAll != 0
         if logging { for i in vrings.indices where vrings[i].queue != nil { _ = stopRing(i) } }
         dirtyLog = mapping
-        logger.info("disk \(disk.name): dirty log of \(size) bytes mapped (guest memory up to \(size * 8 * 4096 >> 20) MiB)")
+        logger.info("disk \(disk.name): dirty log of \(size) bytes mapped (guest memory up to \((size * 8 * 4096) >> 20) MiB)")
         if logging { try startReadyQueues() }
     }
 
