@@ -3,19 +3,18 @@
 
 void dirty_log_gpa(const struct dirty_log *log, uint64_t gpa, uint64_t len)
 {
-    if (!len)
-        return;
+    uint64_t pages = log->size * 8; /* size <= UINT64_MAX / 8: dp_queue_create checks */
     uint64_t first = gpa >> DIRTY_LOG_PAGE_SHIFT;
-    uint64_t last = (gpa + len - 1) >> DIRTY_LOG_PAGE_SHIFT;
-    if (gpa + len - 1 < gpa)
-        last = UINT64_MAX >> DIRTY_LOG_PAGE_SHIFT;
-    uint64_t pages = log->size * 8;
+    if (!len || first >= pages)
+        return;
+    uint64_t end = gpa + len - 1;
+    uint64_t last = end < gpa ? pages - 1 : end >> DIRTY_LOG_PAGE_SHIFT;
     if (last >= pages)
         last = pages - 1;
     /* Atomic OR: the frontend takes bits with an atomic exchange while we
      * set others in the same byte. Release: the data is visible to whoever
      * sees the bit. */
-    for (uint64_t page = first; page <= last && page < pages; page++)
+    for (uint64_t page = first; page <= last; page++)
         __atomic_fetch_or(&log->bitmap[page >> 3], (uint8_t)(1u << (page & 7)), __ATOMIC_RELEASE);
 }
 

@@ -50,9 +50,15 @@ void queue_break_loop_failed(struct dp_queue *q, int err)
 /* Every byte a request may have written to the guest: its writable
  * iovecs as walked, and the status byte (also for a chain that failed its
  * walk, which has no copy). Over-marks a failed read's pages: harmless. */
+/* A request's copy of its writable iovecs (dirty logging only). */
+static struct iovec *queue_log_iov(const struct dp_queue *q, const struct blk_req *req)
+{
+    return q->log_iov + (size_t)(req - q->reqs) * DP_REQ_MAX_IOV;
+}
+
 static void queue_log_request(struct dp_queue *q, const struct blk_req *req)
 {
-    dirty_log_iov(&q->log, q->io.mem, q->log_iov + (size_t)(req - q->reqs) * DP_REQ_MAX_IOV, req->log_cnt);
+    dirty_log_iov(&q->log, q->io.mem, queue_log_iov(q, req), req->log_cnt);
     if (req->status)
         dirty_log_host(&q->log, q->io.mem, req->status, 1);
 }
@@ -190,8 +196,7 @@ static void queue_run(struct dp_queue *q, struct blk_req *req, struct vring_chai
     uint32_t iovecs = chain->out_num + chain->in_num;
     if (dirty_log_on(&q->log)) {
         /* Before parsing, which trims the status byte off them. */
-        struct iovec *copy = q->log_iov + (size_t)(req - q->reqs) * DP_REQ_MAX_IOV;
-        memcpy(copy, chain->iov + chain->out_num, chain->in_num * sizeof(*copy));
+        memcpy(queue_log_iov(q, req), chain->iov + chain->out_num, chain->in_num * sizeof(struct iovec));
         req->log_cnt = (uint16_t)chain->in_num;
     }
     if (iovecs > q->longest_chain) {

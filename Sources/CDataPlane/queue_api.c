@@ -27,7 +27,7 @@ static int queue_config_check(const struct dp_queue_config *cfg)
         return -EINVAL;
     if (cfg->kick_fd < 0)
         return -EBADF;
-    if (cfg->log_bitmap && cfg->log_size == 0)
+    if (cfg->log_bitmap && (cfg->log_size == 0 || cfg->log_size > UINT64_MAX / 8))
         return -EINVAL;
     return notifiers_set_nonblocking(cfg->call_fd, cfg->err_fd);
 }
