@@ -237,13 +237,13 @@ int dp_disk_set_fault(struct dp_disk *disk, const struct dp_fault_config *fault)
     return 0;
 }
 
-int dp_disk_claim_io(struct dp_disk *disk)
+int dp_disk_claim_io(struct dp_disk *disk, bool exclusive)
 {
     if (!disk)
         return -EINVAL;
     if (disk->fd < 0)
         return 0;
-    int ret = ofd_lock(disk->fd, disk->read_only ? F_RDLCK : F_WRLCK, LOCK_IO_BYTE, 1);
+    int ret = ofd_lock(disk->fd, exclusive ? F_WRLCK : F_RDLCK, LOCK_IO_BYTE, 1);
     return ret == -EACCES ? -EAGAIN : ret;
 }
 

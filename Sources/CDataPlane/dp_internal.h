@@ -147,6 +147,7 @@ struct ctl_msg {
     int32_t err_fd;
     int result;
     uint32_t ring_base;         /* CTL_STOP_QUEUE's answer: vring_base */
+    bool fail_held;             /* CTL_STOP_QUEUE: fail held requests even with an inflight region */
     bool done;
     struct ctl_msg *next;
 };

@@ -59,6 +59,7 @@ struct dp_queue {
     bool attached;
     bool paused;
     bool stopping;
+    bool stop_fails_held;       /* this stop leaves nothing in the inflight region (dp_queue_stop_failing_held) */
     bool broken;
     bool dirty;                 /* used elements pushed but not yet published */
     uint32_t unpublished;       /* of those, completions since the last publish */

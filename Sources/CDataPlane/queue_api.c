@@ -160,11 +160,11 @@ int dp_queue_stop(struct dp_queue *queue, uint16_t *last_avail_idx)
     return ret;
 }
 
-int dp_queue_stop_base(struct dp_queue *queue, uint32_t *base)
+static int queue_stop(struct dp_queue *queue, bool fail_held, uint32_t *base)
 {
     if (!queue)
         return -EINVAL;
-    struct ctl_msg msg = {.type = CTL_STOP_QUEUE, .queue = queue};
+    struct ctl_msg msg = {.type = CTL_STOP_QUEUE, .queue = queue, .fail_held = fail_held};
     int ret = iothread_call(queue->thread, &msg);
     if (ret == -ESHUTDOWN || ret == -ENOENT) {
         /* Already detached: the thread exited or the queue was stopped before;
@@ -175,6 +175,16 @@ int dp_queue_stop_base(struct dp_queue *queue, uint32_t *base)
     if (!ret && base)
         *base = msg.ring_base;
     return ret;
+}
+
+int dp_queue_stop_base(struct dp_queue *queue, uint32_t *base)
+{
+    return queue_stop(queue, false, base);
+}
+
+int dp_queue_stop_failing_held(struct dp_queue *queue, uint32_t *base)
+{
+    return queue_stop(queue, true, base);
 }
 
 void dp_queue_destroy(struct dp_queue *queue)

@@ -158,13 +158,14 @@ static void queue_detach(struct dp_queue *q)
 /* ------------------------------------------------------------ drains */
 
 /* Held requests never complete on their own: a stop fails them (or, with
- * an inflight region, leaves them to the next owner of the ring), a memory
+ * an inflight region, leaves them to the next owner of the ring, unless
+ * there is none: dp_queue_stop_failing_held), a memory
  * swap (their buffers would dangle) queues them to be walked again on
  * resume; a pause waits around them. */
 static void drain_held(struct dp_queue *q, const struct ctl_msg *msg)
 {
     if (q->stopping && (q->held_count || q->resubmit_next < q->resubmit_count)) {
-        if (q->inflight) {
+        if (q->inflight && !q->stop_fails_held) {
             queue_release_held(q);
         } else {
             uint64_t now = now_ns();
@@ -247,6 +248,7 @@ int queue_ctl(struct dp_queue *q, struct ctl_msg *msg)
     switch (msg->type) {
     case CTL_STOP_QUEUE:
         q->stopping = true;
+        q->stop_fails_held = msg->fail_held;
         q->drain_waiter = msg;
         return QUEUE_CTL_DRAIN;
     case CTL_PAUSE_QUEUE:

@@ -202,7 +202,8 @@ static int negotiate_protocol(struct vuf_conn *c, const struct vuf_options *o, s
     int rc = get_u64(c, VUF_GET_PROTOCOL_FEATURES, &info->protocol_offered);
     if (rc < 0)
         return rc;
-    uint64_t want = 1ull << VUF_PF_MQ | 1ull << VUF_PF_CONFIG | 1ull << VUF_PF_CONFIGURE_MEM_SLOTS;
+    /* LOG_SHMFD, as QEMU: a test may start dirty logging (SET_LOG_BASE) itself. */
+    uint64_t want = 1ull << VUF_PF_MQ | 1ull << VUF_PF_LOG_SHMFD | 1ull << VUF_PF_CONFIG | 1ull << VUF_PF_CONFIGURE_MEM_SLOTS;
     if (!o->no_reply_ack)
         want |= 1ull << VUF_PF_REPLY_ACK;
     if (o->inflight)

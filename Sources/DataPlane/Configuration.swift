@@ -271,14 +271,16 @@ public struct DiskConfiguration: Sendable, Equatable {
     public var readErrorPolicy: ErrorPolicy = .report
     /// What a failed write, flush, discard or write-zeroes does.
     public var writeErrorPolicy: ErrorPolicy = .enospc
-    /// Whether the image is locked as QEMU locks it (`locking=on`), so that
-    /// no QEMU (guest, qemu-img, qemu-io, qemu-storage-daemon) or other disk
-    /// writes it behind this one's back: a writable disk refuses, and is
-    /// refused by, any other writer and any user that shares no writer (a
-    /// QEMU guest drive, a read-only disk); read-only disks share an image.
-    /// Turn it off only for storage shared on purpose, where something else
-    /// keeps writers apart. Ignored by the null backend.
-    public var locking: Bool = true
+    /// How the image is locked against other users (QEMU's byte-range
+    /// locks, which QEMU, qemu-img, qemu-storage-daemon and other disks
+    /// check). Ignored by the null backend.
+    public var imageLocking: ImageLocking = .on
+    /// Whether the image is locked at all (``imageLocking`` is not `.off`);
+    /// setting it true means `.on`.
+    public var locking: Bool {
+        get { imageLocking != .off }
+        set { imageLocking = newValue ? .on : .off }
+    }
     /// Whether the guest memory of this disk's queues is registered with
     /// their IOThread's io_uring, so that one-segment reads and writes are
     /// READ_FIXED/WRITE_FIXED (no pages pinned and unpinned per request).
@@ -489,4 +491,23 @@ public struct IOThreadConfiguration: Sendable, Equatable {
         }
         try cpuset.validateOnline(online)
     }
+}
+
+/// How a disk locks its image (`locking=on|shared|off`).
+public enum ImageLocking: String, Sendable, Codable, CaseIterable {
+    /// As QEMU locks a drive (`locking=on`): no QEMU (guest, qemu-img,
+    /// qemu-io, qemu-storage-daemon) or other disk writes it behind this
+    /// one's back. A writable disk refuses, and is refused by, any other
+    /// writer and any user that shares no writer (a QEMU guest drive, a
+    /// read-only disk); read-only disks share an image. A disk also waits
+    /// for the requests a killed process that served it left in flight.
+    case on
+    /// Writers share the image with other writers that share it too (QEMU's
+    /// `share-rw=on`), still refusing users that share no writer: for two
+    /// instances that serve one image on purpose, a migrating guest's source
+    /// and destination, which the frontend keeps from writing at once. A
+    /// disk does not wait for the requests a killed sharer left in flight.
+    case shared
+    /// No locks at all: for storage something else keeps writers apart on.
+    case off
 }

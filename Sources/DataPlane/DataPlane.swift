@@ -25,7 +25,7 @@ public final class DataPlane: Sendable {
         var disk: Disk
         var ordinal: Int
         var threadIndices: [Int]?
-        var queues: [Int: Virtqueue] = [:]
+        var queues: [QueueSlot: Virtqueue] = [:]
         /// Queues being stopped: their counters still count, live, until
         /// they move into `stoppedCounters` in one step.
         var draining: [Virtqueue] = []
@@ -33,6 +33,16 @@ public final class DataPlane: Sendable {
         /// a ring restart (GET_VRING_BASE, SET_VRING_ADDR, a reconnect) makes
         /// a new queue, and statistics must not start again from zero.
         var stoppedCounters: [Int: QueueStatistics] = [:]
+    }
+
+    /// A running queue's place: its index, in the rings of one of the
+    /// disk's frontends (a disk served on several sockets has a frontend
+    /// on each, with queues of its own).
+    private struct QueueSlot: Hashable, Comparable {
+        var frontend: Int
+        var index: Int
+
+        static func < (a: QueueSlot, b: QueueSlot) -> Bool { (a.index, a.frontend) < (b.index, b.frontend) }
     }
 
     private struct State {
@@ -97,19 +107,22 @@ public final class DataPlane: Sendable {
     }
 
     /// Starts serving a virtqueue of a disk. A queue already running at that
-    /// index is stopped first.
+    /// index (of that frontend) is stopped first. `frontend` tells apart
+    /// the frontends of a disk served on several sockets (a migrating
+    /// guest's source and destination QEMU): each has its own queues.
     @discardableResult
-    public func startQueue(disk: Disk, index: Int, memory: GuestMemory,
+    public func startQueue(disk: Disk, index: Int, frontend: Int = 0, memory: GuestMemory,
                            configuration: VirtqueueConfiguration) throws(DataPlaneError) -> Virtqueue {
         guard index >= 0 && index < disk.configuration.numQueues else {
             throw .notFound("queue \(index) of disk \(disk.name.debugDescription) (it has \(disk.configuration.numQueues))")
         }
-        _ = stopQueue(disk: disk, index: index)
+        _ = stopQueue(disk: disk, index: index, frontend: frontend)
         let thread = try thread(for: disk, queue: index)
-        let queue = try Virtqueue(disk: disk, index: index, thread: thread, memory: memory, configuration: configuration)
+        let queue = try Virtqueue(disk: disk, index: index, frontend: frontend, thread: thread, memory: memory,
+                                  configuration: configuration)
         let kept: Bool = state.withLock { state in
             guard !state.stopped, state.disks[ObjectIdentifier(disk)] != nil else { return false }
-            state.disks[ObjectIdentifier(disk)]?.queues[index] = queue
+            state.disks[ObjectIdentifier(disk)]?.queues[QueueSlot(frontend: frontend, index: index)] = queue
             return true
         }
         if !kept {
@@ -123,23 +136,24 @@ public final class DataPlane: Sendable {
     /// index where it stopped, or nil when no such queue runs. Its counters
     /// stay in the disk's and the queue index's statistics.
     @discardableResult
-    public func stopQueue(disk: Disk, index: Int) -> UInt16? {
-        stopQueueBase(disk: disk, index: index).map { UInt16(truncatingIfNeeded: $0) }
+    public func stopQueue(disk: Disk, index: Int, frontend: Int = 0) -> UInt16? {
+        stopQueueBase(disk: disk, index: index, frontend: frontend).map { UInt16(truncatingIfNeeded: $0) }
     }
 
     /// `stopQueue`, answering GET_VRING_BASE for either layout: a split
     /// ring's avail index, or a packed ring's 32-bit value
-    /// (`VirtqueueConfiguration.packedBase`).
+    /// (`VirtqueueConfiguration.packedBase`). `failingHeld`: see
+    /// ``Virtqueue/stopBase(failingHeld:)``.
     @discardableResult
-    public func stopQueueBase(disk: Disk, index: Int) -> UInt32? {
+    public func stopQueueBase(disk: Disk, index: Int, frontend: Int = 0, failingHeld: Bool = false) -> UInt32? {
         let id = ObjectIdentifier(disk)
         let queue: Virtqueue? = state.withLock { state in
-            guard let queue = state.disks[id]?.queues.removeValue(forKey: index) else { return nil }
+            guard let queue = state.disks[id]?.queues.removeValue(forKey: QueueSlot(frontend: frontend, index: index)) else { return nil }
             state.disks[id]?.draining.append(queue)
             return queue
         }
         guard let queue else { return nil }
-        let last = queue.stopBase()
+        let last = queue.stopBase(failingHeld: failingHeld)
         let final = queue.statistics().countersOnly
         state.withLock { state in
             guard var entry = state.disks[id] else { return }
@@ -166,7 +180,7 @@ public final class DataPlane: Sendable {
         for queue in queues(of: disk) { try queue.resume() }
     }
 
-    /// The running queues of a disk, by index.
+    /// The running queues of a disk, by index (and, at one index, by frontend).
     public func queues(of disk: Disk) -> [Virtqueue] {
         state.withLock { state in
             (state.disks[ObjectIdentifier(disk)]?.queues ?? [:]).sorted { $0.key < $1.key }.map(\.value)
@@ -218,10 +232,10 @@ public final class DataPlane: Sendable {
                 history[queue.index] = history[queue.index].map { $0.addingCounters(of: counters) } ?? counters
             }
             var running: [(statistics: QueueStatistics, paused: Bool)] = []
-            for (index, queue) in entry.queues.sorted(by: { $0.key < $1.key }) {
+            for (slot, queue) in entry.queues.sorted(by: { $0.key < $1.key }) {
                 let paused = queue.isPaused
                 let live = queue.statistics()
-                running.append((history.removeValue(forKey: index).map { live.addingCounters(of: $0) } ?? live, paused))
+                running.append((history.removeValue(forKey: slot.index).map { live.addingCounters(of: $0) } ?? live, paused))
             }
             let stopped = history.sorted { $0.key < $1.key }.map(\.value)
             return DiskReading(disk: entry.disk, running: running, stopped: stopped,

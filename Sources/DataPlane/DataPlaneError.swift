@@ -51,8 +51,9 @@ public enum DataPlaneError: Error, Equatable, CustomStringConvertible {
                 : "this disk needs \(permission.access), which another process using it does not share"
             return "failed to get the \"\(permission.rawValue)\" lock on image \(path.debugDescription): \(conflict) "
                 + "(a QEMU guest, qemu-img, qemu-io, qemu-storage-daemon or another dpctl?). Stop that process "
-                + "first; only for storage shared on purpose, where something else keeps writers apart, "
-                + "turn image locking off (locking=off)"
+                + "first. For a migration's source and destination serving one image, give both "
+                + "locking=shared; only for storage shared on purpose, where something else keeps writers "
+                + "apart, turn image locking off (locking=off)"
         case .system(let operation, let err):
             return "\(operation) failed: \(Self.message(err))"
         case .threadStart(let name, let err):

@@ -88,7 +88,8 @@ public final class Disk: Sendable {
             }
             if ret < 0 { throw .system(operation: "probing \(path)", errno: -ret) }
             if configuration.locking {
-                try Self.lock(fd: fd, path: path, readOnly: configuration.readOnly)
+                try Self.lock(fd: fd, path: path, readOnly: configuration.readOnly,
+                              shareWriters: configuration.imageLocking == .shared)
             }
             // A block device takes nothing below its sector, page cache or
             // not; a file's filesystem asks for its alignment only of O_DIRECT.
@@ -137,7 +138,8 @@ public final class Disk: Sendable {
         }
         if configuration.backend == .file && configuration.locking {
             do {
-                try Self.claimIO(disk, path: configuration.path, logger: logger)
+                try Self.claimIO(disk, path: configuration.path, exclusive: configuration.imageLocking == .on && !configuration.readOnly,
+                                 logger: logger)
             } catch {
                 dp_disk_destroy(disk)
                 throw error
@@ -146,12 +148,12 @@ public final class Disk: Sendable {
         self.disk = Handle(pointer: disk)
     }
 
-    private static func claimIO(_ disk: OpaquePointer, path: String, logger: Logger?) throws(DataPlaneError) {
+    private static func claimIO(_ disk: OpaquePointer, path: String, exclusive: Bool, logger: Logger?) throws(DataPlaneError) {
         let clock = ContinuousClock()
         let start = clock.now
         var told = false
         while true {
-            let ret = dp_disk_claim_io(disk)
+            let ret = dp_disk_claim_io(disk, exclusive)
             if ret == 0 {
                 if told { logger?.info("\(path): the previous process's requests have finished; opening it") }
                 return
@@ -192,10 +194,13 @@ public final class Disk: Sendable {
     /// change). A writer needs read and write and shares neither write nor
     /// resize; unlike a qemu-storage-daemon export it refuses while another
     /// writer holds the image. A read-only disk needs read and shares no
-    /// writer, so any number of read-only disks share an image.
-    private static func lock(fd: Int32, path: String, readOnly: Bool) throws(DataPlaneError) {
+    /// writer, so any number of read-only disks share an image. With
+    /// `shareWriters` (locking=shared) write is shared too, as QEMU's
+    /// share-rw=on does.
+    private static func lock(fd: Int32, path: String, readOnly: Bool, shareWriters: Bool) throws(DataPlaneError) {
         let perm = DP_PERM_CONSISTENT_READ.rawValue | (readOnly ? 0 : DP_PERM_WRITE.rawValue)
         let shared = DP_PERM_CONSISTENT_READ.rawValue | DP_PERM_WRITE_UNCHANGED.rawValue
+            | (shareWriters ? DP_PERM_WRITE.rawValue : 0)
         var conflict = dp_lock_conflict()
         let ret = dp_image_lock(fd, perm, shared, &conflict)
         if ret == -EAGAIN {

@@ -102,13 +102,15 @@ public final class Virtqueue: Sendable {
     var handle: OpaquePointer { queue.pointer }
     public let disk: Disk
     public let index: Int
+    /// Which of the disk's frontends it serves (``DataPlane/startQueue(disk:index:frontend:memory:configuration:)``).
+    public let frontend: Int
     public let thread: IOThread
     private let state: Mutex<State>
     /// Set by `pause`, cleared by `resume`; read without `state`'s lock,
     /// which a pause holds while in-flight requests drain.
     private let paused = Atomic<Bool>(false)
 
-    init(disk: Disk, index: Int, thread: IOThread, memory: GuestMemory,
+    init(disk: Disk, index: Int, frontend: Int = 0, thread: IOThread, memory: GuestMemory,
          configuration: VirtqueueConfiguration) throws(DataPlaneError) {
         var config = configuration.cValue
         // The disk announced what a request may carry for rings up to its queue size.
@@ -121,6 +123,7 @@ public final class Virtqueue: Sendable {
         self.queue = Handle(pointer: queue)
         self.disk = disk
         self.index = index
+        self.frontend = frontend
         self.thread = thread
         self.state = Mutex(State(memory: memory))
     }
@@ -134,12 +137,16 @@ public final class Virtqueue: Sendable {
 
     /// `stop`, answering GET_VRING_BASE for either layout: a split ring's
     /// avail index, or a packed ring's 32-bit value (see `packedBase`).
+    /// With `failingHeld`, requests the error policy holds complete with an
+    /// I/O error rather than stay in the inflight region for the ring's
+    /// next owner: for a migration's source, whose destination starts with
+    /// a region of its own.
     @discardableResult
-    public func stopBase() -> UInt32 {
+    public func stopBase(failingHeld: Bool = false) -> UInt32 {
         state.withLock { state in
             if let stoppedAt = state.stoppedAt { return stoppedAt }
             var base: UInt32 = 0
-            dp_queue_stop_base(handle, &base)
+            if failingHeld { dp_queue_stop_failing_held(handle, &base) } else { dp_queue_stop_base(handle, &base) }
             state.stoppedAt = base
             return base
         }

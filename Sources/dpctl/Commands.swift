@@ -58,7 +58,12 @@ struct Start: ParsableCommand {
                               backend=null)
           socket=PATH         vhost-user socket to listen on. A socket nobody
                               listens on is replaced; a live one, or anything
-                              else (a file), is refused and left as it is
+                              else (a file), is refused and left as it is.
+                              Given again (socket=A,socket=B, or --socket
+                              twice after --disk), the disk is served on each
+                              socket to a frontend of its own, with queues of
+                              its own: a migrating guest's destination QEMU
+                              connects to the second while the source runs
           readonly=on|off     Refuse writes (the guest sees a read-only disk)
                               (default off)
           num-queues=N        Queues offered to the frontend, 1-64 (default \(StartCommand.defaultNumQueues):
@@ -84,11 +89,16 @@ struct Start: ParsableCommand {
                               on 4K-sector storage)
           direct=on|off       off: use the page cache instead of O_DIRECT
                               (default on: O_DIRECT)
-          locking=on|off      Lock the image as QEMU's locking=on does (default
-                              on): two writers, or a writer and a read-only
-                              user, exclude each other, whether QEMU, qemu-img,
-                              qemu-storage-daemon or dpctl; off only for
-                              storage shared on purpose
+          locking=on|shared|off
+                              Lock the image as QEMU does (default on): on,
+                              two writers, or a writer and a read-only user,
+                              exclude each other, whether QEMU, qemu-img,
+                              qemu-storage-daemon or dpctl; shared, writers
+                              that also say shared may share it (QEMU's
+                              share-rw=on), for two dpctl serving a migrating
+                              guest's source and destination (users that
+                              share no writer are still refused); off, no
+                              locks, only for storage shared on purpose
           fixed-buffers=on|off
                               Register the guest's memory with io_uring, so
                               that one-segment reads and writes need no page
@@ -144,7 +154,7 @@ struct Start: ParsableCommand {
         {"type": "block", "features": ["read-only", "blk-file"]} and exits.
 
         The form of earlier versions works as well: --disk PATH --socket PATH
-        [--readonly] [--num-queues N] [--no-direct] [--locking on|off] ...: each
+        [--readonly] [--num-queues N] [--no-direct] [--locking on|shared|off] ...: each
         key as a flag (--no-direct for direct=off), applying to the --disk
         before it.
 

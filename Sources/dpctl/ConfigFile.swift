@@ -90,8 +90,18 @@ enum ConfigFile {
         let settings = try object(value, at: place, keys: diskKeys)
         guard let pathValue = settings["path"] else { throw CLIError("\(place) has no \"path\"") }
         guard let socketValue = settings["socket"] else { throw CLIError("\(place) has no \"socket\"") }
-        var d = InstanceConfiguration.DiskEntry(path: try string(pathValue, "\(place).path"),
-                                                socket: try string(socketValue, "\(place).socket"))
+        // A list serves the disk on each socket, to a frontend of its own.
+        var sockets: [String] = []
+        if case .array(let items) = socketValue {
+            for (i, item) in items.enumerated() { sockets.append(try string(item, "\(place).socket[\(i)]")) }
+        } else {
+            sockets = [try string(socketValue, "\(place).socket")]
+        }
+        guard let first = sockets.first, sockets.allSatisfy({ !$0.isEmpty }) else {
+            throw CLIError("\(place).socket must be a socket path, or a list of them (each serves the disk to its own frontend)")
+        }
+        var d = InstanceConfiguration.DiskEntry(path: try string(pathValue, "\(place).path"), socket: first)
+        d.extraSockets = Array(sockets.dropFirst())
         for (key, value) in settings.sorted(by: { $0.key < $1.key }) {
             let name = "\(place).\(key)"
             switch key {
@@ -123,7 +133,14 @@ enum ConfigFile {
                 let text = try string(value, name)
                 _ = try StartCommand.parseFault(text)
                 d.fault = text
-            case "locking": d.locking = try onOff(value, name)
+            case "locking":
+                if case .string(let text) = value, let mode = ImageLocking(rawValue: text) {
+                    d.locking = mode
+                } else if case .bool(let on) = value {
+                    d.locking = on ? .on : .off
+                } else {
+                    throw CLIError("\(name) must be \"on\", \"shared\", \"off\", true or false, not \(value)")
+                }
             case "fixed-buffers": d.fixedBuffers = try onOff(value, name)
             case "socket-owner": d.socketOwner = try SocketOwnership.checkName(try string(value, name), option: name)
             case "socket-group": d.socketGroup = try SocketOwnership.checkName(try string(value, name), option: name)

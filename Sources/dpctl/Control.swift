@@ -27,6 +27,8 @@ struct ThreadStatus: Codable {
 
 struct QueueStatus: Codable {
     var index: Int
+    /// The socket (of ``DiskStatus/sockets``) whose frontend runs it, when the disk has several.
+    var socket: String? = nil
     var thread: String
     var lastAvailIndex: UInt16
     var usedIndex: UInt16
@@ -36,12 +38,21 @@ struct QueueStatus: Codable {
     var heldRequests: UInt64?
 }
 
+/// A disk's further socket and its frontend.
+struct SocketStatus: Codable {
+    var socket: String
+    var connected: Bool
+    var dirtyLogBytes: Int?
+}
+
 struct DiskStatus: Codable {
     var path: String
     var socket: String
     var connected: Bool
     /// While the frontend migrates the guest: its dirty log's size in bytes.
     var dirtyLogBytes: Int? = nil
+    /// The disk's further sockets (socket= repeated), each with a frontend of its own.
+    var moreSockets: [SocketStatus]? = nil
     var readOnly: Bool
     var capacityBytes: UInt64
     var maxQueues: Int
@@ -256,17 +267,22 @@ final class ControlServer: Sendable {
                                 bufferRegistrationFailures: s.bufferRegistrationFailures,
                                 bufferRegistrationError: s.bufferRegistrationError)
         }
-        let exports = server.exportStatus
-        let disks = zip(plane.disks, exports).map { disk, export in
-            DiskStatus(
-                path: disk.name, socket: export.socketPath, connected: export.connected,
-                dirtyLogBytes: export.dirtyLogBytes,
+        let disks = plane.disks.map { disk in
+            let exports = server.exportStatus(of: disk)
+            let first = exports.first
+            return DiskStatus(
+                path: disk.name, socket: first?.socketPath ?? "", connected: first?.connected ?? false,
+                dirtyLogBytes: first?.dirtyLogBytes,
+                moreSockets: exports.count > 1
+                    ? exports.dropFirst().map { SocketStatus(socket: $0.socketPath, connected: $0.connected, dirtyLogBytes: $0.dirtyLogBytes) }
+                    : nil,
                 readOnly: disk.configuration.readOnly, capacityBytes: disk.capacityBytes,
                 maxQueues: disk.configuration.numQueues, directIO: disk.usesDirectIO,
                 flushFailure: disk.flushFailureReason,
                 queues: plane.queues(of: disk).map { q in
                     let s = q.statistics()
-                    return QueueStatus(index: q.index, thread: q.thread.configuration.name, lastAvailIndex: s.lastAvailIndex,
+                    return QueueStatus(index: q.index, socket: exports.count > 1 && q.frontend < exports.count ? exports[q.frontend].socketPath : nil,
+                                       thread: q.thread.configuration.name, lastAvailIndex: s.lastAvailIndex,
                                        usedIndex: s.usedIndex, inFlight: s.inFlight, broken: s.brokenReason,
                                        stoppedOnError: s.stoppedOnError, heldRequests: s.heldRequests)
                 })

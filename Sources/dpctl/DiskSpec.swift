@@ -32,7 +32,7 @@ enum DiskSpec {
         Key("path", "PATH", flag: "--disk"), Key("socket", "PATH"), Key("readonly", "on|off", flagValue: "on"),
         Key("num-queues", "N"), Key("queue-size", "N"), Key("backend", "file|null"), Key("null-size", "SIZE"),
         Key("null-read-zeroes", "on|off"), Key("serial", "TEXT"), Key("block-size", "N"),
-        Key("direct", "on|off", flag: "--no-direct", flagValue: "off"), Key("locking", "on|off"),
+        Key("direct", "on|off", flag: "--no-direct", flagValue: "off"), Key("locking", "on|shared|off"),
         Key("fixed-buffers", "on|off"), Key("rerror", "POLICY"), Key("werror", "POLICY"), Key("fault", "SPEC"),
         Key("socket-owner", "USER"), Key("socket-group", "GROUP"), Key("socket-mode", "MODE"),
     ]
@@ -95,6 +95,7 @@ enum DiskSpec {
         }
         var settings: [String: String] = [:]
         var order: [String] = []
+        var extraSockets: [String] = []
         for item in isKeyValue(text) ? items(text) : ["path=" + text] {
             if item.isEmpty { throw CLIError("\(shown): an empty item (two commas in a value are written ,,,, ; one comma ends an item)", usage: true) }
             let parts = item.split(separator: "=", maxSplits: 1, omittingEmptySubsequences: false).map(String.init)
@@ -113,6 +114,12 @@ enum DiskSpec {
                 value = "on"
             } else {
                 throw CLIError("\(shown): \(name) needs a value: \(name)=\(key.value)", usage: true)
+            }
+            if name == "socket", settings[name] != nil {
+                // Each further socket serves the disk to another frontend (a migration's destination).
+                guard !value.isEmpty else { throw CLIError("\(shown): socket needs a value: socket=PATH", usage: true) }
+                extraSockets.append(value)
+                continue
             }
             if settings[name] != nil {
                 throw CLIError("\(shown): \(name) is given twice", usage: true)
@@ -135,6 +142,7 @@ enum DiskSpec {
             throw CLIError("\(shown) has no socket: add socket=PATH (the vhost-user socket to listen on)", usage: true)
         }
         var d = InstanceConfiguration.DiskEntry(path: path, socket: socket)
+        d.extraSockets = extraSockets
         for name in order {
             let value = settings[name]!
             let option = "\(shown): \(name)"
@@ -151,7 +159,11 @@ enum DiskSpec {
             case "serial": d.serial = value
             case "block-size": d.logicalBlockSize = UInt32(try parseInt(value, option: option, range: 512...65536))
             case "direct": d.directIO = value == "on"
-            case "locking": d.locking = value == "on"
+            case "locking":
+                guard let mode = ImageLocking(rawValue: value == "true" || value == "yes" ? "on" : value == "false" || value == "no" ? "off" : value) else {
+                    throw CLIError("\(option)=\(value.debugDescription): use on, shared or off", usage: true)
+                }
+                d.locking = mode
             case "fixed-buffers": d.fixedBuffers = value == "on"
             case "rerror", "werror":
                 guard let policy = ErrorPolicy(rawValue: value) else {

@@ -43,6 +43,9 @@ final class Instance {
             } else {
                 try server.addExport(disk: disk, socketPath: entry.socket, permissions: permissions)
             }
+            for socket in entry.extraSockets {
+                try server.addExport(disk: disk, socketPath: socket, permissions: permissions)
+            }
         } catch {
             plane.removeDisk(disk)
             throw error
@@ -109,7 +112,7 @@ final class Instance {
                 } else {
                     // Only what is set changes: a key removed from the file leaves the file as it is.
                     do {
-                        try UnixSocket.setPermissions(after, of: entry.socket)
+                        for socket in [entry.socket] + entry.extraSockets { try UnixSocket.setPermissions(after, of: socket) }
                         updated.socketOwner = entry.socketOwner
                         updated.socketGroup = entry.socketGroup
                         updated.socketMode = entry.socketMode
@@ -140,7 +143,7 @@ final class Instance {
     /// fault and the socket's owner, group and mode).
     static func restartKeys(_ a: InstanceConfiguration.DiskEntry, _ b: InstanceConfiguration.DiskEntry) -> [String] {
         let keys: [(String, (InstanceConfiguration.DiskEntry) -> String)] = [
-            ("path", { $0.path }), ("readonly", { "\(String(describing: $0.readOnly))" }),
+            ("path", { $0.path }), ("socket", { ([$0.socket] + $0.extraSockets).joined(separator: ", ") }), ("readonly", { "\(String(describing: $0.readOnly))" }),
             ("num-queues", { "\(String(describing: $0.numQueues))" }), ("queue-size", { "\(String(describing: $0.queueSize))" }),
             ("backend", { "\(String(describing: $0.backend))" }), ("null-size", { "\(String(describing: $0.nullSize))" }),
             ("null-read-zeroes", { "\(String(describing: $0.nullReadZeroes))" }), ("serial", { "\(String(describing: $0.serial))" }),

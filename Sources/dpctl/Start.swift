@@ -9,6 +9,10 @@ struct InstanceConfiguration {
     struct DiskEntry {
         var path: String
         var socket: String
+        /// Further sockets serving the same disk (socket= repeated), each
+        /// to a frontend of its own: a migrating guest's destination QEMU
+        /// connects to one while its source still uses `socket`.
+        var extraSockets: [String] = []
         var readOnly: Bool?
         var numQueues: Int?
         var queueSize: Int?
@@ -21,7 +25,7 @@ struct InstanceConfiguration {
         var readErrorPolicy: ErrorPolicy?
         var writeErrorPolicy: ErrorPolicy?
         var fault: String?
-        var locking: Bool?
+        var locking: ImageLocking?
         var fixedBuffers: Bool?
         /// Who may connect: a user and group (names or numbers) and a mode.
         var socketOwner: String?
@@ -54,7 +58,8 @@ struct InstanceConfiguration {
 struct EffectiveConfiguration: Encodable {
     struct Disk: Encodable {
         var path: String
-        var socket: String
+        /// One path, or a list when the disk is served on several sockets.
+        var socket: SocketPaths
         var readonly: Bool
         var numQueues: Int
         var queueSize: Int
@@ -68,7 +73,7 @@ struct EffectiveConfiguration: Encodable {
         var rerror: ErrorPolicy
         var werror: ErrorPolicy
         var fault: String?
-        var locking: Bool
+        var locking: ImageLocking
         var fixedBuffers: Bool
         var socketOwner: String?
         var socketGroup: String?
@@ -79,6 +84,16 @@ struct EffectiveConfiguration: Encodable {
             case numQueues = "num-queues", queueSize = "queue-size", nullSize = "null-size"
             case nullReadZeroes = "null-read-zeroes", blockSize = "block-size", fixedBuffers = "fixed-buffers"
             case socketOwner = "socket-owner", socketGroup = "socket-group", socketMode = "socket-mode"
+        }
+    }
+
+    /// A disk's socket= as the config file takes it: a string, or a list.
+    struct SocketPaths: Encodable {
+        var paths: [String]
+
+        func encode(to encoder: any Encoder) throws {
+            var container = encoder.singleValueContainer()
+            if paths.count == 1 { try container.encode(paths[0]) } else { try container.encode(paths) }
         }
     }
 
@@ -190,8 +205,11 @@ enum StartCommand {
             // Names are looked up now, so that --check and a reload catch an unknown one.
             _ = try SocketOwnership.permissions(config.disks[i])
         }
-        let sockets = config.disks.map(\.socket)
-        if Set(sockets).count != sockets.count { throw CLIError("two disks share a socket path", usage: true) }
+        let sockets = config.disks.flatMap { [$0.socket] + $0.extraSockets }
+        if Set(sockets).count != sockets.count {
+            let twice = Dictionary(grouping: sockets, by: { $0 }).filter { $0.value.count > 1 }.keys.sorted()
+            throw CLIError("socket \(twice.joined(separator: ", ")) is given twice (each socket serves one frontend)", usage: true)
+        }
         return config
     }
 
@@ -219,7 +237,7 @@ enum StartCommand {
         if let zeroes = d.nullReadZeroes { c.nullReadZeroes = zeroes }
         if let p = d.readErrorPolicy { c.readErrorPolicy = p }
         if let p = d.writeErrorPolicy { c.writeErrorPolicy = p }
-        if let locking = d.locking { c.locking = locking }
+        if let locking = d.locking { c.imageLocking = locking }
         if let fixed = d.fixedBuffers { c.fixedBuffers = fixed }
         return c
     }
@@ -320,10 +338,10 @@ enum StartCommand {
                 metricsAddress: config.metricsAddress?.description,
                 disks: zip(config.disks, disks).map { entry, d in
                     EffectiveConfiguration.Disk(
-                        path: d.path, socket: entry.socket, readonly: d.readOnly, numQueues: d.numQueues, queueSize: d.queueSize,
+                        path: d.path, socket: .init(paths: [entry.socket] + entry.extraSockets), readonly: d.readOnly, numQueues: d.numQueues, queueSize: d.queueSize,
                         backend: d.backend.rawValue, nullSize: d.nullSizeBytes, nullReadZeroes: d.nullReadZeroes, serial: d.serial,
                         direct: d.directIO, blockSize: d.logicalBlockSize, rerror: d.readErrorPolicy, werror: d.writeErrorPolicy,
-                        fault: entry.fault, locking: d.locking, fixedBuffers: d.fixedBuffers, socketOwner: entry.socketOwner,
+                        fault: entry.fault, locking: d.imageLocking, fixedBuffers: d.fixedBuffers, socketOwner: entry.socketOwner,
                         socketGroup: entry.socketGroup, socketMode: entry.socketMode.map(SocketOwnership.format))
                 })
             StatusCommand.printJSON(effective)

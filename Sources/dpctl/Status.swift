@@ -102,14 +102,16 @@ enum StatusCommand {
         for d in r.disks ?? [] {
             let size = binarySize(d.capacityBytes)
             print("disk \(d.path): \(size), \(d.readOnly ? "read-only" : "read-write"), \(d.directIO ? "O_DIRECT" : "page cache"), up to \(d.maxQueues) queues")
-            print("  socket \(d.socket): \(d.connected ? "frontend connected" : "waiting for a frontend")"
-                  + (d.dirtyLogBytes.map { ", migrating: logging dirty pages (log of \(binarySize(UInt64($0))))" } ?? ""))
+            for socket in [SocketStatus(socket: d.socket, connected: d.connected, dirtyLogBytes: d.dirtyLogBytes)] + (d.moreSockets ?? []) {
+                print("  socket \(socket.socket): \(socket.connected ? "frontend connected" : "waiting for a frontend")"
+                      + (socket.dirtyLogBytes.map { ", migrating: logging dirty pages (log of \(binarySize(UInt64($0))))" } ?? ""))
+            }
             if let reason = d.flushFailure { print("  \(ControlServer.flushFailureText(reason))") }
             for q in d.queues {
                 let state = q.broken.map { "BROKEN (\($0)): the guest must reset the device" }
                     ?? q.stoppedOnError.map { "STOPPED on error: \($0), \(q.heldRequests ?? 0) request(s) held; fix the cause, then 'dpctl resume'" }
                     ?? "running"
-                print("  queue \(q.index) on \(q.thread): \(state), avail \(q.lastAvailIndex), used \(q.usedIndex), in flight \(q.inFlight)")
+                print("  queue \(q.index)\(q.socket.map { " (socket \($0))" } ?? "") on \(q.thread): \(state), avail \(q.lastAvailIndex), used \(q.usedIndex), in flight \(q.inFlight)")
             }
         }
     }

@@ -30,7 +30,7 @@ import Testing
         #expect(disk["readonly"] as? Bool == true && disk["num-queues"] as? Int == 4 && disk["queue-size"] as? Int == 256)
         #expect(disk["backend"] as? String == "null" && disk["null-size"] as? Int == 64 << 20)
         #expect(disk["null-read-zeroes"] as? Bool == false && disk["serial"] as? String == "SER1")
-        #expect(disk["block-size"] as? Int == 4096 && disk["direct"] as? Bool == false && disk["locking"] as? Bool == false)
+        #expect(disk["block-size"] as? Int == 4096 && disk["direct"] as? Bool == false && disk["locking"] as? String == "off")
         #expect(disk["fixed-buffers"] as? Bool == true && disk["rerror"] as? String == "stop" && disk["werror"] as? String == "report")
         #expect(disk["fault"] as? String == "errno=EIO,ops=write,after=3")
         #expect(Self.same(keyValue, grouped), "key=value: \(keyValue)\ngrouped: \(grouped)")

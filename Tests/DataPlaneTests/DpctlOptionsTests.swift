@@ -198,7 +198,7 @@ import Testing
             "serial": { $0 == "the" && disk["serial"] as? String == "vm.raw" },
             // Not known before the image is opened: --check leaves it out.
             "block-size": { $0 == "what" && disk["block-size"] == nil },
-            "locking": { disk["locking"] as? Bool == ($0 == "on") },
+            "locking": { disk["locking"] as? String == $0 },
             "fixed-buffers": { disk["fixed-buffers"] as? Bool == ($0 == "on") },
             "direct": { disk["direct"] as? Bool == ($0 == "on") },
             "rerror": { disk["rerror"] as? String == $0 },

@@ -127,6 +127,37 @@ import Testing
         }
     }
 
+    /// locking=shared: writers that say shared share an image (a migrating
+    /// guest's source and destination) as QEMU users that share writers do
+    /// (qemu-io); a writer that does not (locking=on, a QEMU guest's drive)
+    /// and a read-only disk (which shares no writer) stay out, and a shared
+    /// writer stays out of an image such a user holds.
+    @Test func sharedWritersShareAnImageAndKeepOthersOut() throws {
+        let image = try TestImage(size: 1 << 20)
+        var shared = DiskConfiguration(path: image.path)
+        shared.imageLocking = .shared
+        do {
+            let first = try Disk(shared), second = try Disk(shared)
+            try withExtendedLifetime((first, second)) {
+                let exclusive = #expect(throws: DataPlaneError.self) { try Disk(DiskConfiguration(path: image.path)) }
+                #expect(exclusive == .imageLocked(path: image.path, permission: .write, heldByOther: true))
+                let reader = #expect(throws: DataPlaneError.self) { try Disk(DiskConfiguration(path: image.path, readOnly: true)) }
+                #expect(reader == .imageLocked(path: image.path, permission: .write, heldByOther: true))
+                // A QEMU guest's drive shares no writer; qemu-io shares them, as we do.
+                let guest = #expect(throws: TestFailure.self) { try QEMUUser.guest.hold(image) }
+                #expect(guest?.description.contains("Failed to get shared \"write\" lock") == true, "\(guest?.description ?? "")")
+                let write = try qemuIOWrite(image)
+                #expect(write.status == 0, "\(write.output)")
+            }
+        }
+        let exclusive = try Disk(DiskConfiguration(path: image.path))
+        withExtendedLifetime(exclusive) {
+            let refused = #expect(throws: DataPlaneError.self) { try Disk(shared) }
+            #expect(refused == .imageLocked(path: image.path, permission: .write, heldByOther: false))
+            #expect(refused?.description.contains("locking=shared") == true, "\(refused?.description ?? "")")
+        }
+    }
+
     func waitForReady(_ dp: QEMUEndToEndTests.Instance) {
         let deadline = Date().addingTimeInterval(10)
         while !dp.log.contains("ready") && dp.process.isRunning && Date() < deadline { usleep(20_000) }
@@ -162,7 +193,7 @@ import Testing
         #expect(try qemuIOWrite(image).status == 0)
 
         let bad = try DpctlTests.dpctl(["start", "--disk", "x", "--backend", "null", "--socket", socket, "--locking", "maybe"])
-        #expect(bad.status == 2 && bad.stderr.contains("locking=\"maybe\": use on or off"), "\(bad.stderr)")
+        #expect(bad.status == 2 && bad.stderr.contains("locking=\"maybe\": use on, shared or off"), "\(bad.stderr)")
     }
 
     /// Found by the soak: a dpctl killed with I/O in flight left its image

@@ -122,15 +122,16 @@ int dp_disk_flush_error(const struct dp_disk *disk);
 /* Changes fault injection while the disk is served (any thread). */
 int dp_disk_set_fault(struct dp_disk *disk, const struct dp_fault_config *fault);
 /* Claims the image for I/O: an OFD lock on byte 300 (beside QEMU's bytes)
- * of the file description our I/O goes through, exclusive for a writer,
- * shared for a read-only disk. An io_uring keeps that description, and so
+ * of the file description our I/O goes through: exclusive with
+ * `exclusive`, else shared (a read-only disk; writers that share the image
+ * on purpose, who then do not wait for each other's dead requests). An io_uring keeps that description, and so
  * the lock, until every request of a dead process has completed, which may
  * be long after the process is gone: its writes still land, its reads
  * still fill guest memory. -EAGAIN while such a ring (or a live disk that
  * conflicts; the image locks refuse those first) holds it: a disk that
  * started its I/O then could see old writes land after its own, and the
  * guest find old reads in memory it reused. 0 for the null backend. */
-int dp_disk_claim_io(struct dp_disk *disk);
+int dp_disk_claim_io(struct dp_disk *disk, bool exclusive);
 
 /* Opens an image for the file backend: O_CLOEXEC, read-only or read-write,
  * with O_DIRECT when direct is set. Returns the fd or a negative errno. */
@@ -394,6 +395,12 @@ int dp_queue_stop(struct dp_queue *queue, uint16_t *last_avail_idx);
 /* dp_queue_stop, answering GET_VRING_BASE for either layout: split, the next
  * avail index; packed, the 32-bit value packed_base describes. */
 int dp_queue_stop_base(struct dp_queue *queue, uint32_t *base);
+/* dp_queue_stop_base for a stop after which nobody takes the inflight region
+ * over (a migrating guest's source: its destination brings a region of its
+ * own): requests the error policy holds, and heads waiting to run again,
+ * complete with VIRTIO_BLK_S_IOERR before it returns instead of staying
+ * marked there, where they would never run. */
+int dp_queue_stop_failing_held(struct dp_queue *queue, uint32_t *base);
 /* Frees a queue (stopping it first if still attached). */
 void dp_queue_destroy(struct dp_queue *queue);
 /* Stop popping new requests (in-flight ones complete) / start again. Resume

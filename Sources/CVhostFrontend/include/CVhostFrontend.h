@@ -206,7 +206,7 @@ struct vuf_info {
  * Features: offered ∩ {VERSION_1, PROTOCOL_FEATURES, INDIRECT_DESC, EVENT_IDX
  * (only if the driver uses it), RING_PACKED (only, and then required, for
  * a packed driver), blk SEG_MAX, BLK_SIZE, FLUSH, TOPOLOGY, MQ,
- * DISCARD, WRITE_ZEROES, RO}; protocol: offered ∩ {MQ, REPLY_ACK, CONFIG,
+ * DISCARD, WRITE_ZEROES, RO}; protocol: offered ∩ {MQ, LOG_SHMFD, REPLY_ACK, CONFIG,
  * CONFIGURE_MEM_SLOTS, INFLIGHT_SHMFD if asked}. With REPLY_ACK every message
  * that has no reply of its own asks for an ack, and a non-zero ack is -EIO.
  * Memory is the driver's whole memfd at GPA 0, with the driver's own mapping

@@ -54,6 +54,7 @@ package final class VhostUserBlkDevice {
 
     let disk: Disk
     let plane: DataPlane
+    let frontend: Int
     let numQueues: Int
     /// Metadata: the disk and socket, and the frontend connected (the server sets it).
     package var logger: Logger
@@ -74,9 +75,12 @@ package final class VhostUserBlkDevice {
     /// The dirty log's size in bytes, when one is mapped.
     var dirtyLogBytes: Int? { dirtyLog?.length }
 
-    package init(disk: Disk, plane: DataPlane, logger: Logger) {
+    /// `frontend` numbers this device among the disk's sockets: each runs
+    /// queues of its own (``DataPlane/startQueue(disk:index:frontend:memory:configuration:)``).
+    package init(disk: Disk, plane: DataPlane, frontend: Int = 0, logger: Logger) {
         self.disk = disk
         self.plane = plane
+        self.frontend = frontend
         self.numQueues = disk.configuration.numQueues
         self.logger = logger
         self.vrings = Array(repeating: Vring(), count: disk.configuration.numQueues)
@@ -286,7 +290,10 @@ package final class VhostUserBlkDevice {
         case .getVringBase:
             try expectSize(message, 8)
             let i = try vringIndex(p.u32(0))
-            let last = stopRing(i)
+            // While migrating, this is the switch-over: the destination's
+            // frontend brings an inflight region of its own, so requests
+            // the error policy holds would never run again there.
+            let last = stopRing(i, failingHeld: loggingDirtyPages)
             // The ring is stopped: its notifiers are the frontend's to replace.
             closeNotifiers(i)
             var out: [UInt8] = []
@@ -526,10 +533,16 @@ package final class VhostUserBlkDevice {
 
     /// Stops a ring (its in-flight requests complete) and returns where it
     /// stopped: GET_VRING_BASE's value for the ring's layout.
-    private func stopRing(_ i: Int) -> UInt32 {
+    private func stopRing(_ i: Int, failingHeld: Bool = false) -> UInt32 {
         guard let queue = vrings[i].queue else { return vrings[i].base }
         vrings[i].queue = nil
-        let last = plane.stopQueueBase(disk: disk, index: i) ?? queue.stopBase()
+        let held = failingHeld ? queue.statistics().heldRequests : 0
+        let last = plane.stopQueueBase(disk: disk, index: i, frontend: frontend, failingHeld: failingHeld)
+            ?? queue.stopBase(failingHeld: failingHeld)
+        if held > 0 {
+            logger.error("ring \(i): \(held) request(s) held by the error policy failed with an I/O error: the guest migrates, and its destination cannot run them",
+                         metadata: ["queue": "\(i)"])
+        }
         vrings[i].base = last
         vrings[i].baseSet = true
         return last
@@ -596,7 +609,7 @@ package final class VhostUserBlkDevice {
                 config.inflight = UInt(bitPattern: inflight.mapping.base) + UInt(UInt64(i) * inflight.perQueue)
             }
             do {
-                vrings[i].queue = try plane.startQueue(disk: disk, index: i, memory: memory, configuration: config)
+                vrings[i].queue = try plane.startQueue(disk: disk, index: i, frontend: frontend, memory: memory, configuration: config)
             } catch {
                 throw .invalid(error.description)
             }

@@ -8,8 +8,11 @@ import Logging
 import Synchronization
 import SystemPackage
 
-/// A vhost-user-blk server: one unix socket per disk, one frontend at a time
-/// per disk, each disk served by its own control thread. A frontend can only
+/// A vhost-user-blk server: unix sockets that each serve a disk, one
+/// frontend at a time per socket, each socket served by its own control
+/// thread. A disk served on several sockets has a frontend on each, with
+/// queues of its own: a migrating guest's source QEMU on one and its
+/// destination on another. A frontend can only
 /// hold up its own disk: a flood of messages, replies it does not read, or a
 /// drain that waits for its guest's slow requests (GET_VRING_BASE, memory
 /// changes) never delay another disk's frontend. The data path never passes
@@ -31,6 +34,8 @@ public final class VhostUserServer: Sendable {
     private final class Export: Sendable {
         let disk: Disk
         let path: String
+        /// Its place among the disk's exports: its frontend's queues are the disk's frontend `frontend`.
+        let frontend: Int
         let listenFD: FileDescriptor
         /// Whether the socket file is ours to remove at the end: not when it
         /// was inherited (systemd's socket unit owns it, and keeps listening).
@@ -40,9 +45,10 @@ public final class VhostUserServer: Sendable {
         /// Set by the first `close`.
         let closed = Atomic<Bool>(false)
 
-        init(disk: Disk, path: String, listenFD: FileDescriptor, ownsPath: Bool, logger: Logger) {
+        init(disk: Disk, path: String, frontend: Int, listenFD: FileDescriptor, ownsPath: Bool, logger: Logger) {
             self.disk = disk
             self.path = path
+            self.frontend = frontend
             self.listenFD = listenFD
             self.ownsPath = ownsPath
             self.logger = logger
@@ -62,6 +68,8 @@ public final class VhostUserServer: Sendable {
 
     private struct State {
         var exports: [ExportState] = []
+        /// Per disk, the exports it has had: the next one's `frontend`.
+        var exportsMade: [ObjectIdentifier: Int] = [:]
         var started = false
         var stopping = false
 
@@ -81,7 +89,7 @@ public final class VhostUserServer: Sendable {
         init(export: Export, plane: DataPlane) {
             self.export = export
             self.logger = export.logger
-            self.device = VhostUserBlkDevice(disk: export.disk, plane: plane, logger: export.logger)
+            self.device = VhostUserBlkDevice(disk: export.disk, plane: plane, frontend: export.frontend, logger: export.logger)
         }
     }
 
@@ -156,14 +164,16 @@ public final class VhostUserServer: Sendable {
         var logger = self.logger
         logger[metadataKey: "disk"] = "\(disk.name)"
         logger[metadataKey: "socket"] = "\(socketPath)"
-        let export = Export(disk: disk, path: socketPath, listenFD: fd, ownsPath: ownsPath, logger: logger)
-        let serveNow: Bool? = state.withLock { state in
+        let made: (export: Export, serveNow: Bool)? = state.withLock { state in
             guard !state.stopping else { return nil }
+            let frontend = state.exportsMade[ObjectIdentifier(disk), default: 0]
+            state.exportsMade[ObjectIdentifier(disk)] = frontend + 1
+            let export = Export(disk: disk, path: socketPath, frontend: frontend, listenFD: fd, ownsPath: ownsPath, logger: logger)
             state.exports.append(ExportState(export: export))
-            return state.started
+            return (export, state.started)
         }
-        guard let serveNow else {
-            close(export)
+        guard let (export, serveNow) = made else {
+            close(Export(disk: disk, path: socketPath, frontend: -1, listenFD: fd, ownsPath: ownsPath, logger: logger))
             throw .stopped
         }
         guard serveNow else { return }
@@ -193,9 +203,14 @@ public final class VhostUserServer: Sendable {
         public var inherited: Bool?
     }
 
-    public var exportStatus: [ExportStatus] {
+    public var exportStatus: [ExportStatus] { exportStatus { _ in true } }
+
+    /// The sockets that serve `disk`, in the order they were added.
+    public func exportStatus(of disk: Disk) -> [ExportStatus] { exportStatus { $0 === disk } }
+
+    private func exportStatus(where include: (Disk) -> Bool) -> [ExportStatus] {
         state.withLock { state in
-            state.exports.map {
+            state.exports.filter { include($0.export.disk) }.map {
                 ExportStatus(socketPath: $0.export.path, disk: $0.export.disk.name, connected: $0.connected,
                              dirtyLogBytes: $0.dirtyLogBytes, inherited: $0.export.ownsPath ? nil : true)
             }

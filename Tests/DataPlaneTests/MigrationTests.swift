@@ -1,0 +1,135 @@
+import CDataPlaneSys
+import CGuestDriver
+import CVhostFrontend
+@testable import DataPlane
+import Foundation
+import Testing
+
+/// What a live migration asks of the backend outside the dirty log
+/// (DirtyLogTests): one disk served to two frontends at once (the source
+/// QEMU and the destination), and a switch-over that leaves no request
+/// behind.
+@Suite(.serialized) struct MigrationTests {
+    static let logAll: UInt64 = 1 << 26
+
+    /// Sends a message that asks for an ack (REPLY_ACK, negotiated by
+    /// vuf_setup) or has a reply of its own, and returns the reply's u64.
+    static func call(_ conn: OpaquePointer, _ request: UInt32, payload: [UInt8], fds: [Int32] = []) throws -> UInt64 {
+        let sent = payload.withUnsafeBytes { p in
+            fds.withUnsafeBufferPointer { f in
+                vuf_send(conn, request, UInt32(VUF_FLAG_VERSION | VUF_FLAG_NEED_REPLY), p.baseAddress, UInt32(p.count), f.baseAddress, Int32(f.count))
+            }
+        }
+        guard sent == 0 else { throw TestFailure("sending request \(request): \(sent)") }
+        var reply = [UInt8](repeating: 0, count: 8)
+        var got: UInt32 = 0, flags: UInt32 = 0, size: UInt32 = 0
+        let ret = reply.withUnsafeMutableBytes { vuf_recv(conn, &got, &flags, $0.baseAddress, 8, &size, nil, nil, 10_000) }
+        guard ret == 0, got == request, size == 8 else { throw TestFailure("reply to \(request): \(ret), request \(got), size \(size)") }
+        return reply.withUnsafeBytes { $0.loadUnaligned(as: UInt64.self) }
+    }
+
+    /// Turns dirty logging on, as QEMU does when a migration starts:
+    /// SET_LOG_BASE with a memfd, then SET_FEATURES with LOG_ALL added.
+    static func startLogging(_ conn: OpaquePointer, features: UInt64, logBytes: UInt64) throws -> Int32 {
+        let fd = dps_memfd("migration-test-log", logBytes)
+        guard fd >= 0 else { throw TestFailure("memfd: \(fd)") }
+        var log: [UInt8] = []
+        log.appendLE(logBytes)
+        log.appendLE(UInt64(0))
+        _ = try call(conn, UInt32(VUF_SET_LOG_BASE), payload: log, fds: [fd])
+        var set: [UInt8] = []
+        set.appendLE(features | logAll)
+        let ack = try call(conn, UInt32(VUF_SET_FEATURES), payload: set)
+        guard ack == 0 else { throw TestFailure("SET_FEATURES with LOG_ALL: ack \(ack)") }
+        return fd
+    }
+
+    /// One disk on two sockets: a frontend on each, each with its own
+    /// queue 0, one image under both (a write through one is read through
+    /// the other), and stopping one's ring leaves the other's running.
+    @Test func aDiskOnTwoSocketsServesAFrontendOnEach() throws {
+        let image = try TestImage(size: 1 << 20)
+        let source = image.directory + "/src.sock", destination = image.directory + "/dst.sock"
+        let dp = try QEMUEndToEndTests.Instance(
+            ["--disk", "path=\(image.path),socket=\(source),socket=\(destination),num-queues=1"],
+            log: image.directory + "/dpctl.log")
+        defer { _ = dp.terminate() }
+        let a = try TestGuest(queues: 1, queueSize: 64), b = try TestGuest(queues: 1, queueSize: 64)
+        let connA = try a.connectFrontend(source)
+        defer { vuf_close(connA) }
+        let connB = try b.connectFrontend(destination)
+        defer { vuf_close(connB) }
+
+        let pattern = (0..<4096).map { UInt8(truncatingIfNeeded: $0 &* 7 &+ 3) }
+        let written = a.alloc(4096), readBack = b.alloc(4096)
+        a.write(written, pattern)
+        #expect(try a.run(type: UInt32(GD_BLK_T_OUT), sector: 8, segments: [(written, 4096)]).status == 0)
+        #expect(try b.run(type: UInt32(GD_BLK_T_IN), sector: 8, segments: [(readBack, 4096)]).status == 0)
+        #expect(b.read(readBack, 4096) == pattern, "the second socket's frontend reads what the first wrote")
+
+        let status = try DpctlTests.dpctl(["status", "--socket", source])
+        #expect(status.status == 0, "\(status.stderr)")
+        for socket in [source, destination] {
+            #expect(status.stdout.contains("socket \(socket): frontend connected"), "\(status.stdout)")
+            #expect(status.stdout.contains("queue 0 (socket \(socket))"), "\(status.stdout)")
+        }
+
+        var base: UInt32 = 0
+        #expect(vuf_stop_queue(connA, 0, &base) == 0 && base == 1, "the first frontend's ring stopped after its one request")
+        #expect(try b.run(type: UInt32(GD_BLK_T_FLUSH)).status == 0, "the other frontend's queue still runs")
+        let after = try DpctlTests.dpctl(["status", "--socket", source]).stdout
+        #expect(!after.contains("queue 0 (socket \(source))") && after.contains("queue 0 (socket \(destination))"), "\(after)")
+    }
+
+    /// The switch-over: GET_VRING_BASE on a logging ring. A request the
+    /// error policy holds (werror=stop) cannot stay in the source's
+    /// inflight region, which the destination never sees: it completes
+    /// with an I/O error before the answer, and is logged. The destination,
+    /// on the other socket with the same guest memory and rings, starts
+    /// where the source stopped and runs nothing twice.
+    @Test(arguments: [false, true])
+    func theSwitchOverFailsHeldRequestsInsteadOfLeavingThemBehind(packed: Bool) throws {
+        let image = try TestImage(size: 1 << 20)
+        let source = image.directory + "/src.sock", destination = image.directory + "/dst.sock"
+        let dp = try QEMUEndToEndTests.Instance(
+            ["--disk", "path=\(image.path),socket=\(source),socket=\(destination),num-queues=1,werror=stop,"
+                + "fault=errno=EIO,,ops=write,,after=1"],
+            log: image.directory + "/dpctl.log")
+        defer { _ = dp.terminate() }
+        let g = try TestGuest(queues: 1, queueSize: 64, packed: packed)
+        var options = vuf_options()
+        options.inflight = true
+        var info = vuf_info()
+        let src = try g.connectFrontend(source, options: options, info: &info)
+        var srcOpen = true
+        defer { if srcOpen { vuf_close(src) } }
+        #expect(info.inflight_size > 0, "an inflight region, as QEMU sets up")
+        let buf = g.alloc(4096)
+        #expect(try g.run(type: UInt32(GD_BLK_T_OUT), segments: [(buf, 4096)]).status == 0) // the first gets through
+
+        let logFD = try Self.startLogging(src, features: info.features, logBytes: 4096)
+        defer { close(logFD) }
+        let held = try g.submit(type: UInt32(GD_BLK_T_OUT), sector: 16, segments: [(buf, 4096)])
+        let deadline = Date().addingTimeInterval(10)
+        while !dp.log.contains("stopped on error") && Date() < deadline { usleep(20_000) }
+        #expect(dp.log.contains("stopped on error"), "\(dp.log)")
+
+        var base: UInt32 = 0
+        #expect(vuf_stop_queue(src, 0, &base) == 0)
+        // Answered before GET_VRING_BASE's reply: already in the used ring.
+        let done = try g.complete(timeout: 0.5)
+        #expect(done.head == held && done.status == UInt8(GD_BLK_S_IOERR))
+        #expect(dp.log.contains("1 request(s) held by the error policy failed with an I/O error: the guest migrates"), "\(dp.log)")
+        vuf_close(src)
+        srcOpen = false
+
+        // The destination: the same memory and rings, a region of its own.
+        let dst = try g.connectFrontend(destination, options: options)
+        defer { vuf_close(dst) }
+        let read = try g.run(type: UInt32(GD_BLK_T_IN), segments: [(buf, 4096)])
+        #expect(read.status == 0)
+        #expect((try? g.complete(timeout: 0.3)) == nil, "nothing else completes: the failed write is not run again")
+        let stats = try DpctlTests.dpctl(["status", "--socket", source])
+        #expect(!stats.stdout.contains("STOPPED"), "\(stats.stdout)")
+    }
+}
