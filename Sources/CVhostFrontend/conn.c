@@ -89,6 +89,7 @@ int vuf_connect(const char *socket_path, struct vuf_conn **out)
     if (!c)
         return -ENOMEM;
     c->inflight_fd = -1;
+    c->log_fd = -1;
     c->timeout_ms = VUF_DEFAULT_TIMEOUT_MS;
     c->fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
     if (c->fd < 0) {
@@ -118,6 +119,8 @@ void vuf_close(struct vuf_conn *c)
         close(c->fd);
     if (c->inflight_fd >= 0)
         close(c->inflight_fd);
+    if (c->log_fd >= 0)
+        close(c->log_fd);
     free(c);
 }
 

@@ -10,6 +10,7 @@
 #include <stddef.h>
 #include <stdio.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -418,6 +419,28 @@ int vuf_stop_queue(struct vuf_conn *c, uint32_t q, uint32_t *base)
     if (base)
         *base = r.num;
     return 0;
+}
+
+int vuf_start_dirty_log(struct vuf_conn *c, uint64_t features, uint64_t log_bytes)
+{
+    if (!c || !log_bytes || c->log_fd >= 0)
+        return -EINVAL;
+    int fd = memfd_create("vuf-dirty-log", MFD_CLOEXEC);
+    if (fd < 0)
+        return _vuf_fail(c, -errno, "memfd for the dirty log: %s", strerror(errno));
+    if (ftruncate(fd, (off_t)log_bytes) < 0) {
+        int err = errno;
+        close(fd);
+        return _vuf_fail(c, -err, "sizing the dirty log to %llu bytes: %s", (unsigned long long)log_bytes, strerror(err));
+    }
+    c->log_fd = fd;
+    /* QEMU's vhost_user_set_log_base: {size, offset}, the fd, and (with
+     * LOG_SHMFD) a u64 reply it waits for. */
+    uint64_t log[2] = { log_bytes, 0 }, reply;
+    int rc = call(c, VUF_SET_LOG_BASE, log, sizeof(log), &fd, 1, &reply, sizeof(reply), NULL);
+    if (rc == 0)
+        rc = call_u64(c, VUF_SET_FEATURES, features | 1ull << VUF_F_LOG_ALL);
+    return rc;
 }
 
 int vuf_inflight_dup(const struct vuf_conn *c, uint64_t *size)

@@ -25,6 +25,7 @@ struct vuf_conn {
     int timeout_ms;  /* for replies during vuf_setup and vuf_stop_queue */
     int inflight_fd; /* the inflight region's memfd, -1 without */
     uint64_t inflight_size;
+    int log_fd;      /* the dirty log's memfd (vuf_start_dirty_log), -1 without */
     char err[VUF_ERR_LEN];
 };
 

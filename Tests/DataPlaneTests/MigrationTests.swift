@@ -1,7 +1,6 @@
-import CDataPlaneSys
 import CGuestDriver
 import CVhostFrontend
-@testable import DataPlane
+import DataPlane
 import Foundation
 import Testing
 
@@ -10,40 +9,6 @@ import Testing
 /// QEMU and the destination), and a switch-over that leaves no request
 /// behind.
 @Suite(.serialized) struct MigrationTests {
-    static let logAll: UInt64 = 1 << 26
-
-    /// Sends a message that asks for an ack (REPLY_ACK, negotiated by
-    /// vuf_setup) or has a reply of its own, and returns the reply's u64.
-    static func call(_ conn: OpaquePointer, _ request: UInt32, payload: [UInt8], fds: [Int32] = []) throws -> UInt64 {
-        let sent = payload.withUnsafeBytes { p in
-            fds.withUnsafeBufferPointer { f in
-                vuf_send(conn, request, UInt32(VUF_FLAG_VERSION | VUF_FLAG_NEED_REPLY), p.baseAddress, UInt32(p.count), f.baseAddress, Int32(f.count))
-            }
-        }
-        guard sent == 0 else { throw TestFailure("sending request \(request): \(sent)") }
-        var reply = [UInt8](repeating: 0, count: 8)
-        var got: UInt32 = 0, flags: UInt32 = 0, size: UInt32 = 0
-        let ret = reply.withUnsafeMutableBytes { vuf_recv(conn, &got, &flags, $0.baseAddress, 8, &size, nil, nil, 10_000) }
-        guard ret == 0, got == request, size == 8 else { throw TestFailure("reply to \(request): \(ret), request \(got), size \(size)") }
-        return reply.withUnsafeBytes { $0.loadUnaligned(as: UInt64.self) }
-    }
-
-    /// Turns dirty logging on, as QEMU does when a migration starts:
-    /// SET_LOG_BASE with a memfd, then SET_FEATURES with LOG_ALL added.
-    static func startLogging(_ conn: OpaquePointer, features: UInt64, logBytes: UInt64) throws -> Int32 {
-        let fd = dps_memfd("migration-test-log", logBytes)
-        guard fd >= 0 else { throw TestFailure("memfd: \(fd)") }
-        var log: [UInt8] = []
-        log.appendLE(logBytes)
-        log.appendLE(UInt64(0))
-        _ = try call(conn, UInt32(VUF_SET_LOG_BASE), payload: log, fds: [fd])
-        var set: [UInt8] = []
-        set.appendLE(features | logAll)
-        let ack = try call(conn, UInt32(VUF_SET_FEATURES), payload: set)
-        guard ack == 0 else { throw TestFailure("SET_FEATURES with LOG_ALL: ack \(ack)") }
-        return fd
-    }
-
     /// One disk on two sockets: a frontend on each, each with its own
     /// queue 0, one image under both (a write through one is read through
     /// the other), and stopping one's ring leaves the other's running.
@@ -107,8 +72,7 @@ import Testing
         let buf = g.alloc(4096)
         #expect(try g.run(type: UInt32(GD_BLK_T_OUT), segments: [(buf, 4096)]).status == 0) // the first gets through
 
-        let logFD = try Self.startLogging(src, features: info.features, logBytes: 4096)
-        defer { close(logFD) }
+        try #require(vuf_start_dirty_log(src, info.features, 4096) == 0, "\(String(cString: vuf_last_error(src)))")
         let held = try g.submit(type: UInt32(GD_BLK_T_OUT), sector: 16, segments: [(buf, 4096)])
         let deadline = Date().addingTimeInterval(10)
         while !dp.log.contains("stopped on error") && Date() < deadline { usleep(20_000) }

@@ -32,7 +32,7 @@ struct lg_opts {
     uint32_t nsockets;
     uint32_t queues, depth, queue_size, block_size;
     uint32_t type;
-    bool random, poll, json, event_idx, verbose, direct, packed;
+    bool random, poll, json, event_idx, verbose, direct, packed, dirty_log;
     double seconds, warmup, spin_us;
     int32_t cpu;
     uint64_t seed, size_limit;
@@ -74,6 +74,9 @@ static void usage(FILE *f)
             "  --direct             direct chains where they fit the ring (Linux puts every\n"
             "                       request in an indirect table when the back-end offers them)\n"
             "  --inflight           negotiate INFLIGHT_SHMFD (GET_/SET_INFLIGHT_FD)\n"
+            "  --dirty-log          turn dirty logging on after the handshake, as QEMU does when a\n"
+            "                       migration starts (SET_LOG_BASE, then LOG_ALL): the back-end\n"
+            "                       marks every page it writes for the whole run\n"
             "  --add-mem-reg        ADD_MEM_REG instead of SET_MEM_TABLE (if offered)\n"
             "  --two-regions        describe guest memory as two regions\n"
             "  --features-early     SET_FEATURES right after GET_FEATURES\n"
@@ -179,6 +182,8 @@ static void parse(int argc, char **argv, struct lg_opts *o)
             o->event_idx = false;
         } else if (!strcmp(a, "--packed")) {
             o->packed = true;
+        } else if (!strcmp(a, "--dirty-log")) {
+            o->dirty_log = true;
         } else if (!strcmp(a, "--inflight")) {
             o->vuf.inflight = true;
         } else if (!strcmp(a, "--add-mem-reg")) {
@@ -278,6 +283,15 @@ static int lg_connect(const struct lg_opts *o, struct lg_disk *k)
         return rc;
     }
     const struct vuf_info *info = &k->info;
+    if (o->dirty_log) {
+        /* One bit per 4 KiB page of the guest's memory, in whole u64s. */
+        uint64_t pages = (gd_mem_size(k->d) + 4095) / 4096;
+        rc = vuf_start_dirty_log(k->c, info->features, (pages + 63) / 64 * 8);
+        if (rc < 0) {
+            fprintf(stderr, "dp-loadgen: dirty log on %s: %s\n", k->socket, vuf_last_error(k->c));
+            return rc;
+        }
+    }
     if (o->verbose)
         fprintf(stderr,
                 "dp-loadgen: %s: features 0x%" PRIx64 " of 0x%" PRIx64 ", protocol 0x%" PRIx64 " of 0x%" PRIx64

@@ -90,6 +90,7 @@ extern "C" {
 #define VUF_F_PROTOCOL_FEATURES 30
 #define VUF_F_VERSION_1 32
 #define VUF_F_RING_PACKED 34
+#define VUF_F_LOG_ALL 26
 
 /* Protocol feature bits (vhost-user.rst "Protocol features"). */
 #define VUF_PF_MQ 0
@@ -221,6 +222,13 @@ int vuf_setup(struct vuf_conn *c, struct gd_driver *d, const struct vuf_options 
  * value (gd_vring_base's encoding). The back-end closes its copies of the
  * queue's eventfds. */
 int vuf_stop_queue(struct vuf_conn *c, uint32_t q, uint32_t *base);
+
+/* Starts dirty logging as QEMU does when a migration starts: SET_LOG_BASE
+ * with a zeroed memfd of log_bytes (one bit per 4 KiB page of guest memory;
+ * needs LOG_SHMFD, which vuf_setup negotiates when offered), then
+ * SET_FEATURES with `features` (vuf_info.features) plus VHOST_F_LOG_ALL.
+ * The log lives until vuf_close. */
+int vuf_start_dirty_log(struct vuf_conn *c, uint64_t features, uint64_t log_bytes);
 
 /* A duplicate of the inflight region's fd (the caller's to close) and its
  * size, or -ENOENT when there is none. */
