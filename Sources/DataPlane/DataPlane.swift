@@ -235,6 +235,18 @@ public final class DataPlane: Sendable {
             for (slot, queue) in entry.queues.sorted(by: { $0.key < $1.key }) {
                 let paused = queue.isPaused
                 let live = queue.statistics()
+                // Two frontends of the disk (a migration on one host) running
+                // the same index read as one queue: a queue index's counters
+                // and gauges stay one series.
+                if let last = running.last, last.statistics.queue == slot.index {
+                    var both = last.statistics.addingCounters(of: live)
+                    both.inFlight &+= live.inFlight
+                    both.heldRequests &+= live.heldRequests
+                    both.stoppedOnError = both.stoppedOnError ?? live.stoppedOnError
+                    both.brokenReason = both.brokenReason ?? live.brokenReason
+                    running[running.count - 1] = (both, last.paused && paused)
+                    continue
+                }
                 running.append((history.removeValue(forKey: slot.index).map { live.addingCounters(of: $0) } ?? live, paused))
             }
             let stopped = history.sorted { $0.key < $1.key }.map(\.value)

@@ -9,6 +9,31 @@ import Testing
 /// QEMU and the destination), and a switch-over that leaves no request
 /// behind.
 @Suite(.serialized) struct MigrationTests {
+    /// Several sockets and locking=shared, written every way dpctl takes a
+    /// disk: key=value, the grouped flags, a config file; --check prints them
+    /// as a config file takes them. A socket given twice is refused.
+    @Test func severalSocketsAndSharedLockingInEveryForm() throws {
+        let keyValue = try DpctlOptionsTests.check(["--disk", "path=/img/vm.raw,socket=/tmp/a.sock,socket=/tmp/b.sock,locking=shared"])
+        let grouped = try DpctlOptionsTests.check(["--disk", "/img/vm.raw", "--socket", "/tmp/a.sock", "--socket", "/tmp/b.sock",
+                                                   "--locking", "shared"])
+        let dir = NSTemporaryDirectory() + "dp-mig-\(UUID().uuidString.prefix(6))"
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let config = dir + "/config.json"
+        _ = FileManager.default.createFile(atPath: config, contents: Data(#"""
+            {"control": "/tmp/a.sock.ctl", "disks": [{"path": "/img/vm.raw", "socket": ["/tmp/a.sock", "/tmp/b.sock"], "locking": "shared"}]}
+            """#.utf8))
+        let file = try DpctlOptionsTests.check(["--config", config])
+        for json in [keyValue, grouped, file] {
+            let disk = DpctlOptionsTests.firstDisk(json)
+            #expect(disk["socket"] as? [String] == ["/tmp/a.sock", "/tmp/b.sock"] && disk["locking"] as? String == "shared", "\(json)")
+        }
+        #expect(DpctlOptionsTests.firstDisk(try DpctlOptionsTests.check(["--disk", "path=/img/vm.raw,socket=/tmp/a.sock"]))["socket"]
+                as? String == "/tmp/a.sock", "one socket stays a string")
+        let twice = try DpctlTests.dpctl(["start", "--disk", "path=/img/vm.raw,socket=/tmp/a.sock,socket=/tmp/a.sock", "--check"])
+        #expect(twice.status == 2 && twice.stderr.contains("socket /tmp/a.sock is given twice"), "\(twice.stderr)")
+    }
+
     /// One disk on two sockets: a frontend on each, each with its own
     /// queue 0, one image under both (a write through one is read through
     /// the other), and stopping one's ring leaves the other's running.

@@ -11,9 +11,10 @@
 #   Tests/e2e/migrate.sh --source SOCK --destination SOCK --image IMG --log-dir DIR
 #                        [--workload W] [--seconds S] [--packed] [--after S]
 #
-#   --workload W long-io (default) or cache-reads (pages only the device
+#   --workload W long-io (default), cache-reads (pages only the device
 #                writes, summed after the switch-over: catches pages the
-#                backend did not mark)
+#                backend did not mark) or pause-probe (timed 4 KiB reads:
+#                the I/O pause the guest sees; bench/migration-downtime)
 #   --after S    migrate S seconds after the first progress line (default 3)
 #
 # Exit status: 0 when the destination guest passed and the image verifies;
