@@ -172,6 +172,27 @@ static int call_state(struct vuf_conn *c, uint32_t req, uint32_t index, uint32_t
 
 static bool has(uint64_t set, int bit) { return set & (1ull << bit); }
 
+/* SET_LOG_BASE with a zeroed memfd of log_bytes, kept until vuf_close. */
+static int set_log_base(struct vuf_conn *c, uint64_t log_bytes)
+{
+    if (!log_bytes || c->log_fd >= 0)
+        return _vuf_fail(c, -EINVAL, "SET_LOG_BASE: %s", log_bytes ? "a dirty log is already set" : "an empty log");
+    int fd = memfd_create("vuf-dirty-log", MFD_CLOEXEC);
+    if (fd < 0)
+        return _vuf_fail(c, -errno, "memfd for the dirty log: %s", strerror(errno));
+    if (ftruncate(fd, (off_t)log_bytes) < 0) {
+        int err = errno;
+        close(fd);
+        return _vuf_fail(c, -err, "sizing the dirty log to %llu bytes: %s", (unsigned long long)log_bytes, strerror(err));
+    }
+    c->log_fd = fd;
+    c->log_size = log_bytes;
+    /* QEMU's vhost_user_set_log_base: {size, offset}, the fd, and (with
+     * LOG_SHMFD) a u64 reply it waits for. */
+    uint64_t log[2] = { log_bytes, 0 }, reply;
+    return call(c, VUF_SET_LOG_BASE, log, sizeof(log), &fd, 1, &reply, sizeof(reply), NULL);
+}
+
 /* ---------------------------------------------------------------- steps */
 
 static int negotiate_features(struct vuf_conn *c, struct gd_driver *d, struct vuf_info *info)
@@ -391,12 +412,18 @@ int vuf_setup(struct vuf_conn *c, struct gd_driver *d, const struct vuf_options 
         rc = set_features(c, &info);
     if (rc == 0 && has(info.protocol, VUF_PF_INFLIGHT_SHMFD))
         rc = setup_inflight(c, d, nq, o, &info);
+    /* A device started while a migration runs (QEMU's vhost_dev_start with
+     * log_enabled): LOG_ALL in SET_FEATURES, the log after the rings. */
+    if (o->dirty_log_bytes && has(info.features_offered, VUF_F_LOG_ALL))
+        info.features |= 1ull << VUF_F_LOG_ALL;
     if (rc == 0 && !o->features_early)
         rc = set_features(c, &info);
     if (rc == 0)
         rc = set_memory(c, d, o, &info);
     for (uint32_t q = 0; rc == 0 && q < nq; q++)
         rc = setup_queue(c, d, q);
+    if (rc == 0 && o->dirty_log_bytes)
+        rc = set_log_base(c, o->dirty_log_bytes);
     /* Without PROTOCOL_FEATURES rings start enabled (vhost-user.rst "Ring states"). */
     for (uint32_t q = 0; rc == 0 && protocol && q < nq; q++)
         rc = call_state(c, VUF_SET_VRING_ENABLE, q, 1);
@@ -423,24 +450,24 @@ int vuf_stop_queue(struct vuf_conn *c, uint32_t q, uint32_t *base)
 
 int vuf_start_dirty_log(struct vuf_conn *c, uint64_t features, uint64_t log_bytes)
 {
-    if (!c || !log_bytes || c->log_fd >= 0)
+    if (!c)
         return -EINVAL;
-    int fd = memfd_create("vuf-dirty-log", MFD_CLOEXEC);
-    if (fd < 0)
-        return _vuf_fail(c, -errno, "memfd for the dirty log: %s", strerror(errno));
-    if (ftruncate(fd, (off_t)log_bytes) < 0) {
-        int err = errno;
-        close(fd);
-        return _vuf_fail(c, -err, "sizing the dirty log to %llu bytes: %s", (unsigned long long)log_bytes, strerror(err));
-    }
-    c->log_fd = fd;
-    /* QEMU's vhost_user_set_log_base: {size, offset}, the fd, and (with
-     * LOG_SHMFD) a u64 reply it waits for. */
-    uint64_t log[2] = { log_bytes, 0 }, reply;
-    int rc = call(c, VUF_SET_LOG_BASE, log, sizeof(log), &fd, 1, &reply, sizeof(reply), NULL);
+    int rc = set_log_base(c, log_bytes);
     if (rc == 0)
         rc = call_u64(c, VUF_SET_FEATURES, features | 1ull << VUF_F_LOG_ALL);
     return rc;
+}
+
+int vuf_dirty_log_dup(const struct vuf_conn *c, uint64_t *size)
+{
+    if (c->log_fd < 0)
+        return -ENOENT;
+    int fd = fcntl(c->log_fd, F_DUPFD_CLOEXEC, 0);
+    if (fd < 0)
+        return -errno;
+    if (size)
+        *size = c->log_size;
+    return fd;
 }
 
 int vuf_inflight_dup(const struct vuf_conn *c, uint64_t *size)

@@ -26,6 +26,7 @@ struct vuf_conn {
     int inflight_fd; /* the inflight region's memfd, -1 without */
     uint64_t inflight_size;
     int log_fd;      /* the dirty log's memfd (vuf_start_dirty_log), -1 without */
+    uint64_t log_size;
     char err[VUF_ERR_LEN];
 };
 

@@ -108,6 +108,9 @@ import Testing
         // Answered before GET_VRING_BASE's reply: already in the used ring.
         let done = try g.complete(timeout: 0.5)
         #expect(done.head == held && done.status == UInt8(GD_BLK_S_IOERR))
+        // Logged right after the stop, which answered the request first.
+        let logged = Date().addingTimeInterval(5)
+        while !dp.log.contains("held by the error policy failed") && Date() < logged { usleep(20_000) }
         #expect(dp.log.contains("1 request(s) held by the error policy failed with an I/O error: the guest migrates"), "\(dp.log)")
         vuf_close(src)
         srcOpen = false
@@ -120,6 +123,72 @@ import Testing
         #expect((try? g.complete(timeout: 0.3)) == nil, "nothing else completes: the failed write is not run again")
         let stats = try DpctlTests.dpctl(["status", "--socket", source])
         #expect(!stats.stdout.contains("STOPPED"), "\(stats.stdout)")
+    }
+
+    /// A backend killed while a migration runs, with requests in flight: QEMU
+    /// reconnects and starts the device as it does mid-migration (LOG_ALL in
+    /// SET_FEATURES, the inflight region handed back, the new log after the
+    /// rings). The requests the new dpctl runs again write guest memory; each
+    /// page they write, and the used ring, is marked in the new log, or the
+    /// destination would get them stale.
+    @Test(arguments: [false, true])
+    func requestsRunAgainAfterARestartDuringAMigrationAreLogged(packed: Bool) throws {
+        let image = try TestImage(size: 1 << 20)
+        let socket = image.directory + "/vu.sock"
+        let data = (0..<4096).map { UInt8(truncatingIfNeeded: $0 &* 13 &+ 5) }
+        for i in 0..<4 { image.write(offset: i * 8 * 512, data) }
+        var dp = try QEMUEndToEndTests.Instance(
+            ["--disk", "path=\(image.path),socket=\(socket),num-queues=1,rerror=stop,fault=errno=EIO,,ops=read"],
+            log: image.directory + "/dpctl1.log")
+        defer { _ = dp.terminate() }
+        let g = try TestGuest(queues: 1, queueSize: 64, packed: packed)
+        let logBytes = (g.memorySize / 4096 + 63) / 64 * 8
+        var options = vuf_options()
+        options.inflight = true
+        options.dirty_log_bytes = logBytes
+        let conn = try g.connectFrontend(socket, options: options)
+        // Reads held by the error policy: in flight when dpctl dies.
+        var buffers: [UInt16: UInt64] = [:]
+        for i in 0..<4 {
+            let buf = g.alloc(4096)
+            buffers[try g.submit(type: UInt32(GD_BLK_T_IN), sector: UInt64(i * 8), segments: [(buf, 4096)], kick: i == 3)] = buf
+        }
+        let deadline = Date().addingTimeInterval(10)
+        while !dp.log.contains("stopped on error") && Date() < deadline { usleep(20_000) }
+        var inflightSize: UInt64 = 0
+        let inflightFD = vuf_inflight_dup(conn, &inflightSize)
+        try #require(inflightFD >= 0)
+        defer { close(inflightFD) }
+        dp.kill9()
+        vuf_close(conn)
+
+        dp = try QEMUEndToEndTests.Instance(["--disk", "path=\(image.path),socket=\(socket),num-queues=1"],
+                                            log: image.directory + "/dpctl2.log")
+        options.reuse_inflight = true
+        options.inflight_fd = inflightFD
+        options.inflight_size = inflightSize
+        let again = try g.connectFrontend(socket, options: options)
+        defer { vuf_close(again) }
+        var done: Set<UInt16> = []
+        while done.count < buffers.count {
+            let c = try g.complete(timeout: 10)
+            #expect(buffers[c.head] != nil && c.status == 0, "head \(c.head) status \(c.status)")
+            done.insert(c.head)
+        }
+        var size: UInt64 = 0
+        let logFD = vuf_dirty_log_dup(again, &size)
+        try #require(logFD >= 0 && size == logBytes)
+        defer { close(logFD) }
+        var bitmap = [UInt8](repeating: 0, count: Int(size))
+        #expect(bitmap.withUnsafeMutableBytes { pread(logFD, $0.baseAddress, $0.count, 0) } == Int(size))
+        func marked(_ gpa: UInt64) -> Bool { bitmap[Int(gpa / 4096 / 8)] & (1 << (gpa / 4096 % 8)) != 0 }
+        for (head, buf) in buffers {
+            #expect(g.read(buf, 4096) == data, "read \(head) brought the image's data")
+            #expect(marked(buf), "the page read \(head) wrote (GPA 0x\(String(buf, radix: 16))) is marked")
+            #expect(marked(g.memoryStatusGPA(head: head)), "read \(head)'s status byte is marked")
+        }
+        #expect(dp.log.contains("request") && dp.log.contains("from the inflight region run again"), "\(dp.log)")
+        #expect(dp.log.contains("dirty log of"), "\(dp.log)")
     }
 }
 

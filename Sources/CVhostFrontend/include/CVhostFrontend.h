@@ -183,6 +183,11 @@ struct vuf_options {
     bool reuse_inflight;
     int32_t inflight_fd;
     uint64_t inflight_size;
+    /* Start as QEMU starts a device while a migration runs (a reconnect
+     * during one): LOG_ALL in SET_FEATURES (when offered), then, after the
+     * rings are set up and before they are enabled, SET_LOG_BASE with a
+     * zeroed log of this many bytes (vuf_dirty_log_dup reads it). 0: no log. */
+    uint64_t dirty_log_bytes;
 };
 
 struct vuf_info {
@@ -229,6 +234,10 @@ int vuf_stop_queue(struct vuf_conn *c, uint32_t q, uint32_t *base);
  * SET_FEATURES with `features` (vuf_info.features) plus VHOST_F_LOG_ALL.
  * The log lives until vuf_close. */
 int vuf_start_dirty_log(struct vuf_conn *c, uint64_t features, uint64_t log_bytes);
+
+/* A duplicate of the dirty log's memfd (the caller's to close) and its
+ * size, or -ENOENT when no log was set. */
+int vuf_dirty_log_dup(const struct vuf_conn *c, uint64_t *size);
 
 /* A duplicate of the inflight region's fd (the caller's to close) and its
  * size, or -ENOENT when there is none. */

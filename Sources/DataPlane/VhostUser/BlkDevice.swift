@@ -580,6 +580,16 @@ package final class VhostUserBlkDevice {
 
     private func startReadyQueues() throws(VhostUserError) {
         guard featuresAcked, let memory else { return }
+        // LOG_ALL without a log yet: QEMU starts a device during a
+        // migration (a reconnect) with LOG_ALL in SET_FEATURES and the log
+        // after the rings. A ring started now would write pages no log
+        // marks (requests the inflight region hands back run at once).
+        if features & VirtioFeature.logAll != 0 && dirtyLog == nil {
+            if vrings.contains(where: { $0.queue == nil && $0.enabled && $0.kick >= 0 }) {
+                logger.info("disk \(disk.name): rings wait for the dirty log (LOG_ALL is negotiated, SET_LOG_BASE has not come yet)")
+            }
+            return
+        }
         for i in vrings.indices {
             let v = vrings[i]
             guard v.queue == nil, v.enabled, v.num > 0, v.addressSet, v.kick >= 0 else { continue }
