@@ -1,6 +1,6 @@
 import CGuestDriver
 import CVhostFrontend
-import DataPlane
+@testable import DataPlane
 import Foundation
 import Testing
 
@@ -71,14 +71,16 @@ import Testing
         #expect(!after.contains("queue 0 (socket \(source))") && after.contains("queue 0 (socket \(destination))"), "\(after)")
     }
 
-    /// The switch-over: GET_VRING_BASE on a logging ring. A request the
+    /// The switch-over: QEMU's vhost_dev_stop on a logging ring
+    /// (SET_VRING_ENABLE 0, then GET_VRING_BASE; and GET_VRING_BASE alone,
+    /// as the spec allows). A request the
     /// error policy holds (werror=stop) cannot stay in the source's
     /// inflight region, which the destination never sees: it completes
     /// with an I/O error before the answer, and is logged. The destination,
     /// on the other socket with the same guest memory and rings, starts
     /// where the source stopped and runs nothing twice.
-    @Test(arguments: [false, true])
-    func theSwitchOverFailsHeldRequestsInsteadOfLeavingThemBehind(packed: Bool) throws {
+    @Test(arguments: [false, true], [false, true])
+    func theSwitchOverFailsHeldRequestsInsteadOfLeavingThemBehind(packed: Bool, disableFirst: Bool) throws {
         let image = try TestImage(size: 1 << 20)
         let source = image.directory + "/src.sock", destination = image.directory + "/dst.sock"
         let dp = try QEMUEndToEndTests.Instance(
@@ -103,6 +105,21 @@ import Testing
         while !dp.log.contains("stopped on error") && Date() < deadline { usleep(20_000) }
         #expect(dp.log.contains("stopped on error"), "\(dp.log)")
 
+        // QEMU's vhost_dev_stop: SET_VRING_ENABLE 0, then GET_VRING_BASE.
+        if disableFirst {
+            var state: [UInt8] = []
+            state.appendLE(UInt32(0))
+            state.appendLE(UInt32(0))
+            let sent = state.withUnsafeBytes {
+                vuf_send(src, UInt32(VUF_SET_VRING_ENABLE), UInt32(VUF_FLAG_VERSION | VUF_FLAG_NEED_REPLY), $0.baseAddress,
+                         UInt32($0.count), nil, 0)
+            }
+            #expect(sent == 0)
+            var ack = [UInt8](repeating: 0, count: 8)
+            var request: UInt32 = 0, flags: UInt32 = 0, size: UInt32 = 0
+            #expect(ack.withUnsafeMutableBytes { vuf_recv(src, &request, &flags, $0.baseAddress, 8, &size, nil, nil, 10_000) } == 0)
+            #expect(request == UInt32(VUF_SET_VRING_ENABLE) && ack == [UInt8](repeating: 0, count: 8))
+        }
         var base: UInt32 = 0
         #expect(vuf_stop_queue(src, 0, &base) == 0)
         // Answered before GET_VRING_BASE's reply: already in the used ring.

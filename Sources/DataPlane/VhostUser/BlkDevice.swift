@@ -293,7 +293,7 @@ package final class VhostUserBlkDevice {
             // While migrating, this is the switch-over: the destination's
             // frontend brings an inflight region of its own, so requests
             // the error policy holds would never run again there.
-            let last = stopRing(i, failingHeld: loggingDirtyPages)
+            let last = frontendStopsRing(i, by: "GET_VRING_BASE")
             // The ring is stopped: its notifiers are the frontend's to replace.
             closeNotifiers(i)
             var out: [UInt8] = []
@@ -319,7 +319,7 @@ package final class VhostUserBlkDevice {
             vrings[i].enabled = enable == 1
             if enable == 0 {
                 // A disabled ring keeps its place; popping resumes there when enabled.
-                if vrings[i].queue != nil { vrings[i].base = stopRing(i) }
+                if vrings[i].queue != nil { vrings[i].base = frontendStopsRing(i, by: "SET_VRING_ENABLE 0") }
             } else {
                 try startReadyQueues()
             }
@@ -529,6 +529,22 @@ package final class VhostUserBlkDevice {
         }
         if old >= 0 { closeFD(old) }
         try startReadyQueues()
+    }
+
+    /// The frontend stops a ring (QEMU's vhost_dev_stop: SET_VRING_ENABLE 0,
+    /// then GET_VRING_BASE). While logging, that is a migration's
+    /// switch-over: the destination's frontend brings an inflight region of
+    /// its own, so requests the error policy holds would never run again
+    /// there; they fail instead. Logs when and how long the drain took.
+    private func frontendStopsRing(_ i: Int, by request: String) -> UInt32 {
+        guard vrings[i].queue != nil else { return stopRing(i) }
+        let clock = ContinuousClock(), began = clock.now
+        let last = stopRing(i, failingHeld: loggingDirtyPages)
+        let drained = (clock.now - began).components
+        let place = packedNegotiated ? "base 0x\(String(last, radix: 16))" : "avail index \(last)"
+        logger.info("disk \(disk.name): queue \(i) stopped by \(request) at \(place), its requests drained in \(drained.seconds * 1_000_000 + drained.attoseconds / 1_000_000_000_000) us",
+                    metadata: ["queue": "\(i)"])
+        return last
     }
 
     /// Stops a ring (its in-flight requests complete) and returns where it
