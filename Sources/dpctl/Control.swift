@@ -27,7 +27,7 @@ struct ThreadStatus: Codable {
 
 struct QueueStatus: Codable {
     var index: Int
-    /// The socket (of ``DiskStatus/sockets``) whose frontend runs it, when the disk has several.
+    /// The socket whose frontend runs it (the disk's `socket` or one of its `moreSockets`), when the disk has several.
     var socket: String? = nil
     var thread: String
     var lastAvailIndex: UInt16

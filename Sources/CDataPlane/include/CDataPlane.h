@@ -122,10 +122,11 @@ int dp_disk_flush_error(const struct dp_disk *disk);
 /* Changes fault injection while the disk is served (any thread). */
 int dp_disk_set_fault(struct dp_disk *disk, const struct dp_fault_config *fault);
 /* Claims the image for I/O: an OFD lock on byte 300 (beside QEMU's bytes)
- * of the file description our I/O goes through: exclusive with
- * `exclusive`, else shared (a read-only disk; writers that share the image
- * on purpose, who then do not wait for each other's dead requests). An io_uring keeps that description, and so
- * the lock, until every request of a dead process has completed, which may
+ * of the file description our I/O goes through: exclusive with `exclusive`,
+ * else shared (a read-only disk; writers that share the image on purpose,
+ * who then do not wait for each other's dead requests). An io_uring keeps
+ * that description, and so the lock, until every request of a dead process
+ * has completed, which may
  * be long after the process is gone: its writes still land, its reads
  * still fill guest memory. -EAGAIN while such a ring (or a live disk that
  * conflicts; the image locks refuse those first) holds it: a disk that

@@ -12,10 +12,10 @@ import SystemPackage
 /// frontend at a time per socket, each socket served by its own control
 /// thread. A disk served on several sockets has a frontend on each, with
 /// queues of its own: a migrating guest's source QEMU on one and its
-/// destination on another. A frontend can only
-/// hold up its own disk: a flood of messages, replies it does not read, or a
-/// drain that waits for its guest's slow requests (GET_VRING_BASE, memory
-/// changes) never delay another disk's frontend. The data path never passes
+/// destination on another. A frontend can only hold up its own socket: a
+/// flood of messages, replies it does not read, or a drain that waits for
+/// its guest's slow requests (GET_VRING_BASE, memory changes) never delay
+/// another socket's frontend. The data path never passes
 /// through here.
 ///
 /// It logs to a swift-log `Logger`, each line with the disk's `disk` and
