@@ -47,15 +47,15 @@ void queue_break_loop_failed(struct dp_queue *q, int err)
     }
 }
 
-/* Every byte a request may have written to the guest: its writable
- * iovecs as walked, and the status byte (also for a chain that failed its
- * walk, which has no copy). Over-marks a failed read's pages: harmless. */
 /* A request's copy of its writable iovecs (dirty logging only). */
 static struct iovec *queue_log_iov(const struct dp_queue *q, const struct blk_req *req)
 {
     return q->log_iov + (size_t)(req - q->reqs) * DP_REQ_MAX_IOV;
 }
 
+/* Every byte a request may have written to the guest: its writable
+ * iovecs as walked, and the status byte (also for a chain that failed its
+ * walk, which has no copy). Over-marks a failed read's pages: harmless. */
 static void queue_log_request(struct dp_queue *q, const struct blk_req *req)
 {
     dirty_log_iov(&q->log, q->io.mem, queue_log_iov(q, req), req->log_cnt);

@@ -458,26 +458,25 @@ int vuf_start_dirty_log(struct vuf_conn *c, uint64_t features, uint64_t log_byte
     return rc;
 }
 
-int vuf_dirty_log_dup(const struct vuf_conn *c, uint64_t *size)
+/* A duplicate of a region's memfd (-ENOENT without one) and its size. */
+static int dup_region(int region_fd, uint64_t region_size, uint64_t *size)
 {
-    if (c->log_fd < 0)
+    if (region_fd < 0)
         return -ENOENT;
-    int fd = fcntl(c->log_fd, F_DUPFD_CLOEXEC, 0);
+    int fd = fcntl(region_fd, F_DUPFD_CLOEXEC, 0);
     if (fd < 0)
         return -errno;
     if (size)
-        *size = c->log_size;
+        *size = region_size;
     return fd;
+}
+
+int vuf_dirty_log_dup(const struct vuf_conn *c, uint64_t *size)
+{
+    return dup_region(c->log_fd, c->log_size, size);
 }
 
 int vuf_inflight_dup(const struct vuf_conn *c, uint64_t *size)
 {
-    if (c->inflight_fd < 0)
-        return -ENOENT;
-    int fd = fcntl(c->inflight_fd, F_DUPFD_CLOEXEC, 0);
-    if (fd < 0)
-        return -errno;
-    if (size)
-        *size = c->inflight_size;
-    return fd;
+    return dup_region(c->inflight_fd, c->inflight_size, size);
 }

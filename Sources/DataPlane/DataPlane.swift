@@ -239,12 +239,7 @@ public final class DataPlane: Sendable {
                 // the same index read as one queue: a queue index's counters
                 // and gauges stay one series.
                 if let last = running.last, last.statistics.queue == slot.index {
-                    var both = last.statistics.addingCounters(of: live)
-                    both.inFlight &+= live.inFlight
-                    both.heldRequests &+= live.heldRequests
-                    both.stoppedOnError = both.stoppedOnError ?? live.stoppedOnError
-                    both.brokenReason = both.brokenReason ?? live.brokenReason
-                    running[running.count - 1] = (both, last.paused && paused)
+                    running[running.count - 1] = (last.statistics.adding(live), last.paused && paused)
                     continue
                 }
                 running.append((history.removeValue(forKey: slot.index).map { live.addingCounters(of: $0) } ?? live, paused))

@@ -181,20 +181,26 @@ public struct QueueStatistics: Sendable, Equatable, Codable {
         return counters
     }
 
+    /// The counters and the in-flight and held gauges of both, and the
+    /// first stop or break reason either gives: two queues read as one.
+    func adding(_ other: QueueStatistics) -> QueueStatistics {
+        var total = addingCounters(of: other)
+        total.inFlight &+= other.inFlight
+        total.heldRequests &+= other.heldRequests
+        total.stoppedOnError = stoppedOnError ?? other.stoppedOnError
+        total.brokenReason = brokenReason ?? other.brokenReason
+        return total
+    }
+
     /// Sums counters and gauges (for a disk's or a thread's queues).
     public static func sum(_ parts: [QueueStatistics], disk: String, thread: String) -> QueueStatistics {
         var total = QueueStatistics(disk: disk, queue: -1, thread: thread)
         total.batchHistogram = Array(repeating: 0, count: Int(DP_BATCH_BUCKETS))
         for p in parts {
-            total = total.addingCounters(of: p)
-            total.inFlight &+= p.inFlight
-            total.heldRequests &+= p.heldRequests
-            if total.stoppedOnError == nil, let reason = p.stoppedOnError {
-                total.stoppedOnError = "queue \(p.queue): \(reason)"
-            }
-            if total.brokenReason == nil, let reason = p.brokenReason {
-                total.brokenReason = "queue \(p.queue): \(reason)"
-            }
+            var named = p
+            named.stoppedOnError = p.stoppedOnError.map { "queue \(p.queue): \($0)" }
+            named.brokenReason = p.brokenReason.map { "queue \(p.queue): \($0)" }
+            total = total.adding(named)
         }
         return total
     }

@@ -160,7 +160,9 @@ enum DiskSpec {
             case "block-size": d.logicalBlockSize = UInt32(try parseInt(value, option: option, range: 512...65536))
             case "direct": d.directIO = value == "on"
             case "locking":
-                guard let mode = ImageLocking(rawValue: value == "true" || value == "yes" ? "on" : value == "false" || value == "no" ? "off" : value) else {
+                // The switch spellings it took when it was on|off.
+                let switches = ["true": "on", "yes": "on", "false": "off", "no": "off"]
+                guard let mode = ImageLocking(rawValue: switches[value] ?? value) else {
                     throw CLIError("\(option)=\(value.debugDescription): use on, shared or off", usage: true)
                 }
                 d.locking = mode

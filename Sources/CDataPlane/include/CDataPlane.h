@@ -126,9 +126,8 @@ int dp_disk_set_fault(struct dp_disk *disk, const struct dp_fault_config *fault)
  * else shared (a read-only disk; writers that share the image on purpose,
  * who then do not wait for each other's dead requests). An io_uring keeps
  * that description, and so the lock, until every request of a dead process
- * has completed, which may
- * be long after the process is gone: its writes still land, its reads
- * still fill guest memory. -EAGAIN while such a ring (or a live disk that
+ * has completed, which may be long after the process is gone: its writes
+ * still land, its reads still fill guest memory. -EAGAIN while such a ring (or a live disk that
  * conflicts; the image locks refuse those first) holds it: a disk that
  * started its I/O then could see old writes land after its own, and the
  * guest find old reads in memory it reused. 0 for the null backend. */

@@ -319,7 +319,7 @@ package final class VhostUserBlkDevice {
             vrings[i].enabled = enable == 1
             if enable == 0 {
                 // A disabled ring keeps its place; popping resumes there when enabled.
-                if vrings[i].queue != nil { vrings[i].base = frontendStopsRing(i, by: "SET_VRING_ENABLE 0") }
+                _ = frontendStopsRing(i, by: "SET_VRING_ENABLE 0")
             } else {
                 try startReadyQueues()
             }
@@ -537,7 +537,7 @@ package final class VhostUserBlkDevice {
     /// its own, so requests the error policy holds would never run again
     /// there; they fail instead. Logs when and how long the drain took.
     private func frontendStopsRing(_ i: Int, by request: String) -> UInt32 {
-        guard vrings[i].queue != nil else { return stopRing(i) }
+        guard vrings[i].queue != nil else { return vrings[i].base }
         let clock = ContinuousClock(), began = clock.now
         let last = stopRing(i, failingHeld: loggingDirtyPages)
         let drained = (clock.now - began).components

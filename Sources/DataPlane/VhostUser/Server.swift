@@ -173,7 +173,8 @@ public final class VhostUserServer: Sendable {
             return (export, state.started)
         }
         guard let (export, serveNow) = made else {
-            close(Export(disk: disk, path: socketPath, frontend: -1, listenFD: fd, ownsPath: ownsPath, logger: logger))
+            if ownsPath { unlink(socketPath) }
+            try? fd.close()
             throw .stopped
         }
         guard serveNow else { return }
