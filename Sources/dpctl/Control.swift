@@ -7,6 +7,8 @@ import Synchronization
 /// The control protocol: one JSON request line, one JSON response line.
 struct ControlRequest: Codable {
     var command: String
+    /// The disk a verb acts on, by one of its sockets (resize, remove-disk, throttle, ...).
+    var socket: String? = nil
 }
 
 struct ThreadStatus: Codable {
@@ -296,7 +298,12 @@ let controlReplyPatience: Duration = .seconds(30)
 
 /// Sends one request to a running instance and returns its answer.
 func controlCall(_ path: String, _ command: String) throws -> ControlResponse {
-    try ControlConnection(path).request(command)
+    try ControlConnection(path).request(ControlRequest(command: command))
+}
+
+/// Sends one request with its arguments to a running instance and returns its answer.
+func controlCall(_ path: String, _ request: ControlRequest) throws -> ControlResponse {
+    try ControlConnection(path).request(request)
 }
 
 /// A connection to a running instance's control socket.
@@ -317,8 +324,8 @@ final class ControlConnection {
     deinit { close(fd) }
 
     /// Sends a request and returns the answer, or throws the instance's refusal.
-    func request(_ command: String) throws -> ControlResponse {
-        var data = try JSONEncoder().encode(ControlRequest(command: command))
+    func request(_ request: ControlRequest) throws -> ControlResponse {
+        var data = try JSONEncoder().encode(request)
         data.append(UInt8(ascii: "\n"))
         let deadline = ContinuousClock.now + controlReplyPatience
         let sent = ControlIO.send(fd, data, deadline: deadline)

@@ -249,7 +249,7 @@ struct Stop: ParsableCommand {
     func run() throws {
         let timeout = try parseInt(String(self.timeout), option: "--timeout", range: 1...3600)
         let connection = try ControlConnection(try instance.controlPath())
-        let response = try connection.request("stop")
+        let response = try connection.request(ControlRequest(command: "stop"))
         let deadline = ContinuousClock.now + .seconds(timeout)
         let pid = response.pid.map(String.init) ?? "?"
         // The instance holds this connection until it exits; an older one
