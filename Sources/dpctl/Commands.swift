@@ -29,7 +29,8 @@ struct Dpctl: ParsableCommand {
         Shell completions: dpctl --generate-completion-script bash|zsh|fish
         """,
         version: DataPlane.version,
-        subcommands: [Start.self, Status.self, Stats.self, Top.self, Resume.self, Stop.self, QemuArgs.self, LibvirtXML.self]
+        subcommands: [Start.self, Status.self, Stats.self, Top.self, Resume.self, Stop.self, QemuArgs.self, LibvirtXML.self,
+                      AddDisk.self, RemoveDisk.self, Reload.self]
     )
 }
 

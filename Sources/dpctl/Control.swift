@@ -9,6 +9,10 @@ struct ControlRequest: Codable {
     var command: String
     /// The disk a verb acts on, by one of its sockets (resize, remove-disk, throttle, ...).
     var socket: String? = nil
+    /// add-disk: the disk, as a --disk value (path=PATH,socket=PATH[,KEY=VALUE...]).
+    var disk: String? = nil
+    /// remove-disk: disconnect a connected frontend.
+    var force: Bool? = nil
 }
 
 struct ThreadStatus: Codable {
@@ -75,6 +79,8 @@ struct ControlResponse: Codable {
     var threads: [ThreadStatus]?
     var disks: [DiskStatus]?
     var snapshot: DataPlane.Snapshot?
+    /// add-disk, remove-disk, reload: what was done, a line per change.
+    var report: [String]? = nil
 }
 
 /// Serves control requests on a unix socket from its own thread.
@@ -85,7 +91,9 @@ final class ControlServer: Sendable {
     private let plane: DataPlane
     private let server: VhostUserServer
     private let cpus: [CPUSet]
-    private let logger: Logger
+    let logger: Logger
+    /// What add-disk, remove-disk and reload change (nil: they are refused).
+    let instance: Instance?
 
     private struct State {
         var stopping = false
@@ -105,7 +113,7 @@ final class ControlServer: Sendable {
     /// Serves at `path`; on `inheritedFD` when socket activation passed the
     /// control socket (which is then left in place at stop, systemd's).
     init(path: String, inheritedFD: Int32? = nil, plane: DataPlane, server: VhostUserServer, cpus: [CPUSet],
-         logger: Logger) throws {
+         logger: Logger, instance: Instance? = nil) throws {
         let fd: Int32
         if let inheritedFD {
             fd = inheritedFD
@@ -123,6 +131,7 @@ final class ControlServer: Sendable {
         self.server = server
         self.cpus = cpus
         self.logger = logger
+        self.instance = instance
         do {
             let thread = try ControlThread(name: "dpctl-control") { [weak self] in self?.run() }
             state.withLock { $0.thread = thread }
@@ -240,6 +249,7 @@ final class ControlServer: Sendable {
                 }
                 logger.info("resume requested on the control socket")
                 response = failures.isEmpty ? status() : ControlResponse(ok: false, error: failures.joined(separator: "; "))
+            case "add-disk", "remove-disk", "reload": response = changeDisks(request)
             default:
                 response = ControlResponse(ok: false, error: "unknown command \(request.command.debugDescription)")
             }

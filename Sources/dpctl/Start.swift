@@ -380,7 +380,11 @@ enum StartCommand {
         if let ignored = activation.ignored { logger.notice("\(ignored)") }
         let plane = try DataPlane(iothreads: threads)
         let server = try VhostUserServer(plane: plane, logger: Logger(label: "dataplane.vhost-user"))
-        let instance = Instance(plane: plane, server: server, logger: logger)
+        let source = options.config.map { file in
+            Instance.ConfigSource(file: file, read: { [options] in try configuration(options) })
+        }
+        let instance = Instance(plane: plane, server: server, logger: logger, configuration: config, source: source,
+                                readOnlyAll: options.readOnly, notifier: notifier)
         do {
             for (i, (entry, diskConfig)) in zip(config.disks, disks).enumerated() {
                 try instance.serve(entry, diskConfig, inherited: inherited[i])
@@ -394,7 +398,7 @@ enum StartCommand {
         do {
             control = try controlPath.map { path in
                 try ControlServer(path: path, inheritedFD: assigned.control?.socket.fd, plane: plane, server: server,
-                                  cpus: threads.map { $0.cpuset }, logger: logger)
+                                  cpus: threads.map { $0.cpuset }, logger: logger, instance: instance)
             }
         } catch {
             server.stop()
@@ -440,7 +444,6 @@ enum StartCommand {
         // Every socket listens and every control thread runs: a frontend that connects now is served.
         notifier.ready(status: instance.summary)
 
-        var current = config
         var received: Int32 = 0
         while true {
             sigwait(&signals, &received)
@@ -450,12 +453,11 @@ enum StartCommand {
                 continue
             }
             notifier.reloading(status: "reloading \(file)")
-            logger.info("SIGHUP: reloading \(file)")
             do {
-                current = try instance.reload(from: current, to: configuration(options), file: file)
+                _ = try instance.reload(by: "SIGHUP")
                 notifier.ready(status: instance.summary)
             } catch {
-                logger.error("reload of \(file) failed, the running configuration is unchanged: \(error)")
+                // Logged by the reload.
                 notifier.ready(status: "reload of \(file) failed (see the log); " + instance.summary)
             }
         }

@@ -26,9 +26,9 @@ func run(_ arguments: [String]) -> Int32 {
     if let verb = words.first, !verb.hasPrefix("-"), verb != "help", !verbs.contains(verb) {
         return report(CLIError("unknown command \(verb.debugDescription); commands: \(verbs.joined(separator: ", "))", usage: true))
     }
-    if words.first == "start" {
+    if let verb = words.first, verb == "start" || verb == "add-disk" {
         do {
-            words = try ["start"] + GroupedDiskArguments.rewrite(Array(words.dropFirst()))
+            words = try [verb] + GroupedDiskArguments.rewrite(Array(words.dropFirst()))
         } catch {
             return report(error)
         }

@@ -713,6 +713,10 @@ package final class VhostUserBlkDevice {
     /// Queue statistics of the running rings.
     var runningQueues: [Virtqueue] { vrings.compactMap(\.queue) }
 
+    /// The frontend handed an inflight region: a stop leaves requests the
+    /// error policy holds marked there rather than failing them.
+    var tracksInflight: Bool { inflight != nil }
+
     // MARK: - Inflight region
 
     private func getInflightFD(_ p: PayloadReader) throws(VhostUserError) -> Reply {

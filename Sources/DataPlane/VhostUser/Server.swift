@@ -44,15 +44,26 @@ public final class VhostUserServer: Sendable {
         let logger: Logger
         /// Set by the first `close`.
         let closed = Atomic<Bool>(false)
+        /// Readable once `removeExport` ends this export alone; `removing`
+        /// says so. Closed at deinit, never while someone may write it.
+        let wakeFD: FileDescriptor
+        let removing = Atomic<Bool>(false)
+        /// What its control thread's last disconnect did to the frontend's
+        /// requests, for `removeExport` to report.
+        let removal = Mutex<RemovedExport?>(nil)
 
-        init(disk: Disk, path: String, frontend: Int, listenFD: FileDescriptor, ownsPath: Bool, logger: Logger) {
+        init(disk: Disk, path: String, frontend: Int, listenFD: FileDescriptor, ownsPath: Bool, logger: Logger,
+             wakeFD: FileDescriptor) {
             self.disk = disk
             self.path = path
             self.frontend = frontend
             self.listenFD = listenFD
             self.ownsPath = ownsPath
             self.logger = logger
+            self.wakeFD = wakeFD
         }
+
+        deinit { try? wakeFD.close() }
     }
 
     /// What changes of an export, in `state`.
@@ -164,17 +175,26 @@ public final class VhostUserServer: Sendable {
         var logger = self.logger
         logger[metadataKey: "disk"] = "\(disk.name)"
         logger[metadataKey: "socket"] = "\(socketPath)"
+        let wake = dps_eventfd(0, true)
+        guard wake >= 0 else {
+            if ownsPath { unlink(socketPath) }
+            try? fd.close()
+            throw .system(operation: "eventfd", errno: -wake)
+        }
+        let wakeFD = FileDescriptor(rawValue: wake)
         let made: (export: Export, serveNow: Bool)? = state.withLock { state in
             guard !state.stopping else { return nil }
             let frontend = state.exportsMade[ObjectIdentifier(disk), default: 0]
             state.exportsMade[ObjectIdentifier(disk)] = frontend + 1
-            let export = Export(disk: disk, path: socketPath, frontend: frontend, listenFD: fd, ownsPath: ownsPath, logger: logger)
+            let export = Export(disk: disk, path: socketPath, frontend: frontend, listenFD: fd, ownsPath: ownsPath, logger: logger,
+                                wakeFD: wakeFD)
             state.exports.append(ExportState(export: export))
             return (export, state.started)
         }
         guard let (export, serveNow) = made else {
             if ownsPath { unlink(socketPath) }
             try? fd.close()
+            try? wakeFD.close()
             throw .stopped
         }
         guard serveNow else { return }
@@ -189,6 +209,32 @@ public final class VhostUserServer: Sendable {
             }
             if unserved { close(export) }
             throw error
+        }
+    }
+
+    /// What removing a socket (``removeExport(socketPath:)``) did to its
+    /// frontend and to the requests of its queues.
+    public struct RemovedExport: Sendable, Codable, Equatable {
+        public var socketPath: String
+        public var disk: String
+        /// A frontend was connected, and was disconnected.
+        public var frontendWasConnected = false
+        public var frontendPID: Int32?
+        /// Requests in flight on its queues when the removal began (not held
+        /// by the error policy): they completed to the guest before the
+        /// queues stopped.
+        public var inFlight: UInt64 = 0
+        /// Requests the error policy held: completed with an I/O error (the
+        /// guest sees the error its policy would otherwise have kept from it).
+        public var heldFailed: UInt64 = 0
+        /// Requests the error policy held on a frontend that tracks inflight
+        /// I/O: left marked in its inflight region, not completed, for the
+        /// next backend that frontend connects to (after a reconnect) to run.
+        public var heldLeftInInflightRegion: UInt64 = 0
+
+        public init(socketPath: String, disk: String) {
+            self.socketPath = socketPath
+            self.disk = disk
         }
     }
 
@@ -280,12 +326,74 @@ public final class VhostUserServer: Sendable {
         }
     }
 
+    /// Stops serving one socket: its control thread ends, its frontend (if
+    /// any) is disconnected as at `stop` (the device's reset drains its
+    /// queues: in-flight requests complete; requests the error policy holds
+    /// fail with an I/O error, or, when the frontend tracks inflight I/O,
+    /// stay marked in its inflight region for the next backend to run), and
+    /// the socket is closed and its path removed (unless inherited). Other
+    /// sockets, and their disks' I/O, go on untouched: nothing another export
+    /// or an IOThread waits for is held while this one drains. The disk
+    /// stays open (``DataPlane/removeDisk(_:)`` closes it). Waits for a
+    /// concurrent `stop`, and for another `removeExport`, to finish first.
+    /// Throws `.notFound` for a socket not served, `.stopped` after `stop`.
+    @discardableResult
+    public func removeExport(socketPath: String) throws(DataPlaneError) -> RemovedExport {
+        try stopLock.withLock { _ throws(DataPlaneError) -> RemovedExport in
+            try removeExportLocked(socketPath: socketPath)
+        }
+    }
+
+    /// Removes every socket of `disk` (see ``removeExport(socketPath:)``),
+    /// in the order they were added; returns what each removal did.
+    @discardableResult
+    public func removeExports(of disk: Disk) -> [RemovedExport] {
+        stopLock.withLock { _ in
+            let paths = state.withLock { state in state.exports.filter { $0.export.disk === disk }.map(\.export.path) }
+            return paths.compactMap { path in try? removeExportLocked(socketPath: path) }
+        }
+    }
+
+    /// removeExport, with `stopLock` held.
+    private func removeExportLocked(socketPath: String) throws(DataPlaneError) -> RemovedExport {
+        enum Found { case stopping, missing, found(Export, ControlThread?) }
+        let found: Found = state.withLock { state in
+            guard !state.stopping else { return .stopping }
+            guard let i = state.exports.firstIndex(where: { $0.export.path == socketPath }) else { return .missing }
+            let export = state.exports[i].export
+            export.removing.store(true, ordering: .releasing)
+            let thread = state.exports[i].joined ? nil : state.exports[i].thread
+            state.exports[i].joined = true
+            return .found(export, thread)
+        }
+        guard case .found(let export, let thread) = found else {
+            if case .stopping = found { throw .stopped }
+            throw .notFound("socket \(socketPath.debugDescription) among the served sockets")
+        }
+        if let thread {
+            let one: UInt64 = 1
+            _ = withUnsafeBytes(of: one) { try? export.wakeFD.write($0) }
+            thread.join() // its last disconnect drains the frontend's queues
+        }
+        state.withLock { state in
+            if let i = state.index(of: export) { state.exports.remove(at: i) }
+            // A disk with no socket left starts its frontends from 0 again,
+            // should its ObjectIdentifier come back.
+            if !state.exports.contains(where: { $0.export.disk === export.disk }) {
+                state.exportsMade[ObjectIdentifier(export.disk)] = nil
+            }
+        }
+        close(export)
+        return export.removal.withLock { $0 } ?? RemovedExport(socketPath: export.path, disk: export.disk.name)
+    }
+
     // MARK: - The control threads
 
     private func run(_ export: Export) {
         let session = Session(export: export, plane: plane)
-        while !state.withLock({ $0.stopping }) {
+        while !state.withLock({ $0.stopping }) && !export.removing.load(ordering: .acquiring) {
             var fds = [pollfd(fd: wakeFD.rawValue, events: Int16(POLLIN), revents: 0),
+                       pollfd(fd: export.wakeFD.rawValue, events: Int16(POLLIN), revents: 0),
                        pollfd(fd: export.listenFD.rawValue, events: Int16(POLLIN), revents: 0),
                        pollfd(fd: session.connection?.fd.rawValue ?? -1, events: Int16(POLLIN), revents: 0)]
             if poll(&fds, nfds_t(fds.count), -1) < 0 {
@@ -294,13 +402,31 @@ public final class VhostUserServer: Sendable {
                 session.logger.error("\(export.path): poll failed, no longer served: \(DataPlaneError.message(error.rawValue))")
                 break
             }
-            if fds[2].revents != 0, let connection = session.connection, let reason = serve(session, connection) {
+            if fds[3].revents != 0, let connection = session.connection, let reason = serve(session, connection) {
                 disconnect(session, reason: reason)
             }
-            if fds[1].revents & Int16(POLLIN) != 0 { accept(session) }
+            if fds[2].revents & Int16(POLLIN) != 0 { accept(session) }
         }
-        if session.connection != nil { disconnect(session, reason: "server stopping") }
+        let removing = export.removing.load(ordering: .acquiring)
+        var report = RemovedExport(socketPath: export.path, disk: export.disk.name)
+        if session.connection != nil {
+            report.frontendWasConnected = true
+            report.frontendPID = session.connection.map { dps_peer_pid($0.fd.rawValue) }.flatMap { $0 > 0 ? $0 : nil }
+            // Counted before the reset stops the rings: what the stop then
+            // does to them (see RemovedExport).
+            for queue in session.device.runningQueues {
+                let s = queue.statistics()
+                report.inFlight += s.inFlight >= s.heldRequests ? s.inFlight - s.heldRequests : 0
+                if session.device.tracksInflight {
+                    report.heldLeftInInflightRegion += s.heldRequests
+                } else {
+                    report.heldFailed += s.heldRequests
+                }
+            }
+            disconnect(session, reason: removing ? "its socket is being removed" : "server stopping")
+        }
         close(export)
+        if removing { export.removal.withLock { $0 = report } }
     }
 
     /// Removes an export's path and closes its socket, once. In that order:
