@@ -238,18 +238,25 @@ final class Instance: Sendable {
         guard let source else {
             throw CLIError("this instance was started without --config: there is nothing to reload (dpctl add-disk and remove-disk change its disks)")
         }
+        // systemd hears of a reload whoever asked for it (Type=notify-reload).
+        notifier?.reloading(status: "reloading \(source.file)")
         logger.info("\(who): reloading \(source.file)")
-        return try state.withLock { state in
-            let new: InstanceConfiguration
-            do {
-                new = try source.read()
-            } catch {
-                logger.error("reload of \(source.file) failed, the running configuration is unchanged: \(error)")
-                throw CLIError("reload of \(source.file) failed, the running configuration is unchanged: \(error)")
+        do {
+            let lines = try state.withLock { state in
+                let new: InstanceConfiguration
+                do {
+                    new = try source.read()
+                } catch {
+                    logger.error("reload of \(source.file) failed, the running configuration is unchanged: \(error)")
+                    throw CLIError("reload of \(source.file) failed, the running configuration is unchanged: \(error)")
+                }
+                return try apply(new, file: source.file, to: &state)
             }
-            let lines = try apply(new, file: source.file, to: &state)
-            notifier?.status(Self.summary(state))
+            notifier?.ready(status: summary)
             return lines
+        } catch {
+            notifier?.ready(status: "reload of \(source.file) failed (see the log); " + summary)
+            throw error
         }
     }
 
@@ -264,7 +271,10 @@ final class Instance: Sendable {
         let old = state.current
         var effective = old
         var restart: [String] = []
+        /// Changes the file asks for that could not be made now.
+        var refused: [String] = []
         var done: [String] = []
+        var changes = 0
         let instanceSettings: [(String, (InstanceConfiguration) -> String)] = [
             ("iothreads", { "\($0.iothreads.map(String.init) ?? "default")" }),
             ("cpuset", { $0.cpuset ?? "default" }),
@@ -285,11 +295,19 @@ final class Instance: Sendable {
                 continue
             }
             guard let index = state.served.firstIndex(where: { $0.disk === running.disk }) else { continue }
+            let connected = server.exportStatus(of: running.disk).filter(\.connected).map(\.socketPath)
+            guard connected.isEmpty else {
+                refused.append("\(running.entry.socket): removed from the file, still served: a frontend is connected to "
+                               + "\(connected.joined(separator: ", ")) (unplug the disk from the guest, then reload again; "
+                               + "or dpctl remove-disk --force)")
+                continue
+            }
             do {
                 done += try remove(at: index, force: false, by: "reload", from: &state)
                 effective.disks.removeAll { $0.socket == running.entry.socket }
+                changes += 1
             } catch {
-                restart.append("\(running.entry.socket): removed from the file, still served: \(error)")
+                refused.append("\(running.entry.socket): removed from the file, still served: \(error)")
             }
         }
         for entry in new.disks {
@@ -299,10 +317,12 @@ final class Instance: Sendable {
                     try checkSockets(of: entry, against: state.served)
                     try serve(entry, try StartCommand.diskConfiguration(entry), inherited: nil, fromFile: true, into: &state)
                     effective.disks.append(entry)
+                    changes += 1
                     done.append("added \(Self.describe(entry, state.served[state.served.count - 1].disk))")
-                    logger.notice("reload: added \(entry.path) on \(entry.socket)", metadata: ["socket": "\(entry.socket)"])
+                    logger.notice("reload: added \(entry.path) on \(([entry.socket] + entry.extraSockets).joined(separator: ", "))",
+                                  metadata: ["socket": "\(entry.socket)"])
                 } catch {
-                    restart.append("\(entry.socket): cannot serve \(entry.path): \(error)")
+                    refused.append("\(entry.socket): cannot serve \(entry.path): \(error)")
                 }
                 continue
             }
@@ -310,11 +330,15 @@ final class Instance: Sendable {
             var updated = running.entry
             if !running.fromFile {
                 state.served[index].fromFile = true
-                done.append("\(entry.socket): added with dpctl add-disk, now in the file (a reload that no longer finds it there removes it)")
+                changes += 1
+                let line = "\(entry.socket): added with dpctl add-disk, now in the file (a reload that no longer finds it there removes it)"
+                done.append(line)
+                logger.notice("reload: \(line)", metadata: ["socket": "\(entry.socket)"])
             }
             if entry.fault != running.entry.fault {
                 running.disk.injectFaults(try entry.fault.map { (spec: String) throws(CLIError) in try StartCommand.parseFault(spec) })
                 updated.fault = entry.fault
+                changes += 1
                 done.append("\(running.disk.name): \(entry.fault.map { "injecting faults: \($0)" } ?? "no longer injecting faults")")
                 logger.warning("reload: \(running.disk.name): \(entry.fault.map { "injecting faults: \($0)" } ?? "no longer injecting faults")",
                                metadata: ["disk": "\(running.disk.name)"])
@@ -331,6 +355,7 @@ final class Instance: Sendable {
                         updated.socketOwner = entry.socketOwner
                         updated.socketGroup = entry.socketGroup
                         updated.socketMode = entry.socketMode
+                        changes += 1
                         done.append("\(entry.socket): now \(after.isEmpty ? "unchanged (no owner, group or mode set)" : after.description)")
                         logger.info("reload: \(entry.socket): now \(after.isEmpty ? "unchanged (no owner, group or mode set)" : after.description)",
                                     metadata: ["socket": "\(entry.socket)"])
@@ -351,13 +376,15 @@ final class Instance: Sendable {
             }
         }
         for item in kept { logger.info("reload: \(item)") }
+        for item in refused { logger.warning("reload: not applied: \(item)") }
         for item in restart {
             logger.warning("reload: needs a restart to take effect: \(item)")
         }
-        logger.notice("reload of \(file) done: \(done.count) change(s) applied, \(restart.count) waiting for a restart")
+        let summary = "reload of \(file) done: \(changes) change(s) applied, \(refused.count) not applied, "
+            + "\(restart.count) waiting for a restart"
+        logger.notice("\(summary)")
         state.current = effective
-        return done + kept + restart.map { "not applied: \($0)" }
-            + ["reload of \(file): \(done.count) change(s) applied, \(restart.count) not applied"]
+        return done + kept + refused.map { "not applied: \($0)" } + restart.map { "needs a restart: \($0)" } + [summary]
     }
 
     /// The disk keys that differ and that only a restart applies (all but

@@ -318,4 +318,119 @@ import Testing
         #expect(churned.unexplained.isEmpty, "the other disk stalled: \(churned) (alone: \(alone))")
         #expect(plane.disks.count == 1 && server.socketPaths == [dir + "/loaded.sock"])
     }
+
+    // MARK: - dpctl
+
+    /// The sockets a running instance serves, from `dpctl status --json`.
+    static func servedSockets(_ control: String) throws -> [String] {
+        let status = try DpctlTests.dpctl(["status", "--control", control, "--json"])
+        let object = try JSONSerialization.jsonObject(with: Data(status.stdout.utf8)) as? [String: Any]
+        return ((object?["disks"] as? [[String: Any]]) ?? []).compactMap { $0["socket"] as? String }
+    }
+
+    /// add-disk checks a disk as start does and serves it; remove-disk
+    /// refuses a disk in use without --force, and with it disconnects the
+    /// frontend, removes the socket and closes the image.
+    @Test func addDiskAndRemoveDiskThroughDpctl() throws {
+        let image = try TestImage(size: 1 << 20)
+        let dir = image.directory
+        let first = dir + "/a.sock", control = first + ".ctl", socket = dir + "/b.sock"
+        let dp = try QEMUEndToEndTests.Instance(["--disk", "path=n,backend=null,socket=\(first),num-queues=1"], log: dir + "/dpctl.log")
+        defer { _ = dp.terminate() }
+        #expect(DpctlTests.waitFor(control))
+
+        // The same refusal as start's, before the instance is asked.
+        let spec = "path=\(image.path),socket=\(socket),num-queues=99"
+        let bad = try DpctlTests.dpctl(["add-disk", "--control", control, "--disk", spec])
+        let startBad = try DpctlTests.dpctl(["start", "--disk", spec, "--check"])
+        #expect(bad.status == 2 && bad.stderr == startBad.stderr && bad.stderr.contains("num-queues"), "\(bad.stderr)")
+        // The grouped form, as start takes it.
+        let added = try DpctlTests.dpctl(["add-disk", "--control", control, "--disk", image.path, "--socket", socket, "--num-queues", "1"])
+        #expect(added.status == 0 && added.stdout.contains("added \(image.path)"), "\(added.stderr)")
+        let twice = try DpctlTests.dpctl(["add-disk", "--control", control, "--disk", "path=m,backend=null,socket=\(socket)"])
+        #expect(twice.status == 1 && twice.stderr.contains("socket \(socket) already serves disk \(image.path)"), "\(twice.stderr)")
+        #expect(try Self.servedSockets(control) == [first, socket])
+
+        let g = try TestGuest(queues: 1, queueSize: 64, memorySize: 4 << 20)
+        let conn = try g.connectFrontend(socket)
+        defer { vuf_close(conn) }
+        let buf = g.alloc(4096)
+        g.write(buf, pattern(4096, seed: 3))
+        #expect(try g.run(type: UInt32(GD_BLK_T_OUT), segments: [(buf, 4096)]).status == 0)
+
+        let refused = try DpctlTests.dpctl(["remove-disk", "--control", control, "--socket", socket])
+        #expect(refused.status == 1 && refused.stderr.contains("is in use") && refused.stderr.contains("--force"), "\(refused.stderr)")
+        #expect(vuf_is_closed(conn, 100) == 0 && FileManager.default.fileExists(atPath: socket), "refused: nothing changed")
+        let removed = try DpctlTests.dpctl(["remove-disk", "--control", control, "--socket", socket, "--force"])
+        #expect(removed.status == 0, "\(removed.stderr)")
+        #expect(removed.stdout.contains("\(socket): frontend (pid \(getpid())) disconnected; 0 request(s) in flight completed"), "\(removed.stdout)")
+        #expect(removed.stdout.contains("removed \(image.path); image closed"), "\(removed.stdout)")
+        #expect(vuf_is_closed(conn, 2000) == 1)
+        #expect(!FileManager.default.fileExists(atPath: socket))
+        _ = try Disk(DiskConfiguration(path: image.path)) // its lock is free
+        #expect(image.read(offset: 0, count: 4096) == pattern(4096, seed: 3))
+        #expect(try Self.servedSockets(control) == [first])
+        #expect(dp.log.contains("remove-disk: \(socket): frontend (pid \(getpid())) disconnected"), "\(dp.log)")
+
+        let unknown = try DpctlTests.dpctl(["remove-disk", "--control", control, "--socket", socket])
+        #expect(unknown.status == 1 && unknown.stderr.contains("no disk is served on \(socket) (served: \(first))"), "\(unknown.stderr)")
+        let reload = try DpctlTests.dpctl(["reload", "--control", control])
+        #expect(reload.status == 1 && reload.stderr.contains("started without --config"), "\(reload.stderr)")
+    }
+
+    /// A reload serves what the file lists: it adds disks new to it,
+    /// removes those gone from it, keeps disks added with add-disk and
+    /// disks whose frontend is connected; a disk whose second socket fails
+    /// is not left listening on its first. SIGHUP does the same.
+    @Test func reloadFollowsTheFileAndKeepsWhatAnOperatorWouldMiss() throws {
+        let dir = NSTemporaryDirectory() + "dp-reload-\(UUID().uuidString.prefix(6))"
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let file = dir + "/config.json", control = dir + "/ctl"
+        func sock(_ name: String) -> String { dir + "/\(name).sock" }
+        func write(_ disks: [(String, [String])]) {
+            let entries = disks.map { name, sockets in
+                "{\"path\": \"\(name)\", \"backend\": \"null\", \"num-queues\": 1, \"socket\": [\(sockets.map { "\"\($0)\"" }.joined(separator: ", "))]}"
+            }
+            _ = FileManager.default.createFile(atPath: file, contents: Data("{\"control\": \"\(control)\", \"disks\": [\(entries.joined(separator: ", "))]}".utf8))
+        }
+        write([("a", [sock("a")]), ("b", [sock("b")])])
+        let dp = try QEMUEndToEndTests.Instance(["--config", file], log: dir + "/dpctl.log")
+        defer { _ = dp.terminate() }
+        #expect(DpctlTests.waitFor(control))
+        let added = try DpctlTests.dpctl(["add-disk", "--control", control, "--disk", "path=c,backend=null,num-queues=1,socket=\(sock("c"))"])
+        #expect(added.status == 0 && added.stdout.contains("not in \(file): a reload leaves it served"), "\(added.stdout)\(added.stderr)")
+
+        // b goes, d comes, e's second socket is a plain file: e is refused whole.
+        let notASocket = dir + "/plain-file"
+        _ = FileManager.default.createFile(atPath: notASocket, contents: Data("keep".utf8))
+        write([("a", [sock("a")]), ("d", [sock("d")]), ("e", [sock("e"), notASocket])])
+        let reload = try DpctlTests.dpctl(["reload", "--control", control])
+        #expect(reload.status == 0, "\(reload.stderr)")
+        #expect(reload.stdout.contains("\(sock("b")): no frontend was connected; socket removed"), "\(reload.stdout)")
+        #expect(reload.stdout.contains("added null (1073741824 bytes, read-write, up to 1 queue(s)) on \(sock("d"))"), "\(reload.stdout)")
+        #expect(reload.stdout.contains("reload of \(file) done: 2 change(s) applied, 1 not applied, 0 waiting for a restart"), "\(reload.stdout)")
+        #expect(reload.stdout.contains("\(sock("c")): not in the file, kept (added with dpctl add-disk"), "\(reload.stdout)")
+        #expect(reload.stdout.contains("not applied: \(sock("e")): cannot serve e"), "\(reload.stdout)")
+        #expect(try Self.servedSockets(control) == [sock("a"), sock("c"), sock("d")])
+        #expect(!FileManager.default.fileExists(atPath: sock("b")) && !FileManager.default.fileExists(atPath: sock("e")),
+                "b removed; e not left half served")
+        #expect(FileManager.default.contents(atPath: notASocket) == Data("keep".utf8))
+
+        // SIGHUP: d goes; a's frontend is connected, so a stays although the file drops it.
+        let g = try TestGuest(queues: 1, queueSize: 64, memorySize: 4 << 20)
+        let conn = try g.connectFrontend(sock("a"))
+        defer { vuf_close(conn) }
+        write([("c", [sock("c")])])
+        kill(dp.process.processIdentifier, SIGHUP)
+        let deadline = Date().addingTimeInterval(10)
+        while dp.log.components(separatedBy: "reload of \(file) done").count < 3 && Date() < deadline { usleep(20_000) }
+        #expect(dp.log.contains("reload of \(file) done: 2 change(s) applied, 1 not applied"), "\(dp.log)")
+        #expect(dp.log.contains("reload: not applied: \(sock("a")): removed from the file, still served: a frontend is connected"), "\(dp.log)")
+        #expect(dp.log.contains("\(sock("c")): added with dpctl add-disk, now in the file"), "\(dp.log)")
+        #expect(try Self.servedSockets(control) == [sock("a"), sock("c")])
+        #expect(vuf_is_closed(conn, 100) == 0, "a's frontend was left alone")
+        let buf = g.alloc(4096)
+        #expect(try g.run(type: UInt32(GD_BLK_T_IN), segments: [(buf, 4096)]).status == 0)
+    }
 }
