@@ -142,11 +142,13 @@ struct Start: ParsableCommand {
         dpctl leaves passed sockets' files in place when it exits. See
         contrib/systemd/ and the README.
 
-        SIGHUP re-reads --config: disks added to the file are served,
-        fault= and socket-owner/-group/-mode changes are applied; a disk
-        removed from the file stays served and other changes wait for a
-        restart (each is logged as such). Without --config, SIGHUP changes
-        nothing.
+        SIGHUP (or 'dpctl reload') re-reads --config: disks added to the
+        file are served, disks removed from it are removed (not one whose
+        frontend is connected, nor disks added with 'dpctl add-disk'), fault=
+        and socket-owner/-group/-mode changes are applied; other changes
+        wait for a restart (each is logged as such). Without --config, SIGHUP
+        changes nothing. 'dpctl add-disk' and 'dpctl remove-disk' change the
+        disks of a running instance.
 
         VHOST-USER BACKEND CONVENTIONS: --socket-path PATH is --socket PATH
         for the one disk; --fd N serves the one disk on the listening unix
@@ -193,8 +195,8 @@ struct Start: ParsableCommand {
     var notifyAfter: Int?
 
     @Option(help: ArgumentHelp("""
-        Control socket for status, stats, resume and stop (default FIRST-SOCKET.ctl); like a disk's \
-        socket, it replaces only a stale socket
+        Control socket for status, stats, resume, stop, add-disk, remove-disk and reload (default \
+        FIRST-SOCKET.ctl); like a disk's socket, it replaces only a stale socket
         """, valueName: "path"), completion: .file())
     var control: String?
 

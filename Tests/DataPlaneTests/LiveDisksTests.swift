@@ -434,3 +434,55 @@ import Testing
         #expect(try g.run(type: UInt32(GD_BLK_T_IN), segments: [(buf, 4096)]).status == 0)
     }
 }
+
+extension QEMUEndToEndTests {
+    /// A guest under QEMU (TCG) writes and reads its disk (long-io) while
+    /// other disks of the same dpctl are added and removed through dpctl,
+    /// each with a frontend doing I/O and connected at its removal: the
+    /// guest's workload passes, and the host finds what it wrote in its image.
+    @Test func disksComeAndGoBesideARunningGuest() throws {
+        let w = try Workspace(imageSize: 64 << 20)
+        let dp = try Instance(["--disk", w.image, "--socket", w.socket, "--num-queues", "1"], log: w.dir + "/dpctl.log")
+        defer { _ = dp.terminate() }
+        let control = w.socket + ".ctl"
+        let boot = Process()
+        boot.executableURL = URL(fileURLWithPath: "/bin/bash")
+        boot.arguments = [Self.root.appendingPathComponent("Tests/e2e/boot.sh").path, "--socket", w.socket,
+                          "--workload", "long-io", "--seconds", "8", "--log", w.dir + "/guest.log",
+                          "--verify-image", w.image, "--timeout", "240"]
+        let out = Pipe()
+        boot.standardOutput = out
+        boot.standardError = out
+        try boot.run()
+        let deadline = Date().addingTimeInterval(200)
+        while !guestTail(w).contains("E2E-PROGRESS") && Date() < deadline && boot.isRunning { usleep(100_000) }
+        #expect(guestTail(w).contains("E2E-PROGRESS"), "the guest does I/O: \(guestTail(w))")
+
+        var cycles = 0
+        while boot.isRunning && cycles < 20 {
+            let image = w.dir + "/other\(cycles % 2).raw", socket = w.dir + "/other\(cycles).sock"
+            if !FileManager.default.fileExists(atPath: image) {
+                _ = FileManager.default.createFile(atPath: image, contents: Data(count: 1 << 20))
+            }
+            let added = try DpctlTests.dpctl(["add-disk", "--control", control, "--disk", "path=\(image),socket=\(socket),num-queues=1"])
+            #expect(added.status == 0, "\(added.stderr)")
+            let g = try TestGuest(queues: 1, queueSize: 64, memorySize: 4 << 20)
+            let conn = try g.connectFrontend(socket)
+            let buf = g.alloc(4096)
+            #expect(try g.run(type: UInt32(GD_BLK_T_OUT), sector: UInt64(cycles) * 8, segments: [(buf, 4096)]).status == 0)
+            let removed = try DpctlTests.dpctl(["remove-disk", "--control", control, "--socket", socket, "--force"])
+            #expect(removed.status == 0 && removed.stdout.contains("image closed"), "\(removed.stderr)")
+            vuf_close(conn)
+            cycles += 1
+        }
+        let output = String(decoding: out.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+        boot.waitUntilExit()
+        print("e2e: \(cycles) disks added and removed through dpctl while the guest ran")
+        #expect(cycles >= 3, "disks came and went while the guest ran (\(cycles))")
+        #expect(boot.terminationStatus == 0, "boot.sh: \(output)\nguest: \(guestTail(w))\ndpctl: \(dp.log)")
+        #expect(output.contains("pattern.sh: OK"), "the host checked the image: \(output)")
+        #expect(try LiveDisksTests.servedSockets(control) == [w.socket])
+        #expect(!dp.log.contains("broken"), "\(dp.log)")
+        if boot.terminationStatus == 0 { w.remove() }
+    }
+}
