@@ -164,7 +164,11 @@ public final class DataPlane: Sendable {
         return last
     }
 
-    /// Removes a disk, stopping its queues first.
+    /// Removes a disk, stopping its queues first (outside the lock that
+    /// other disks' calls take). The image closes, and its locks go, once
+    /// nothing refers to the ``Disk`` any more: remove its sockets first
+    /// (``VhostUserServer/removeExports(of:)``) and drop the caller's
+    /// reference.
     public func removeDisk(_ disk: Disk) {
         let entry = state.withLock { $0.disks.removeValue(forKey: ObjectIdentifier(disk)) }
         entry?.queues.values.forEach { $0.stop() }

@@ -139,7 +139,16 @@ final class Instance: Sendable {
             if queues > plane.threads.count * 256 {
                 throw CLIError("\(queues) queues are more than \(plane.threads.count) IOThread(s) serve (256 each): lower num-queues (IOThreads are set at start)")
             }
-            try serve(entry, configuration, inherited: nil, fromFile: false, into: &state)
+            do {
+                try serve(entry, configuration, inherited: nil, fromFile: false, into: &state)
+            } catch DataPlaneError.imageLocked(let path, let permission, let heldByOther) {
+                let error = DataPlaneError.imageLocked(path: path, permission: permission, heldByOther: heldByOther)
+                // The "other process" may be us: say so.
+                if let other = state.served.first(where: { absolutePath($0.entry.path) == absolutePath(entry.path) }) {
+                    throw CLIError("\(entry.path) is served by this instance already, on \(other.entry.socket): \(error)")
+                }
+                throw error
+            }
             state.current.disks.append(entry)
             var lines = ["added \(Self.describe(entry, state.served[state.served.count - 1].disk))"]
             if let file = source?.file {

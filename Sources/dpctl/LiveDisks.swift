@@ -67,7 +67,7 @@ struct AddDisk: ParsableCommand {
         that cannot be opened or is locked, a socket in use), 2 on a usage error.
         """)
 
-    @Option(help: ArgumentHelp("The instance's control socket (a disk's socket + .ctl unless it was started with --control)",
+    @Option(help: ArgumentHelp("The instance's control socket (its --control, by default its first disk's socket + .ctl)",
                                valueName: "path"), completion: .file())
     var control: String
 
@@ -101,7 +101,9 @@ struct RemoveDisk: ParsableCommand {
         usage: "dpctl remove-disk --socket PATH [--control PATH] [--force]",
         discussion: """
         Removes the disk served on --socket (any of its sockets names it; the
-        instance is reached at --control, by default PATH.ctl): each socket's
+        instance is reached at --control, by default PATH.ctl, which is the
+        instance's control socket only when PATH is its first disk's socket
+        and it was started without --control): each socket's
         frontend is disconnected after its queues drain (requests in flight
         complete; requests the error policy holds fail with an I/O error, or,
         when the frontend tracks inflight I/O, stay in its inflight region for
