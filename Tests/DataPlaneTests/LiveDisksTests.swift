@@ -290,7 +290,7 @@ import Testing
         }
 
         let images = try (0..<2).map { _ in try TestImage(size: 1 << 20, in: dir) }
-        let cycles = 12
+        let cycles = 40
         var removed: [VhostUserServer.RemovedExport] = []
         let clock = ContinuousClock()
         let churnStart = clock.now
