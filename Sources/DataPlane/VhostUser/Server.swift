@@ -288,8 +288,11 @@ public final class VhostUserServer: Sendable {
         // close the socket under it).
         let launched: Launched = state.withLock { state in
             guard !state.stopping else { return .stopping }
-            // start() and addExport() raced (or a failed addExport took it back).
-            guard let i = state.index(of: export), state.exports[i].thread == nil else { return .alreadyRunning }
+            // start() and addExport() raced (or a failed addExport, or a
+            // removeExport, took it back).
+            guard let i = state.index(of: export), state.exports[i].thread == nil, !state.exports[i].joined else {
+                return .alreadyRunning
+            }
             do throws(Errno) {
                 state.exports[i].thread = try ControlThread { [self] in run(export) }
                 return .started
