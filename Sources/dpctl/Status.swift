@@ -8,7 +8,8 @@ struct Status: ParsableCommand {
         usage: "dpctl status (--control PATH | --socket PATH) [--json]",
         discussion: """
         Shows the IOThreads (CPUs, NUMA node), each disk (socket, frontend
-        connected or not, size, mode, a failed flush) and its running queues
+        connected or not, size, mode, a failed flush, its I/O limits and
+        throttle group) and its running queues
         (IOThread, ring indices, requests in flight, broken rings, queues
         stopped on error).
 
@@ -107,6 +108,10 @@ enum StatusCommand {
                       + (socket.dirtyLogBytes.map { ", migrating: logging dirty pages (log of \(binarySize(UInt64($0))))" } ?? ""))
             }
             if let reason = d.flushFailure { print("  \(ControlServer.flushFailureText(reason))") }
+            if d.ioLimits != nil || d.throttleGroup != nil {
+                print("  I/O limits: \(d.ioLimits?.description ?? "none")\(d.throttleGroup.map { " (group \($0))" } ?? "")"
+                      + (d.throttledRequests.map { ", \($0) request(s) waited" } ?? ""))
+            }
             for q in d.queues {
                 let state = q.broken.map { "BROKEN (\($0)): the guest must reset the device" }
                     ?? q.stoppedOnError.map { "STOPPED on error: \($0), \(q.heldRequests ?? 0) request(s) held; fix the cause, then 'dpctl resume'" }
