@@ -188,7 +188,9 @@ enum ConfigFile {
         var spelling: [String: String] = [:]
         for (given, member) in members {
             guard let key = keys.first(where: { $0.name == given || $0.alias == given }) else {
-                throw CLIError("unknown key \(given.debugDescription) in \(place) (keys: \(keys.map(\.name).joined(separator: ", ")))")
+                let names = keys.map(\.name).filter { !IOLimitKeys.isLimitKey($0) }
+                    + (keys.contains { IOLimitKeys.isLimitKey($0.name) } ? [IOLimitKeys.summary] : [])
+                throw CLIError("unknown key \(given.debugDescription) in \(place) (keys: \(names.joined(separator: ", ")))")
             }
             if let earlier = spelling[key.name] {
                 throw CLIError("\(place) gives both \(earlier.debugDescription) and \(given.debugDescription), "

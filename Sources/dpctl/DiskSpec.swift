@@ -37,7 +37,9 @@ enum DiskSpec {
         Key("socket-owner", "USER"), Key("socket-group", "GROUP"), Key("socket-mode", "MODE"),
     ] + IOLimitKeys.limitKeys.map { Key($0, "N") } + [Key(IOLimitKeys.groupKey, "NAME")]
 
-    static var keyNames: String { keys.map(\.name).joined(separator: ", ") }
+    static var keyNames: String {
+        keys.map(\.name).filter { !IOLimitKeys.isLimitKey($0) }.joined(separator: ", ") + ", " + IOLimitKeys.summary
+    }
 
     static func key(named name: String) -> Key? { keys.first { $0.name == name } }
 

@@ -10,6 +10,12 @@ enum IOLimitKeys {
     static let limitKeys = IOLimits.keys
     static let groupKey = "group"
 
+    static func isLimitKey(_ name: String) -> Bool { name == groupKey || limitKeys.contains(name) }
+
+    /// The limit keys in a message listing keys.
+    static let summary = "I/O limits bps-total, bps-read, bps-write, iops-total, iops-read, iops-write "
+        + "(each also KEY-max and KEY-max-length), iops-size, group"
+
     /// A limit's value: a whole number, 0 to remove it, or with a binary
     /// suffix (10M = 10 MiB/s, 4k = 4096), as QEMU takes sizes.
     static func parse(_ text: String, option: String) throws(CLIError) -> UInt64 {
