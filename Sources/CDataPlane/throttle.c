@@ -207,9 +207,10 @@ int dp_throttle_set(struct dp_throttle *t, const struct dp_throttle_config *conf
         atomic_store_explicit(&t->bucket[b].tat, 0, memory_order_relaxed);
         atomic_store_explicit(&t->bucket[b].burst_tat, 0, memory_order_relaxed);
     }
-    /* Release: the queues' next acquire of a disk's throttle pointer (or a
-     * later pass; relaxed words arrive soon anyway) sees all of it. */
-    atomic_thread_fence(memory_order_release);
+    /* No ordering among the words: each is valid alone (rate_set), and a
+     * request judged by a mix of old and new is one request. A throttle
+     * set before dp_disk_set_throttle publishes it is seen whole (that
+     * store releases, the queue's load acquires). */
     return 0;
 }
 

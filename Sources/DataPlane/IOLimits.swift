@@ -39,7 +39,7 @@ public struct IOLimits: Sendable, Equatable, Codable, CustomStringConvertible {
     public var iopsSize: UInt64 = 0
 
     public init(_ limits: [Kind: Limit] = [:], iopsSize: UInt64 = 0) {
-        self.limits = limits
+        self.limits = limits.filter { $0.value != Limit() } // as the subscript keeps them: equal limits compare equal
         self.iopsSize = iopsSize
     }
 

@@ -124,19 +124,22 @@ import Testing
     /// max-length) each hold within 5%; an unlimited disk on the same
     /// IOThread as three of them keeps its pace.
     @Test func limitsHoldOverTenSecondsBesideAnUnlimitedDisk() throws {
-        // 0: iops, 1: bps, 2 and 3: a group (3 on the other IOThread), 4: burst, 5: unlimited.
-        let bench = try Bench(threads: 2, placement: [0, 0, 0, 1, 0, 0])
+        // 0: iops, 1: bps, 2 and 3: a group (3 on the other IOThread), 4: burst, 5: unlimited,
+        // 6: iops with iops-size (16 KiB reads count as 4).
+        let bench = try Bench(threads: 2, placement: [0, 0, 0, 1, 0, 0, 1])
         let plane = bench.plane
         try plane.setLimits(IOLimits([.iopsTotal: .init(rate: 2000)]), for: bench.disks[0])
         try plane.setLimits(IOLimits([.bpsRead: .init(rate: 8 << 20)]), for: bench.disks[1])
         try plane.join(bench.disks[2], group: "tenant", limits: IOLimits([.iopsTotal: .init(rate: 1500)]))
         try plane.join(bench.disks[3], group: "tenant")
         try plane.setLimits(IOLimits([.iopsTotal: .init(rate: 200, max: 2000, maxLength: 2)]), for: bench.disks[4])
+        try plane.setLimits(IOLimits([.iopsRead: .init(rate: 400)], iopsSize: 4096), for: bench.disks[6])
         #expect(plane.limits(of: bench.disks[3]) == DiskLimits(group: "tenant", limits: IOLimits([.iopsTotal: .init(rate: 1500)])))
 
         let loads = [Load(guest: bench.guests[0], depth: 8), Load(guest: bench.guests[1], depth: 4, size: 64 << 10),
                      Load(guest: bench.guests[2], depth: 8), Load(guest: bench.guests[3], depth: 8),
-                     Load(guest: bench.guests[4], depth: 8), Load(guest: bench.guests[5], depth: 16)]
+                     Load(guest: bench.guests[4], depth: 8), Load(guest: bench.guests[5], depth: 16),
+                     Load(guest: bench.guests[6], depth: 4, size: 16 << 10)]
         // The unlimited disk alone first: its pace without neighbours.
         loads[5].start()
         usleep(300_000)
@@ -145,7 +148,7 @@ import Testing
         let solo = Double(loads[5].count(from: soloStart, to: soloStart + 1))
 
         let start = Self.monotonic()
-        loads[0..<5].forEach { $0.start() }
+        loads.enumerated().forEach { i, load in if i != 5 { load.start() } }
         usleep(11_100_000)
         loads.forEach { $0.stop() }
         #expect(loads.allSatisfy { $0.failures == 0 })
@@ -158,9 +161,10 @@ import Testing
         let firstSecond = Double(loads[4].count(from: start, to: start + 1))
         let settled = Double(loads[4].count(from: start + 4, to: to)) / 7
         let unlimited = Double(loads[5].count(from: from, to: to)) / 10
+        let sized = Double(loads[6].count(from: from, to: to)) / 10
         print("throttle: iops \(iops)/2000, bps \(bps)/\(8 << 20), group \(group)/1500 "
               + "(\(loads[2].count(from: from, to: to)) + \(loads[3].count(from: from, to: to))), "
-              + "burst first second \(firstSecond) then \(settled)/200, unlimited \(unlimited)/s beside them, \(solo)/s alone")
+              + "burst first second \(firstSecond) then \(settled)/200, 16K reads at iops-read=400,iops-size=4096 \(sized)/100, unlimited \(unlimited)/s beside them, \(solo)/s alone")
         #expect(Self.within(iops, 2000, 0.05), "iops-total=2000: \(iops)")
         #expect(Self.within(bps, Double(8 << 20), 0.05), "bps-read=8M: \(bps)")
         #expect(Self.within(group, 1500, 0.05), "group iops-total=1500: \(group)")
@@ -168,6 +172,7 @@ import Testing
         // max 2000/s for up to 2 s of a 4000-unit bucket: about 2000 (+200 of the burst bucket) in the first second.
         #expect(firstSecond >= 1800 && firstSecond <= 2300, "burst at iops-total-max=2000: \(firstSecond) in the first second")
         #expect(Self.within(settled, 200, 0.05), "after the burst, iops-total=200: \(settled)")
+        #expect(Self.within(sized, 100, 0.05), "16 KiB reads at iops-read=400, iops-size=4096: \(sized)")
         // Waiting requests of its neighbours never hold the unlimited disk up: it runs
         // far past every limit, and at a pace near its own alone (this machine is shared: loosely).
         #expect(unlimited > 10 * 2000, "unlimited: \(unlimited)/s")
