@@ -316,6 +316,9 @@ import Testing
         let diskB = disks.first { $0["socket"] as? String == b }
         #expect((diskB?["ioLimits"] as? [String: Any])?["iops-write"] as? Int == 20, "\(status.stdout)")
         #expect((diskB?["throttledRequests"] as? Int ?? 0) >= 15, "\(status.stdout)")
+        let stats = try DpctlTests.dpctl(["stats", "--socket", a, "--interval", "0.2"])
+        #expect(stats.stdout.contains("I/O limits of null: bps-read=10485760 iops-write=20, ")
+                && stats.stdout.contains("I/O limits of null: iops-total=1000 (group g1)"), "\(stats.stdout)\(stats.stderr)")
 
         // Total and read of one kind exclude each other: refused, the key named, nothing changed.
         let refused = try DpctlTests.dpctl(["throttle", "--control", a + ".ctl", "--socket", b, "--iops-total", "100"])
