@@ -420,16 +420,19 @@ static bool pass_budget_left(struct pass_budget *b)
 unsigned queue_pop_batch(struct dp_queue *q, uint64_t now)
 {
     q->budget_spent = false;
-    unsigned popped = 0;
     /* Acquire: dp_disk_set_throttle published the buckets before it. */
     q->throttle = atomic_load_explicit(&q->io.disk->throttle, memory_order_acquire);
+    /* The request that waited for its limit is work (the pass goes on),
+     * but was popped and counted before. */
+    unsigned released = 0;
     if (q->throttled) {
         if (!queue_throttle_release(q, now))
             return 0;
-        popped++;
+        released = 1;
     }
     if (!queue_can_pop(q))
-        return popped;
+        return released;
+    unsigned popped = 0;
     /* One clock read per queue with work per pass: its own start (the
      * pass's may be long past, spent on completions and other queues). */
     struct pass_budget budget = {.next_clock = DP_QUEUE_PASS_CLOCK_EVERY, .start_ns = now_ns()};
@@ -443,7 +446,7 @@ unsigned queue_pop_batch(struct dp_queue *q, uint64_t now)
         int avail = vring_avail_count(&q->vr);
         if (avail < 0) {
             queue_break(q, avail);
-            return popped;
+            return popped + released;
         }
         unsigned n = (unsigned)avail < q->free_count ? (unsigned)avail : q->free_count;
         /* Like QEMU's werror=stop, the requests of a batch already fetched go
@@ -461,7 +464,7 @@ unsigned queue_pop_batch(struct dp_queue *q, uint64_t now)
         STAT_SET(q->stats.last_avail_idx, vring_last_avail_idx(&q->vr));
         STAT_SET(q->stats.in_flight, q->in_flight);
     }
-    return popped;
+    return popped + released;
 }
 
 bool queue_publish_and_notify(struct dp_queue *q)
