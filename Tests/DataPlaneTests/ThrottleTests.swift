@@ -182,6 +182,37 @@ import Testing
         #expect(plane.queues(of: bench.disks[5])[0].statistics().throttledRequests == 0)
     }
 
+    /// A disk's two queues on two IOThreads share its buckets: the limit
+    /// holds for their sum.
+    @Test func aDisksQueuesOnTwoIOThreadsShareItsLimit() throws {
+        let cpus = try CPUSet(parsing: "0-\(ProcessInfo.processInfo.activeProcessorCount - 1)")
+        let plane = try DataPlane(iothreads: (0..<2).map {
+            IOThreadConfiguration(name: "thr-io\($0)", cpuset: cpus, pollMaxMicroseconds: 0)
+        })
+        defer { plane.stop() }
+        var config = DiskConfiguration(path: "null", backend: .null)
+        config.numQueues = 2
+        config.queueSize = 128
+        let disk = try plane.addDisk(config, iothreads: [0, 1])
+        // A guest each (one ring each), as two vCPUs' queues of one device would be.
+        let guests = try (0..<2).map { _ in try TestGuest(queues: 1, queueSize: 128) }
+        for (i, g) in guests.enumerated() {
+            _ = try plane.startQueue(disk: disk, index: i, memory: g.memory, configuration: g.queueConfiguration(0))
+        }
+        #expect(plane.queues(of: disk).map(\.thread.configuration.name) == ["thr-io0", "thr-io1"])
+        try plane.setLimits(IOLimits([.iopsTotal: .init(rate: 1000)]), for: disk)
+        let loads = guests.map { Load(guest: $0, depth: 8) }
+        let start = Self.monotonic()
+        loads.forEach { $0.start() }
+        usleep(2_600_000)
+        loads.forEach { $0.stop() }
+        let counts = loads.map { $0.count(from: start + 0.5, to: start + 2.5) }
+        let sum = Double(counts.reduce(0, +)) / 2
+        print("throttle: one disk, two queues on two IOThreads: \(sum)/1000 (\(counts))")
+        #expect(Self.within(sum, 1000, 0.05), "iops-total=1000 over two queues: \(sum) (\(counts))")
+        #expect(counts.allSatisfy { $0 > 0 })
+    }
+
     /// A new limit reaches a queue within 100 ms, both ways, also one
     /// whose request waits for a bucket that refills only in 0.5 s.
     @Test func aChangedLimitTakesEffectWithin100ms() throws {
