@@ -260,6 +260,9 @@ import Testing
         #expect(took >= 0.3 && took < 1.5, "10 writes at 20/s took \(took) s")
         let s = plane.queues(of: disk)[0].statistics()
         #expect(s.throttledRequests >= 7 && s.writes == 10 && s.flushes == 1)
+        let metrics = parseExposition(PrometheusExporter(plane: plane).renderString())
+        #expect(metrics["dataplane_throttled_requests_total{disk=\"null\",queue=\"0\"}"] == Double(s.throttledRequests))
+        #expect((metrics["dataplane_throttled_seconds_total{disk=\"null\",queue=\"0\"}"] ?? 0) > 0.2, "\(metrics)")
 
         // Reads are not writes: iops-write leaves them alone.
         let readStart = Self.monotonic()
