@@ -237,6 +237,15 @@ int dp_disk_set_fault(struct dp_disk *disk, const struct dp_fault_config *fault)
     return 0;
 }
 
+int dp_disk_set_throttle(struct dp_disk *disk, struct dp_throttle *t)
+{
+    if (!disk)
+        return -EINVAL;
+    /* Release: a queue that acquires the pointer sees the buckets set. */
+    atomic_store_explicit(&disk->throttle, t, memory_order_release);
+    return 0;
+}
+
 int dp_disk_claim_io(struct dp_disk *disk, bool exclusive)
 {
     if (!disk)

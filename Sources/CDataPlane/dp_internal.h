@@ -92,6 +92,9 @@ struct dp_disk {
     _Atomic uint64_t fault_after;
     _Atomic uint32_t fault_every;
     _Atomic uint64_t fault_seen;
+    /* I/O limits (throttle.h), or NULL: read by each queue once a pass
+     * (acquire, against dp_disk_set_throttle's release). */
+    _Atomic(struct dp_throttle *) throttle;
     /* Register guest memory for READ_FIXED/WRITE_FIXED (dp_disk_config). */
     bool fixed_buffers;
 };

@@ -87,11 +87,11 @@ void iothread_free(void *p, size_t size, int node)
 /* ------------------------------------------------------------ queues on the thread */
 
 /* Requests leave room for every queue's kick read, its cancel and drain,
- * and a call and an err signal, and for control, so that those are never
- * starved by I/O (loop_get_req_sqe). */
+ * a call and an err signal and its throttle timer, and for control, so
+ * that those are never starved by I/O (loop_get_req_sqe). */
 static void queues_changed(struct dp_iothread *t)
 {
-    t->loop.req_reserve = 8 + 5 * t->nqueues;
+    t->loop.req_reserve = 8 + 6 * t->nqueues;
     STAT_SET(t->stats.queues, t->nqueues);
 }
 

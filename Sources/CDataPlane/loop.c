@@ -110,6 +110,16 @@ int loop_arm_read(struct loop *l, int fd, uint64_t *buf, struct loop_op *op)
     return 0;
 }
 
+int loop_arm_timeout(struct loop *l, struct __kernel_timespec *ts, struct loop_op *op)
+{
+    struct io_uring_sqe *sqe = loop_get_sqe(l);
+    if (!sqe)
+        return -EBUSY;
+    io_uring_prep_timeout(sqe, ts, 0, 0);
+    io_uring_sqe_set_data64(sqe, op_data(op));
+    return 0;
+}
+
 int loop_arm_poll(struct loop *l, int fd, bool multishot, struct loop_op *op)
 {
     struct io_uring_sqe *sqe = loop_get_sqe(l);

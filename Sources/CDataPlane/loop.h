@@ -97,6 +97,9 @@ int loop_signal(struct loop *l, int fd);
  * CQE with IORING_CQE_F_MORE per readiness); -EBUSY without an SQE. */
 int loop_arm_read(struct loop *l, int fd, uint64_t *buf, struct loop_op *op);
 int loop_arm_poll(struct loop *l, int fd, bool multishot, struct loop_op *op);
+/* A relative timeout: one CQE (-ETIME) after *ts, which must stay put
+ * until the next enter submits it. -EBUSY without an SQE. */
+int loop_arm_timeout(struct loop *l, struct __kernel_timespec *ts, struct loop_op *op);
 /* Cancels what op armed; ends a poll. -EBUSY without an SQE. */
 int loop_cancel(struct loop *l, struct loop_op *op);
 int loop_poll_remove(struct loop *l, struct loop_op *op);

@@ -12,7 +12,8 @@
 
 bool queue_accepts_work(const struct dp_queue *q)
 {
-    return q->attached && !q->paused && !q->error_stopped && !q->stopping && !q->broken && q->free_count;
+    return q->attached && !q->paused && !q->error_stopped && !q->stopping && !q->broken && q->free_count &&
+           !q->throttled;
 }
 
 bool queue_can_pop(const struct dp_queue *q)
@@ -188,6 +189,76 @@ static int queue_walk(struct dp_queue *q, uint16_t head, bool resubmit, struct v
     return ret;
 }
 
+/* ------------------------------------------------------------ I/O limits */
+
+static void throttle_timer_done(struct loop_op *op, int res, uint32_t cqe_flags)
+{
+    (void)res, (void)cqe_flags;
+    struct dp_queue *q = dp_container_of(op, struct dp_queue, throttle_timer);
+    /* The pass that reaped this looks at the waiting request next
+     * (queue_pop_batch): no work here. */
+    q->throttle_timer_armed = false;
+}
+
+/* One timer a queue: for when its bucket allows the waiting request, but
+ * no later than DP_THROTTLE_RECHECK_NS, so that a changed limit is seen. */
+static void queue_throttle_arm(struct dp_queue *q, uint64_t wait)
+{
+    if (q->throttle_timer_armed)
+        return;
+    if (wait > DP_THROTTLE_RECHECK_NS)
+        wait = DP_THROTTLE_RECHECK_NS;
+    q->throttle_ts.tv_sec = 0;
+    q->throttle_ts.tv_nsec = (long long)wait;
+    q->throttle_timer.done = throttle_timer_done;
+    if (loop_arm_timeout(q->loop, &q->throttle_ts, &q->throttle_timer)) {
+        q->loop->rearm_pending = true; /* the next pass arms it */
+        return;
+    }
+    q->throttle_timer_armed = true;
+}
+
+/* With I/O limits: true when req may start now (it is counted); else it
+ * waits in q->throttled and the queue takes nothing more. */
+static bool queue_throttle_admit(struct dp_queue *q, struct blk_req *req, uint64_t now)
+{
+    int dir = throttle_direction(req->op);
+    if (dir < 0)
+        return true;
+    uint64_t wait = throttle_wait(q->throttle, dir, now);
+    if (!wait) {
+        throttle_account(q->throttle, dir, req->len, now);
+        return true;
+    }
+    q->throttled = req;
+    q->throttled_since = now;
+    STAT_ADD(q->stats.throttled, 1);
+    queue_throttle_arm(q, wait);
+    return false;
+}
+
+/* The waiting request starts once its limit allows, or at once when the
+ * limits went or the queue is to drain (a stop, pause or memory swap must
+ * not wait for a bucket: QEMU lifts its limits during a drain too). True
+ * when it started. */
+static bool queue_throttle_release(struct dp_queue *q, uint64_t now)
+{
+    struct blk_req *req = q->throttled;
+    if (q->throttle && !q->drain_waiter && !q->stopping && !q->paused) {
+        int dir = throttle_direction(req->op);
+        uint64_t wait = throttle_wait(q->throttle, dir, now);
+        if (wait) {
+            queue_throttle_arm(q, wait);
+            return false;
+        }
+        throttle_account(q->throttle, dir, req->len, now);
+    }
+    q->throttled = NULL;
+    STAT_ADD(q->stats.throttled_ns, now - q->throttled_since);
+    queue_submit_io(q, req, now);
+    return true;
+}
+
 /* A walked chain becomes a request: parsed, then answered at once or
  * handed to the backend (with fail_io, failed instead). */
 static void queue_run(struct dp_queue *q, struct blk_req *req, struct vring_chain *chain, uint64_t now,
@@ -211,7 +282,7 @@ static void queue_run(struct dp_queue *q, struct blk_req *req, struct vring_chai
         queue_complete(q, req, (uint8_t)result, now);
     else if (fail_io)
         queue_complete(q, req, VIRTIO_BLK_S_IOERR, now);
-    else
+    else if (!q->throttle || queue_throttle_admit(q, req, now))
         queue_submit_io(q, req, now);
 }
 
@@ -349,15 +420,25 @@ static bool pass_budget_left(struct pass_budget *b)
 unsigned queue_pop_batch(struct dp_queue *q, uint64_t now)
 {
     q->budget_spent = false;
+    /* Acquire: dp_disk_set_throttle published the buckets before it. */
+    q->throttle = atomic_load_explicit(&q->io.disk->throttle, memory_order_acquire);
+    /* The request that waited for its limit is work (the pass goes on),
+     * but was popped and counted before. */
+    unsigned released = 0;
+    if (q->throttled) {
+        if (!queue_throttle_release(q, now))
+            return 0;
+        released = 1;
+    }
     if (!queue_can_pop(q))
-        return 0;
+        return released;
     unsigned popped = 0;
     /* One clock read per queue with work per pass: its own start (the
      * pass's may be long past, spent on completions and other queues). */
     struct pass_budget budget = {.next_clock = DP_QUEUE_PASS_CLOCK_EVERY, .start_ns = now_ns()};
     uint32_t *cost = &budget.cost;
     /* Requests in flight when the previous backend went away come first. */
-    while (q->resubmit_next < q->resubmit_count && q->free_count && !q->error_stopped &&
+    while (q->resubmit_next < q->resubmit_count && q->free_count && !q->error_stopped && !q->throttled &&
            pass_budget_left(&budget) && queue_start(q, queue_resubmit_take(q), now, false, true, cost))
         popped++;
     /* Heads still waiting to run again were popped before anything new. */
@@ -365,12 +446,12 @@ unsigned queue_pop_batch(struct dp_queue *q, uint64_t now)
         int avail = vring_avail_count(&q->vr);
         if (avail < 0) {
             queue_break(q, avail);
-            return popped;
+            return popped + released;
         }
         unsigned n = (unsigned)avail < q->free_count ? (unsigned)avail : q->free_count;
         /* Like QEMU's werror=stop, the requests of a batch already fetched go
          * on; an error-policy stop holds back the batches after it. */
-        for (unsigned i = 0; i < n && pass_budget_left(&budget) && queue_pop_one(q, now, cost); i++)
+        for (unsigned i = 0; i < n && !q->throttled && pass_budget_left(&budget) && queue_pop_one(q, now, cost); i++)
             popped++;
     }
     q->budget_spent = budget.spent && queue_can_pop(q);
@@ -383,7 +464,7 @@ unsigned queue_pop_batch(struct dp_queue *q, uint64_t now)
         STAT_SET(q->stats.last_avail_idx, vring_last_avail_idx(&q->vr));
         STAT_SET(q->stats.in_flight, q->in_flight);
     }
-    return popped;
+    return popped + released;
 }
 
 bool queue_publish_and_notify(struct dp_queue *q)

@@ -4,9 +4,12 @@
 #ifndef DP_QUEUE_H
 #define DP_QUEUE_H
 
+#include <linux/time_types.h>
+
 #include "backend.h"
 #include "dirty_log.h"
 #include "dp_internal.h"
+#include "throttle.h"
 #include "vring.h"
 
 struct loop;
@@ -83,6 +86,15 @@ struct dp_queue {
     uint16_t *pushed;           /* heads pushed since the last publish (inflight clearing) */
     uint32_t pushed_count;
     uint32_t longest_chain;     /* most iovecs a request carried (statistics) */
+    /* I/O limits: the disk's buckets as this pass read them (NULL: none),
+     * and the request over its limit, popped and parsed, that waits with
+     * nothing of the queue after it started; a timer wakes the loop. */
+    struct dp_throttle *throttle;
+    struct blk_req *throttled;
+    uint64_t throttled_since;
+    struct loop_op throttle_timer;
+    struct __kernel_timespec throttle_ts; /* the armed timer's, until submitted */
+    bool throttle_timer_armed;
     struct dirty_log log;       /* live migration: pages we write get marked; off when bitmap is NULL */
     struct iovec *log_iov;      /* with logging, slots * DP_REQ_MAX_IOV: each request's writable
                                  * iovecs as walked (the backend advances its own in place) */

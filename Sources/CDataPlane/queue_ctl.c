@@ -198,7 +198,9 @@ struct ctl_msg *queue_check_drained(struct dp_queue *q, bool *detach, int *resul
     struct ctl_msg *msg = q->drain_waiter;
     *detach = false;
     drain_held(q, msg);
-    if (q->in_flight - q->held_count || q->dirty)
+    /* An armed throttle timer (at most DP_THROTTLE_RECHECK_NS) points at
+     * the queue: it comes back before the queue may go. */
+    if (q->in_flight - q->held_count || q->dirty || q->throttle_timer_armed)
         return NULL;
     if (q->stopping) {
         if (!stop_finished(q))

@@ -36,6 +36,8 @@ void stats_queue_snapshot(const struct dp_queue_counters *c, struct dp_queue_sta
     out->last_avail_idx = STAT_LOAD(c->last_avail_idx);
     out->used_idx = STAT_LOAD(c->used_idx);
     out->recovered = STAT_LOAD(c->recovered);
+    out->throttled = STAT_LOAD(c->throttled);
+    out->throttled_ns = STAT_LOAD(c->throttled_ns);
 }
 
 void stats_thread_snapshot(const struct dp_thread_counters *c, struct dp_iothread_stats *out)

@@ -26,6 +26,8 @@ struct dp_queue_counters {
     _Atomic uint16_t used_idx;
     _Atomic uint32_t longest_chain;
     _Atomic uint64_t recovered;
+    _Atomic uint64_t throttled;
+    _Atomic uint64_t throttled_ns;
     _Alignas(64) _Atomic uint64_t errors[DP_ERR_COUNT];
     _Atomic uint64_t bounces;
     _Atomic uint64_t bounce_bytes_peak;

@@ -54,6 +54,8 @@ public final class DataPlane: Sendable {
     /// The IOThreads, in configuration order.
     public let threads: [IOThread]
     private let state = Mutex<State>(State())
+    /// Named throttle groups (IOLimits.swift).
+    let throttleGroups = ThrottleGroups()
 
     /// Starts one pinned IOThread per configuration.
     public init(iothreads: [IOThreadConfiguration]) throws(DataPlaneError) {

@@ -34,6 +34,9 @@ public final class Disk: Sendable {
     /// ``logicalBlockSize``.
     public let physicalBlockSize: UInt32
 
+    /// Its I/O limits (IOLimits.swift): own buckets or a group's.
+    let throttle = DiskThrottle()
+
     /// A short name for logs and statistics: the image path, or "null".
     public var name: String { configuration.backend == .null ? "null" : configuration.path }
 

@@ -71,6 +71,8 @@ public final class DataPlaneMetrics: Sendable {
             + "range (sectors past the capacity), read_only (a write to a read-only disk), unsupported (request type or flags)"),
         ("dataplane_errors_ignored_total", "counter", "Failures completed as success under rerror/werror=ignore"),
         ("dataplane_in_flight_requests", "gauge", "Requests taken from the ring and not completed yet"),
+        ("dataplane_throttled_requests_total", "counter", "Requests that waited for the disk's I/O limits"),
+        ("dataplane_throttled_seconds_total", "counter", "Time requests waited for the disk's I/O limits, summed"),
         ("dataplane_held_requests", "gauge", "Failed requests held by the error policy until 'dpctl resume'"),
         ("dataplane_queue_state", "gauge",
          "1 for the queue's state: running, paused, stopped_on_error (held by the error policy), "
@@ -231,6 +233,8 @@ public final class DataPlaneMetrics: Sendable {
             }
             counter("dataplane_errors_ignored_total", labels, s.ignoredErrors, owner: owner)
             gauge("dataplane_in_flight_requests", labels, Double(s.inFlight), owner: owner)
+            counter("dataplane_throttled_requests_total", labels, s.throttledRequests, owner: owner)
+            counter("dataplane_throttled_seconds_total", labels, s.throttledNanoseconds, .nanoseconds, owner: owner)
             gauge("dataplane_held_requests", labels, Double(s.heldRequests), owner: owner)
             for state in QueueState.allCases {
                 gauge("dataplane_queue_state", labels + ["state", state.rawValue], state == q.state ? 1 : 0, owner: owner)

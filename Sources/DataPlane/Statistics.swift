@@ -89,6 +89,9 @@ public struct QueueStatistics: Sendable, Equatable, Codable {
     /// Requests a previous backend or connection left in flight that the
     /// inflight region gave back when the queue started, and that ran again.
     public var recoveredRequests: UInt64 = 0
+    /// Requests that waited for an I/O limit, and their time waiting (summed).
+    public var throttledRequests: UInt64 = 0
+    public var throttledNanoseconds: UInt64 = 0
 
     public var broken: Bool { brokenReason != nil }
     public var requests: UInt64 { reads + writes + flushes + getIDs + discards + writeZeroes + otherRequests }
@@ -140,6 +143,8 @@ public struct QueueStatistics: Sendable, Equatable, Codable {
         lastAvailIndex = raw.last_avail_idx
         usedIndex = raw.used_idx
         recoveredRequests = raw.recovered
+        throttledRequests = raw.throttled
+        throttledNanoseconds = raw.throttled_ns
     }
 
     /// This one's counters plus `other`'s; the gauges (in flight, held,
@@ -166,6 +171,8 @@ public struct QueueStatistics: Sendable, Equatable, Codable {
         total.latency = total.latency.adding(other.latency)
         total.ignoredErrors &+= other.ignoredErrors
         total.recoveredRequests &+= other.recoveredRequests
+        total.throttledRequests &+= other.throttledRequests
+        total.throttledNanoseconds &+= other.throttledNanoseconds
         return total
     }
 

@@ -30,7 +30,7 @@ struct Dpctl: ParsableCommand {
         """,
         version: DataPlane.version,
         subcommands: [Start.self, Status.self, Stats.self, Top.self, Resume.self, Stop.self, QemuArgs.self, LibvirtXML.self,
-                      AddDisk.self, RemoveDisk.self, Reload.self]
+                      AddDisk.self, RemoveDisk.self, Reload.self, Throttle.self]
     )
 }
 
@@ -127,6 +127,21 @@ struct Start: ParsableCommand {
                               0660: connecting needs write permission, so
                               socket-group=kvm,socket-mode=0660 lets a QEMU
                               in group kvm in (unset: what the umask leaves)
+          iops-total=N, iops-read=N, iops-write=N, bps-total=N, bps-read=N,
+          bps-write=N         I/O limits with QEMU's semantics and names
+                              (throttling.* without the prefix): requests or
+                              bytes a second (binary suffixes: 10M); total
+                              excludes read/write of its kind. Each also
+                              takes KEY-max=N (burst rate) and
+                              KEY-max-length=SECONDS (how long a burst at
+                              max may last, default 1); without max a burst
+                              is a tenth of a second's worth. Default: none.
+                              See 'dpctl throttle --help'
+          iops-size=BYTES     A larger request counts as size / iops-size
+                              requests
+          group=NAME          Throttle group: the disks of a group share one
+                              set of limits (the group's: the last disk that
+                              gives keys sets them)
           Set before the socket listens; --socket-owner, --socket-group and
           --socket-mode set them for every disk that does not. They do not
           apply to sockets systemd passes (set SocketUser=, SocketGroup=,
@@ -144,11 +159,11 @@ struct Start: ParsableCommand {
 
         SIGHUP (or 'dpctl reload') re-reads --config: disks added to the
         file are served, disks removed from it are removed (not one whose
-        frontend is connected, nor disks added with 'dpctl add-disk'), fault=
-        and socket-owner/-group/-mode changes are applied; other changes
-        wait for a restart (each is logged as such). Without --config, SIGHUP
-        changes nothing. 'dpctl add-disk' and 'dpctl remove-disk' change the
-        disks of a running instance.
+        frontend is connected, nor disks added with 'dpctl add-disk'); fault=,
+        I/O limit and group, and socket-owner/-group/-mode changes are
+        applied; other changes wait for a restart (each is logged as such).
+        Without --config, SIGHUP changes nothing. 'dpctl add-disk' and
+        'dpctl remove-disk' change the disks of a running instance.
 
         VHOST-USER BACKEND CONVENTIONS: --socket-path PATH is --socket PATH
         for the one disk; --fd N serves the one disk on the listening unix

@@ -36,7 +36,7 @@ enum ConfigFile {
         Key("block-size", alias: "logicalBlockSize"), Key("rerror", alias: "readErrorPolicy"),
         Key("werror", alias: "writeErrorPolicy"), Key("fault"), Key("locking"), Key("fixed-buffers"),
         Key("socket-owner"), Key("socket-group"), Key("socket-mode"),
-    ]
+    ] + IOLimitKeys.limitKeys.map { Key($0) } + [Key(IOLimitKeys.groupKey)]
 
     /// Reads a configuration file's contents; errors name the file and the setting.
     static func parse(_ data: Data, file: String) throws(CLIError) -> InstanceConfiguration {
@@ -145,9 +145,20 @@ enum ConfigFile {
             case "socket-owner": d.socketOwner = try SocketOwnership.checkName(try string(value, name), option: name)
             case "socket-group": d.socketGroup = try SocketOwnership.checkName(try string(value, name), option: name)
             case "socket-mode": d.socketMode = try mode(value, name)
+            case IOLimitKeys.groupKey:
+                let text = try string(value, name)
+                guard !text.isEmpty else { throw CLIError("\(name) must name a group") }
+                d.group = text
+            case _ where IOLimitKeys.limitKeys.contains(key):
+                switch value {
+                case .string(let text): d.limits[key] = try IOLimitKeys.parse(text, option: name)
+                case .integer(let n) where n >= 0: d.limits[key] = try IOLimitKeys.parse(String(n), option: name)
+                default: throw CLIError("\(name) must be a number, or a string such as \"10M\", not \(value)")
+                }
             default: preconditionFailure("key \(key) is listed but not handled")
             }
         }
+        _ = try IOLimitKeys.limits(d.limits, what: place)
         return d
     }
 
@@ -177,7 +188,9 @@ enum ConfigFile {
         var spelling: [String: String] = [:]
         for (given, member) in members {
             guard let key = keys.first(where: { $0.name == given || $0.alias == given }) else {
-                throw CLIError("unknown key \(given.debugDescription) in \(place) (keys: \(keys.map(\.name).joined(separator: ", ")))")
+                let names = keys.map(\.name).filter { !IOLimitKeys.isLimitKey($0) }
+                    + (keys.contains { IOLimitKeys.isLimitKey($0.name) } ? [IOLimitKeys.summary] : [])
+                throw CLIError("unknown key \(given.debugDescription) in \(place) (keys: \(names.joined(separator: ", ")))")
             }
             if let earlier = spelling[key.name] {
                 throw CLIError("\(place) gives both \(earlier.debugDescription) and \(given.debugDescription), "

@@ -13,6 +13,9 @@ struct ControlRequest: Codable {
     var disk: String? = nil
     /// remove-disk: disconnect a connected frontend.
     var force: Bool? = nil
+    /// throttle: the I/O limit keys to change (0 removes one), and the group to put the disk in ("" takes it out).
+    var limits: [String: UInt64]? = nil
+    var group: String? = nil
 }
 
 struct ThreadStatus: Codable {
@@ -66,6 +69,11 @@ struct DiskStatus: Codable {
     /// Set once a flush of the page cache failed: every later FLUSH fails.
     var flushFailure: String?
     var queues: [QueueStatus]
+    /// Its I/O limits (keys as `dpctl throttle` takes them; absent: none), its
+    /// throttle group, and the requests that waited for a limit so far.
+    var ioLimits: IOLimits? = nil
+    var throttleGroup: String? = nil
+    var throttledRequests: UInt64? = nil
 }
 
 struct ControlResponse: Codable {
@@ -242,6 +250,9 @@ final class ControlServer: Sendable {
             case "stop":
                 response = ControlResponse(ok: true, pid: getpid(), closesAtExit: true)
                 stopAfterReply = true
+            case "throttle":
+                response = IOLimitKeys.handle(request, plane: plane, server: server, logger: logger)
+                    .map { ControlResponse(ok: false, error: $0) } ?? status()
             case "resume":
                 var failures: [String] = []
                 for disk in plane.disks {
@@ -282,7 +293,8 @@ final class ControlServer: Sendable {
         let disks = plane.disks.map { disk in
             let exports = server.exportStatus(of: disk)
             let first = exports.first
-            return DiskStatus(
+            let limits = plane.limits(of: disk)
+            var status = DiskStatus(
                 path: disk.name, socket: first?.socketPath ?? "", connected: first?.connected ?? false,
                 dirtyLogBytes: first?.dirtyLogBytes,
                 moreSockets: exports.count > 1
@@ -298,6 +310,10 @@ final class ControlServer: Sendable {
                                        usedIndex: s.usedIndex, inFlight: s.inFlight, broken: s.brokenReason,
                                        stoppedOnError: s.stoppedOnError, heldRequests: s.heldRequests)
                 })
+            status.ioLimits = limits.limits.isUnlimited ? nil : limits.limits
+            status.throttleGroup = limits.group
+            status.throttledRequests = plane.queues(of: disk).reduce(0) { $0 + $1.statistics().throttledRequests }
+            return status
         }
         return ControlResponse(ok: true, pid: getpid(), threads: threads, disks: disks)
     }

@@ -35,9 +35,11 @@ enum DiskSpec {
         Key("direct", "on|off", flag: "--no-direct", flagValue: "off"), Key("locking", "on|shared|off"),
         Key("fixed-buffers", "on|off"), Key("rerror", "POLICY"), Key("werror", "POLICY"), Key("fault", "SPEC"),
         Key("socket-owner", "USER"), Key("socket-group", "GROUP"), Key("socket-mode", "MODE"),
-    ]
+    ] + IOLimitKeys.limitKeys.map { Key($0, "N") } + [Key(IOLimitKeys.groupKey, "NAME")]
 
-    static var keyNames: String { keys.map(\.name).joined(separator: ", ") }
+    static var keyNames: String {
+        keys.map(\.name).filter { !IOLimitKeys.isLimitKey($0) }.joined(separator: ", ") + ", " + IOLimitKeys.summary
+    }
 
     static func key(named name: String) -> Key? { keys.first { $0.name == name } }
 
@@ -178,9 +180,14 @@ enum DiskSpec {
             case "socket-owner": d.socketOwner = try SocketOwnership.checkName(value, option: option)
             case "socket-group": d.socketGroup = try SocketOwnership.checkName(value, option: option)
             case "socket-mode": d.socketMode = try SocketOwnership.parseMode(value, option: option)
+            case IOLimitKeys.groupKey:
+                guard !value.isEmpty else { throw CLIError("\(option) needs a name", usage: true) }
+                d.group = value
+            case _ where IOLimitKeys.limitKeys.contains(name): d.limits[name] = try IOLimitKeys.parse(value, option: option)
             default: preconditionFailure("key \(name) is listed but not handled")
             }
         }
+        _ = try IOLimitKeys.limits(d.limits, what: shown)
         return d
     }
 }

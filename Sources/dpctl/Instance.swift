@@ -83,6 +83,7 @@ final class Instance: Sendable {
                        inherited: (fd: Int32, origin: String)?, fromFile: Bool, into state: inout State) throws {
         let disk = try plane.addDisk(configuration, logger: logger)
         do {
+            try IOLimitKeys.apply(entry, to: disk, plane: plane, logger: logger)
             if let spec = entry.fault {
                 disk.injectFaults(try StartCommand.parseFault(spec))
                 logger.warning("\(disk.name): injecting faults: \(spec)", metadata: ["disk": "\(disk.name)"])
@@ -351,6 +352,11 @@ final class Instance: Sendable {
                 done.append("\(running.disk.name): \(entry.fault.map { "injecting faults: \($0)" } ?? "no longer injecting faults")")
                 logger.warning("reload: \(running.disk.name): \(entry.fault.map { "injecting faults: \($0)" } ?? "no longer injecting faults")",
                                metadata: ["disk": "\(running.disk.name)"])
+            }
+            if IOLimitKeys.reload(from: running.entry, to: entry, disk: running.disk, plane: plane, logger: logger) {
+                updated.limits = entry.limits
+                updated.group = entry.group
+                changes += 1
             }
             let before = try SocketOwnership.permissions(running.entry), after = try SocketOwnership.permissions(entry)
             if before != after {

@@ -34,6 +34,9 @@ struct InstanceConfiguration {
         /// --fd: the disk's socket is this inherited, listening fd (and
         /// `socket` is the path it is bound to, or "fd N").
         var fd: Int32?
+        /// I/O limit keys given (IOLimits.keys) and the throttle group.
+        var limits: [String: UInt64] = [:]
+        var group: String?
     }
 
     var iothreads: Int?
@@ -107,7 +110,30 @@ struct EffectiveConfiguration: Encodable {
     var disableIOURing: [String]
     /// Absent when the metrics are not served.
     var metricsAddress: String?
-    var disks: [Disk]
+    var disks: [DiskWithLimits]
+
+    /// A disk and its I/O limit keys (and group), side by side in one object.
+    struct DiskWithLimits: Encodable {
+        var disk: Disk
+        var limits: IOLimits
+        var group: String?
+
+        private struct GroupKey: CodingKey {
+            var stringValue: String
+            var intValue: Int? { nil }
+            init(stringValue: String) { self.stringValue = stringValue }
+            init?(intValue: Int) { nil }
+        }
+
+        func encode(to encoder: any Encoder) throws {
+            try disk.encode(to: encoder)
+            try limits.encode(to: encoder)
+            if let group {
+                var c = encoder.container(keyedBy: GroupKey.self)
+                try c.encode(group, forKey: GroupKey(stringValue: "group"))
+            }
+        }
+    }
 
     enum CodingKeys: String, CodingKey {
         case iothreads, cpuset, control, disks
@@ -336,13 +362,14 @@ enum StartCommand {
                 notifyAfter: notifyAfter, control: controlPath,
                 disableIOURing: (config.disabledIOURing ?? []).names,
                 metricsAddress: config.metricsAddress?.description,
-                disks: zip(config.disks, disks).map { entry, d in
-                    EffectiveConfiguration.Disk(
+                disks: try zip(config.disks, disks).map { entry, d in
+                    EffectiveConfiguration.DiskWithLimits(disk: EffectiveConfiguration.Disk(
                         path: d.path, socket: .init(paths: [entry.socket] + entry.extraSockets), readonly: d.readOnly, numQueues: d.numQueues, queueSize: d.queueSize,
                         backend: d.backend.rawValue, nullSize: d.nullSizeBytes, nullReadZeroes: d.nullReadZeroes, serial: d.serial,
                         direct: d.directIO, blockSize: d.logicalBlockSize, rerror: d.readErrorPolicy, werror: d.writeErrorPolicy,
                         fault: entry.fault, locking: d.imageLocking, fixedBuffers: d.fixedBuffers, socketOwner: entry.socketOwner,
-                        socketGroup: entry.socketGroup, socketMode: entry.socketMode.map(SocketOwnership.format))
+                        socketGroup: entry.socketGroup, socketMode: entry.socketMode.map(SocketOwnership.format)),
+                        limits: try IOLimitKeys.limits(entry.limits, what: "disk \(entry.path)"), group: entry.group)
                 })
             StatusCommand.printJSON(effective)
             return

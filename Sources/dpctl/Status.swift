@@ -8,7 +8,8 @@ struct Status: ParsableCommand {
         usage: "dpctl status (--control PATH | --socket PATH) [--json]",
         discussion: """
         Shows the IOThreads (CPUs, NUMA node), each disk (socket, frontend
-        connected or not, size, mode, a failed flush) and its running queues
+        connected or not, size, mode, a failed flush, its I/O limits and
+        throttle group) and its running queues
         (IOThread, ring indices, requests in flight, broken rings, queues
         stopped on error).
 
@@ -49,7 +50,8 @@ struct Stats: ParsableCommand {
         Samples the counters twice, --interval apart (default 1 s), and shows per
         IOThread (CPU use, wake-ups, busy-poll hits), per disk and per queue: IOPS,
         read and write MB/s, latency p50/p99 (from the queues' log2 histograms), and
-        the share of requests found by polling rather than after a kick.
+        the share of requests found by polling rather than after a kick; then each
+        limited disk's I/O limits and how many requests a second waited for them.
         --watch repeats until interrupted.
         """)
 
@@ -74,6 +76,13 @@ struct Stats: ParsableCommand {
                 StatusCommand.printJSON(report)
             } else {
                 print(report.table())
+                // I/O limits, and how many requests a second waited for them.
+                // Both list the disks in the order they were added (names may repeat: "null").
+                for (i, d) in (after.disks ?? []).enumerated() where d.ioLimits != nil || d.throttleGroup != nil {
+                    let waited = i < report.disks.count ? report.disks[i].throttledPerSecond : nil
+                    print("I/O limits of \(d.path): \(d.ioLimits?.description ?? "none")\(d.throttleGroup.map { " (group \($0))" } ?? "")"
+                          + ", \(waited.map { String(format: "%.0f", $0) } ?? "0") request(s)/s waited")
+                }
             }
         } while watch
     }
@@ -107,6 +116,10 @@ enum StatusCommand {
                       + (socket.dirtyLogBytes.map { ", migrating: logging dirty pages (log of \(binarySize(UInt64($0))))" } ?? ""))
             }
             if let reason = d.flushFailure { print("  \(ControlServer.flushFailureText(reason))") }
+            if d.ioLimits != nil || d.throttleGroup != nil {
+                print("  I/O limits: \(d.ioLimits?.description ?? "none")\(d.throttleGroup.map { " (group \($0))" } ?? "")"
+                      + (d.throttledRequests.map { ", \($0) request(s) waited" } ?? ""))
+            }
             for q in d.queues {
                 let state = q.broken.map { "BROKEN (\($0)): the guest must reset the device" }
                     ?? q.stoppedOnError.map { "STOPPED on error: \($0), \(q.heldRequests ?? 0) request(s) held; fix the cause, then 'dpctl resume'" }
@@ -128,6 +141,8 @@ struct StatsReport: Codable {
         var p99Microseconds: Double?
         var polledShare: Double?
         var errors: UInt64
+        /// Requests a second that waited for an I/O limit (nil: none waited).
+        var throttledPerSecond: Double? = nil
     }
 
     struct ThreadRow: Codable {
@@ -153,9 +168,11 @@ struct StatsReport: Codable {
         let s = max(seconds, 1e-9)
         func row(_ name: String, _ x: QueueStatistics?, _ y: QueueStatistics) -> Row {
             let r = y.rates(since: x ?? QueueStatistics(disk: y.disk, queue: y.queue, thread: y.thread), seconds: s)
+            let waited = counterIncrease(from: x?.throttledRequests ?? 0, to: y.throttledRequests)
             return Row(name: name, iops: r.iops, readMBps: r.readMBps, writeMBps: r.writeMBps,
                        p50Microseconds: r.p50Microseconds, p99Microseconds: r.p99Microseconds,
-                       polledShare: r.polledShare, errors: counterIncrease(from: x?.errors ?? 0, to: y.errors))
+                       polledShare: r.polledShare, errors: counterIncrease(from: x?.errors ?? 0, to: y.errors),
+                       throttledPerSecond: waited > 0 ? Double(waited) / s : nil)
         }
         disks = b.disks.map { d in row(d.disk, a.disks.first { $0.disk == d.disk }, d) }
         queues = b.queues.map { q in

@@ -54,7 +54,7 @@ import Testing
 
     @Test(arguments: [
         (#"{ "disks": [ { "path": "x", "socket": "s", "read-only": true } ] }"#,
-         #"unknown key "read-only" in disks[0] (keys: path, socket, readonly, num-queues, queue-size, backend, null-size, null-read-zeroes, serial, direct, block-size, rerror, werror, fault, locking, fixed-buffers, socket-owner, socket-group, socket-mode)"#),
+         #"unknown key "read-only" in disks[0] (keys: path, socket, readonly, num-queues, queue-size, backend, null-size, null-read-zeroes, serial, direct, block-size, rerror, werror, fault, locking, fixed-buffers, socket-owner, socket-group, socket-mode, I/O limits bps-total, bps-read, bps-write, iops-total, iops-read, iops-write (each also KEY-max and KEY-max-length), iops-size, group)"#),
         (#"{ "iothread": 2, "disks": [ { "path": "x", "socket": "s" } ] }"#,
          #"unknown key "iothread" in the file (keys: iothreads, cpuset, poll-us, notify-after, control, disable-io-uring, socket-owner, socket-group, socket-mode, metrics-address, disks)"#),
         (#"{ "disks": [ { "path": "x", "socket": "s", "readonly": true, "readOnly": false } ] }"#,

@@ -111,7 +111,8 @@ struct dp_fault_config {
     uint32_t every;         /* then fail one in `every` (0 or 1: all) */
 };
 
-/* Shared by the queues of many IOThreads; immutable once created. */
+/* Shared by the queues of many IOThreads; immutable once created but for
+ * what the dp_disk_set_* calls change. */
 struct dp_disk;
 
 int dp_disk_create(const struct dp_disk_config *config, struct dp_disk **out);
@@ -132,6 +133,63 @@ int dp_disk_set_fault(struct dp_disk *disk, const struct dp_fault_config *fault)
  * started its I/O then could see old writes land after its own, and the
  * guest find old reads in memory it reused. 0 for the null backend. */
 int dp_disk_claim_io(struct dp_disk *disk, bool exclusive);
+
+/* I/O limits, with QEMU's semantics (throttling.* of a -drive or
+ * blockdev, util/throttle.c): a leaky bucket per limit, bytes and I/Os a
+ * second for total, reads and writes. Reads count as reads; writes and
+ * write-zeroes as writes; flush, discard and get-id are not limited. A
+ * request that would overfill a bucket waits, in order (nothing of its
+ * queue starts before it); the first one over goes ahead, as in QEMU. */
+enum dp_throttle_bucket {
+    DP_THROTTLE_BPS_TOTAL,
+    DP_THROTTLE_BPS_READ,
+    DP_THROTTLE_BPS_WRITE,
+    DP_THROTTLE_IOPS_TOTAL,
+    DP_THROTTLE_IOPS_READ,
+    DP_THROTTLE_IOPS_WRITE,
+    DP_THROTTLE_BUCKETS
+};
+
+/* QEMU's THROTTLE_VALUE_MAX: no rate or burst may be larger. */
+#define DP_THROTTLE_VALUE_MAX 1000000000000000ull
+
+struct dp_throttle_limit {
+    uint64_t avg;        /* units a second; 0: no limit */
+    uint64_t max;        /* burst rate (-max); 0: bursts of avg / 10 units */
+    uint64_t max_length; /* seconds a burst at max may last (-max-length); 0 or 1: one */
+};
+
+struct dp_throttle_config {
+    struct dp_throttle_limit limits[DP_THROTTLE_BUCKETS];
+    uint64_t iops_size;  /* a request larger than this counts as size / iops_size I/Os; 0: one */
+};
+
+/* A set of buckets: one disk's, or a throttle group's that several disks
+ * (on any IOThreads) share. */
+struct dp_throttle;
+
+int dp_throttle_create(struct dp_throttle **out);
+/* Only once no disk points at it and no queue of such a disk runs. */
+void dp_throttle_destroy(struct dp_throttle *t);
+/* 0, or QEMU's refusals: -EEXIST total with read or write of the same kind
+ * (avg or max), -ENOENT iops_size without an iops limit, -ERANGE a value
+ * over DP_THROTTLE_VALUE_MAX, -EDOM max_length > 1 without max, -ENODATA
+ * max without avg, -EINVAL max < avg, -E2BIG max * max_length over the
+ * maximum. *bad_bucket (may be NULL) names the bucket, or -1. */
+int dp_throttle_check(const struct dp_throttle_config *config, int *bad_bucket);
+/* Checks and applies limits (any thread; one setter at a time): the
+ * buckets start empty, as in QEMU. Requests waiting see the change within
+ * DP_THROTTLE_RECHECK_NS. */
+int dp_throttle_set(struct dp_throttle *t, const struct dp_throttle_config *config);
+int dp_throttle_get(const struct dp_throttle *t, struct dp_throttle_config *out);
+/* Whether a configuration limits anything (some avg set). */
+bool dp_throttle_limits_any(const struct dp_throttle_config *config);
+/* A waiting queue looks again at least this often (a limit changed). */
+#define DP_THROTTLE_RECHECK_NS 20000000ull
+/* The buckets the disk's requests obey from now on (NULL: none), on every
+ * queue from its next pass (any thread). t must stay until the disk is
+ * destroyed, or until every queue of the disk has stopped. */
+int dp_disk_set_throttle(struct dp_disk *disk, struct dp_throttle *t);
 
 /* Opens an image for the file backend: O_CLOEXEC, read-only or read-write,
  * with O_DIRECT when direct is set. Returns the fd or a negative errno. */
@@ -236,6 +294,8 @@ struct dp_queue_stats {
     uint16_t last_avail_idx;
     uint16_t used_idx;
     uint64_t recovered;       /* requests the inflight region gave back at a start, run again */
+    uint64_t throttled;       /* requests that waited for an I/O limit */
+    uint64_t throttled_ns;    /* their time waiting, summed */
 };
 
 /* io_uring features an IOThread uses where its kernel has them; each is
