@@ -290,7 +290,9 @@ final class ControlServer: Sendable {
                                 bufferRegistrationFailures: s.bufferRegistrationFailures,
                                 bufferRegistrationError: s.bufferRegistrationError)
         }
-        let disks = plane.disks.map { disk in
+        // Per disk, counting queues stopped since (both in the order the disks were added).
+        let totals = plane.statistics().disks
+        let disks = plane.disks.enumerated().map { i, disk in
             let exports = server.exportStatus(of: disk)
             let first = exports.first
             let limits = plane.limits(of: disk)
@@ -312,7 +314,7 @@ final class ControlServer: Sendable {
                 })
             status.ioLimits = limits.limits.isUnlimited ? nil : limits.limits
             status.throttleGroup = limits.group
-            status.throttledRequests = plane.queues(of: disk).reduce(0) { $0 + $1.statistics().throttledRequests }
+            status.throttledRequests = i < totals.count ? totals[i].throttledRequests : nil
             return status
         }
         return ControlResponse(ok: true, pid: getpid(), threads: threads, disks: disks)
