@@ -29,7 +29,7 @@ struct Dpctl: ParsableCommand {
         Shell completions: dpctl --generate-completion-script bash|zsh|fish
         """,
         version: DataPlane.version,
-        subcommands: [Start.self, Status.self, Stats.self, Top.self, Resume.self, Stop.self, QemuArgs.self, LibvirtXML.self]
+        subcommands: [Start.self, Status.self, Stats.self, Top.self, Resume.self, Stop.self, QemuArgs.self, LibvirtXML.self, Resize.self]
     )
 }
 
@@ -119,6 +119,12 @@ struct Start: ParsableCommand {
                               ops=read+write+flush+discard+write-zeroes,
                               sectors=START-END, after=N, every=N; their
                               commas doubled)
+          write-cache=on|off  on: write back, a write completes once the host
+                              has it and the guest's FLUSH makes it durable;
+                              off: write through, each write is durable
+                              (RWF_DSYNC) before it completes (default on).
+                              The guest may switch it (virtio-blk's
+                              writeback byte: /sys/block/vdX/queue/write_cache)
           socket-owner=USER   The socket's owner, a name or number (chown
                               to another user needs root or CAP_CHOWN)
           socket-group=GROUP  The socket's group, a name or number

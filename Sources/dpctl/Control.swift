@@ -9,6 +9,9 @@ struct ControlRequest: Codable {
     var command: String
     /// The disk a verb acts on, by one of its sockets (resize, remove-disk, throttle, ...).
     var socket: String? = nil
+    /// resize: the new size in bytes (nil: the image's size now), and whether it may shrink.
+    var sizeBytes: UInt64? = nil
+    var shrink: Bool? = nil
 }
 
 struct ThreadStatus: Codable {
@@ -62,6 +65,10 @@ struct DiskStatus: Codable {
     /// Set once a flush of the page cache failed: every later FLUSH fails.
     var flushFailure: String?
     var queues: [QueueStatus]
+    /// "write back" or "write through" (the guest may switch it).
+    var writeCache: String? = nil
+    /// The logical block size: a resize's size is a multiple of it.
+    var logicalBlockSize: UInt32? = nil
 }
 
 struct ControlResponse: Codable {
@@ -75,6 +82,8 @@ struct ControlResponse: Codable {
     var threads: [ThreadStatus]?
     var disks: [DiskStatus]?
     var snapshot: DataPlane.Snapshot?
+    /// In the answer to "resize".
+    var resize: ResizeOutcome? = nil
 }
 
 /// Serves control requests on a unix socket from its own thread.
@@ -240,6 +249,8 @@ final class ControlServer: Sendable {
                 }
                 logger.info("resume requested on the control socket")
                 response = failures.isEmpty ? status() : ControlResponse(ok: false, error: failures.joined(separator: "; "))
+            case "resize":
+                response = resize(request)
             default:
                 response = ControlResponse(ok: false, error: "unknown command \(request.command.debugDescription)")
             }
@@ -281,15 +292,39 @@ final class ControlServer: Sendable {
                 readOnly: disk.configuration.readOnly, capacityBytes: disk.capacityBytes,
                 maxQueues: disk.configuration.numQueues, directIO: disk.usesDirectIO,
                 flushFailure: disk.flushFailureReason,
-                queues: plane.queues(of: disk).map { q in
-                    let s = q.statistics()
-                    return QueueStatus(index: q.index, socket: exports.count > 1 && q.frontend < exports.count ? exports[q.frontend].socketPath : nil,
-                                       thread: q.thread.configuration.name, lastAvailIndex: s.lastAvailIndex,
-                                       usedIndex: s.usedIndex, inFlight: s.inFlight, broken: s.brokenReason,
-                                       stoppedOnError: s.stoppedOnError, heldRequests: s.heldRequests)
-                })
+                queues: queues(of: disk, exports),
+                writeCache: WriteCacheMode.name(disk.writeCache), logicalBlockSize: disk.logicalBlockSize)
         }
         return ControlResponse(ok: true, pid: getpid(), threads: threads, disks: disks)
+    }
+
+    /// resize: the disk served on `socket`, to `sizeBytes` (or its image's size now).
+    private func resize(_ request: ControlRequest) -> ControlResponse {
+        guard let socket = request.socket else {
+            return ControlResponse(ok: false, error: "resize needs the disk's socket")
+        }
+        guard let disk = plane.disks.first(where: { disk in server.exportStatus(of: disk).contains { $0.socketPath == socket } }) else {
+            return ControlResponse(ok: false, error: "no disk is served on socket \(socket.debugDescription)")
+        }
+        do {
+            let outcome = try server.resize(disk: disk, toBytes: request.sizeBytes, allowShrink: request.shrink ?? false)
+            var response = status()
+            response.resize = outcome
+            return response
+        } catch {
+            logger.warning("resize of \(disk.name) refused: \(error)", metadata: ["disk": "\(disk.name)"])
+            return ControlResponse(ok: false, error: "\(error)")
+        }
+    }
+
+    private func queues(of disk: Disk, _ exports: [VhostUserServer.ExportStatus]) -> [QueueStatus] {
+        plane.queues(of: disk).map { q in
+            let s = q.statistics()
+            return QueueStatus(index: q.index, socket: exports.count > 1 && q.frontend < exports.count ? exports[q.frontend].socketPath : nil,
+                               thread: q.thread.configuration.name, lastAvailIndex: s.lastAvailIndex,
+                               usedIndex: s.usedIndex, inFlight: s.inFlight, broken: s.brokenReason,
+                               stoppedOnError: s.stoppedOnError, heldRequests: s.heldRequests)
+        }
     }
 }
 

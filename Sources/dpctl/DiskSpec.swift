@@ -35,6 +35,7 @@ enum DiskSpec {
         Key("direct", "on|off", flag: "--no-direct", flagValue: "off"), Key("locking", "on|shared|off"),
         Key("fixed-buffers", "on|off"), Key("rerror", "POLICY"), Key("werror", "POLICY"), Key("fault", "SPEC"),
         Key("socket-owner", "USER"), Key("socket-group", "GROUP"), Key("socket-mode", "MODE"),
+        Key("write-cache", "on|off"),
     ]
 
     static var keyNames: String { keys.map(\.name).joined(separator: ", ") }
@@ -178,6 +179,7 @@ enum DiskSpec {
             case "socket-owner": d.socketOwner = try SocketOwnership.checkName(value, option: option)
             case "socket-group": d.socketGroup = try SocketOwnership.checkName(value, option: option)
             case "socket-mode": d.socketMode = try SocketOwnership.parseMode(value, option: option)
+            case "write-cache": d.writeCache = value == "on"
             default: preconditionFailure("key \(name) is listed but not handled")
             }
         }

@@ -8,7 +8,8 @@ struct Status: ParsableCommand {
         usage: "dpctl status (--control PATH | --socket PATH) [--json]",
         discussion: """
         Shows the IOThreads (CPUs, NUMA node), each disk (socket, frontend
-        connected or not, size, mode, a failed flush) and its running queues
+        connected or not, size, mode, write cache mode: write back or write
+        through, a failed flush) and its running queues
         (IOThread, ring indices, requests in flight, broken rings, queues
         stopped on error).
 
@@ -101,7 +102,8 @@ enum StatusCommand {
         }
         for d in r.disks ?? [] {
             let size = binarySize(d.capacityBytes)
-            print("disk \(d.path): \(size), \(d.readOnly ? "read-only" : "read-write"), \(d.directIO ? "O_DIRECT" : "page cache"), up to \(d.maxQueues) queues")
+            print("disk \(d.path): \(size)\(d.capacityBytes >= 1024 ? " (\(d.capacityBytes) bytes)" : ""), \(d.readOnly ? "read-only" : "read-write"), \(d.directIO ? "O_DIRECT" : "page cache"), up to \(d.maxQueues) queues"
+                  + (d.writeCache.map { ", \($0)" } ?? ""))
             for socket in [SocketStatus(socket: d.socket, connected: d.connected, dirtyLogBytes: d.dirtyLogBytes)] + (d.moreSockets ?? []) {
                 print("  socket \(socket.socket): \(socket.connected ? "frontend connected" : "waiting for a frontend")"
                       + (socket.dirtyLogBytes.map { ", migrating: logging dirty pages (log of \(binarySize(UInt64($0))))" } ?? ""))
