@@ -158,7 +158,10 @@ struct ResizeAndCacheTests {
                         if image.size != small { race.violations.withLock { $0.append("round \(round) check \(check): file is \(image.size) bytes after the shrink") } }
                         usleep(300)
                     }
-                    if round < 39 { _ = try h.plane.resize(disk: h.disk, toBytes: UInt64(big)) }
+                    if round < 39 {
+                        _ = try h.plane.resize(disk: h.disk, toBytes: UInt64(big))
+                        usleep(1000) // writes past 4 MiB land meanwhile
+                    }
                 } catch {
                     race.violations.withLock { $0.append("round \(round): \(error)") }
                 }
@@ -343,4 +346,134 @@ struct ResizeAndCacheTests {
 
 extension String {
     var nonEmpty: String? { isEmpty ? nil : self }
+}
+
+/// dpctl's side: `dpctl resize` and `write-cache=` on a running instance.
+@Suite(.serialized, .timeLimit(.minutes(2)))
+struct DpctlResizeAndCacheTests {
+    @Test func dpctlResizeAndWriteCacheKey() throws {
+        let w = try QEMUEndToEndTests.Workspace(imageSize: 1 << 20)
+        defer { w.remove() }
+        let dp = try QEMUEndToEndTests.Instance(["--disk", "path=\(w.image),socket=\(w.socket),num-queues=1,write-cache=off"],
+                                                log: w.dir + "/dpctl.log")
+        defer { _ = dp.terminate() }
+        let status = try waitForStatus(w.socket)
+        #expect(status.contains("1 MiB (1048576 bytes)") && status.contains("write through"), "\(status)\n\(dp.log)")
+
+        let grow = try runTool(QEMUEndToEndTests.dpctl, ["resize", "--socket", w.socket, "2M"], timeout: 20)
+        #expect(grow.result.status == 0, "\(grow.result.output)\n\(dp.log)")
+        #expect(grow.result.stdout.contains("resized from 1 MiB to 2 MiB"), "\(grow.result.output)")
+        #expect(grow.result.stdout.contains("no frontend connected"), "\(grow.result.output)")
+        #expect(grow.result.stdout.contains("2 MiB (2097152 bytes)"), "\(grow.result.output)")
+        #expect(try FileManager.default.attributesOfItem(atPath: w.image)[.size] as? Int == 2 << 20)
+
+        let shrink = try runTool(QEMUEndToEndTests.dpctl, ["resize", "--socket", w.socket, "1M"], timeout: 20)
+        #expect(shrink.result.status == 1 && shrink.result.stderr.contains("--shrink"), "\(shrink.result.output)")
+        let odd = try runTool(QEMUEndToEndTests.dpctl, ["resize", "--socket", w.socket, "1000000", "--shrink"], timeout: 20)
+        #expect(odd.result.status == 1 && odd.result.stderr.contains("logical block size"), "\(odd.result.output)")
+        let shrunk = try runTool(QEMUEndToEndTests.dpctl, ["resize", "--socket", w.socket, "1M", "--shrink"], timeout: 20)
+        #expect(shrunk.result.status == 0 && shrunk.result.stdout.contains("resized from 2 MiB to 1 MiB"), "\(shrunk.result.output)")
+        #expect(dp.log.contains("resized from 1048576 to 2097152 bytes"), "\(dp.log)")
+        #expect(dp.log.contains("write through"), "\(dp.log)")
+
+        let check = try runTool(QEMUEndToEndTests.dpctl, ["start", "--disk", "path=\(w.image),socket=\(w.dir)/x.sock,write-cache=off", "--check"], timeout: 20)
+        #expect(check.result.stdout.contains("\"write-cache\" : false"), "\(check.result.output)")
+        let bad = try runTool(QEMUEndToEndTests.dpctl, ["start", "--disk", "path=\(w.image),socket=\(w.dir)/x.sock,write-cache=maybe"], timeout: 20)
+        #expect(bad.result.status == 2, "\(bad.result.output)")
+    }
+}
+
+/// `dpctl status` of a running instance, once it answers.
+func waitForStatus(_ socket: String, timeout: Double = 10) throws -> String {
+    let deadline = Date().addingTimeInterval(timeout)
+    while true {
+        let r = try runTool(QEMUEndToEndTests.dpctl, ["status", "--socket", socket], timeout: 10)
+        if r.result.status == 0 || Date() > deadline { return r.result.output }
+        usleep(100_000)
+    }
+}
+
+/// Real guests (QEMU under TCG): online resize and the write cache, seen
+/// from inside the guest. In QEMUEndToEndTests' serialized suite: one TCG
+/// guest at a time.
+extension QEMUEndToEndTests {
+    /// boot.sh in the background: the test acts on the host while the guest runs.
+    final class Boot {
+        let process = Process()
+        let output = Pipe()
+        let log: String
+
+        init(_ arguments: [String], log: String) throws {
+            self.log = log
+            process.executableURL = URL(fileURLWithPath: "/bin/bash")
+            process.arguments = [QEMUEndToEndTests.root.appendingPathComponent("Tests/e2e/boot.sh").path] + arguments + ["--log", log]
+            process.standardOutput = output
+            process.standardError = output
+            try process.run()
+        }
+
+        var guest: String { (try? String(contentsOfFile: log, encoding: .utf8)) ?? "" }
+
+        /// Waits for a line of the guest's; false at the deadline or when the boot ended.
+        func waitFor(_ text: String, seconds: Double = 240) -> Bool {
+            let deadline = Date().addingTimeInterval(seconds)
+            while Date() < deadline && process.isRunning {
+                if guest.contains(text) { return true }
+                usleep(200_000)
+            }
+            return guest.contains(text)
+        }
+
+        func finish() -> (status: Int32, output: String) {
+            let text = String(decoding: output.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+            process.waitUntilExit()
+            return (process.terminationStatus, text)
+        }
+    }
+
+    /// The guest waits for its disk to grow (dpctl resize once it says it
+    /// is ready), sees the new size without a reboot, writes and reads back
+    /// past the old end; the host checks the image there (boot.sh
+    /// --verify-image).
+    @Test func guestSeesOnlineGrowAndWritesPastTheOldEnd() throws {
+        let w = try Workspace(imageSize: 64 << 20)
+        defer { w.remove() }
+        let dp = try Instance(["--disk", w.image, "--socket", w.socket, "--num-queues", "1"], log: w.dir + "/dpctl.log")
+        defer { _ = dp.terminate() }
+        let boot = try Boot(["--socket", w.socket, "--workload", "grow", "--verify-image", w.image, "--timeout", "300"],
+                            log: w.dir + "/guest.log")
+        #expect(boot.waitFor("E2E-READY: grow"), "guest: \(boot.guest.suffix(3000))")
+        let resize = try runTool(Self.dpctl, ["resize", "--socket", w.socket, "68M"], timeout: 30)
+        let result = boot.finish()
+        #expect(resize.result.status == 0 && resize.result.stdout.contains("notified"), "\(resize.result.output)\n\(dp.log)")
+        #expect(result.status == 0, "boot.sh: \(result.output)\nguest: \(boot.guest.suffix(3000))\ndpctl: \(dp.log)")
+        #expect(boot.guest.contains("grow: 67108864 -> 71303168 bytes"), "guest: \(boot.guest.suffix(3000))")
+        #expect(boot.guest.contains("regions=67108864:4194304"), "guest: \(boot.guest.suffix(3000))")
+        #expect(try FileManager.default.attributesOfItem(atPath: w.image)[.size] as? Int == 68 << 20)
+        #expect(dp.log.contains("config change sent to the frontend"), "\(dp.log)")
+    }
+
+    /// The guest turns write-through on (virtio_blk's cache_type, which
+    /// writes the writeback byte: QEMU sends SET_CONFIG), dpctl status and
+    /// log show it, the guest writes and reads back, then turns write back
+    /// on again (after the host's go-ahead: a resize).
+    @Test func guestTogglesTheWriteCache() throws {
+        let w = try Workspace(imageSize: 64 << 20)
+        defer { w.remove() }
+        let dp = try Instance(["--disk", w.image, "--socket", w.socket, "--num-queues", "1"], log: w.dir + "/dpctl.log")
+        defer { _ = dp.terminate() }
+        let boot = try Boot(["--socket", w.socket, "--workload", "write-cache", "--verify-image", w.image, "--timeout", "300"],
+                            log: w.dir + "/guest.log")
+        #expect(boot.waitFor("E2E-READY: write-through"), "guest: \(boot.guest.suffix(3000))")
+        let during = try runTool(Self.dpctl, ["status", "--socket", w.socket], timeout: 30)
+        let resize = try runTool(Self.dpctl, ["resize", "--socket", w.socket, "65M"], timeout: 30)
+        let result = boot.finish()
+        #expect(result.status == 0, "boot.sh: \(result.output)\nguest: \(boot.guest.suffix(3000))\ndpctl: \(dp.log)")
+        #expect(during.result.stdout.contains("write through"), "\(during.result.output)")
+        #expect(resize.result.status == 0, "\(resize.result.output)")
+        let after = try runTool(Self.dpctl, ["status", "--socket", w.socket], timeout: 30)
+        #expect(after.result.stdout.contains("write back"), "\(after.result.output)")
+        #expect(dp.log.contains("write cache write back -> write through (set by the guest)"), "\(dp.log)")
+        #expect(dp.log.contains("write cache write through -> write back (set by the guest)"), "\(dp.log)")
+    }
 }
