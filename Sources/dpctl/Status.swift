@@ -50,8 +50,8 @@ struct Stats: ParsableCommand {
         Samples the counters twice, --interval apart (default 1 s), and shows per
         IOThread (CPU use, wake-ups, busy-poll hits), per disk and per queue: IOPS,
         read and write MB/s, latency p50/p99 (from the queues' log2 histograms), and
-        the share of requests found by polling rather than after a kick.
-        --watch repeats until interrupted.
+        the share of requests found by polling rather than after a kick; then each
+        disk's size and write cache mode. --watch repeats until interrupted.
         """)
 
     @OptionGroup var instance: InstanceOptions
@@ -70,7 +70,10 @@ struct Stats: ParsableCommand {
             usleep(useconds_t(seconds * 1_000_000))
             let after = try controlCall(path, "stats")
             guard let a = before.snapshot, let b = after.snapshot else { throw CLIError("the instance sent no statistics") }
-            let report = StatsReport(before: a, after: b)
+            var report = StatsReport(before: a, after: b)
+            report.diskModes = (after.disks ?? []).map {
+                StatsReport.DiskMode(disk: $0.path, capacityBytes: $0.capacityBytes, writeCache: $0.writeCache)
+            }
             if json {
                 StatusCommand.printJSON(report)
             } else {
@@ -142,10 +145,18 @@ struct StatsReport: Codable {
         var iops: Double
     }
 
+    /// A disk's size and write cache mode at the second sample.
+    struct DiskMode: Codable {
+        var disk: String
+        var capacityBytes: UInt64
+        var writeCache: String?
+    }
+
     var seconds: Double
     var threads: [ThreadRow]
     var disks: [Row]
     var queues: [Row]
+    var diskModes: [DiskMode]? = nil
 
     /// Every difference saturates at 0: counters that went backwards (the
     /// instance was restarted between the samples) show no activity rather
@@ -190,6 +201,9 @@ struct StatsReport: Codable {
         out += "DISK / QUEUE                          IOPS   READ MB/s  WRITE MB/s  p50 us  p99 us  polled  errors\n"
         for r in disks + queues {
             out += "\(r.name.padding(toLength: 32, withPad: " ", startingAt: 0))  \(f(r.iops, 0).leftPad(10))  \(f(r.readMBps).leftPad(9))  \(f(r.writeMBps).leftPad(10))  \(f(r.p50Microseconds).leftPad(6))  \(f(r.p99Microseconds).leftPad(6))  \(r.polledShare.map { f($0 * 100, 0) + "%" } ?? "-")".padding(toLength: 100, withPad: " ", startingAt: 0) + "  \(r.errors)\n"
+        }
+        for d in diskModes ?? [] {
+            out += "disk \(d.disk): \(binarySize(d.capacityBytes)) (\(d.capacityBytes) bytes)\(d.writeCache.map { ", \($0)" } ?? "")\n"
         }
         return out
     }

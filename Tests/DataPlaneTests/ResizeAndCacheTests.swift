@@ -360,6 +360,8 @@ struct DpctlResizeAndCacheTests {
         let status = try waitForStatus(w.socket)
         #expect(status.contains("1 MiB (1048576 bytes)") && status.contains("write through"), "\(status)\n\(dp.log)")
 
+        let stats = try runTool(QEMUEndToEndTests.dpctl, ["stats", "--socket", w.socket, "--interval", "0.1"], timeout: 20)
+        #expect(stats.result.stdout.contains("disk \(w.image): 1 MiB (1048576 bytes), write through"), "\(stats.result.output)")
         let grow = try runTool(QEMUEndToEndTests.dpctl, ["resize", "--socket", w.socket, "2M"], timeout: 20)
         #expect(grow.result.status == 0, "\(grow.result.output)\n\(dp.log)")
         #expect(grow.result.stdout.contains("resized from 1 MiB to 2 MiB"), "\(grow.result.output)")
