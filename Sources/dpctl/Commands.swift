@@ -122,9 +122,9 @@ struct Start: ParsableCommand {
           write-cache=on|off  on: write back, a write completes once the host
                               has it and the guest's FLUSH makes it durable;
                               off: write through, each write is durable
-                              (RWF_DSYNC) before it completes (default on).
-                              The guest may switch it (virtio-blk's
-                              writeback byte: /sys/block/vdX/queue/write_cache)
+                              (RWF_DSYNC) before it completes (default on);
+                              the guest may switch it (virtio-blk's writeback
+                              byte: in Linux, /sys/block/vdX/cache_type)
           socket-owner=USER   The socket's owner, a name or number (chown
                               to another user needs root or CAP_CHOWN)
           socket-group=GROUP  The socket's group, a name or number
