@@ -105,8 +105,8 @@ enum StatusCommand {
         }
         for d in r.disks ?? [] {
             let size = binarySize(d.capacityBytes)
-            print("disk \(d.path): \(size)\(d.capacityBytes >= 1024 ? " (\(d.capacityBytes) bytes)" : ""), \(d.readOnly ? "read-only" : "read-write"), \(d.directIO ? "O_DIRECT" : "page cache"), up to \(d.maxQueues) queues"
-                  + (d.writeCache.map { ", \($0)" } ?? ""))
+            print("disk \(d.path): \(size), \(d.readOnly ? "read-only" : "read-write"), \(d.directIO ? "O_DIRECT" : "page cache"), up to \(d.maxQueues) queues"
+                  + (d.writeCache.map { ", \($0)" } ?? "") + (d.capacityBytes >= 1024 ? " (\(d.capacityBytes) bytes)" : ""))
             for socket in [SocketStatus(socket: d.socket, connected: d.connected, dirtyLogBytes: d.dirtyLogBytes)] + (d.moreSockets ?? []) {
                 print("  socket \(socket.socket): \(socket.connected ? "frontend connected" : "waiting for a frontend")"
                       + (socket.dirtyLogBytes.map { ", migrating: logging dirty pages (log of \(binarySize(UInt64($0))))" } ?? ""))
