@@ -380,6 +380,12 @@ struct DpctlResizeAndCacheTests {
 
         let check = try runTool(QEMUEndToEndTests.dpctl, ["start", "--disk", "path=\(w.image),socket=\(w.dir)/x.sock,write-cache=off", "--check"], timeout: 20)
         #expect(check.result.stdout.contains("\"write-cache\" : false"), "\(check.result.output)")
+        let grouped = try runTool(QEMUEndToEndTests.dpctl, ["start", "--disk", w.image, "--socket", "\(w.dir)/x.sock", "--write-cache", "off", "--check"], timeout: 20)
+        #expect(grouped.result.stdout.contains("\"write-cache\" : false"), "\(grouped.result.output)")
+        let file = w.dir + "/dp.json"
+        try Data(#"{"disks": [{"path": "\#(w.image)", "socket": "\#(w.dir)/x.sock", "write-cache": false}]}"#.utf8).write(to: URL(fileURLWithPath: file))
+        let fromFile = try runTool(QEMUEndToEndTests.dpctl, ["start", "--config", file, "--check"], timeout: 20)
+        #expect(fromFile.result.stdout.contains("\"write-cache\" : false"), "\(fromFile.result.output)")
         let bad = try runTool(QEMUEndToEndTests.dpctl, ["start", "--disk", "path=\(w.image),socket=\(w.dir)/x.sock,write-cache=maybe"], timeout: 20)
         #expect(bad.result.status == 2, "\(bad.result.output)")
     }
