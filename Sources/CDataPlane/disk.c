@@ -302,7 +302,17 @@ int dp_disk_set_write_cache(struct dp_disk *disk, bool writeback)
         if (pwritev2(disk->fd, &iov, 1, 0, RWF_DSYNC) < 0)
             return errno == EINVAL ? -EOPNOTSUPP : -errno;
     }
-    atomic_store_explicit(&disk->write_through, !writeback, memory_order_relaxed);
+    bool was_through = atomic_exchange_explicit(&disk->write_through, !writeback, memory_order_relaxed);
+    /* A guest that turns write-through on sends no more flushes: what it
+     * wrote in write-back mode is made durable now (writes still in flight
+     * without RWF_DSYNC may complete after this; its next write-back FLUSH,
+     * or none, is the guest's business). */
+    if (!writeback && !was_through && disk->backend == DP_BACKEND_FILE && !disk->read_only &&
+        fdatasync(disk->fd) < 0) {
+        int err = -errno;
+        atomic_store_explicit(&disk->write_through, false, memory_order_relaxed);
+        return err;
+    }
     return 0;
 }
 

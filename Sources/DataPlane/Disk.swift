@@ -171,14 +171,18 @@ public final class Disk: Sendable {
     }
 
     static func writeThroughRefusal(_ err: Int32) -> String {
-        "write-through needs the kernel to take RWF_DSYNC on its writes, and it refused "
+        guard err == EOPNOTSUPP else {
+            return "turning write-through on failed: making what was written durable (fdatasync) failed "
+                + "(\(DataPlaneError.message(err))); it stays write-back"
+        }
+        return "write-through needs the kernel to take RWF_DSYNC on its writes, and it refused "
             + "(\(DataPlaneError.message(err))); serve it with write-cache=on"
     }
 
     /// Switches between write-back (`true`) and write-through. Writes
-    /// submitted afterwards carry the new mode; writes in flight keep theirs
-    /// (a guest that switches issues a FLUSH if it needs the old ones durable).
-    /// Returns the previous mode.
+    /// submitted afterwards carry the new mode; turning write-through on
+    /// also makes what was written before durable (fdatasync), since a
+    /// write-through guest sends no flushes. Returns the previous mode.
     @discardableResult
     public func setWriteCache(_ writeBack: Bool) throws(DataPlaneError) -> Bool {
         let old = writeCache
@@ -195,7 +199,6 @@ public final class Disk: Sendable {
         if ret < 0 { throw .system(operation: "reading the size of \(name)", errno: -ret) }
         return bytes
     }
-
 
     private static func claimIO(_ disk: OpaquePointer, path: String, exclusive: Bool, logger: Logger?) throws(DataPlaneError) {
         let clock = ContinuousClock()

@@ -139,7 +139,9 @@ int dp_disk_truncate(struct dp_disk *disk, uint64_t bytes);
  * write carries RWF_DSYNC, so it is durable on the storage (data and what
  * reaching it needs) before the guest is told it completed. Turning it on
  * first checks that the kernel takes RWF_DSYNC on this image (a zero-length
- * pwritev2): -EOPNOTSUPP when not. Any thread; writes submitted after it
+ * pwritev2): -EOPNOTSUPP when not; then makes what was written before
+ * durable (fdatasync: a write-through guest sends no flushes; its error
+ * leaves the disk in write-back). Any thread; writes submitted after it
  * returns carry the new mode. */
 int dp_disk_set_write_cache(struct dp_disk *disk, bool writeback);
 bool dp_disk_write_cache(const struct dp_disk *disk);
