@@ -3,6 +3,7 @@
 #include <errno.h>
 #include <linux/falloc.h>
 #include <stdlib.h>
+#include <sys/uio.h>
 
 #include "backend.h"
 #include "blk.h"
@@ -244,6 +245,13 @@ static void uring_prep_sqe(struct io_uring_sqe *sqe, struct backend_ctx *c, stru
         io_uring_prep_nop(sqe);
         return;
     }
+    /* Write-through: the write is durable before its CQE (and so before the
+     * guest hears of it). Set after the prep, which clears rw_flags; only
+     * on writes (a fallocate's fields overlap rw_flags' neighbours). */
+    if ((sqe->opcode == IORING_OP_WRITE || sqe->opcode == IORING_OP_WRITEV ||
+         sqe->opcode == IORING_OP_WRITE_FIXED) &&
+        atomic_load_explicit(&c->disk->write_through, memory_order_relaxed))
+        sqe->rw_flags |= RWF_DSYNC;
     /* After the prep, which clears the flags: the disk's registered file. */
     if (c->ring_fd_flags) {
         sqe->flags |= c->ring_fd_flags;

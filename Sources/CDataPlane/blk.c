@@ -75,11 +75,15 @@ static void iov_drop_tail_byte(struct iovec *iov, uint32_t *cnt)
         (*cnt)--;
 }
 
-/* Sector range check without overflow: [sector, sector + bytes/512) inside the disk. */
+/* Sector range check without overflow: [sector, sector + bytes/512) inside
+ * the disk. The capacity is loaded once: a resize between two loads must
+ * not let one check pass on two different sizes (disk.c argues why relaxed
+ * is enough). */
 static bool blk_range_ok(const struct dp_disk *disk, uint64_t sector, uint64_t bytes)
 {
     uint64_t sectors = bytes / 512;
-    return sector <= disk->capacity_sectors && sectors <= disk->capacity_sectors - sector;
+    uint64_t capacity = atomic_load_explicit(&disk->capacity_sectors, memory_order_relaxed);
+    return sector <= capacity && sectors <= capacity - sector;
 }
 
 static int blk_fail(enum dp_err *err, enum dp_err kind, int status)

@@ -7,6 +7,7 @@
 #include <string.h>
 #include <sys/ioctl.h>
 #include <sys/stat.h>
+#include <sys/uio.h>
 #include <sys/vfs.h>
 #include <unistd.h>
 
@@ -207,7 +208,8 @@ int dp_disk_create(const struct dp_disk_config *config, struct dp_disk **out)
         disk->is_block_device = S_ISBLK(st.st_mode);
     }
     disk->seg_max = config->seg_max ? config->seg_max : DP_SEG_MAX;
-    disk->capacity_sectors = config->capacity_sectors;
+    atomic_init(&disk->capacity_sectors, config->capacity_sectors);
+    atomic_init(&disk->write_through, false);
     disk->logical_block_size = lbs;
     disk->block_mask = lbs - 1;
     disk->mem_align = config->mem_align;
@@ -244,6 +246,88 @@ int dp_disk_set_throttle(struct dp_disk *disk, struct dp_throttle *t)
     /* Release: a queue that acquires the pointer sees the buckets set. */
     atomic_store_explicit(&disk->throttle, t, memory_order_release);
     return 0;
+}
+
+uint64_t dp_disk_capacity(const struct dp_disk *disk)
+{
+    return disk ? atomic_load_explicit(&disk->capacity_sectors, memory_order_relaxed) : 0;
+}
+
+/* Why a relaxed store (and the IOThreads' relaxed loads) is enough: the
+ * capacity guards no other memory, only the range check of requests parsed
+ * after it. Every request is parsed on an IOThread between two looks at its
+ * mailbox. Growing: a request that still sees the old value is refused as
+ * it would have been a moment earlier; the caller extended the file before
+ * the store, so one that sees the new value finds the file long enough.
+ * Shrinking: the caller sends dp_queue_drain to each queue after this
+ * store. The mailbox's mutex orders the store before the IOThread's next
+ * pass, so every request parsed after the drain message is handled sees
+ * the new capacity (coherence of one atomic), and every request parsed
+ * before it is in flight then and completes before the drain returns.
+ * Only after that does the caller shorten the file. */
+int dp_disk_set_capacity(struct dp_disk *disk, uint64_t sectors)
+{
+    if (!disk || sectors == 0 || sectors > UINT64_MAX / 512 || (sectors * 512) & disk->block_mask)
+        return -EINVAL;
+    atomic_store_explicit(&disk->capacity_sectors, sectors, memory_order_relaxed);
+    return 0;
+}
+
+int dp_disk_image_size(const struct dp_disk *disk, uint64_t *bytes)
+{
+    if (!disk || !bytes)
+        return -EINVAL;
+    if (disk->backend != DP_BACKEND_FILE) {
+        *bytes = dp_disk_capacity(disk) * 512;
+        return 0;
+    }
+    struct dp_fd_info info;
+    int ret = dp_fd_probe(disk->fd, &info);
+    if (ret == 0)
+        *bytes = info.size_bytes;
+    return ret;
+}
+
+int dp_disk_truncate(struct dp_disk *disk, uint64_t bytes)
+{
+    if (!disk || disk->backend != DP_BACKEND_FILE || disk->is_block_device || bytes > INT64_MAX)
+        return -EINVAL;
+    if (disk->read_only)
+        return -EBADF;
+    return ftruncate(disk->fd, (off_t)bytes) < 0 ? -errno : 0;
+}
+
+int dp_disk_set_write_cache(struct dp_disk *disk, bool writeback)
+{
+    if (!disk)
+        return -EINVAL;
+    /* Writes of a read-only disk never reach the backend; the null backend
+     * keeps nothing. Only a file backend's kernel must take the flag: a
+     * zero-length write moves nothing, and is checked for its flags as an
+     * io_uring write is (kiocb_set_rw_flags). */
+    if (!writeback && disk->backend == DP_BACKEND_FILE && !disk->read_only) {
+        char byte;
+        struct iovec iov = {.iov_base = &byte, .iov_len = 0};
+        if (pwritev2(disk->fd, &iov, 1, 0, RWF_DSYNC) < 0)
+            return errno == EINVAL ? -EOPNOTSUPP : -errno;
+    }
+    bool was_through = atomic_exchange_explicit(&disk->write_through, !writeback, memory_order_relaxed);
+    /* A guest that turns write-through on sends no more flushes: what it
+     * wrote in write-back mode is made durable now (writes still in flight
+     * without RWF_DSYNC may complete after this; its next write-back FLUSH,
+     * or none, is the guest's business). */
+    if (!writeback && !was_through && disk->backend == DP_BACKEND_FILE && !disk->read_only &&
+        fdatasync(disk->fd) < 0) {
+        int err = -errno;
+        atomic_store_explicit(&disk->write_through, false, memory_order_relaxed);
+        return err;
+    }
+    return 0;
+}
+
+bool dp_disk_write_cache(const struct dp_disk *disk)
+{
+    return disk && !atomic_load_explicit(&disk->write_through, memory_order_relaxed);
 }
 
 int dp_disk_claim_io(struct dp_disk *disk, bool exclusive)

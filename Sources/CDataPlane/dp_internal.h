@@ -67,7 +67,11 @@ struct dp_disk {
     int fd;      /* I/O: an open file description without the image locks */
     int lock_fd; /* the description the image locks are on (see disk.c) */
     bool is_block_device;
-    uint64_t capacity_sectors;
+    /* Changed while served (dp_disk_set_capacity): each request's range
+     * check loads it once, relaxed; why that is enough is argued there. */
+    _Atomic uint64_t capacity_sectors;
+    /* Write-through: writes carry RWF_DSYNC (dp_disk_set_write_cache). */
+    _Atomic bool write_through;
     uint32_t logical_block_size;
     uint64_t block_mask;        /* logical_block_size - 1 (a power of two): alignment without a division */
     uint32_t mem_align;
@@ -140,6 +144,7 @@ enum ctl_type {
     CTL_SET_NOTIFIERS,
     CTL_STOP_THREAD,
     CTL_END_KICK_POLLS, /* tests: end the multishot kick polls, as the kernel may */
+    CTL_DRAIN_QUEUE,    /* wait until what is in flight now has completed (dp_queue_drain) */
 };
 
 struct ctl_msg {

@@ -201,6 +201,12 @@ int dp_queue_pause(struct dp_queue *queue)
     return queue ? iothread_call(queue->thread, &msg) : -EINVAL;
 }
 
+int dp_queue_drain(struct dp_queue *queue)
+{
+    struct ctl_msg msg = {.type = CTL_DRAIN_QUEUE, .queue = queue};
+    return queue ? iothread_call(queue->thread, &msg) : -EINVAL;
+}
+
 int dp_queue_resume(struct dp_queue *queue)
 {
     struct ctl_msg msg = {.type = CTL_RESUME_QUEUE, .queue = queue};

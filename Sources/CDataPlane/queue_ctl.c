@@ -220,6 +220,8 @@ struct ctl_msg *queue_check_drained(struct dp_queue *q, bool *detach, int *resul
         *result = queue_apply_mem(q, msg->mem);
         q->paused = false;
     }
+    if (msg->type == CTL_DRAIN_QUEUE)
+        q->paused = false;
     return msg;
 }
 
@@ -254,6 +256,15 @@ int queue_ctl(struct dp_queue *q, struct ctl_msg *msg)
         q->drain_waiter = msg;
         return QUEUE_CTL_DRAIN;
     case CTL_PAUSE_QUEUE:
+        q->paused = true;
+        q->drain_waiter = msg;
+        return QUEUE_CTL_DRAIN;
+    case CTL_DRAIN_QUEUE:
+        /* A paused queue has nothing in flight but what the error policy
+         * holds; else it pauses until drained and takes requests again
+         * (held ones stay held: unlike a resume, nothing is retried). */
+        if (q->paused)
+            return 0;
         q->paused = true;
         q->drain_waiter = msg;
         return QUEUE_CTL_DRAIN;

@@ -90,6 +90,7 @@ int vuf_connect(const char *socket_path, struct vuf_conn **out)
         return -ENOMEM;
     c->inflight_fd = -1;
     c->log_fd = -1;
+    c->backend_fd = -1;
     c->timeout_ms = VUF_DEFAULT_TIMEOUT_MS;
     c->fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
     if (c->fd < 0) {
@@ -121,6 +122,8 @@ void vuf_close(struct vuf_conn *c)
         close(c->inflight_fd);
     if (c->log_fd >= 0)
         close(c->log_fd);
+    if (c->backend_fd >= 0)
+        close(c->backend_fd);
     free(c);
 }
 

@@ -10,7 +10,9 @@
 #include <stddef.h>
 #include <stdio.h>
 #include <string.h>
+#include <poll.h>
 #include <sys/mman.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -91,6 +93,7 @@ const char *vuf_request_name(uint32_t request)
     case VUF_REM_MEM_REG: return "REM_MEM_REG";
     case VUF_SET_STATUS: return "SET_STATUS";
     case VUF_GET_STATUS: return "GET_STATUS";
+    case VUF_SET_BACKEND_REQ_FD: return "SET_BACKEND_REQ_FD";
     default: return "?";
     }
 }
@@ -195,7 +198,8 @@ static int set_log_base(struct vuf_conn *c, uint64_t log_bytes)
 
 /* ---------------------------------------------------------------- steps */
 
-static int negotiate_features(struct vuf_conn *c, struct gd_driver *d, struct vuf_info *info)
+static int negotiate_features(struct vuf_conn *c, struct gd_driver *d, const struct vuf_options *o,
+                              struct vuf_info *info)
 {
     struct dp_queue_config qc;
     gd_queue_config(d, 0, &qc);
@@ -205,6 +209,8 @@ static int negotiate_features(struct vuf_conn *c, struct gd_driver *d, struct vu
                     1ull << VUF_F_BLK_WRITE_ZEROES | 1ull << VUF_F_BLK_RO;
     if (qc.event_idx)
         want |= 1ull << VUF_F_RING_EVENT_IDX;
+    if (o->config_wce)
+        want |= 1ull << VUF_F_BLK_CONFIG_WCE;
     if (gd_is_packed(d))
         want |= 1ull << VUF_F_RING_PACKED;
     if (!has(info->features_offered, VUF_F_VERSION_1))
@@ -230,6 +236,8 @@ static int negotiate_protocol(struct vuf_conn *c, const struct vuf_options *o, s
         want |= 1ull << VUF_PF_REPLY_ACK;
     if (o->inflight)
         want |= 1ull << VUF_PF_INFLIGHT_SHMFD;
+    if (o->backend_req)
+        want |= 1ull << VUF_PF_BACKEND_REQ;
     info->protocol = info->protocol_offered & want;
     /* As QEMU: SET_PROTOCOL_FEATURES itself asks for no ack; REPLY_ACK
      * applies from the next message on. */
@@ -257,6 +265,67 @@ static int get_config(struct vuf_conn *c, struct vuf_info *info)
                          VUF_BLK_CONFIG_SIZE);
     memcpy(&info->config, r.data, VUF_BLK_CONFIG_SIZE);
     info->has_config = true;
+    return 0;
+}
+
+/* QEMU's vhost_setup_backend_channel: a socketpair, one end to the back-end. */
+static int setup_backend_channel(struct vuf_conn *c)
+{
+    int sv[2];
+    if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) < 0)
+        return _vuf_fail(c, -errno, "socketpair for the backend channel: %s", strerror(errno));
+    int rc = call(c, VUF_SET_BACKEND_REQ_FD, NULL, 0, &sv[1], 1, NULL, 0, NULL);
+    close(sv[1]);
+    if (rc < 0) {
+        close(sv[0]);
+        return rc;
+    }
+    if (c->backend_fd >= 0)
+        close(c->backend_fd);
+    c->backend_fd = sv[0];
+    return 0;
+}
+
+int vuf_get_config(struct vuf_conn *c, struct vuf_blk_config *config)
+{
+    struct vuf_info info;
+    int rc = get_config(c, &info);
+    if (rc == 0 && config)
+        *config = info.config;
+    return rc;
+}
+
+int vuf_set_config(struct vuf_conn *c, uint32_t offset, const void *data, uint32_t size, uint32_t flags)
+{
+    struct vuf_config_msg m = { .offset = offset, .size = size, .flags = flags };
+    if (size > sizeof(m.data))
+        return _vuf_fail(c, -EINVAL, "SET_CONFIG: %u bytes (at most %zu)", size, sizeof(m.data));
+    if (size)
+        memcpy(m.data, data, size);
+    return call(c, VUF_SET_CONFIG, &m, 12 + size, NULL, 0, NULL, 0, NULL);
+}
+
+int vuf_recv_backend(struct vuf_conn *c, uint32_t *request, uint32_t *flags, int timeout_ms)
+{
+    if (c->backend_fd < 0)
+        return _vuf_fail(c, -ENOENT, "no backend channel (BACKEND_REQ was not negotiated)");
+    /* The backend channel is a vuf_conn of its own for vuf_recv. */
+    struct vuf_conn ch = { .fd = c->backend_fd, .inflight_fd = -1, .log_fd = -1, .backend_fd = -1 };
+    uint32_t req, fl, size;
+    uint8_t payload[256];
+    int rc = vuf_recv(&ch, &req, &fl, payload, sizeof(payload), &size, NULL, NULL, timeout_ms);
+    if (rc < 0 && rc != -EMSGSIZE)
+        return _vuf_fail(c, rc, "backend channel: %s", ch.err);
+    if (fl & VUF_FLAG_NEED_REPLY) {
+        uint64_t zero = 0;
+        int src = vuf_send(&ch, req, VUF_FLAG_VERSION | VUF_FLAG_REPLY, &zero, sizeof(zero), NULL, 0);
+        if (src < 0)
+            return _vuf_fail(c, src, "backend channel reply: %s", ch.err);
+    }
+    if (request)
+        *request = req;
+    if (flags)
+        *flags = fl;
     return 0;
 }
 
@@ -385,7 +454,7 @@ int vuf_setup(struct vuf_conn *c, struct gd_driver *d, const struct vuf_options 
 
     int rc = get_u64(c, VUF_GET_FEATURES, &info.features_offered);
     if (rc == 0)
-        rc = negotiate_features(c, d, &info);
+        rc = negotiate_features(c, d, o, &info);
     c->packed = has(info.features, VUF_F_RING_PACKED);
     if (rc == 0 && o->features_early)
         rc = set_features(c, &info);
@@ -402,6 +471,8 @@ int vuf_setup(struct vuf_conn *c, struct gd_driver *d, const struct vuf_options 
         rc = _vuf_fail(c, -ENOTSUP, "setup: %u queues need VIRTIO_BLK_F_MQ and the MQ protocol feature", nq);
     if (rc == 0 && has(info.protocol, VUF_PF_CONFIGURE_MEM_SLOTS))
         rc = get_u64(c, VUF_GET_MAX_MEM_SLOTS, &info.max_mem_slots);
+    if (rc == 0 && has(info.protocol, VUF_PF_BACKEND_REQ))
+        rc = setup_backend_channel(c);
     if (rc == 0)
         rc = call(c, VUF_SET_OWNER, NULL, 0, NULL, 0, NULL, 0, NULL);
     if (rc == 0 && has(info.protocol, VUF_PF_CONFIG))

@@ -27,6 +27,7 @@ struct vuf_conn {
     uint64_t inflight_size;
     int log_fd;      /* the dirty log's memfd (vuf_start_dirty_log), -1 without */
     uint64_t log_size;
+    int backend_fd;  /* our end of the backend-request channel, -1 without */
     char err[VUF_ERR_LEN];
 };
 

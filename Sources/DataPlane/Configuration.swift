@@ -297,6 +297,12 @@ public struct DiskConfiguration: Sendable, Equatable {
     /// (``IOThreadStatistics/bufferRegistrationFailures``). Ignored by the
     /// null backend.
     public var fixedBuffers: Bool = false
+    /// Whether the disk starts in write-back mode (the default: a write
+    /// completes once the host has it, a FLUSH makes it durable) or
+    /// write-through (`false`: each write is durable before it completes,
+    /// RWF_DSYNC). The guest sees it as virtio-blk's writeback byte and may
+    /// change it (``Disk/writeCache``).
+    public var writeCache: Bool = true
 
     /// Creates a disk configuration; nothing is checked until ``validate()``.
     ///

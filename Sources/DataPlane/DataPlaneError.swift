@@ -32,6 +32,8 @@ public enum DataPlaneError: Error, Equatable, CustomStringConvertible {
     case notFound(String)
     /// The data plane was already stopped.
     case stopped
+    /// A resize or write-cache change of a served disk was refused (why, and what to do instead).
+    case diskChangeRefused(disk: String, reason: String)
 
     public var description: String {
         switch self {
@@ -70,6 +72,8 @@ public enum DataPlaneError: Error, Equatable, CustomStringConvertible {
             return "\(what) does not exist"
         case .stopped:
             return "the data plane is stopped"
+        case .diskChangeRefused(let disk, let reason):
+            return "disk \(disk.debugDescription): \(reason)"
         }
     }
 

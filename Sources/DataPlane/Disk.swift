@@ -5,13 +5,17 @@ import Musl
 #endif
 import CDataPlane
 import Logging
+import Synchronization
 
-/// An opened image (or the null backend) that virtqueues serve.
-/// Immutable once opened; queues on many IOThreads share it.
+/// An opened image (or the null backend) that virtqueues serve; queues on
+/// many IOThreads share it. Its capacity and write cache mode may change
+/// while served (``DataPlane/resize(disk:toBytes:allowShrink:)``,
+/// ``setWriteCache(_:)``); nothing else does.
 public final class Disk: Sendable {
     /// The C disk.
     private struct Handle: @unchecked Sendable {
-        // Unchecked: a dp_disk is immutable once created; its flush error and fault injection are for any thread.
+        // Unchecked: a dp_disk is immutable once created, but for its capacity,
+        // write cache mode, flush error and fault injection, which are atomics for any thread.
         let pointer: OpaquePointer
     }
 
@@ -19,8 +23,19 @@ public final class Disk: Sendable {
     var handle: OpaquePointer { disk.pointer }
     /// The configuration the disk was opened with.
     public let configuration: DiskConfiguration
-    /// Size in bytes, from the file or device (or the null backend's size).
-    public let capacityBytes: UInt64
+    /// Size in bytes the guest sees and requests are checked against: the
+    /// file's or device's when opened (or the null backend's size), then
+    /// what the last resize set.
+    public var capacityBytes: UInt64 { dp_disk_capacity(handle) * 512 }
+    /// Whether writes complete once in the host's (or the storage's)
+    /// cache (write-back, the default), or only once durable (write-through:
+    /// each carries RWF_DSYNC). The guest may change it (virtio-blk's
+    /// writeback byte); ``DiskConfiguration/writeCache`` is the start value.
+    public var writeCache: Bool { dp_disk_write_cache(handle) }
+    /// The image is a block device: its size is the device's own.
+    public let isBlockDevice: Bool
+    /// Held through a resize: one at a time per disk.
+    let resizing = Mutex<Void>(())
     /// Whether reads and writes bypass the page cache (O_DIRECT).
     public let usesDirectIO: Bool
     /// The alignment O_DIRECT wants of guest buffers; others go through a bounce buffer.
@@ -75,8 +90,8 @@ public final class Disk: Sendable {
             cConfig.fd = -1
             cConfig.null_read_zeroes = configuration.nullReadZeroes
             cConfig.capacity_sectors = configuration.nullSizeBytes / 512
-            capacityBytes = configuration.nullSizeBytes
             usesDirectIO = false
+            isBlockDevice = false
             directIOAlignment = 0
             logicalBlockSize = configuration.logicalBlockSize ?? 512
             physicalBlockSize = logicalBlockSize
@@ -127,8 +142,8 @@ public final class Disk: Sendable {
             cConfig.capacity_sectors = size / 512
             cConfig.mem_align = configuration.directIO ? max(info.dio_mem_align, 512) : 0
             cConfig.fixed_buffers = configuration.fixedBuffers
-            capacityBytes = size
             usesDirectIO = configuration.directIO
+            isBlockDevice = info.block_device
             directIOAlignment = cConfig.mem_align
             logicalBlockSize = blockSize
             physicalBlockSize = max(info.physical_block_size, blockSize)
@@ -148,7 +163,44 @@ public final class Disk: Sendable {
                 throw error
             }
         }
+        if !configuration.writeCache {
+            let ret = dp_disk_set_write_cache(disk, false)
+            if ret < 0 {
+                dp_disk_destroy(disk)
+                throw .unusableImage(path: configuration.path, reason: Self.writeThroughRefusal(-ret))
+            }
+        }
         self.disk = Handle(pointer: disk)
+    }
+
+    static func writeThroughRefusal(_ err: Int32) -> String {
+        guard err == EOPNOTSUPP else {
+            return "turning write-through on failed: making what was written durable (fdatasync) failed "
+                + "(\(DataPlaneError.message(err))); it stays write-back"
+        }
+        return "write-through needs the kernel to take RWF_DSYNC on its writes, and it refused "
+            + "(\(DataPlaneError.message(err))); serve it with write-cache=on"
+    }
+
+    /// Switches between write-back (`true`) and write-through. Writes
+    /// submitted afterwards carry the new mode; turning write-through on
+    /// also makes what was written before durable (fdatasync), since a
+    /// write-through guest sends no flushes. Returns the previous mode.
+    @discardableResult
+    public func setWriteCache(_ writeBack: Bool) throws(DataPlaneError) -> Bool {
+        let old = writeCache
+        let ret = dp_disk_set_write_cache(handle, writeBack)
+        if ret < 0 { throw .diskChangeRefused(disk: name, reason: Self.writeThroughRefusal(-ret)) }
+        return old
+    }
+
+    /// The image's size now, read again: a file's length, a block device's
+    /// size (after `losetup -c` or `lvextend`), the null backend's capacity.
+    public func imageSizeBytes() throws(DataPlaneError) -> UInt64 {
+        var bytes: UInt64 = 0
+        let ret = dp_disk_image_size(handle, &bytes)
+        if ret < 0 { throw .system(operation: "reading the size of \(name)", errno: -ret) }
+        return bytes
     }
 
     private static func claimIO(_ disk: OpaquePointer, path: String, exclusive: Bool, logger: Logger?) throws(DataPlaneError) {

@@ -172,6 +172,18 @@ public final class Virtqueue: Sendable {
         if ret != 0 { throw .system(operation: "resuming queue \(index)", errno: -ret) }
     }
 
+    /// Returns once the requests the queue had taken when called have
+    /// completed (not those the error policy holds); it goes on taking
+    /// requests meanwhile and after. A stopped queue has nothing in flight.
+    func drain() {
+        while true {
+            let ret = state.withLock { state in state.stoppedAt == nil ? dp_queue_drain(handle) : 0 }
+            // -EBUSY: a stop or memory swap drains it now; ask again after it.
+            guard ret == -EBUSY else { return }
+            usleep(1000)
+        }
+    }
+
     /// Paused by `pause` and not resumed since.
     public var isPaused: Bool { paused.load(ordering: .relaxed) }
 

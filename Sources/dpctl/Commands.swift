@@ -30,7 +30,7 @@ struct Dpctl: ParsableCommand {
         """,
         version: DataPlane.version,
         subcommands: [Start.self, Status.self, Stats.self, Top.self, Resume.self, Stop.self, QemuArgs.self, LibvirtXML.self,
-                      AddDisk.self, RemoveDisk.self, Reload.self, Throttle.self]
+                      AddDisk.self, RemoveDisk.self, Reload.self, Throttle.self, Resize.self]
     )
 }
 
@@ -120,6 +120,12 @@ struct Start: ParsableCommand {
                               ops=read+write+flush+discard+write-zeroes,
                               sectors=START-END, after=N, every=N; their
                               commas doubled)
+          write-cache=on|off  on: write back, a write completes once the host
+                              has it and the guest's FLUSH makes it durable;
+                              off: write through, each write is durable
+                              (RWF_DSYNC) before it completes (default on);
+                              the guest may switch it (virtio-blk's writeback
+                              byte: in Linux, /sys/block/vdX/cache_type)
           socket-owner=USER   The socket's owner, a name or number (chown
                               to another user needs root or CAP_CHOWN)
           socket-group=GROUP  The socket's group, a name or number

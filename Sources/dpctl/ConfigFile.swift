@@ -35,7 +35,7 @@ enum ConfigFile {
         Key("null-read-zeroes", alias: "nullReadZeroes"), Key("serial"), Key("direct", alias: "directIO"),
         Key("block-size", alias: "logicalBlockSize"), Key("rerror", alias: "readErrorPolicy"),
         Key("werror", alias: "writeErrorPolicy"), Key("fault"), Key("locking"), Key("fixed-buffers"),
-        Key("socket-owner"), Key("socket-group"), Key("socket-mode"),
+        Key("socket-owner"), Key("socket-group"), Key("socket-mode"), Key("write-cache", alias: "writeCache"),
     ] + IOLimitKeys.limitKeys.map { Key($0) } + [Key(IOLimitKeys.groupKey)]
 
     /// Reads a configuration file's contents; errors name the file and the setting.
@@ -145,6 +145,7 @@ enum ConfigFile {
             case "socket-owner": d.socketOwner = try SocketOwnership.checkName(try string(value, name), option: name)
             case "socket-group": d.socketGroup = try SocketOwnership.checkName(try string(value, name), option: name)
             case "socket-mode": d.socketMode = try mode(value, name)
+            case "write-cache": d.writeCache = try onOff(value, name)
             case IOLimitKeys.groupKey:
                 let text = try string(value, name)
                 guard !text.isEmpty else { throw CLIError("\(name) must name a group") }

@@ -16,6 +16,9 @@ struct ControlRequest: Codable {
     /// throttle: the I/O limit keys to change (0 removes one), and the group to put the disk in ("" takes it out).
     var limits: [String: UInt64]? = nil
     var group: String? = nil
+    /// resize: the new size in bytes (nil: the image's size now), and whether it may shrink.
+    var sizeBytes: UInt64? = nil
+    var shrink: Bool? = nil
 }
 
 struct ThreadStatus: Codable {
@@ -74,6 +77,10 @@ struct DiskStatus: Codable {
     var ioLimits: IOLimits? = nil
     var throttleGroup: String? = nil
     var throttledRequests: UInt64? = nil
+    /// "write back" or "write through" (the guest may switch it).
+    var writeCache: String? = nil
+    /// The logical block size: a resize's size is a multiple of it.
+    var logicalBlockSize: UInt32? = nil
 }
 
 struct ControlResponse: Codable {
@@ -89,6 +96,8 @@ struct ControlResponse: Codable {
     var snapshot: DataPlane.Snapshot?
     /// add-disk, remove-disk, reload: what was done, a line per change.
     var report: [String]? = nil
+    /// In the answer to "resize".
+    var resize: ResizeOutcome? = nil
 }
 
 /// Serves control requests on a unix socket from its own thread.
@@ -261,6 +270,8 @@ final class ControlServer: Sendable {
                 logger.info("resume requested on the control socket")
                 response = failures.isEmpty ? status() : ControlResponse(ok: false, error: failures.joined(separator: "; "))
             case "add-disk", "remove-disk", "reload": response = changeDisks(request)
+            case "resize":
+                response = resize(request)
             default:
                 response = ControlResponse(ok: false, error: "unknown command \(request.command.debugDescription)")
             }
@@ -305,19 +316,43 @@ final class ControlServer: Sendable {
                 readOnly: disk.configuration.readOnly, capacityBytes: disk.capacityBytes,
                 maxQueues: disk.configuration.numQueues, directIO: disk.usesDirectIO,
                 flushFailure: disk.flushFailureReason,
-                queues: plane.queues(of: disk).map { q in
-                    let s = q.statistics()
-                    return QueueStatus(index: q.index, socket: exports.count > 1 && q.frontend < exports.count ? exports[q.frontend].socketPath : nil,
-                                       thread: q.thread.configuration.name, lastAvailIndex: s.lastAvailIndex,
-                                       usedIndex: s.usedIndex, inFlight: s.inFlight, broken: s.brokenReason,
-                                       stoppedOnError: s.stoppedOnError, heldRequests: s.heldRequests)
-                })
+                queues: queues(of: disk, exports),
+                writeCache: WriteCacheMode.name(disk.writeCache), logicalBlockSize: disk.logicalBlockSize)
             status.ioLimits = limits.limits.isUnlimited ? nil : limits.limits
             status.throttleGroup = limits.group
             status.throttledRequests = i < totals.count ? totals[i].throttledRequests : nil
             return status
         }
         return ControlResponse(ok: true, pid: getpid(), threads: threads, disks: disks)
+    }
+
+    /// resize: the disk served on `socket`, to `sizeBytes` (or its image's size now).
+    private func resize(_ request: ControlRequest) -> ControlResponse {
+        guard let socket = request.socket else {
+            return ControlResponse(ok: false, error: "resize needs the disk's socket")
+        }
+        guard let disk = plane.disks.first(where: { disk in server.exportStatus(of: disk).contains { $0.socketPath == socket } }) else {
+            return ControlResponse(ok: false, error: "no disk is served on socket \(socket.debugDescription)")
+        }
+        do {
+            let outcome = try server.resize(disk: disk, toBytes: request.sizeBytes, allowShrink: request.shrink ?? false)
+            var response = status()
+            response.resize = outcome
+            return response
+        } catch {
+            logger.warning("resize of \(disk.name) refused: \(error)", metadata: ["disk": "\(disk.name)"])
+            return ControlResponse(ok: false, error: "\(error)")
+        }
+    }
+
+    private func queues(of disk: Disk, _ exports: [VhostUserServer.ExportStatus]) -> [QueueStatus] {
+        plane.queues(of: disk).map { q in
+            let s = q.statistics()
+            return QueueStatus(index: q.index, socket: exports.count > 1 && q.frontend < exports.count ? exports[q.frontend].socketPath : nil,
+                               thread: q.thread.configuration.name, lastAvailIndex: s.lastAvailIndex,
+                               usedIndex: s.usedIndex, inFlight: s.inFlight, broken: s.brokenReason,
+                               stoppedOnError: s.stoppedOnError, heldRequests: s.heldRequests)
+        }
     }
 }
 

@@ -35,6 +35,7 @@ enum DiskSpec {
         Key("direct", "on|off", flag: "--no-direct", flagValue: "off"), Key("locking", "on|shared|off"),
         Key("fixed-buffers", "on|off"), Key("rerror", "POLICY"), Key("werror", "POLICY"), Key("fault", "SPEC"),
         Key("socket-owner", "USER"), Key("socket-group", "GROUP"), Key("socket-mode", "MODE"),
+        Key("write-cache", "on|off"),
     ] + IOLimitKeys.limitKeys.map { Key($0, "N") } + [Key(IOLimitKeys.groupKey, "NAME")]
 
     static var keyNames: String {
@@ -180,6 +181,7 @@ enum DiskSpec {
             case "socket-owner": d.socketOwner = try SocketOwnership.checkName(value, option: option)
             case "socket-group": d.socketGroup = try SocketOwnership.checkName(value, option: option)
             case "socket-mode": d.socketMode = try SocketOwnership.parseMode(value, option: option)
+            case "write-cache": d.writeCache = value == "on"
             case IOLimitKeys.groupKey:
                 guard !value.isEmpty else { throw CLIError("\(option) needs a name", usage: true) }
                 d.group = value

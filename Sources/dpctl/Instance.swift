@@ -413,6 +413,7 @@ final class Instance: Sendable {
             ("block-size", { "\(String(describing: $0.logicalBlockSize))" }), ("direct", { "\(String(describing: $0.directIO))" }),
             ("locking", { "\(String(describing: $0.locking))" }), ("fixed-buffers", { "\(String(describing: $0.fixedBuffers))" }),
             ("rerror", { "\(String(describing: $0.readErrorPolicy))" }), ("werror", { "\(String(describing: $0.writeErrorPolicy))" }),
+            ("write-cache", { "\(String(describing: $0.writeCache))" }),
         ]
         return keys.filter { $0.1(a) != $0.1(b) }.map(\.0)
     }

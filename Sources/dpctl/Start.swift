@@ -37,6 +37,8 @@ struct InstanceConfiguration {
         /// I/O limit keys given (IOLimits.keys) and the throttle group.
         var limits: [String: UInt64] = [:]
         var group: String?
+        /// write-cache=on|off: the disk's starting write cache mode.
+        var writeCache: Bool?
     }
 
     var iothreads: Int?
@@ -81,12 +83,14 @@ struct EffectiveConfiguration: Encodable {
         var socketOwner: String?
         var socketGroup: String?
         var socketMode: String?
+        var writeCache: Bool = true
 
         enum CodingKeys: String, CodingKey {
             case path, socket, readonly, backend, serial, direct, rerror, werror, fault, locking
             case numQueues = "num-queues", queueSize = "queue-size", nullSize = "null-size"
             case nullReadZeroes = "null-read-zeroes", blockSize = "block-size", fixedBuffers = "fixed-buffers"
             case socketOwner = "socket-owner", socketGroup = "socket-group", socketMode = "socket-mode"
+            case writeCache = "write-cache"
         }
     }
 
@@ -265,6 +269,7 @@ enum StartCommand {
         if let p = d.writeErrorPolicy { c.writeErrorPolicy = p }
         if let locking = d.locking { c.imageLocking = locking }
         if let fixed = d.fixedBuffers { c.fixedBuffers = fixed }
+        if let writeCache = d.writeCache { c.writeCache = writeCache }
         return c
     }
 
@@ -368,7 +373,8 @@ enum StartCommand {
                         backend: d.backend.rawValue, nullSize: d.nullSizeBytes, nullReadZeroes: d.nullReadZeroes, serial: d.serial,
                         direct: d.directIO, blockSize: d.logicalBlockSize, rerror: d.readErrorPolicy, werror: d.writeErrorPolicy,
                         fault: entry.fault, locking: d.imageLocking, fixedBuffers: d.fixedBuffers, socketOwner: entry.socketOwner,
-                        socketGroup: entry.socketGroup, socketMode: entry.socketMode.map(SocketOwnership.format)),
+                        socketGroup: entry.socketGroup, socketMode: entry.socketMode.map(SocketOwnership.format),
+                        writeCache: d.writeCache),
                         limits: try IOLimitKeys.limits(entry.limits, what: "disk \(entry.path)"), group: entry.group)
                 })
             StatusCommand.printJSON(effective)
@@ -459,7 +465,7 @@ enum StartCommand {
                         metadata: ["iothread": "\(t.configuration.name)"])
         }
         for (disk, socket) in instance.served.map({ ($0.disk, $0.entry.socket) }) {
-            logger.info("serving \(disk.name) (\(disk.capacityBytes) bytes, \(disk.configuration.readOnly ? "read-only" : "read-write"), \(disk.usesDirectIO ? "O_DIRECT" : "page cache"), \(disk.logicalBlockSize)-byte blocks, up to \(disk.configuration.numQueues) queues\(disk.configuration.fixedBuffers && disk.configuration.backend == .file ? ", guest memory registered as fixed buffers" : "")) on \(socket)",
+            logger.info("serving \(disk.name) (\(disk.capacityBytes) bytes, \(disk.configuration.readOnly ? "read-only" : "read-write"), \(disk.usesDirectIO ? "O_DIRECT" : "page cache"), \(disk.logicalBlockSize)-byte blocks, up to \(disk.configuration.numQueues) queues, \(WriteCacheMode.name(disk.writeCache))\(disk.configuration.fixedBuffers && disk.configuration.backend == .file ? ", guest memory registered as fixed buffers" : "")) on \(socket)",
                         metadata: ["disk": "\(disk.name)", "socket": "\(socket)"])
         }
         if let controlPath {

@@ -8,8 +8,9 @@ struct Status: ParsableCommand {
         usage: "dpctl status (--control PATH | --socket PATH) [--json]",
         discussion: """
         Shows the IOThreads (CPUs, NUMA node), each disk (socket, frontend
-        connected or not, size, mode, a failed flush, its I/O limits and
-        throttle group) and its running queues
+        connected or not, size, mode, write cache mode: write back or write
+        through, a failed flush, its I/O limits and throttle group) and its
+        running queues
         (IOThread, ring indices, requests in flight, broken rings, queues
         stopped on error).
 
@@ -51,8 +52,9 @@ struct Stats: ParsableCommand {
         IOThread (CPU use, wake-ups, busy-poll hits), per disk and per queue: IOPS,
         read and write MB/s, latency p50/p99 (from the queues' log2 histograms), and
         the share of requests found by polling rather than after a kick; then each
-        limited disk's I/O limits and how many requests a second waited for them.
-        --watch repeats until interrupted.
+        disk's size and write cache mode, and each limited disk's I/O limits
+        and how many requests a second waited for them. --watch repeats until
+        interrupted.
         """)
 
     @OptionGroup var instance: InstanceOptions
@@ -71,7 +73,10 @@ struct Stats: ParsableCommand {
             usleep(useconds_t(seconds * 1_000_000))
             let after = try controlCall(path, "stats")
             guard let a = before.snapshot, let b = after.snapshot else { throw CLIError("the instance sent no statistics") }
-            let report = StatsReport(before: a, after: b)
+            var report = StatsReport(before: a, after: b)
+            report.diskModes = (after.disks ?? []).map {
+                StatsReport.DiskMode(disk: $0.path, capacityBytes: $0.capacityBytes, writeCache: $0.writeCache)
+            }
             if json {
                 StatusCommand.printJSON(report)
             } else {
@@ -110,7 +115,8 @@ enum StatusCommand {
         }
         for d in r.disks ?? [] {
             let size = binarySize(d.capacityBytes)
-            print("disk \(d.path): \(size), \(d.readOnly ? "read-only" : "read-write"), \(d.directIO ? "O_DIRECT" : "page cache"), up to \(d.maxQueues) queues")
+            print("disk \(d.path): \(size), \(d.readOnly ? "read-only" : "read-write"), \(d.directIO ? "O_DIRECT" : "page cache"), up to \(d.maxQueues) queues"
+                  + (d.writeCache.map { ", \($0)" } ?? "") + (d.capacityBytes >= 1024 ? " (\(d.capacityBytes) bytes)" : ""))
             for socket in [SocketStatus(socket: d.socket, connected: d.connected, dirtyLogBytes: d.dirtyLogBytes)] + (d.moreSockets ?? []) {
                 print("  socket \(socket.socket): \(socket.connected ? "frontend connected" : "waiting for a frontend")"
                       + (socket.dirtyLogBytes.map { ", migrating: logging dirty pages (log of \(binarySize(UInt64($0))))" } ?? ""))
@@ -155,10 +161,18 @@ struct StatsReport: Codable {
         var iops: Double
     }
 
+    /// A disk's size and write cache mode at the second sample.
+    struct DiskMode: Codable {
+        var disk: String
+        var capacityBytes: UInt64
+        var writeCache: String?
+    }
+
     var seconds: Double
     var threads: [ThreadRow]
     var disks: [Row]
     var queues: [Row]
+    var diskModes: [DiskMode]? = nil
 
     /// Every difference saturates at 0: counters that went backwards (the
     /// instance was restarted between the samples) show no activity rather
@@ -205,6 +219,9 @@ struct StatsReport: Codable {
         out += "DISK / QUEUE                          IOPS   READ MB/s  WRITE MB/s  p50 us  p99 us  polled  errors\n"
         for r in disks + queues {
             out += "\(r.name.padding(toLength: 32, withPad: " ", startingAt: 0))  \(f(r.iops, 0).leftPad(10))  \(f(r.readMBps).leftPad(9))  \(f(r.writeMBps).leftPad(10))  \(f(r.p50Microseconds).leftPad(6))  \(f(r.p99Microseconds).leftPad(6))  \(r.polledShare.map { f($0 * 100, 0) + "%" } ?? "-")".padding(toLength: 100, withPad: " ", startingAt: 0) + "  \(r.errors)\n"
+        }
+        for d in diskModes ?? [] {
+            out += "disk \(d.disk): \(binarySize(d.capacityBytes)) (\(d.capacityBytes) bytes)\(d.writeCache.map { ", \($0)" } ?? "")\n"
         }
         return out
     }

@@ -54,7 +54,7 @@ import Testing
 
     @Test(arguments: [
         (#"{ "disks": [ { "path": "x", "socket": "s", "read-only": true } ] }"#,
-         #"unknown key "read-only" in disks[0] (keys: path, socket, readonly, num-queues, queue-size, backend, null-size, null-read-zeroes, serial, direct, block-size, rerror, werror, fault, locking, fixed-buffers, socket-owner, socket-group, socket-mode, I/O limits bps-total, bps-read, bps-write, iops-total, iops-read, iops-write (each also KEY-max and KEY-max-length), iops-size, group)"#),
+         #"unknown key "read-only" in disks[0] (keys: path, socket, readonly, num-queues, queue-size, backend, null-size, null-read-zeroes, serial, direct, block-size, rerror, werror, fault, locking, fixed-buffers, socket-owner, socket-group, socket-mode, write-cache, I/O limits bps-total, bps-read, bps-write, iops-total, iops-read, iops-write (each also KEY-max and KEY-max-length), iops-size, group)"#),
         (#"{ "iothread": 2, "disks": [ { "path": "x", "socket": "s" } ] }"#,
          #"unknown key "iothread" in the file (keys: iothreads, cpuset, poll-us, notify-after, control, disable-io-uring, socket-owner, socket-group, socket-mode, metrics-address, disks)"#),
         (#"{ "disks": [ { "path": "x", "socket": "s", "readonly": true, "readOnly": false } ] }"#,
@@ -203,6 +203,7 @@ import Testing
             "direct": { disk["direct"] as? Bool == ($0 == "on") },
             "rerror": { disk["rerror"] as? String == $0 },
             "werror": { disk["werror"] as? String == $0 },
+            "write-cache": { disk["write-cache"] as? Bool == ($0 == "on") },
             "--disable-io-uring": { $0 == "none" && (json["disable-io-uring"] as? [String]) == [] },
             "--metrics-address": { $0 == "not" && json["metrics-address"] == nil },
         ]

@@ -5,7 +5,8 @@
 #   Tests/e2e/boot.sh --socket SOCK --workload NAME --log FILE [options]
 #
 #   --socket SOCK        the backend's vhost-user socket (QEMU is the client)
-#   --workload NAME      write-verify | mq | long-io | dio-large | smoke
+#   --workload NAME      write-verify | mq | long-io | dio-large | smoke | grow |
+#                        write-cache (these two wait for the host: see guest/init)
 #   --log FILE           serial console + QEMU messages go here
 #   --queues N           num-queues of the vhost-user-blk-pci device
 #   --queue-size N       queue-size of the device (QEMU's default: 128)
@@ -78,7 +79,7 @@ done
 [[ -n $socket ]] || die "--socket is required"
 [[ -n $workload ]] || die "--workload is required"
 [[ -n $log ]] || die "--log is required"
-case $workload in write-verify|mq|long-io|dio-large|smoke) ;; *) die "unknown workload '$workload'" ;; esac
+case $workload in write-verify|mq|long-io|dio-large|smoke|grow|write-cache) ;; *) die "unknown workload '$workload'" ;; esac
 [[ $seconds =~ ^[0-9]+$ ]] || die "--seconds must be a number"
 : "${queues:=$([[ $workload == mq ]] && echo 2 || echo 1)}"
 [[ $queues =~ ^[1-9][0-9]*$ ]] || die "--queues must be a positive number"

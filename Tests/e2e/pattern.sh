@@ -107,7 +107,7 @@ verify_log() { # image log
     field() { sed -n "s/.* $1=\([^ ]*\).*/\1/p" <<<" ${line#E2E-RESULT: PASS }"; }
     wl=$(field workload); seed=$(field seed)
     case $wl in
-        write-verify|mq|dio-large|cache-reads)
+        write-verify|mq|dio-large|cache-reads|grow|write-cache)
             regions=$(field regions)
             [[ -n $seed && -n $regions ]] || die "result line lacks seed/regions: $line"
             # shellcheck disable=SC2046

@@ -122,6 +122,30 @@ void dp_disk_destroy(struct dp_disk *disk);
 int dp_disk_flush_error(const struct dp_disk *disk);
 /* Changes fault injection while the disk is served (any thread). */
 int dp_disk_set_fault(struct dp_disk *disk, const struct dp_fault_config *fault);
+/* The capacity requests are checked against now, in 512-byte sectors. */
+uint64_t dp_disk_capacity(const struct dp_disk *disk);
+/* Changes the capacity while the disk is served (any thread): a request
+ * parsed after this returns is checked against the new one. Lowering it
+ * does not wait for requests already past the new end: call dp_queue_drain
+ * on every queue of the disk before the storage behind goes. -EINVAL for
+ * 0 or a size not in whole logical blocks. */
+int dp_disk_set_capacity(struct dp_disk *disk, uint64_t sectors);
+/* The image's size now: a file's length, a block device's size (read
+ * again: after losetup -c, lvextend), or the null backend's capacity. */
+int dp_disk_image_size(const struct dp_disk *disk, uint64_t *bytes);
+/* Sets a regular file's length (ftruncate on the I/O description): -EINVAL
+ * for a block device or the null backend, -EBADF when opened read-only. */
+int dp_disk_truncate(struct dp_disk *disk, uint64_t bytes);
+/* Write-back (the default) or write-through: with write-through every
+ * write carries RWF_DSYNC, so it is durable on the storage (data and what
+ * reaching it needs) before the guest is told it completed. Turning it on
+ * first checks that the kernel takes RWF_DSYNC on this image (a zero-length
+ * pwritev2): -EOPNOTSUPP when not; then makes what was written before
+ * durable (fdatasync: a write-through guest sends no flushes; its error
+ * leaves the disk in write-back). Any thread; writes submitted after it
+ * returns carry the new mode. */
+int dp_disk_set_write_cache(struct dp_disk *disk, bool writeback);
+bool dp_disk_write_cache(const struct dp_disk *disk);
 /* Claims the image for I/O: an OFD lock on byte 300 (beside QEMU's bytes)
  * of the file description our I/O goes through: exclusive with `exclusive`,
  * else shared (a read-only disk; writers that share the image on purpose,
@@ -467,6 +491,12 @@ void dp_queue_destroy(struct dp_queue *queue);
  * also retries requests held by the stop error policy, in their order. */
 int dp_queue_pause(struct dp_queue *queue);
 int dp_queue_resume(struct dp_queue *queue);
+/* Returns once every request the queue had taken when it was called has
+ * completed (those the error policy holds excepted); the queue goes on
+ * taking requests afterwards, a paused one stays paused. -ENOENT once the
+ * queue is stopped (nothing of it is in flight), -EBUSY while a stop or a
+ * memory swap drains it (call again). A shrink's barrier (dp_disk_set_capacity). */
+int dp_queue_drain(struct dp_queue *queue);
 /* Swap the guest memory table; ring addresses are translated again. The old
  * table is no longer used by the queue when this returns. */
 int dp_queue_set_mem(struct dp_queue *queue, struct dp_mem *mem);

@@ -64,6 +64,10 @@ extern "C" {
 #define VUF_REM_MEM_REG 38
 #define VUF_SET_STATUS 39
 #define VUF_GET_STATUS 40
+#define VUF_SET_BACKEND_REQ_FD 21 /* the spec's former SET_SLAVE_REQ_FD */
+
+/* Back-end requests on the backend-request channel. */
+#define VUF_BACKEND_CONFIG_CHANGE_MSG 2
 
 /* Header flags. */
 #define VUF_FLAG_VERSION 0x1u    /* the only version; bits 0-1 */
@@ -81,6 +85,7 @@ extern "C" {
 #define VUF_F_BLK_RO 5
 #define VUF_F_BLK_BLK_SIZE 6
 #define VUF_F_BLK_FLUSH 9
+#define VUF_F_BLK_CONFIG_WCE 11
 #define VUF_F_BLK_TOPOLOGY 10
 #define VUF_F_BLK_MQ 12
 #define VUF_F_BLK_DISCARD 13
@@ -96,6 +101,7 @@ extern "C" {
 #define VUF_PF_MQ 0
 #define VUF_PF_LOG_SHMFD 1
 #define VUF_PF_REPLY_ACK 3
+#define VUF_PF_BACKEND_REQ 5 /* the spec's former SLAVE_REQ */
 #define VUF_PF_CONFIG 9
 #define VUF_PF_INFLIGHT_SHMFD 12
 #define VUF_PF_RESET_DEVICE 13
@@ -188,6 +194,13 @@ struct vuf_options {
      * rings are set up and before they are enabled, SET_LOG_BASE with a
      * zeroed log of this many bytes (vuf_dirty_log_dup reads it). 0: no log. */
     uint64_t dirty_log_bytes;
+    /* Negotiate BACKEND_REQ (when offered) and hand the back-end a channel
+     * (SET_BACKEND_REQ_FD, where QEMU sends it: before SET_OWNER);
+     * vuf_recv_backend reads what comes on it. */
+    bool backend_req;
+    /* Negotiate VIRTIO_BLK_F_CONFIG_WCE (when offered): the writeback byte
+     * may be written (vuf_set_config). */
+    bool config_wce;
 };
 
 struct vuf_info {
@@ -242,6 +255,21 @@ int vuf_dirty_log_dup(const struct vuf_conn *c, uint64_t *size);
 /* A duplicate of the inflight region's fd (the caller's to close) and its
  * size, or -ENOENT when there is none. */
 int vuf_inflight_dup(const struct vuf_conn *c, uint64_t *size);
+
+/* GET_CONFIG of the whole config space (what QEMU asks after a
+ * CONFIG_CHANGE_MSG). */
+int vuf_get_config(struct vuf_conn *c, struct vuf_blk_config *config);
+
+/* SET_CONFIG of size bytes at offset (QEMU's vhost_user_blk_set_config
+ * sends the writeback byte: offset 32, size 1, flags 0). With REPLY_ACK a
+ * refusal is -EIO; the connection stays. */
+int vuf_set_config(struct vuf_conn *c, uint32_t offset, const void *data, uint32_t size, uint32_t flags);
+
+/* One message the back-end sent on the backend-request channel within
+ * timeout_ms: its request and flags (a payload is read and dropped). A
+ * message that asks for a reply (NEED_REPLY) gets a u64 0, as QEMU's
+ * backend_read answers. -ENOENT without a channel, -ETIMEDOUT, -ENOTCONN. */
+int vuf_recv_backend(struct vuf_conn *c, uint32_t *request, uint32_t *flags, int timeout_ms);
 
 /* Name of a front-end request ("GET_FEATURES"), or "?" for an unknown one. */
 const char *vuf_request_name(uint32_t request);

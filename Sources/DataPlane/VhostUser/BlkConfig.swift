@@ -5,6 +5,8 @@ import CDataPlane
 struct BlkConfigSpace {
     /// Bytes up to and including the secure-erase fields (72).
     static let size = 72
+    /// Where the writeback byte lies (virtio_blk_config.wce).
+    static let writebackOffset: UInt32 = 32
 
     static func bytes(for disk: Disk, numQueues: Int, segMax: UInt32) -> [UInt8] {
         let blockSize = disk.logicalBlockSize
@@ -21,7 +23,8 @@ struct BlkConfigSpace {
         b.append(0)                                   // alignment_offset
         b.appendLE(UInt16(1))                         // min_io_size (blocks)
         b.appendLE(UInt32(0))                         // opt_io_size
-        b.append(1)                                   // writeback: writes need FLUSH to be durable
+        precondition(b.count == Int(writebackOffset))
+        b.append(disk.writeCache ? 1 : 0)             // writeback: 1, writes need FLUSH to be durable; 0, write-through
         b.append(0)                                   // unused0
         b.appendLE(UInt16(numQueues))                 // num_queues
         b.appendLE(UInt32(1 << 22))                   // max_discard_sectors (2 GiB)

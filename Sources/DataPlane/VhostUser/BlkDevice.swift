@@ -69,6 +69,9 @@ package final class VhostUserBlkDevice {
     private var inflight: Inflight?
     /// SET_LOG_BASE's bitmap; the rings log into it while VHOST_F_LOG_ALL is negotiated.
     private var dirtyLog: SharedMapping?
+    /// SET_BACKEND_REQ_FD's channel: shared with the server, which sends
+    /// CONFIG_CHANGE_MSG on it from whichever thread resizes the disk.
+    let backendChannel: BackendChannel
 
     /// Whether the rings mark the pages they write (live migration).
     var loggingDirtyPages: Bool { features & VirtioFeature.logAll != 0 && dirtyLog != nil }
@@ -77,7 +80,12 @@ package final class VhostUserBlkDevice {
 
     /// `frontend` numbers this device among the disk's sockets: each runs
     /// queues of its own (``DataPlane/startQueue(disk:index:frontend:memory:configuration:)``).
-    package init(disk: Disk, plane: DataPlane, frontend: Int = 0, logger: Logger) {
+    package convenience init(disk: Disk, plane: DataPlane, frontend: Int = 0, logger: Logger) {
+        self.init(disk: disk, plane: plane, frontend: frontend, backendChannel: BackendChannel(), logger: logger)
+    }
+
+    init(disk: Disk, plane: DataPlane, frontend: Int, backendChannel: BackendChannel, logger: Logger) {
+        self.backendChannel = backendChannel
         self.disk = disk
         self.plane = plane
         self.frontend = frontend
@@ -97,13 +105,14 @@ package final class VhostUserBlkDevice {
         if disk.configuration.readOnly {
             f |= VirtioFeature.blkReadOnly
         } else {
-            f |= VirtioFeature.blkDiscard | VirtioFeature.blkWriteZeroes
+            f |= VirtioFeature.blkDiscard | VirtioFeature.blkWriteZeroes | VirtioFeature.blkConfigWCE
         }
         return f
     }
 
     static let offeredProtocolFeatures: UInt64 = [
         ProtocolFeature.mq, .logShmfd, .replyAck, .config, .inflightShmfd, .resetDevice, .configureMemSlots, .status,
+        .backendReq,
     ].reduce(0) { $0 | $1.mask }
 
     /// seg_max: the data segments a request may carry. The data plane
@@ -138,7 +147,7 @@ package final class VhostUserBlkDevice {
         case .setMemTable:
             let n = Int(try payload.u32(0))
             return n...n
-        case .addMemReg, .setInflightFD, .setLogBase, .setLogFD:
+        case .addMemReg, .setInflightFD, .setLogBase, .setLogFD, .setBackendReqFD:
             return 1...1
         case .remMemReg:
             return 0...1 // QEMU sends the region's fd along; it is not needed
@@ -327,7 +336,12 @@ package final class VhostUserBlkDevice {
         case .getConfig:
             return getConfig(message, p)
         case .setConfig:
-            throw .refused("the virtio-blk config space is read-only here (writeback is fixed on)")
+            try setConfig(message, p)
+            return nil
+        case .setBackendReqFD:
+            guard hasProtocolFeature(.backendReq) else { throw .outOfOrder("SET_BACKEND_REQ_FD without BACKEND_REQ") }
+            backendChannel.replace(message.takeFDs()[0])
+            return nil
         case .getInflightFD:
             return try getInflightFD(p)
         case .setInflightFD:
@@ -370,6 +384,33 @@ package final class VhostUserBlkDevice {
         var config = BlkConfigSpace.bytes(for: disk, numQueues: numQueues, segMax: segMax)
         config += [UInt8](repeating: 0, count: max(0, offset + size - config.count))
         return Reply(payload: header + config[offset..<offset + size])
+    }
+
+    /// SET_CONFIG: only the writeback byte, and only with
+    /// VIRTIO_BLK_F_CONFIG_WCE negotiated (QEMU's vhost_user_blk_set_config
+    /// sends that one byte when the guest writes it). Anything else is
+    /// refused with the connection kept: the REPLY_ACK says so.
+    private func setConfig(_ message: VhostUserMessage, _ p: PayloadReader) throws(VhostUserError) {
+        let offset = try p.u32(0), size = try p.u32(4), flags = try p.u32(8)
+        guard message.payload.count == 12 + Int(size) else {
+            throw .refused("SET_CONFIG announces \(size) bytes and carries \(message.payload.count - 12)")
+        }
+        guard offset == BlkConfigSpace.writebackOffset, size == 1 else {
+            throw .refused("SET_CONFIG of \(size) byte(s) at offset \(offset): only the writeback byte (offset \(BlkConfigSpace.writebackOffset), 1 byte) may be written")
+        }
+        // VHOST_SET_CONFIG_TYPE_FRONTEND (0) or _MIGRATION (1).
+        guard flags <= 1 else { throw .refused("SET_CONFIG flags 0x\(String(flags, radix: 16))") }
+        guard features & VirtioFeature.blkConfigWCE != 0 else {
+            throw .refused("SET_CONFIG of the writeback byte without VIRTIO_BLK_F_CONFIG_WCE negotiated")
+        }
+        let value = message.payload[12]
+        guard value <= 1 else { throw .refused("SET_CONFIG writeback \(value) (0 or 1)") }
+        let writeBack = value == 1
+        let old: Bool
+        do { old = try disk.setWriteCache(writeBack) } catch { throw .refused(error.description) }
+        if old != writeBack {
+            logger.notice("disk \(disk.name): write cache \(WriteCacheMode.name(old)) -> \(WriteCacheMode.name(writeBack)) (set by the guest)")
+        }
     }
 
     /// The largest config space a vhost-user message carries.
@@ -708,6 +749,7 @@ package final class VhostUserBlkDevice {
         featuresAcked = false
         protocolFeatures = 0
         status = 0
+        backendChannel.replace(-1)
     }
 
     /// Queue statistics of the running rings.

@@ -19,6 +19,9 @@ enum VhostUserRequest: UInt32 {
     case setProtocolFeatures = 16
     case getQueueNum = 17
     case setVringEnable = 18
+    /// SET_BACKEND_REQ_FD (the spec's former SET_SLAVE_REQ_FD): the frontend's
+    /// end of the backend-request channel, where we send CONFIG_CHANGE_MSG.
+    case setBackendReqFD = 21
     case getConfig = 24
     case setConfig = 25
     case getInflightFD = 31
@@ -58,6 +61,8 @@ enum ProtocolFeature: UInt64 {
     case mq = 0
     case logShmfd = 1
     case replyAck = 3
+    /// BACKEND_REQ (the spec's former SLAVE_REQ): a channel for messages from us.
+    case backendReq = 5
     case config = 9
     case inflightShmfd = 12
     case resetDevice = 13
@@ -74,6 +79,8 @@ enum VirtioFeature {
     static let blkReadOnly: UInt64 = 1 << 5
     static let blkBlockSize: UInt64 = 1 << 6
     static let blkFlush: UInt64 = 1 << 9
+    /// VIRTIO_BLK_F_CONFIG_WCE: the guest may change the writeback byte.
+    static let blkConfigWCE: UInt64 = 1 << 11
     static let blkTopology: UInt64 = 1 << 10
     static let blkMultiQueue: UInt64 = 1 << 12
     static let blkDiscard: UInt64 = 1 << 13
@@ -86,6 +93,14 @@ enum VirtioFeature {
     static let version1: UInt64 = 1 << 32
     /// VIRTIO_F_RING_PACKED (virtio 1.2, 2.8).
     static let ringPacked: UInt64 = 1 << 34
+}
+
+/// Requests we send on the backend channel (VHOST_USER_BACKEND_*).
+enum VhostUserBackendRequest: UInt32 {
+    /// The config space changed: the frontend reads it again (GET_CONFIG)
+    /// and tells the guest (QEMU's vhost_user_blk_handle_config_change
+    /// passes a capacity change on).
+    case configChangeMsg = 2
 }
 
 /// The header is 12 bytes: request, flags, payload size.

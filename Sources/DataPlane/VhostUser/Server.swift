@@ -51,6 +51,8 @@ public final class VhostUserServer: Sendable {
         /// What its control thread's last disconnect did to the frontend's
         /// requests, for `removeExport` to report.
         let removal = Mutex<RemovedExport?>(nil)
+        /// Its frontend's backend-request channel, while it gave one.
+        let backendChannel = BackendChannel()
 
         init(disk: Disk, path: String, frontend: Int, listenFD: FileDescriptor, ownsPath: Bool, logger: Logger,
              wakeFD: FileDescriptor) {
@@ -100,7 +102,8 @@ public final class VhostUserServer: Sendable {
         init(export: Export, plane: DataPlane) {
             self.export = export
             self.logger = export.logger
-            self.device = VhostUserBlkDevice(disk: export.disk, plane: plane, frontend: export.frontend, logger: export.logger)
+            self.device = VhostUserBlkDevice(disk: export.disk, plane: plane, frontend: export.frontend,
+                                             backendChannel: export.backendChannel, logger: export.logger)
         }
     }
 
@@ -127,8 +130,8 @@ public final class VhostUserServer: Sendable {
         }
     }
 
-    private let plane: DataPlane
-    private let logger: Logger
+    let plane: DataPlane
+    let logger: Logger
     private let state = Mutex<State>(State())
     /// Held through a whole stop(): a second one waits for the first.
     private let stopLock = Mutex<Void>(())
@@ -261,6 +264,14 @@ public final class VhostUserServer: Sendable {
                 ExportStatus(socketPath: $0.export.path, disk: $0.export.disk.name, connected: $0.connected,
                              dirtyLogBytes: $0.dirtyLogBytes, inherited: $0.export.ownsPath ? nil : true)
             }
+        }
+    }
+
+    /// The sockets that serve `disk`: whether a frontend is connected, and
+    /// its backend-request channel (``notifyConfigChange(of:)``).
+    func exportChannels(of disk: Disk) -> [(socketPath: String, connected: Bool, channel: BackendChannel)] {
+        state.withLock { state in
+            state.exports.filter { $0.export.disk === disk }.map { ($0.export.path, $0.connected, $0.export.backendChannel) }
         }
     }
 
