@@ -253,6 +253,9 @@ struct ResizeAndCacheTests {
         #expect(s.log.contains("write cache write through -> write back"), "\(s.log)")
         vuf_close(conn)
         closed = true
+        // The server takes one frontend at a time: wait until it saw this one go.
+        let gone = ContinuousClock.now + .seconds(5)
+        while s.server.isConnected(socketPath: s.socket) && ContinuousClock.now < gone { usleep(1000) }
 
         // Without VIRTIO_BLK_F_CONFIG_WCE negotiated the byte is not the guest's to write.
         let g2 = try TestGuest(queues: 1, queueSize: 64)
