@@ -42,6 +42,7 @@ enum zeroes_step {
     STEP_PUNCH_THEN_ALLOCATE,   /* no ZERO_RANGE (tmpfs): punch, ... */
     STEP_ALLOCATE,              /* ... then allocate the range again (reads zeroes) */
     STEP_WRITE,                 /* nothing else works (ext2, vfat): write zeroes */
+    STEP_SYNC,                  /* write-through: fdatasync after a fallocate's zeroes */
 };
 
 /* The source of STEP_WRITE: aligned for any O_DIRECT. */
@@ -85,6 +86,9 @@ static void zeroes_prep(struct io_uring_sqe *sqe, struct blk_req *req)
     case STEP_ALLOCATE:
         io_uring_prep_fallocate(sqe, fd, FALLOC_FL_KEEP_SIZE, req->offset, req->len);
         break;
+    case STEP_SYNC:
+        io_uring_prep_fsync(sqe, fd, IORING_FSYNC_DATASYNC);
+        break;
     default: { /* STEP_WRITE: from where it stands (req->done), in the slot's iovecs */
         struct iovec *iov = c->iov_pool + (size_t)(req - c->reqs) * DP_REQ_MAX_IOV;
         uint64_t rest = req->len - req->done;
@@ -106,7 +110,7 @@ static bool zeroes_unsupported(int res)
     return res == -EOPNOTSUPP || res == -EINVAL || res == -ENOTTY;
 }
 
-static int zeroes_complete(struct blk_req *req, int res)
+static int zeroes_step_complete(struct blk_req *req, int res)
 {
     struct dp_disk *disk = req->ctx->disk;
     enum zeroes_step next;
@@ -149,6 +153,22 @@ static int zeroes_complete(struct blk_req *req, int res)
     req->zero_phase = (uint8_t)next;
     req->done = 0;
     return BACKEND_AGAIN;
+}
+
+/* Write-through: zeroes a fallocate made are durable only after a sync
+ * (zeroes written by STEP_WRITE carry RWF_DSYNC like any write). Discards
+ * promise no data, so they need none. */
+static int zeroes_complete(struct blk_req *req, int res)
+{
+    if (req->zero_phase == STEP_SYNC)
+        return res < 0 ? res : 0;
+    int ret = zeroes_step_complete(req, res);
+    if (ret == 0 && req->op == DP_OP_WRITE_ZEROES && req->zero_phase != STEP_WRITE &&
+        atomic_load_explicit(&req->ctx->disk->write_through, memory_order_relaxed)) {
+        req->zero_phase = STEP_SYNC;
+        return BACKEND_AGAIN;
+    }
+    return ret;
 }
 
 /* ------------------------------------------------------------ prep and complete */

@@ -86,6 +86,20 @@ static bool blk_range_ok(const struct dp_disk *disk, uint64_t sector, uint64_t b
     return sector <= capacity && sectors <= capacity - sector;
 }
 
+bool blk_req_in_range(const struct dp_disk *disk, const struct blk_req *req)
+{
+    switch (req->op) {
+    case DP_OP_READ:
+    case DP_OP_WRITE:
+    case DP_OP_DISCARD:
+    case DP_OP_WRITE_ZEROES:
+        /* offset and len are whole sectors here (blk_parse checked them). */
+        return blk_range_ok(disk, req->offset / 512, req->len);
+    default:
+        return true;
+    }
+}
+
 static int blk_fail(enum dp_err *err, enum dp_err kind, int status)
 {
     *err = kind;

@@ -30,6 +30,10 @@ _Static_assert((uint64_t)DP_SEG_MAX * DP_SIZE_MAX / 512 <= 0xffff, "SeaBIOS's bl
 int blk_parse(const struct dp_disk *disk, struct vring_chain *chain, struct blk_req *req,
               enum dp_err *err);
 
+/* Whether a parsed request's range still lies inside the disk (a held
+ * request retried after a shrink may not): true for requests without one. */
+bool blk_req_in_range(const struct dp_disk *disk, const struct blk_req *req);
+
 /* Copy between guest iovecs and a flat buffer; return bytes copied. */
 size_t iov_to_buf(const struct iovec *iov, uint32_t cnt, size_t skip, void *buf, size_t len);
 size_t iov_from_buf(const struct iovec *iov, uint32_t cnt, const void *buf, size_t len);

@@ -5,6 +5,7 @@
 #include <string.h>
 
 #include "backend.h"
+#include "blk.h"
 #include "loop.h"
 #include "queue_ctl.h"
 
@@ -30,7 +31,12 @@ static void queue_retry_held(struct dp_queue *q, uint64_t now)
     struct blk_req *req = held_take_all(q);
     while (req) {
         struct blk_req *next = req->next;
-        queue_submit_io(q, req, now); /* may be held again */
+        /* Checked against the capacity when first parsed: a shrink since
+         * then may have cut the disk short of it (the image file with it). */
+        if (blk_req_in_range(q->io.disk, req))
+            queue_submit_io(q, req, now); /* may be held again */
+        else
+            queue_complete(q, req, VIRTIO_BLK_S_IOERR, now);
         req = next;
     }
 }

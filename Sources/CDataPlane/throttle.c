@@ -183,8 +183,9 @@ static void rate_set(struct throttle_rate *r, const struct dp_throttle_limit *l)
             burst_allowance = cost_ticks((double)l->max / 10, burst_per);
         }
     }
-    /* Off first, on last: a reader never sees a rate without its allowance
-     * of this or the last setting. */
+    /* Off first, on last. Relaxed: another IOThread may see these words in
+     * any order, so one request may be judged by a mix of this setting and
+     * the last (a wait a little too long or short, once: harmless). */
     atomic_store_explicit(&r->unit_ticks, 0, memory_order_relaxed);
     atomic_store_explicit(&r->allowance, allowance, memory_order_relaxed);
     atomic_store_explicit(&r->burst_allowance, burst_allowance, memory_order_relaxed);

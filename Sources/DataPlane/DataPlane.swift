@@ -172,8 +172,12 @@ public final class DataPlane: Sendable {
     /// (``VhostUserServer/removeExports(of:)``) and drop the caller's
     /// reference.
     public func removeDisk(_ disk: Disk) {
-        let entry = state.withLock { $0.disks.removeValue(forKey: ObjectIdentifier(disk)) }
-        entry?.queues.values.forEach { $0.stop() }
+        // Not while a resize runs: a shrink must see these queues (they
+        // leave `state` here) until their last requests are done.
+        disk.resizing.withLock { _ in
+            let entry = state.withLock { $0.disks.removeValue(forKey: ObjectIdentifier(disk)) }
+            entry?.queues.values.forEach { $0.stop() }
+        }
     }
 
     /// Pauses every queue of a disk: no new requests are taken, in-flight ones complete.
@@ -190,6 +194,14 @@ public final class DataPlane: Sendable {
     public func queues(of disk: Disk) -> [Virtqueue] {
         state.withLock { state in
             (state.disks[ObjectIdentifier(disk)]?.queues ?? [:]).sorted { $0.key < $1.key }.map(\.value)
+        }
+    }
+
+    /// The disk's running queues and those being stopped.
+    func queuesTakingRequests(of disk: Disk) -> [Virtqueue] {
+        state.withLock { state in
+            guard let entry = state.disks[ObjectIdentifier(disk)] else { return [] }
+            return Array(entry.queues.values) + entry.draining
         }
     }
 
@@ -211,6 +223,12 @@ public final class DataPlane: Sendable {
             queues: readings.flatMap { $0.running.map(\.statistics) },
             stoppedQueues: readings.flatMap(\.stopped),
             disks: readings.map(\.total))
+    }
+
+    /// Each disk with its queues' counters summed (as ``Snapshot/disks``),
+    /// read at one moment, in the order the disks were added.
+    public func diskTotals() -> [(disk: Disk, total: QueueStatistics)] {
+        diskReadings().map { ($0.disk, $0.total) }
     }
 
     /// One disk's queue indices at one moment: what ``statistics()`` and

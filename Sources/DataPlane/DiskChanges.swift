@@ -69,7 +69,12 @@ extension DataPlane {
                 drainQueues(of: disk)
                 if regularFile && !disk.configuration.readOnly && image > target {
                     let ret = dp_disk_truncate(disk.handle, target)
-                    if ret < 0 { throw .system(operation: "shortening \(disk.name) to \(target) bytes", errno: -ret) }
+                    if ret < 0 {
+                        // The file is whole: the old capacity holds again, and
+                        // the guest, never told, sees no change.
+                        _ = dp_disk_set_capacity(disk.handle, old / 512)
+                        throw .system(operation: "shortening \(disk.name) to \(target) bytes", errno: -ret)
+                    }
                     outcome.fileBytes = target
                 }
             }
@@ -78,19 +83,12 @@ extension DataPlane {
     }
 
     /// Waits for every request the disk's queues have taken (see
-    /// dp_disk_set_capacity's comment for why that is all a shrink needs).
-    /// A queue started meanwhile is drained too: the list is read again
-    /// until it has no queue not drained yet.
+    /// dp_disk_set_capacity's comment for why that is all a shrink needs):
+    /// the running queues and those being stopped, whose last requests were
+    /// checked against the old capacity too (a drain waits for their stop).
+    /// A queue started after the capacity changed checks the new one.
     private func drainQueues(of disk: Disk) {
-        var drained = Set<ObjectIdentifier>()
-        while true {
-            let pending = queues(of: disk).filter { !drained.contains(ObjectIdentifier($0)) }
-            if pending.isEmpty { return }
-            for queue in pending {
-                queue.drain()
-                drained.insert(ObjectIdentifier(queue))
-            }
-        }
+        for queue in queuesTakingRequests(of: disk) { queue.drain() }
     }
 }
 

@@ -173,8 +173,10 @@ public final class Virtqueue: Sendable {
     }
 
     /// Returns once the requests the queue had taken when called have
-    /// completed (not those the error policy holds); it goes on taking
-    /// requests meanwhile and after. A stopped queue has nothing in flight.
+    /// completed (not those the error policy holds: retried, they are
+    /// checked against the capacity again). The queue takes no new requests
+    /// until then, and goes on afterwards. A queue being stopped is waited
+    /// for; a stopped one has nothing in flight.
     func drain() {
         while true {
             let ret = state.withLock { state in state.stoppedAt == nil ? dp_queue_drain(handle) : 0 }

@@ -301,9 +301,8 @@ final class ControlServer: Sendable {
                                 bufferRegistrationFailures: s.bufferRegistrationFailures,
                                 bufferRegistrationError: s.bufferRegistrationError)
         }
-        // Per disk, counting queues stopped since (both in the order the disks were added).
-        let totals = plane.statistics().disks
-        let disks = plane.disks.enumerated().map { i, disk in
+        // Each disk with its counters, queues stopped since included, read together.
+        let disks = plane.diskTotals().map { disk, total in
             let exports = server.exportStatus(of: disk)
             let first = exports.first
             let limits = plane.limits(of: disk)
@@ -320,10 +319,20 @@ final class ControlServer: Sendable {
                 writeCache: WriteCacheMode.name(disk.writeCache), logicalBlockSize: disk.logicalBlockSize)
             status.ioLimits = limits.limits.isUnlimited ? nil : limits.limits
             status.throttleGroup = limits.group
-            status.throttledRequests = i < totals.count ? totals[i].throttledRequests : nil
+            status.throttledRequests = total.throttledRequests
             return status
         }
         return ControlResponse(ok: true, pid: getpid(), threads: threads, disks: disks)
+    }
+
+    /// The disk one of whose sockets is `socket`, as given or made absolute
+    /// (the instance's working directory is not the client's: clients send
+    /// absolute paths, see `socketArgument`).
+    static func disk(servedOn socket: String, plane: DataPlane, server: VhostUserServer) -> Disk? {
+        let wanted = absolutePath(socket)
+        return plane.disks.first { disk in
+            server.exportStatus(of: disk).contains { $0.socketPath == socket || absolutePath($0.socketPath) == wanted }
+        }
     }
 
     /// resize: the disk served on `socket`, to `sizeBytes` (or its image's size now).
@@ -331,7 +340,7 @@ final class ControlServer: Sendable {
         guard let socket = request.socket else {
             return ControlResponse(ok: false, error: "resize needs the disk's socket")
         }
-        guard let disk = plane.disks.first(where: { disk in server.exportStatus(of: disk).contains { $0.socketPath == socket } }) else {
+        guard let disk = Self.disk(servedOn: socket, plane: plane, server: server) else {
             return ControlResponse(ok: false, error: "no disk is served on socket \(socket.debugDescription)")
         }
         do {

@@ -11,10 +11,13 @@ import Synchronization
 /// Every change runs whole, one at a time, under `state`'s lock: a reload
 /// and an add-disk never interleave their steps (both adding the same
 /// socket, or a reload comparing the file with a list an add-disk is
-/// changing). The lock is dpctl's own: no vhost-user control thread, no
-/// IOThread, no status or stats request waits for it, so a change that
-/// takes long (an image whose killed previous owner's I/O is still in
-/// flight, a frontend's queues draining) delays only the next change.
+/// changing). The lock is dpctl's own: no vhost-user control thread and
+/// no IOThread waits for it. The control socket serves one request at a
+/// time, though, so a change that takes long there (an image whose killed
+/// previous owner's I/O is still in flight, a frontend's queues draining,
+/// or an add-disk waiting for a SIGHUP reload) holds up the status and
+/// stats requests behind it; its client gives up after 30 s, the change
+/// carries on.
 /// A reload runs on the thread that asked for it rather than being handed
 /// to the main loop, which sleeps in sigwait and has no way to be woken with
 /// a request but a signal.

@@ -36,6 +36,13 @@ extension ControlServer {
     }
 }
 
+/// A --socket value as the instance must see it: a path that exists here
+/// made absolute (the instance's working directory is not ours); anything
+/// else (an inherited socket's name, "fd 3") as given.
+func socketArgument(_ socket: String) -> String {
+    FileManager.default.fileExists(atPath: socket) ? absolutePath(socket) : socket
+}
+
 /// A path as the instance must see it: its working directory is not ours.
 func absolutePath(_ path: String) -> String {
     guard !path.hasPrefix("/") else { return path }

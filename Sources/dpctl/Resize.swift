@@ -20,7 +20,9 @@ struct Resize: ParsableCommand {
         Shrinking cuts off what lies past the new end: it is refused without
         --shrink. The guest's I/O past the new end is refused from the moment
         the capacity drops; requests already under way finish before the file
-        is shortened. Shrink the guest's filesystem and partitions first.
+        is shortened (a request held by werror=stop/rerror=stop fails when
+        'dpctl resume' retries it past the new end). Shrink the guest's
+        filesystem and partitions first.
 
         A frontend that did not negotiate BACKEND_REQ (the backend-request
         channel) cannot be told: its guest sees the new size after a reset
@@ -43,7 +45,7 @@ struct Resize: ParsableCommand {
 
     func run() throws {
         let bytes = try size.map { text throws(CLIError) in try parseSize(text, option: "SIZE") }
-        var request = ControlRequest(command: "resize", socket: socket)
+        var request = ControlRequest(command: "resize", socket: socketArgument(socket))
         request.sizeBytes = bytes
         request.shrink = shrink
         let response = try controlCall(control ?? socket + ".ctl", request)

@@ -80,7 +80,7 @@ enum IOLimitKeys {
         let disks = plane.disks
         let disk: Disk
         if let socket = request.socket {
-            guard let found = disks.first(where: { d in server.exportStatus(of: d).contains { $0.socketPath == socket } }) else {
+            guard let found = ControlServer.disk(servedOn: socket, plane: plane, server: server) else {
                 return "no disk is served on \(socket)"
             }
             disk = found
@@ -206,7 +206,7 @@ struct Throttle: ParsableCommand {
         guard !limits.isEmpty || group != nil else {
             throw CLIError("give a limit to change (--iops-total N, --bps-read N, ...; 0 removes one) or --group NAME", usage: true)
         }
-        var request = ControlRequest(command: "throttle", socket: instance.socket)
+        var request = ControlRequest(command: "throttle", socket: instance.socket.map(socketArgument))
         request.limits = limits
         request.group = group
         let response = try controlCall(try instance.controlPath(), request)

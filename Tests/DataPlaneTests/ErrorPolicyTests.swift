@@ -76,6 +76,27 @@ import Testing
         #expect(image.read(offset: 64 * 512, count: 4096) == pattern(4096, seed: 5))
     }
 
+    /// A write held by werror=stop was checked against the old capacity: a
+    /// shrink meanwhile (which does not wait for held requests) makes its
+    /// retry fail rather than write past the new end and grow the file again.
+    @Test func aHeldWriteRetriedPastAShrunkEndFails() throws {
+        let image = try TestImage(size: 1 << 20)
+        let h = try harness(image, write: .stop)
+        let g = h.guest
+        h.disk.injectFaults(FaultInjection(errno: Self.EIO, operations: [.write]))
+        let held = try write(g, sector: 1024, seed: 6) // 512 KiB in: past the half the disk keeps
+        expectNothingCompletes(g)
+        #expect(h.stats().heldRequests == 1)
+        _ = try h.plane.resize(disk: h.disk, toBytes: 512 << 10, allowShrink: true)
+        h.disk.injectFaults(nil)
+        try h.plane.resume(disk: h.disk)
+        let done = try g.complete()
+        #expect(done.head == held && done.status == UInt8(GD_BLK_S_IOERR))
+        #expect(h.stats().heldRequests == 0 && h.stats().stoppedOnError == nil)
+        let size = try FileManager.default.attributesOfItem(atPath: image.path)[.size] as? Int
+        #expect(size == 512 << 10, "the image is \(size ?? -1) bytes after the retry")
+    }
+
     @Test func enospcStopsOnlyOnENOSPC() throws {
         let image = try TestImage(size: 1 << 20)
         let h = try harness(image, write: .enospc)

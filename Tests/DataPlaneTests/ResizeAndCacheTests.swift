@@ -286,6 +286,30 @@ struct ResizeAndCacheTests {
     /// makes the kernel flush the device (RWF_DSYNC on an O_DIRECT write
     /// becomes FUA, a flush on a device without FUA); write-back writes make
     /// none. Needs root (loop devices).
+    /// Write-zeroes made with fallocate are durable in write-through too:
+    /// each is followed by a sync (a flush of the loop device), none in
+    /// write-back.
+    @Test(.enabled(if: runningAsRoot)) func writeThroughWriteZeroesReachStableStorage() throws {
+        let loop = try LoopDevice(sizeBytes: 16 << 20, sectorSize: 512)
+        let h = try Harness(disk: DiskConfiguration(path: loop.path), queueSize: 64)
+        let range = h.guest.alloc(16, align: 16)
+        func zeroes(_ n: Int) throws -> UInt64 {
+            let before = try flushCount(loop.path)
+            for i in 0..<n {
+                var r = gd_blk_range(sector: UInt64(64 * i), num_sectors: 64, flags: 0)
+                h.guest.write(range, withUnsafeBytes(of: &r) { Array($0) })
+                #expect(try h.guest.run(type: UInt32(GD_BLK_T_WRITE_ZEROES), segments: [(range, 16)]).status == ok)
+            }
+            return try flushCount(loop.path) - before
+        }
+        let back = try zeroes(10)
+        #expect(back < 3, "10 write-back write-zeroes made \(back) flushes")
+        try h.disk.setWriteCache(false)
+        let through = try zeroes(10)
+        #expect(through >= 10, "10 write-through write-zeroes made \(through) flushes")
+        withExtendedLifetime(loop) {}
+    }
+
     @Test(.enabled(if: runningAsRoot)) func writeThroughWritesReachStableStorage() throws {
         let loop = try LoopDevice(sizeBytes: 16 << 20, sectorSize: 512)
         let h = try Harness(disk: DiskConfiguration(path: loop.path), queueSize: 64)

@@ -488,7 +488,8 @@ int dp_queue_stop_failing_held(struct dp_queue *queue, uint32_t *base);
 /* Frees a queue (stopping it first if still attached). */
 void dp_queue_destroy(struct dp_queue *queue);
 /* Stop popping new requests (in-flight ones complete) / start again. Resume
- * also retries requests held by the stop error policy, in their order. */
+ * also retries requests held by the stop error policy, in their order
+ * (failing those a shrink left past the disk's end). */
 int dp_queue_pause(struct dp_queue *queue);
 int dp_queue_resume(struct dp_queue *queue);
 /* Returns once every request the queue had taken when it was called has
