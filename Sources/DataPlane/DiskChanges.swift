@@ -86,9 +86,18 @@ extension DataPlane {
     /// dp_disk_set_capacity's comment for why that is all a shrink needs):
     /// the running queues and those being stopped, whose last requests were
     /// checked against the old capacity too (a drain waits for their stop).
-    /// A queue started after the capacity changed checks the new one.
+    /// A queue starts taking requests before `startQueue` lists it, so the
+    /// list is read again until it shows no queue not drained yet.
     private func drainQueues(of disk: Disk) {
-        for queue in queuesTakingRequests(of: disk) { queue.drain() }
+        var drained = Set<ObjectIdentifier>()
+        while true {
+            let pending = queuesTakingRequests(of: disk).filter { !drained.contains(ObjectIdentifier($0)) }
+            if pending.isEmpty { return }
+            for queue in pending {
+                queue.drain()
+                drained.insert(ObjectIdentifier(queue))
+            }
+        }
     }
 }
 
